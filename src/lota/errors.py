@@ -1,0 +1,41 @@
+"""lota's exception types.
+
+Every error says what went wrong, where (a path, a line, a tensor name) and how to fix it, so the
+CLI can print it as one line. Library code raises these; only the CLI prints and exits.
+"""
+
+from __future__ import annotations
+
+
+class LotaError(Exception):
+    """Base class. ``exit_code`` is what the CLI exits with: 2 for bad input, 1 for failures."""
+
+    exit_code = 1
+
+    def __init__(self, what: str, where: str | None = None, fix: str | None = None):
+        self.what, self.where, self.fix = what, where, fix
+        super().__init__(self.line())
+
+    def line(self) -> str:
+        parts = [f"{self.where}: {self.what}" if self.where else self.what]
+        if self.fix:
+            parts.append(self.fix)
+        return " -- ".join(parts)
+
+
+class InputError(LotaError):
+    """The user gave something lota cannot use: a path, an argument, a file's content."""
+
+    exit_code = 2
+
+
+class FormatError(InputError):
+    """A file is not a valid lota file (wrong kind, version, truncated, corrupted)."""
+
+
+class MismatchError(InputError):
+    """Two things that must belong together do not (fingerprint, shapes, parameter names)."""
+
+
+class TrainingError(LotaError):
+    """A run failed while training (non-finite loss, out of memory)."""

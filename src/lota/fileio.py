@@ -1,0 +1,114 @@
+"""Atomic file output and fingerprints of base weights.
+
+Invariant: no lota output ever appears under its final name half-written. Files go to a temporary
+name in the same folder, are flushed to disk and then renamed; folders are built beside their
+final place and renamed into it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+
+from .errors import InputError
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success rename it onto ``path``."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    _ensure_dir(parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        _fsync(tmp_path)
+        os.replace(tmp_path, path)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder beside ``path``; on success it replaces ``path``.
+
+    An existing folder at ``path`` is moved aside first and only deleted after the new one is in
+    place, so an interruption never leaves neither.
+    """
+    path = Path(path)
+    _ensure_dir(path.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if path.exists():
+        old = path.with_name(f".{path.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def _ensure_dir(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(
+            f"cannot create the output folder ({e.strerror})",
+            str(folder),
+            "choose a writable output location",
+        ) from None
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def tensor_digest(t: torch.Tensor) -> str:
+    """A short content hash of one tensor (its dtype, shape and bytes)."""
+    h = hashlib.blake2b(digest_size=16)
+    _update(h, "", t)
+    return h.hexdigest()
+
+
+def fingerprint(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """Fingerprint of a set of base weights: names, dtypes, shapes and bytes, in name order.
+
+    The order of the input does not matter; the same weights always give the same string.
+    """
+    h = hashlib.blake2b(digest_size=16)
+    for name, t in sorted(named_tensors, key=lambda kv: kv[0]):
+        _update(h, name, t)
+    return "blake2b:" + h.hexdigest()
+
+
+def _update(h, name: str, t: torch.Tensor) -> None:
+    t = t.detach().contiguous().cpu()
+    h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+    if t.numel():
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data)

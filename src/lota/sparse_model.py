@@ -1,0 +1,153 @@
+"""The sparse-trainable model: ``prepare(model, ticket)`` and back.
+
+Each targeted weight ``W`` keeps its storage and stays frozen; a parametrization adds a trainable
+vector ``delta`` of the ticket's size. The forward pass sees the live weight ``W``, in which the
+ticket entries hold ``w0 + delta`` (rewritten in place after the optimizer changes ``delta``),
+and the backward pass gathers only the ticket's entries of the weight gradient into ``delta.grad``.
+So the only trainable parameters are the ``delta`` vectors (optimizer state is O(k)), no second
+dense copy of any weight exists, and entries outside the ticket are never written: they stay
+bit-identical under any optimizer, weight decay or momentum.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .delta import SparseDelta, write_entries_
+from .errors import InputError
+from .ticket import Ticket
+
+
+class _SparseTie(torch.autograd.Function):
+    """Identity on the live weight whose gradient flows to the ticket's entries only."""
+
+    @staticmethod
+    def forward(ctx, weight, delta, index):
+        ctx.save_for_backward(index)
+        ctx.delta_dtype = delta.dtype
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        return None, grad.reshape(-1)[index].to(ctx.delta_dtype), None
+
+
+class SparseDeltaParametrization(nn.Module):
+    """Parametrization holding one tensor's ticket: ``index``, ``base_values`` and ``delta``."""
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        index: torch.Tensor,
+        values: torch.Tensor | None = None,
+        dtype: torch.dtype = torch.float32,
+    ):
+        super().__init__()
+        index = index.to(device=weight.device, dtype=torch.long)
+        self.register_buffer("index", index)
+        self.register_buffer("base_values", weight.detach().reshape(-1)[index].clone())
+        init = torch.zeros(index.numel(), dtype=dtype, device=weight.device)
+        if values is not None:
+            init.copy_(values.to(device=weight.device, dtype=dtype))
+        self.delta = nn.Parameter(init)
+        self._synced: tuple[int, int] | None = None
+        if values is not None:
+            self.sync_(weight)
+        else:
+            self._synced = (id(self.delta), self.delta._version)
+
+    @torch.no_grad()
+    def sync_(self, weight: torch.Tensor) -> None:
+        """Write ``base_values + delta`` into the ticket entries of the live weight."""
+        if self.index.numel():
+            write_entries_(weight, self.index, self.base_values, self.delta.detach())
+        self._synced = (id(self.delta), self.delta._version)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if self._synced != (id(self.delta), self.delta._version):
+            self.sync_(weight)
+        return _SparseTie.apply(weight, self.delta, self.index)
+
+
+def _module_and_attr(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    module_name, _, attr = name.rpartition(".")
+    return (model.get_submodule(module_name) if module_name else model), attr
+
+
+def prepare(
+    model: nn.Module, ticket: Ticket | SparseDelta, dtype: torch.dtype = torch.float32
+) -> nn.Module:
+    """Make ``model`` train only the ticket's entries; returns the same model, modified in place.
+
+    Every parameter is frozen; each ticket tensor gets a trainable ``delta`` of its ticket's size
+    (initialised from the delta's values when a ``SparseDelta`` is given). Use any training loop,
+    then ``extract_delta(model)`` for the sparse task vector or ``unprepare(model)`` for a plain
+    model with the trained weights.
+    """
+    values = ticket.values if isinstance(ticket, SparseDelta) else None
+    params = dict(model.named_parameters())
+    for name, shape in ticket.shapes.items():
+        if name not in params:
+            raise InputError(
+                f"ticket tensor '{name}' is not a parameter of the model",
+                fix="use a ticket made for this architecture",
+            )
+        if tuple(params[name].shape) != shape:
+            raise InputError(
+                f"ticket tensor '{name}' has shape {list(shape)}, the model has "
+                f"{list(params[name].shape)}",
+                fix="use a ticket made for this architecture",
+            )
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, idx in ticket.indices.items():
+        module, attr = _module_and_attr(model, name)
+        weight = getattr(module, attr)
+        par = SparseDeltaParametrization(
+            weight, idx, None if values is None else values[name], dtype
+        )
+        parametrize.register_parametrization(module, attr, par, unsafe=True)
+    return model
+
+
+def _parametrized(model: nn.Module):
+    for module_name, module in model.named_modules():
+        if parametrize.is_parametrized(module):
+            for attr, plist in module.parametrizations.items():
+                for p in plist:
+                    if isinstance(p, SparseDeltaParametrization):
+                        name = f"{module_name}.{attr}" if module_name else attr
+                        yield name, module, attr, p
+
+
+def is_prepared(model: nn.Module) -> bool:
+    return any(True for _ in _parametrized(model))
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p.delta for _, _, _, p in _parametrized(model)]
+
+
+@torch.no_grad()
+def extract_delta(model: nn.Module, base_fingerprint: str = "") -> SparseDelta:
+    """The sparse task vector trained so far (exact ``delta`` values, not a difference of weights)."""
+    shapes, indices, values = {}, {}, {}
+    for name, module, attr, p in _parametrized(model):
+        shapes[name] = tuple(module.parametrizations[attr].original.shape)
+        indices[name] = p.index.detach().cpu()
+        values[name] = p.delta.detach().cpu().clone()
+    ticket = Ticket(shapes=shapes, indices=indices, base_fingerprint=base_fingerprint)
+    return SparseDelta(ticket=ticket, values=values)
+
+
+@torch.no_grad()
+def unprepare(model: nn.Module) -> nn.Module:
+    """Remove lota's parametrizations, leaving plain weights that hold ``w0 + delta``."""
+    for _, module, attr, p in list(_parametrized(model)):
+        original = module.parametrizations[attr].original
+        p.sync_(original)
+        parametrize.remove_parametrizations(module, attr, leave_parametrized=False)
+    return model
