@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -90,25 +90,36 @@ def _fsync(path: Path) -> None:
 
 
 def tensor_digest(t: torch.Tensor) -> str:
-    """A short content hash of one tensor (its dtype, shape and bytes)."""
+    """A short content hash of one tensor exactly as stored (dtype, shape and bytes)."""
+    t = t.detach().contiguous().cpu()
     h = hashlib.blake2b(digest_size=16)
-    _update(h, "", t)
+    h.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
+    if t.numel():
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data)
     return h.hexdigest()
 
 
-def fingerprint(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
-    """Fingerprint of a set of base weights: names, dtypes, shapes and bytes, in name order.
+def fingerprint(
+    named_tensors: Iterable[tuple[str, torch.Tensor | Callable[[], torch.Tensor]]],
+) -> str:
+    """Fingerprint of a set of base weights: names, shapes and values, in name order.
 
-    The order of the input does not matter; the same weights always give the same string.
+    The order of the input does not matter; the same weights always give the same string, in
+    whichever floating-point precision they were loaded (values are hashed widened to fp32).
     """
     h = hashlib.blake2b(digest_size=16)
     for name, t in sorted(named_tensors, key=lambda kv: kv[0]):
-        _update(h, name, t)
+        _update(h, name, t() if callable(t) else t)  # a callable reads one tensor lazily
     return "blake2b:" + h.hexdigest()
 
 
 def _update(h, name: str, t: torch.Tensor) -> None:
-    t = t.detach().contiguous().cpu()
-    h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+    t = t.detach().cpu()
+    if t.is_floating_point() and t.dtype != torch.float64:
+        # fp16 and bf16 widen to fp32 exactly: the same weights loaded in another precision keep
+        # their fingerprint, while any change of value changes it.
+        t = t.float()
+    t = t.contiguous()
+    h.update(f"{name}|{'float' if t.is_floating_point() else t.dtype}|{tuple(t.shape)}|".encode())
     if t.numel():
         h.update(t.reshape(-1).view(torch.uint8).numpy().data)

@@ -1,0 +1,429 @@
+"""The ``lota`` command line. The only place that prints, sets up logging and exits.
+
+Every failure lota knows about prints one line, ``lota: error: <what> -- <how to fix>``, and exits
+with 2 for bad input or 1 for a failed run; no traceback unless ``--debug`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+
+from .errors import InputError, LotaError
+
+
+def _add_adapt(sub):
+    p = sub.add_parser(
+        "adapt",
+        help="adapt a model to a task (LoTA by default; LoTTO with --protect)",
+        description="Calibrate, extract the ticket, reset and train only the ticket's entries.",
+    )
+    p.add_argument("model", help="model folder (config, safetensors weights, tokenizer)")
+    p.add_argument(
+        "--data", required=True, help="training data, JSONL of prompt/completion or messages"
+    )
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument(
+        "--method", default="lota", help="lota | fft | lora | random | bottomk (default lota)"
+    )
+    p.add_argument(
+        "--sparsity",
+        default="0.9",
+        help="fraction of target entries frozen, in [0, 1) (default 0.9)",
+    )
+    p.add_argument(
+        "--calibration-steps", type=int, default=8, help="dense steps before extraction (default 8)"
+    )
+    p.add_argument(
+        "--calibration-lr",
+        type=float,
+        default=None,
+        help="learning rate of calibration (default --lr)",
+    )
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: one epoch)")
+    p.add_argument("--epochs", type=float, default=None, help="training epochs instead of --steps")
+    p.add_argument("--lr", type=float, default=1e-5, help="learning rate (default 1e-5)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--optimizer", default="adamw", help="adamw | rmsprop | sgd (default adamw)")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--momentum", type=float, default=0.0, help="momentum for rmsprop and sgd")
+    p.add_argument(
+        "--max-grad-norm", type=float, default=1.0, help="gradient clipping, 0 to disable"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--targets",
+        default=None,
+        help="regex of parameter names to adapt (default: linear layers in blocks)",
+    )
+    p.add_argument(
+        "--ticket", default=None, help="reuse this ticket (or delta's ticket); skips calibration"
+    )
+    p.add_argument(
+        "--protect",
+        nargs="+",
+        default=[],
+        metavar="FILE",
+        help="tickets or deltas to keep untouched (LoTTO)",
+    )
+    p.add_argument(
+        "--protect-mode", default="constrained", help="constrained | flip (default constrained)"
+    )
+    p.add_argument("--max-length", type=int, default=512, help="tokens per example (default 512)")
+    p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--lora-alpha", type=int, default=32)
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="load precision",
+    )
+    p.add_argument(
+        "--values-dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="precision of the delta's values on disk",
+    )
+    p.add_argument(
+        "--save-model", action="store_true", help="also write a loadable model folder to OUT/model"
+    )
+    p.add_argument("--force", action="store_true", help="write into an existing, non-empty --out")
+    p.set_defaults(run=_run_adapt)
+
+
+def _run_adapt(a):
+    from .adapt import AdaptConfig, adapt
+
+    cfg = AdaptConfig(
+        model=a.model,
+        data=a.data,
+        out=a.out,
+        method=a.method,
+        sparsity=a.sparsity,
+        calibration_steps=a.calibration_steps,
+        calibration_lr=a.calibration_lr,
+        steps=a.steps,
+        epochs=a.epochs,
+        lr=a.lr,
+        batch_size=a.batch_size,
+        optimizer=a.optimizer,
+        weight_decay=a.weight_decay,
+        momentum=a.momentum,
+        max_grad_norm=a.max_grad_norm or None,
+        seed=a.seed,
+        targets=a.targets,
+        ticket=a.ticket,
+        protect=a.protect,
+        protect_mode=a.protect_mode,
+        max_length=a.max_length,
+        lora_r=a.lora_r,
+        lora_alpha=a.lora_alpha,
+        dtype=a.dtype,
+        values_dtype=a.values_dtype,
+        save_model=a.save_model,
+        force=a.force,
+        progress=not a.quiet,
+    )
+    info = adapt(cfg)
+    _summary(
+        f"adapt ({info['method']}): trained {info['k']:,} of {info['numel']:,} target entries "
+        f"({100 * info['density']:.3g} %) for {info['steps']} steps, final loss {info['final_loss']:.4f}; "
+        f"delta {info['delta_bytes']:,} bytes -> {a.out}"
+    )
+
+
+def _add_mask(sub):
+    p = sub.add_parser("mask", help="extract a ticket from the task vector TUNED - BASE")
+    p.add_argument("base")
+    p.add_argument("tuned")
+    p.add_argument("--sparsity", default="0.9")
+    p.add_argument("--out", required=True)
+    p.add_argument("--targets", default=None)
+    p.add_argument("--protect", nargs="+", default=[], metavar="FILE")
+    p.add_argument("--selector", default="magnitude", help="magnitude | bottomk | random")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=_run_mask)
+
+
+def _run_mask(a):
+    from . import format as fmt
+    from .selection import parse_sparsity
+    from .vectors import make_ticket
+
+    parse_sparsity(a.sparsity)
+    _check_new_file(a.out)
+    t = make_ticket(
+        a.base,
+        a.tuned,
+        a.sparsity,
+        a.targets,
+        a.protect,
+        a.selector,
+        a.seed,
+        show_progress=not a.quiet,
+    )
+    size = fmt.save(
+        t,
+        a.out,
+        config={
+            "command": "mask",
+            "base": a.base,
+            "tuned": a.tuned,
+            "sparsity": a.sparsity,
+            "targets": a.targets,
+            "protect": a.protect,
+            "selector": a.selector,
+        },
+    )
+    _summary(f"mask: ticket of {t.summary()}; {size:,} bytes -> {a.out}")
+
+
+def _add_delta(sub):
+    p = sub.add_parser("delta", help="sparse task vector TUNED - BASE on a ticket")
+    p.add_argument("base")
+    p.add_argument("tuned")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--ticket", help="ticket (or delta) file giving the entries")
+    g.add_argument("--sparsity", help="extract the ticket at this sparsity first")
+    p.add_argument("--out", required=True)
+    p.add_argument("--targets", default=None)
+    p.add_argument("--protect", nargs="+", default=[], metavar="FILE")
+    p.add_argument("--values-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.set_defaults(run=_run_delta)
+
+
+def _run_delta(a):
+    from . import format as fmt
+    from .delta import SparseDelta
+    from .selection import parse_sparsity
+    from .vectors import make_delta
+
+    if a.sparsity is not None:
+        parse_sparsity(a.sparsity)
+    _check_new_file(a.out)
+    ticket = None
+    if a.ticket:
+        ticket = fmt.load(a.ticket)
+        ticket = ticket.ticket if isinstance(ticket, SparseDelta) else ticket
+    d = make_delta(
+        a.base,
+        a.tuned,
+        ticket=ticket,
+        sparsity=a.sparsity,
+        targets=a.targets,
+        protect=a.protect,
+        show_progress=not a.quiet,
+    )
+    size = fmt.save(
+        d,
+        a.out,
+        values_dtype=a.values_dtype,
+        config={
+            "command": "delta",
+            "base": a.base,
+            "tuned": a.tuned,
+            "ticket": a.ticket,
+            "sparsity": a.sparsity,
+            "targets": a.targets,
+        },
+    )
+    _summary(f"delta: {d.summary()}; {size:,} bytes -> {a.out}")
+
+
+def _add_apply(sub):
+    p = sub.add_parser("apply", help="add sparse deltas to a base model and write a model folder")
+    p.add_argument("base")
+    p.add_argument("deltas", nargs="+")
+    p.add_argument("--out", required=True)
+    p.add_argument(
+        "--scales", default=None, help="comma-separated scale per delta (default 1 each)"
+    )
+    p.add_argument(
+        "--allow-mismatch", action="store_true", help="apply even if the base fingerprint differs"
+    )
+    p.add_argument("--force", action="store_true", help="replace an existing --out folder")
+    p.set_defaults(run=_run_apply)
+
+
+def _run_apply(a):
+    from .vectors import apply_deltas
+
+    scales = None
+    if a.scales:
+        try:
+            scales = [float(x) for x in a.scales.split(",")]
+        except ValueError:
+            raise InputError(
+                f"'{a.scales}' is not a comma-separated list of numbers",
+                "--scales",
+                "e.g. --scales 1,0.5",
+            ) from None
+    info = apply_deltas(
+        a.base, a.deltas, a.out, allow_mismatch=a.allow_mismatch, scales=scales, force=a.force
+    )
+    _summary(f"apply: {info['deltas']} delta(s), {info['entries']:,} entries -> {a.out}")
+
+
+def _add_eval(sub):
+    p = sub.add_parser("eval", help="generate greedily and score against the data's completions")
+    p.add_argument("model")
+    p.add_argument("--data", required=True)
+    p.add_argument("--metric", default="answer", help="answer | exact | contains (default answer)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--limit", type=int, default=None, help="score only the first N examples")
+    p.add_argument(
+        "--json", action="store_true", help="print the score and per-example results as JSON"
+    )
+    p.set_defaults(run=_run_eval)
+
+
+def _run_eval(a):
+    from .evaluate import evaluate
+
+    r = evaluate(
+        a.model,
+        a.data,
+        a.metric,
+        a.max_new_tokens,
+        a.batch_size,
+        a.limit,
+        show_progress=not a.quiet,
+    )
+    if a.json:
+        print(json.dumps(r, indent=2))
+    else:
+        _summary(f"eval: {a.metric} = {r['score']:.4f} on {r['n']} examples of {a.data}")
+
+
+def _add_inspect(sub):
+    p = sub.add_parser("inspect", help="explain a ticket or delta file")
+    p.add_argument("files", nargs="+")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=_run_inspect)
+
+
+def _run_inspect(a):
+    from .format import describe
+
+    infos = [describe(f) for f in a.files]
+    if a.json:
+        print(json.dumps(infos[0] if len(infos) == 1 else infos, indent=2))
+        return
+    for info in infos:
+        print(f"{info['path']}: lota {info['kind']}, format v{info['format_version']}")
+        print(f"  entries   {info['nnz']:,} of {info['numel']:,} ({100 * info['density']:.4g} %)")
+        print(f"  base      {info['base_fingerprint'] or '(none)'}")
+        bpe = info["bits_per_entry"]
+        print(
+            f"  file      {info['file_bytes']:,} bytes"
+            + (f" ({bpe:.3f} bits per eligible entry)" if bpe else "")
+        )
+        if info["kind"] == "delta":
+            print(
+                f"  values    {', '.join(info['values_dtype']) or '-'}, L2 norm {info['l2_norm']:.6g}"
+            )
+        width = max((len(n) for n in info["tensors"]), default=0)
+        for name, t in info["tensors"].items():
+            print(f"  {name:<{width}}  {t['nnz']:>10,} / {t['numel']:<10,} {t['encoding']}")
+
+
+def _add_demo(sub):
+    p = sub.add_parser(
+        "demo", help="LoTA, FFT and LoTTO end to end on a built-in toy model and tasks"
+    )
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=_run_demo)
+
+
+def _run_demo(a):
+    from .demo import run_demo
+
+    run_demo(a.out, seed=a.seed, show_progress=not a.quiet)
+
+
+def _check_new_file(path: str) -> None:
+    if os.path.isdir(path):
+        raise InputError("output path is a folder", path, "give a file name ending in .safetensors")
+
+
+def _summary(line: str) -> None:
+    print(line)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="lota", description="Lottery-ticket sparse adaptation of causal LMs."
+    )
+    parser.add_argument("--version", action="version", version=f"lota {__version__}")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
+    # The same two flags are accepted after the command too.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars"
+    )
+    common.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    original = sub.add_parser
+
+    def add_parser(name, **kw):
+        return original(name, parents=[common], **kw)
+
+    sub.add_parser = add_parser
+    for add in (_add_adapt, _add_mask, _add_delta, _add_apply, _add_eval, _add_inspect, _add_demo):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse already printed its one-line usage error
+        return int(e.code or 0)
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        args.run(args)
+        return 0
+    except LotaError as e:
+        print(f"lota: error: {e.line()}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("lota: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # output piped into a reader that closed early (e.g. head)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    except OSError as e:
+        if args.debug:
+            raise
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        print(
+            f"lota: error: {where}{e.strerror or e} -- check the path, free space and permissions",
+            file=sys.stderr,
+        )
+        return 1
+    except Exception as e:  # an unexpected failure: still one line, the traceback only on request
+        if args.debug:
+            raise
+        print(
+            f"lota: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+            "-- rerun with --debug for the traceback and report it",
+            file=sys.stderr,
+        )
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""``lota eval``: greedy generation and scoring against the reference completions.
+
+Metrics are registered functions ``(prediction, reference) -> float in [0, 1]``. The default,
+``answer``, compares final answers: the text after the last ``####`` if there is one, otherwise the
+last non-empty line, with whitespace, a trailing period and thousands separators ignored and
+numbers compared by value.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from .data import Example, prompt_ids, read_jsonl
+from .errors import InputError
+from .models import load_model, load_tokenizer
+
+METRICS: dict[str, Callable[[str, str], float]] = {}
+
+
+def metric(name: str):
+    def wrap(fn):
+        METRICS[name] = fn
+        return fn
+
+    return wrap
+
+
+def final_answer(text: str) -> str:
+    if "####" in text:
+        text = text.rsplit("####", 1)[1]
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    ans = lines[-1] if lines else ""
+    ans = ans.rstrip(".").strip()
+    if re.fullmatch(r"[-+]?[\d,]*\.?\d+", ans):
+        ans = ans.replace(",", "")
+        try:
+            value = float(ans)
+            ans = str(int(value)) if value.is_integer() else repr(value)
+        except ValueError:
+            pass
+    return ans
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.split())
+
+
+@metric("answer")
+def _answer(pred: str, ref: str) -> float:
+    return float(final_answer(pred) == final_answer(ref))
+
+
+@metric("exact")
+def _exact(pred: str, ref: str) -> float:
+    return float(_norm(pred) == _norm(ref))
+
+
+@metric("contains")
+def _contains(pred: str, ref: str) -> float:
+    return float(_norm(ref) in _norm(pred))
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    examples: list[Example],
+    max_new_tokens: int,
+    batch_size: int = 16,
+    show_progress: bool = True,
+) -> list[str]:
+    """Greedy completions, batched with left padding; stops at EOS."""
+    model.eval()
+    pad = tokenizer.pad_token_id
+    outs: list[str] = []
+    bar = tqdm(
+        total=len(examples),
+        desc="eval",
+        unit="ex",
+        disable=not show_progress,
+        leave=False,
+        file=sys.stderr,
+    )
+    for i in range(0, len(examples), batch_size):
+        chunk = [prompt_ids(e, tokenizer) for e in examples[i : i + batch_size]]
+        width = max(len(c) for c in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for j, c in enumerate(chunk):
+            ids[j, width - len(c) :] = torch.tensor(c, dtype=torch.long)
+            mask[j, width - len(c) :] = 1
+        gen = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        for row in gen[:, width:]:
+            outs.append(tokenizer.decode(row, skip_special_tokens=True))
+        bar.update(len(chunk))
+    bar.close()
+    return outs
+
+
+def score(predictions: list[str], examples: list[Example], metric_name: str = "answer") -> dict:
+    fn = METRICS[metric_name]
+    per = [
+        {"line": e.line, "reference": e.completion, "prediction": p, "score": fn(p, e.completion)}
+        for p, e in zip(predictions, examples)
+    ]
+    return {
+        "metric": metric_name,
+        "n": len(per),
+        "score": sum(r["score"] for r in per) / max(1, len(per)),
+        "examples": per,
+    }
+
+
+def evaluate_model(
+    model,
+    tokenizer,
+    examples: list[Example],
+    metric_name: str = "answer",
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    show_progress: bool = True,
+) -> dict:
+    if metric_name not in METRICS:
+        raise InputError(
+            f"unknown metric '{metric_name}'",
+            "--metric",
+            f"choose one of {', '.join(sorted(METRICS))}",
+        )
+    preds = generate(model, tokenizer, examples, max_new_tokens, batch_size, show_progress)
+    return score(preds, examples, metric_name)
+
+
+def evaluate(
+    model_path: str,
+    data_path: str,
+    metric_name: str = "answer",
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    limit: int | None = None,
+    show_progress: bool = True,
+) -> dict:
+    if metric_name not in METRICS:
+        raise InputError(
+            f"unknown metric '{metric_name}'",
+            "--metric",
+            f"choose one of {', '.join(sorted(METRICS))}",
+        )
+    if max_new_tokens < 1 or batch_size < 1 or (limit is not None and limit < 1):
+        raise InputError(
+            "--max-new-tokens, --batch-size and --limit must be >= 1",
+            "lota eval",
+            "fix the numbers",
+        )
+    examples = read_jsonl(data_path)[:limit]
+    tokenizer = load_tokenizer(model_path)
+    model = load_model(model_path)
+    result = evaluate_model(
+        model, tokenizer, examples, metric_name, max_new_tokens, batch_size, show_progress
+    )
+    result["model"], result["data"] = model_path, data_path
+    return result

@@ -1,0 +1,142 @@
+"""The training loop shared by every phase: calibration, sparse training, FFT and LoRA.
+
+It trains whatever parameters it is given, so what is frozen is decided by the caller (``prepare``
+for tickets). Metrics go to a JSONL file as they happen; a non-finite loss stops the run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .errors import InputError, TrainingError
+
+OPTIMIZERS = ("adamw", "rmsprop", "sgd")
+
+
+@dataclass
+class TrainSettings:
+    lr: float
+    steps: int
+    optimizer: str = "adamw"
+    weight_decay: float = 0.0
+    momentum: float = 0.0
+    max_grad_norm: float | None = 1.0
+    seed: int = 0
+
+
+def make_optimizer(params: list[nn.Parameter], s: TrainSettings) -> torch.optim.Optimizer:
+    if s.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+    if (
+        s.optimizer == "rmsprop"
+    ):  # the official LoTA setting: no momentum, no weight decay by default
+        return torch.optim.RMSprop(
+            params, lr=s.lr, weight_decay=s.weight_decay, momentum=s.momentum
+        )
+    if s.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=s.lr, weight_decay=s.weight_decay, momentum=s.momentum)
+    raise InputError(
+        f"unknown optimizer '{s.optimizer}'",
+        "--optimizer",
+        f"choose one of {', '.join(OPTIMIZERS)}",
+    )
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB."""
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024 if sys.platform != "darwin" else kb / 2**20
+
+
+class MetricsLog:
+    """Appends one JSON object per line; ``None`` path keeps records in memory only."""
+
+    def __init__(self, path: str | Path | None):
+        self.path = Path(path) if path else None
+        self.records: list[dict] = []
+
+    def write(self, record: dict) -> None:
+        self.records.append(record)
+        if self.path is not None:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def train(
+    model: nn.Module,
+    params: list[nn.Parameter],
+    data: Iterator[dict],
+    s: TrainSettings,
+    phase: str,
+    log: MetricsLog,
+    show_progress: bool = True,
+) -> list[float]:
+    """Run ``s.steps`` optimizer steps on ``params``; returns the loss of each step."""
+    if not params:
+        raise InputError(
+            "nothing to train: no trainable parameters", fix="check --targets and the ticket"
+        )
+    opt = make_optimizer(params, s)
+    model.train()
+    losses = []
+    bar = tqdm(
+        range(s.steps),
+        desc=phase,
+        unit="step",
+        disable=not show_progress,
+        leave=False,
+        file=sys.stderr,
+    )
+    start = time.perf_counter()
+    tokens = 0
+    for step in bar:
+        batch = next(data)
+        try:
+            out = model(**batch)
+            loss = out.loss
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"the loss became {loss.item()} at step {step + 1} of {phase}",
+                    fix="lower --lr (or --calibration-lr) or enable gradient clipping",
+                )
+            loss.backward()
+            if s.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        except torch.OutOfMemoryError:
+            raise TrainingError(
+                f"out of memory at step {step + 1} of {phase}",
+                fix="lower --batch-size or --max-length",
+            ) from None
+        n_tok = int((batch["labels"] != -100).sum())
+        tokens += int(batch["attention_mask"].sum())
+        elapsed = time.perf_counter() - start
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        log.write(
+            {
+                "phase": phase,
+                "step": step + 1,
+                "loss": losses[-1],
+                "lr": s.lr,
+                "completion_tokens": n_tok,
+                "tokens_per_s": tokens / elapsed if elapsed > 0 else math.nan,
+                "peak_rss_mb": round(peak_rss_mb(), 1),
+                "elapsed_s": round(elapsed, 3),
+            }
+        )
+    bar.close()
+    model.eval()
+    return losses
