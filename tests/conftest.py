@@ -1,0 +1,56 @@
+"""Shared fixtures: tiny model folders and task files built in memory (no downloads)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from lota.models import quiet_transformers
+from lota.toy import save_toy_model
+
+quiet_transformers()
+
+TINY = {"hidden": 32, "layers": 2, "heads": 2}
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def addition_rows(n: int, seed: int = 0) -> list[dict]:
+    r = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = r.randint(0, 9), r.randint(0, 9)
+        rows.append({"prompt": f"{a}+{b}=", "completion": str(a + b)})
+    return rows
+
+
+def reverse_rows(n: int, seed: int = 1) -> list[dict]:
+    r = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        w = "".join(r.choice("abcd") for _ in range(3))
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": f"rev {w}"},
+                    {"role": "assistant", "content": w[::-1]},
+                ]
+            }
+        )
+    return rows
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("lota")
+    save_toy_model(d / "base", seed=0, **TINY)
+    save_toy_model(d / "other_arch", seed=0, hidden=48, layers=1, heads=2)
+    write_jsonl(d / "a.jsonl", addition_rows(24))
+    write_jsonl(d / "b.jsonl", reverse_rows(24))
+    return d

@@ -1,0 +1,180 @@
+"""The adapt pipeline's invariants, run in-process on a tiny Llama."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lota import format as fmt
+from lota.adapt import AdaptConfig, adapt
+from lota.delta import apply_delta_
+
+SMALL = {"steps": 3, "calibration_steps": 2, "lr": 1e-2, "batch_size": 4, "progress": False}
+
+
+def run(workdir, out, **kw):
+    cfg = AdaptConfig(
+        model=str(kw.pop("model", workdir / "base")),
+        data=str(kw.pop("data", workdir / "a.jsonl")),
+        out=str(workdir / out),
+        **{**SMALL, **kw},
+    )
+    info = adapt(cfg)
+    return info, workdir / out
+
+
+def weights(folder):
+    return load_file(str(folder / "model.safetensors"))
+
+
+def bits(t):
+    return t.contiguous().view(torch.uint8)
+
+
+def assert_only_ticket_changed(base, tuned, ticket):
+    for name, w0 in base.items():
+        w1 = tuned[name]
+        if name not in ticket.indices:
+            assert torch.equal(bits(w0), bits(w1)), f"{name} changed but is not a target"
+            continue
+        outside = torch.ones(w0.numel(), dtype=torch.bool)
+        outside[ticket.indices[name]] = False
+        assert torch.equal(bits(w0.reshape(-1)[outside]), bits(w1.reshape(-1)[outside])), name
+
+
+@pytest.mark.parametrize(
+    "optimizer,weight_decay,momentum",
+    [("adamw", 0.1, 0.0), ("rmsprop", 0.0, 0.0), ("rmsprop", 0.01, 0.9), ("sgd", 0.1, 0.9)],
+)
+def test_frozen_entries_bit_identical_after_adapt(workdir, optimizer, weight_decay, momentum):
+    info, out = run(
+        workdir,
+        f"frozen_{optimizer}_{momentum}",
+        optimizer=optimizer,
+        weight_decay=weight_decay,
+        momentum=momentum,
+        save_model=True,
+    )
+    delta = fmt.load(out / "delta.safetensors")
+    base, tuned = weights(workdir / "base"), weights(out / "model")
+    assert_only_ticket_changed(base, tuned, delta.ticket)
+    changed = sum(
+        int((base[n].reshape(-1)[i] != tuned[n].reshape(-1)[i]).sum())
+        for n, i in delta.indices.items()
+    )
+    assert changed > 0
+    assert info["frozen_verified"] is True
+
+
+@pytest.mark.parametrize("sparsity", ["0.9", "0.75", "0.999"])
+def test_ticket_has_exact_k(workdir, sparsity):
+    info, out = run(workdir, f"k_{sparsity}", sparsity=sparsity, steps=1)
+    delta = fmt.load(out / "delta.safetensors")
+    from fractions import Fraction
+
+    assert delta.nnz == math.floor((1 - Fraction(sparsity)) * delta.numel) == info["k"]
+
+
+def test_saved_model_equals_base_plus_delta(workdir):
+    _, out = run(workdir, "apply_exact", save_model=True)
+    delta = fmt.load(out / "delta.safetensors")
+    base, tuned = weights(workdir / "base"), weights(out / "model")
+    apply_delta_(base, delta)
+    for name in tuned:
+        assert torch.equal(bits(base[name]), bits(tuned[name])), name
+
+
+def test_protect_keeps_protected_entries_bit_identical(workdir):
+    _, out_a = run(workdir, "seq_a", save_model=True)
+    info_b, out_b = run(
+        workdir,
+        "seq_b",
+        model=out_a / "model",
+        data=workdir / "b.jsonl",
+        protect=[str(out_a / "delta.safetensors")],
+        save_model=True,
+    )
+    delta_a, delta_b = fmt.load(out_a / "delta.safetensors"), fmt.load(out_b / "delta.safetensors")
+    assert delta_b.ticket.overlap(delta_a.ticket) == 0
+    assert delta_b.nnz == delta_a.nnz  # k counts over all targets, with or without protection
+    model_a, model_b = weights(out_a / "model"), weights(out_b / "model")
+    for name, idx in delta_a.indices.items():
+        assert torch.equal(
+            bits(model_a[name].reshape(-1)[idx]), bits(model_b[name].reshape(-1)[idx])
+        ), name
+    assert_only_ticket_changed(model_a, model_b, delta_b.ticket)
+
+
+def test_flip_mode_trains_complement_and_keeps_disjoint_ticket(workdir):
+    _, out_a = run(workdir, "flip_a", save_model=True)
+    _, out_b = run(
+        workdir,
+        "flip_b",
+        model=out_a / "model",
+        data=workdir / "b.jsonl",
+        protect=[str(out_a / "delta.safetensors")],
+        protect_mode="flip",
+        save_model=True,
+    )
+    delta_a, delta_b = fmt.load(out_a / "delta.safetensors"), fmt.load(out_b / "delta.safetensors")
+    assert delta_b.ticket.overlap(delta_a.ticket) == 0
+    assert delta_b.nnz == delta_a.nnz
+    assert_only_ticket_changed(weights(out_a / "model"), weights(out_b / "model"), delta_b.ticket)
+
+
+@pytest.mark.parametrize("method", ["random", "bottomk"])
+def test_baseline_tickets_have_the_same_size(workdir, method):
+    info, out = run(workdir, f"baseline_{method}", method=method, save_model=True)
+    delta = fmt.load(out / "delta.safetensors")
+    assert delta.nnz == math.floor(delta.numel / 10)
+    assert_only_ticket_changed(weights(workdir / "base"), weights(out / "model"), delta.ticket)
+
+
+@pytest.mark.parametrize("method", ["fft", "lora"])
+def test_dense_methods_write_dense_deltas(workdir, method):
+    _, out = run(workdir, f"dense_{method}", method=method, save_model=True)
+    delta = fmt.load(out / "delta.safetensors")
+    assert delta.nnz == delta.numel
+    base, tuned = weights(workdir / "base"), weights(out / "model")
+    for name in base:
+        if name not in delta.indices:
+            assert torch.equal(base[name], tuned[name]), f"{method} changed non-target {name}"
+    assert any(not torch.equal(base[n], tuned[n]) for n in delta.indices)
+
+
+def test_ticket_reuse_skips_calibration(workdir):
+    _, out_a = run(workdir, "reuse_src")
+    _, out = run(workdir, "reuse", ticket=str(out_a / "delta.safetensors"))
+    phases = {
+        line.split('"phase": "')[1].split('"')[0]
+        for line in (out / "metrics.jsonl").read_text().splitlines()
+    }
+    assert phases == {"train"}
+    a, b = fmt.load(out_a / "delta.safetensors"), fmt.load(out / "delta.safetensors")
+    assert all(torch.equal(a.indices[n], b.indices[n]) for n in a.names)
+
+
+def test_same_seed_gives_bit_identical_delta(workdir):
+    _, o1 = run(workdir, "det1")
+    _, o2 = run(workdir, "det2")
+    d1, d2 = fmt.load(o1 / "delta.safetensors"), fmt.load(o2 / "delta.safetensors")
+    for n in d1.names:
+        assert torch.equal(d1.indices[n], d2.indices[n]) and torch.equal(
+            bits(d1.values[n]), bits(d2.values[n])
+        )
+
+
+def test_outputs_and_metrics(workdir):
+    info, out = run(workdir, "outputs", data=workdir / "b.jsonl")
+    names = {p.name for p in out.iterdir()}
+    assert {"delta.safetensors", "config.yaml", "metrics.jsonl", "summary.json"} <= names
+    assert not any(n.startswith(".") for n in names)
+    import json
+
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in rows] == ["calibration"] * 2 + ["train"] * 3
+    assert all(r["loss"] > 0 and r["peak_rss_mb"] > 0 and "tokens_per_s" in r for r in rows)
+    assert fmt.load(out / "delta.safetensors").meta["config"]["method"] == "lota"
