@@ -19,10 +19,11 @@ import yaml
 
 from . import format as fmt
 from . import selection
+from .checkpoint import DIRNAME, Checkpointer
 from .data import batches, read_jsonl, steps_for, tokenize
 from .delta import SparseDelta, apply_delta_, delta_from_weights
 from .errors import InputError, LotaError
-from .fileio import write_json, write_text
+from .fileio import fault, remove_stale_temporaries, write_json, write_text
 from .models import (
     load_model,
     load_tokenizer,
@@ -31,7 +32,7 @@ from .models import (
     resolve_targets,
     save_model,
 )
-from .sparse_model import extract_delta, prepare, trainable_parameters, unprepare
+from .sparse_model import delta_parameters, extract_delta, prepare, unprepare
 from .ticket import Ticket
 from .train import OPTIMIZERS, MetricsLog, TrainSettings, train
 
@@ -67,7 +68,10 @@ class AdaptConfig:
     dtype: str = "auto"
     values_dtype: str = "float32"
     save_model: bool = False
+    checkpoint_every: int = 100
     force: bool = False
+    resume: bool = False
+    restart: bool = False
     progress: bool = True
 
     def validate(self) -> None:
@@ -100,6 +104,10 @@ class AdaptConfig:
             errors.append("give --steps or --epochs, not both")
         if self.calibration_steps < 1 and self.method in ("lota", "bottomk") and not self.ticket:
             errors.append(f"--calibration-steps {self.calibration_steps} must be >= 1")
+        if self.checkpoint_every < 0:
+            errors.append(f"--checkpoint-every {self.checkpoint_every} must be >= 0")
+        if self.resume and self.restart:
+            errors.append("give --resume or --restart, not both")
         if self.weight_decay < 0 or self.momentum < 0:
             errors.append("--weight-decay and --momentum must be >= 0")
         if self.ticket and self.method not in ("lota",):
@@ -141,23 +149,126 @@ def _load_tickets(paths: list[str], targets: dict[str, tuple[int, ...]], what: s
     return out
 
 
-def _check_out(out: Path, force: bool) -> None:
+def _checkpointer(cfg: AdaptConfig, out: Path) -> tuple[Checkpointer, bool]:
+    """Decide between a fresh start and resuming; refuse to clobber anything else in ``out``."""
+    ckpt = Checkpointer(out, asdict(cfg), cfg.checkpoint_every)
     if out.exists() and not out.is_dir():
         raise InputError("output path is a file", str(out), "choose a folder for --out")
-    if out.is_dir() and any(out.iterdir()) and not force:
+    if ckpt.dir.exists():  # an interrupted run: its half-written temporaries are of no use
+        remove_stale_temporaries(out)
+        remove_stale_temporaries(ckpt.dir)
+    if ckpt.dir.exists() and (cfg.restart or not ckpt.exists()):
+        return ckpt, False  # the interrupted run's files are replaced
+    if ckpt.exists():
+        if not ckpt.matches():
+            raise InputError(
+                "the output folder holds a checkpoint of a run with other settings",
+                str(out),
+                "rerun the same command to resume it, or pass --restart to discard it",
+            )
+        return ckpt, True
+    if cfg.resume:
+        raise InputError(
+            "there is no checkpoint to resume", str(out), "run without --resume to start"
+        )
+    if out.is_dir() and any(p.name != DIRNAME for p in out.iterdir()) and not cfg.force:
         raise InputError(
             "output folder exists and is not empty",
             str(out),
             "choose a new --out, or pass --force to replace lota's files in it",
         )
+    return ckpt, False
+
+
+@dataclass
+class _Run:
+    """What the phases of one run share: the model, data stream, log and checkpoint state."""
+
+    cfg: AdaptConfig
+    model: torch.nn.Module
+    targets: dict[str, tuple[int, ...]]
+    w0: dict[str, torch.Tensor]
+    log: MetricsLog
+    ckpt: Checkpointer
+    stream: object
+    state: dict | None
+    served: list[int]  # batches served so far, boxed so the stream can count
+
+    @property
+    def resumed_phase(self) -> str | None:
+        return self.state["phase"] if self.state else None
+
+    def phase(
+        self,
+        name: str,
+        params: dict[str, torch.nn.Parameter],
+        lr: float,
+        steps: int,
+        model: torch.nn.Module | None = None,
+    ) -> None:
+        """Train ``params`` for one phase, continuing from the checkpoint when it is of this phase."""
+        start, opt_state = 0, None
+        if self.state is not None and self.state["phase"] == name:
+            with torch.no_grad():
+                for n, p in params.items():
+                    if n in self.state["params"]:
+                        p.copy_(self.state["params"][n])
+            torch.set_rng_state(self.state["rng"])
+            start, opt_state = self.state["step"], self.state["optimizer"]
+            self.state = None
+
+        def on_step(step, opt):
+            self.ckpt.maybe_save(
+                name,
+                step,
+                steps,
+                params=params,
+                optimizer=opt,
+                batches=self.served[0],
+                metric_lines=len(self.log.records),
+            )
+
+        if (
+            start == 0
+        ):  # a phase boundary is a checkpoint too, so a kill before step 1 loses nothing
+            self.ckpt.save(
+                name,
+                0,
+                params={},
+                optimizer=None,
+                batches=self.served[0],
+                metric_lines=len(self.log.records),
+            )
+        train(
+            model or self.model,
+            list(params.values()),
+            self.stream,
+            self.cfg.settings(lr, steps),
+            name,
+            self.log,
+            self.cfg.progress,
+            start_step=start,
+            optimizer_state=opt_state,
+            on_step=on_step,
+        )
+
+
+def _counted(stream, box: list[int]):
+    for batch in stream:
+        box[0] += 1
+        yield batch
 
 
 def adapt(cfg: AdaptConfig) -> dict:
-    """Run one adaptation; returns a summary (also written to ``summary.json`` beside the outputs)."""
+    """Run one adaptation; returns a summary (also written to ``summary.json`` beside the outputs).
+
+    A run killed at any moment continues from its last checkpoint when the same command is run
+    again, and ends with the same outputs as an uninterrupted run.
+    """
     cfg.validate()
     t_start = time.perf_counter()
     out = Path(cfg.out)
-    _check_out(out, cfg.force)
+    ckpt, resuming = _checkpointer(cfg, out)
     # Everything that can be wrong with the inputs is checked before anything is written.
     examples = read_jsonl(cfg.data)
     tokenizer = load_tokenizer(cfg.model)
@@ -186,27 +297,33 @@ def adapt(cfg: AdaptConfig) -> dict:
             "raise --sparsity or protect fewer tickets",
         )
     steps = steps_for(len(data), cfg.batch_size, cfg.steps, cfg.epochs)
+    state = ckpt.load() if resuming else None
+    if not resuming:
+        ckpt.clear()
 
     out.mkdir(parents=True, exist_ok=True)
-    metrics_path = out / "metrics.jsonl"
-    metrics_path.unlink(missing_ok=True)
-    log = MetricsLog(metrics_path)
+    log = MetricsLog(out / "metrics.jsonl", keep=state["metric_lines"] if state else 0)
     weights = named_weights(model)
     w0 = {n: weights[n].detach().clone() for n in targets}
-    stream = batches(data, cfg.batch_size, cfg.seed, tokenizer.pad_token_id)
     torch.manual_seed(cfg.seed)
+    served = [state["batches"] if state else 0]
+    stream = _counted(
+        batches(data, cfg.batch_size, cfg.seed, tokenizer.pad_token_id, skip=served[0]), served
+    )
+    run = _Run(cfg, model, targets, w0, log, ckpt, stream, state, served)
     info: dict = {
         "method": cfg.method,
         "numel": numel,
         "base_fingerprint": base_fp,
         "examples": len(data),
         "steps": steps,
+        "resumed_from": f"{state['phase']}:{state['step']}" if state else None,
     }
 
     if cfg.method in ("fft", "lora"):
-        delta = _dense_run(cfg, model, targets, w0, stream, steps, log)
+        delta = _dense_run(run, steps)
     else:
-        delta = _sparse_run(cfg, model, targets, w0, stream, steps, log, k, protected, given, info)
+        delta = _sparse_run(run, steps, k, protected, given, info)
     delta.ticket.base_fingerprint = base_fp
     delta.check_finite("trained delta")
 
@@ -215,6 +332,7 @@ def adapt(cfg: AdaptConfig) -> dict:
     info["delta_bytes"] = fmt.save(
         delta, out / "delta.safetensors", config=resolved, values_dtype=cfg.values_dtype
     )
+    fault("after-delta")
     write_text(out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
     if cfg.save_model:
         save_model(
@@ -222,6 +340,9 @@ def adapt(cfg: AdaptConfig) -> dict:
             tokenizer,
             out / "model",
             extra={
+                "kind": "model",
+                "format": "lota",
+                "format_version": 1,
                 "base_fingerprint": base_fp,
                 "method": cfg.method,
                 "delta": "../delta.safetensors",
@@ -231,33 +352,38 @@ def adapt(cfg: AdaptConfig) -> dict:
     info.update(
         final_loss=losses[-1] if losses else None, seconds=round(time.perf_counter() - t_start, 2)
     )
-    write_json(out / "summary.json", info)
+    write_json(
+        out / "summary.json", {"format": "lota", "kind": "summary", "format_version": 1, **info}
+    )
+    ckpt.clear()
     return info
 
 
-def _dense_run(cfg, model, targets, w0, stream, steps, log) -> SparseDelta:
+def _dense_run(run: _Run, steps: int) -> SparseDelta:
+    cfg, model, targets = run.cfg, run.model, run.targets
     if cfg.method == "fft":
         weights = named_weights(model)
         for p in model.parameters():
             p.requires_grad_(False)
-        params = [weights[n].requires_grad_(True) for n in targets]
-        train(model, params, stream, cfg.settings(cfg.lr, steps), "train", log, cfg.progress)
-        for p in params:
+        params = {n: weights[n].requires_grad_(True) for n in targets}
+        run.phase("train", params, cfg.lr, steps)
+        for p in params.values():
             p.requires_grad_(False)
     else:
-        model = _train_lora(cfg, model, targets, stream, steps, log)
+        model = _train_lora(run, steps)
     full = Ticket(
         shapes=targets,
         indices={n: torch.arange(selection.math.prod(s)) for n, s in targets.items()},
     )
-    return delta_from_weights(full, w0, named_weights(model))
+    return delta_from_weights(full, run.w0, named_weights(model))
 
 
-def _train_lora(cfg, model, targets, stream, steps, log):
+def _train_lora(run: _Run, steps: int):
     from peft import LoraConfig, get_peft_model
 
-    modules = sorted({n.rsplit(".", 1)[0] for n in targets if n.endswith(".weight")})
-    if len(modules) != len(targets):
+    cfg = run.cfg
+    modules = sorted({n.rsplit(".", 1)[0] for n in run.targets if n.endswith(".weight")})
+    if len(modules) != len(run.targets):
         raise InputError(
             "LoRA needs targets that are weights of linear layers",
             "--targets",
@@ -270,9 +396,9 @@ def _train_lora(cfg, model, targets, stream, steps, log):
         lora_dropout=0.0,
         bias="none",
     )
-    peft_model = get_peft_model(model, lcfg)
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    train(peft_model, params, stream, cfg.settings(cfg.lr, steps), "train", log, cfg.progress)
+    peft_model = get_peft_model(run.model, lcfg)
+    params = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
+    run.phase("train", params, cfg.lr, steps, model=peft_model)
     merged = peft_model.merge_and_unload()
     for p in merged.parameters():
         p.requires_grad_(False)
@@ -280,33 +406,28 @@ def _train_lora(cfg, model, targets, stream, steps, log):
 
 
 def _sparse_run(
-    cfg, model, targets, w0, stream, steps, log, k, protected, given, info
+    run: _Run, steps: int, k: int, protected: Ticket | None, given: list[Ticket], info: dict
 ) -> SparseDelta:
-    weights = named_weights(model)
+    cfg, model, targets, w0 = run.cfg, run.model, run.targets, run.w0
     flip = protected is not None and cfg.protect_mode == "flip"
-    if given:
-        ticket = given[0]
+    if run.resumed_phase == "train":
+        ticket = run.state["ticket"]  # extracted before the interruption
+    elif given:
         ticket = Ticket(
             shapes=targets,
-            indices={n: ticket.indices.get(n, torch.zeros(0, dtype=torch.long)) for n in targets},
+            indices={n: given[0].indices.get(n, torch.zeros(0, dtype=torch.long)) for n in targets},
         )
     elif flip:
         ticket = protected.complement()
     elif cfg.method == "random":
         ticket = selection.select("random", targets, k, exclude=protected, seed=cfg.seed)
     else:
-        ticket = _calibrate_and_select(cfg, model, targets, w0, stream, log, k, protected, info)
+        ticket = _calibrate_and_select(run, k, protected, info)
+    if run.resumed_phase != "train":
+        run.ckpt.save_ticket(ticket)
     info["ticket_nnz"] = ticket.nnz
     prepare(model, ticket)
-    train(
-        model,
-        trainable_parameters(model),
-        stream,
-        cfg.settings(cfg.lr, steps),
-        "train",
-        log,
-        cfg.progress,
-    )
+    run.phase("train", delta_parameters(model), cfg.lr, steps)
     delta = extract_delta(model)
     unprepare(model)
     if flip:
@@ -316,29 +437,23 @@ def _sparse_run(
             "magnitude", targets, k, delta_fn=trained.__getitem__, exclude=protected
         )
         delta = delta_from_weights(own, w0, named_weights(model))
+        weights = named_weights(model)
         with torch.no_grad():
             for n in targets:
                 weights[n].copy_(w0[n])
-        apply_delta_(named_weights(model), delta)
+        apply_delta_(weights, delta)
     info["frozen_verified"] = _verify_frozen(named_weights(model), w0, delta.ticket, protected)
     return delta
 
 
-def _calibrate_and_select(cfg, model, targets, w0, stream, log, k, protected, info) -> Ticket:
-    weights = named_weights(model)
-    for p in model.parameters():
+def _calibrate_and_select(run: _Run, k: int, protected: Ticket | None, info: dict) -> Ticket:
+    cfg, targets, w0 = run.cfg, run.targets, run.w0
+    weights = named_weights(run.model)
+    for p in run.model.parameters():
         p.requires_grad_(False)
-    params = [weights[n].requires_grad_(True) for n in targets]
+    params = {n: weights[n].requires_grad_(True) for n in targets}
     lr = cfg.calibration_lr if cfg.calibration_lr is not None else cfg.lr
-    train(
-        model,
-        params,
-        stream,
-        cfg.settings(lr, cfg.calibration_steps),
-        "calibration",
-        log,
-        cfg.progress,
-    )
+    run.phase("calibration", params, lr, cfg.calibration_steps)
     selector = "bottomk" if cfg.method == "bottomk" else "magnitude"
     with torch.no_grad():
         ticket = selection.select(
@@ -349,7 +464,7 @@ def _calibrate_and_select(cfg, model, targets, w0, stream, log, k, protected, in
             exclude=protected,
             seed=cfg.seed,
         )
-        for n, p in zip(targets, params):
+        for n, p in params.items():
             p.requires_grad_(False)
             p.copy_(w0[n])  # reset: the sparse phase starts from the original weights
     info["calibration_steps"] = cfg.calibration_steps

@@ -90,6 +90,20 @@ def _add_adapt(sub):
     p.add_argument(
         "--save-model", action="store_true", help="also write a loadable model folder to OUT/model"
     )
+    p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=100,
+        help="steps between checkpoints (default 100; phase ends always checkpoint)",
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="continue an interrupted run (also automatic)"
+    )
+    p.add_argument(
+        "--restart",
+        action="store_true",
+        help="discard an interrupted run's checkpoint and start over",
+    )
     p.add_argument("--force", action="store_true", help="write into an existing, non-empty --out")
     p.set_defaults(run=_run_adapt)
 
@@ -125,6 +139,9 @@ def _run_adapt(a):
         values_dtype=a.values_dtype,
         save_model=a.save_model,
         force=a.force,
+        checkpoint_every=a.checkpoint_every,
+        resume=a.resume,
+        restart=a.restart,
         progress=not a.quiet,
     )
     info = adapt(cfg)

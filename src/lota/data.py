@@ -165,14 +165,21 @@ def collate(batch: list[Tokenized], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def batches(
-    data: list[Tokenized], batch_size: int, seed: int, pad_id: int
+    data: list[Tokenized], batch_size: int, seed: int, pad_id: int, skip: int = 0
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Endless shuffled epochs of padded batches; the order depends only on ``seed``."""
+    """Endless shuffled epochs of padded batches; the order depends only on ``seed``.
+
+    ``skip`` batches are passed over first (without building them), so a resumed run sees exactly
+    the batches an uninterrupted run would have seen next.
+    """
     rng = random.Random(seed)
     while True:
         order = list(range(len(data)))
         rng.shuffle(order)
         for i in range(0, len(order), batch_size):
+            if skip:
+                skip -= 1
+                continue
             chunk = order[i : i + batch_size]
             if len(chunk) < batch_size and len(order) >= batch_size:
                 chunk = chunk + order[: batch_size - len(chunk)]

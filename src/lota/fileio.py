@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -32,7 +33,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual mode
         _fsync(tmp_path)
+        fault(f"save:{path.name}")
         os.replace(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
@@ -51,9 +54,11 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    fault(f"save:{path.name}")
     old = None
     if path.exists():
         old = path.with_name(f".{path.name}.old")
@@ -62,6 +67,16 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     os.replace(tmp, path)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def fault(point: str) -> None:
+    """Test hook: ``LOTA_FAULT=point`` kills the process with SIGKILL when ``point`` is reached.
+
+    Points are ``calibration:N`` / ``train:N`` (after step N), ``save:NAME`` (a file or folder
+    fully written under its temporary name, not yet renamed) and ``checkpoint-save``.
+    """
+    if os.environ.get("LOTA_FAULT") == point:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -82,6 +97,20 @@ def _ensure_dir(folder: Path) -> None:
             str(folder),
             "choose a writable output location",
         ) from None
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Delete temporary files and folders a killed lota process left behind in ``folder``."""
+    for p in Path(folder).glob(".*.tmp"):
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    for p in Path(folder).glob(".*.old"):
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def _fsync(path: Path) -> None:

@@ -76,7 +76,10 @@ def decode_indices(encoding: str, data: torch.Tensor | None, numel: int, nnz: in
     if encoding == "gaps":
         if data.dim() != 1 or data.numel() != nnz or data.dtype not in [d for d, _ in _GAP_DTYPES]:
             raise ValueError("gap list has the wrong size or type")
-        idx = torch.cumsum(data.to(torch.long) + 1, 0) - 1
+        gaps = data.to(torch.long)
+        if gaps.numel() and (int(gaps.min()) < 0 or int(gaps.max()) >= numel):
+            raise ValueError("gap list has a negative or oversized gap")
+        idx = torch.cumsum(gaps + 1, 0) - 1
         if idx.numel() and int(idx[-1]) >= numel:
             raise ValueError("gap list points past the end of the tensor")
         return idx
@@ -173,6 +176,10 @@ def read_header(path: str | os.PathLike) -> tuple[dict, dict]:
         raise FormatError(
             "format_version is missing or not a number", str(path), "recreate the file"
         ) from None
+    if version < 1:
+        raise FormatError(
+            f"format version {version} does not exist", str(path), "recreate the file"
+        )
     if version > FORMAT_VERSION:
         raise FormatError(
             f"format version {version} is newer than this lota reads ({FORMAT_VERSION})",

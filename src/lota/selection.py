@@ -35,7 +35,7 @@ def parse_sparsity(value: str | float) -> Fraction:
     """Sparsity as an exact fraction in [0, 1); ``"0.9"`` is exactly 9/10."""
     try:
         frac = Fraction(Decimal(str(value)))
-    except (InvalidOperation, ValueError):
+    except (InvalidOperation, ValueError, OverflowError):
         raise InputError(
             f"sparsity '{value}' is not a number",
             "--sparsity",

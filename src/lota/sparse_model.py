@@ -131,6 +131,11 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p.delta for _, _, _, p in _parametrized(model)]
 
 
+def delta_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """``{tensor name: its trainable delta}`` for a prepared model."""
+    return {name: p.delta for name, _, _, p in _parametrized(model)}
+
+
 @torch.no_grad()
 def extract_delta(model: nn.Module, base_fingerprint: str = "") -> SparseDelta:
     """The sparse task vector trained so far (exact ``delta`` values, not a difference of weights)."""

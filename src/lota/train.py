@@ -11,7 +11,7 @@ import math
 import resource
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +19,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .checkpoint import load_optimizer_state
 from .errors import InputError, TrainingError
+from .fileio import fault, write_text
 
 OPTIMIZERS = ("adamw", "rmsprop", "sgd")
 
@@ -60,11 +62,23 @@ def peak_rss_mb() -> float:
 
 
 class MetricsLog:
-    """Appends one JSON object per line; ``None`` path keeps records in memory only."""
+    """Appends one JSON object per line; ``None`` path keeps records in memory only.
 
-    def __init__(self, path: str | Path | None):
+    ``keep`` lines of an existing file are kept (a resumed run continues the log of its
+    checkpoint); anything after them, logged after that checkpoint, is dropped.
+    """
+
+    def __init__(self, path: str | Path | None, keep: int = 0):
         self.path = Path(path) if path else None
         self.records: list[dict] = []
+        if self.path is not None:
+            lines = (
+                self.path.read_text(encoding="utf-8").splitlines()[:keep]
+                if keep and self.path.exists()
+                else []
+            )
+            self.records = [json.loads(x) for x in lines]
+            write_text(self.path, "".join(x + "\n" for x in lines))
 
     def write(self, record: dict) -> None:
         self.records.append(record)
@@ -81,46 +95,56 @@ def train(
     phase: str,
     log: MetricsLog,
     show_progress: bool = True,
+    start_step: int = 0,
+    optimizer_state: dict | None = None,
+    on_step: Callable[[int, torch.optim.Optimizer], None] | None = None,
 ) -> list[float]:
-    """Run ``s.steps`` optimizer steps on ``params``; returns the loss of each step."""
+    """Run optimizer steps ``start_step + 1 .. s.steps`` on ``params``; returns their losses.
+
+    ``optimizer_state`` (from a checkpoint) is restored first; ``on_step(step, optimizer)`` runs
+    after every step, which is where checkpoints are written.
+    """
     if not params:
         raise InputError(
             "nothing to train: no trainable parameters", fix="check --targets and the ticket"
         )
     opt = make_optimizer(params, s)
+    if optimizer_state:
+        load_optimizer_state(opt, optimizer_state)
     model.train()
     losses = []
     bar = tqdm(
-        range(s.steps),
+        range(start_step, s.steps),
         desc=phase,
         unit="step",
         disable=not show_progress,
         leave=False,
         file=sys.stderr,
+        initial=start_step,
+        total=s.steps,
     )
     start = time.perf_counter()
     tokens = 0
     for step in bar:
         batch = next(data)
         try:
-            out = model(**batch)
-            loss = out.loss
+            loss = model(**batch).loss
             if not torch.isfinite(loss):
                 raise TrainingError(
                     f"the loss became {loss.item()} at step {step + 1} of {phase}",
-                    fix="lower --lr (or --calibration-lr) or enable gradient clipping",
+                    fix="lower --lr (or --calibration-lr) or enable gradient clipping; "
+                    "the last checkpoint is kept",
                 )
             loss.backward()
             if s.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
             opt.step()
             opt.zero_grad(set_to_none=True)
-        except torch.OutOfMemoryError:
+        except (torch.OutOfMemoryError, MemoryError):
             raise TrainingError(
                 f"out of memory at step {step + 1} of {phase}",
-                fix="lower --batch-size or --max-length",
+                fix="lower --batch-size or --max-length (or use a smaller --dtype)",
             ) from None
-        n_tok = int((batch["labels"] != -100).sum())
         tokens += int(batch["attention_mask"].sum())
         elapsed = time.perf_counter() - start
         losses.append(loss.item())
@@ -131,12 +155,15 @@ def train(
                 "step": step + 1,
                 "loss": losses[-1],
                 "lr": s.lr,
-                "completion_tokens": n_tok,
+                "completion_tokens": int((batch["labels"] != -100).sum()),
                 "tokens_per_s": tokens / elapsed if elapsed > 0 else math.nan,
                 "peak_rss_mb": round(peak_rss_mb(), 1),
                 "elapsed_s": round(elapsed, 3),
             }
         )
+        if on_step is not None:
+            on_step(step + 1, opt)
+        fault(f"{phase}:{step + 1}")
     bar.close()
     model.eval()
     return losses
