@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from . import format as fmt
 from .errors import FormatError
-from .fileio import atomic_path, fault
+from .fileio import atomic_path, fault, tensor_digest
 from .ticket import Ticket
 
 DIRNAME = ".lota-checkpoint"
@@ -89,6 +89,8 @@ class Checkpointer:
                     else:
                         scalars[f"{i}/{key}"] = value
         tensors["rng/torch"] = torch.get_rng_state()
+        scalars_json = json.dumps(scalars)
+        checksums = json.dumps({k: tensor_digest(t) for k, t in tensors.items()})
         meta = {
             "format": "lota",
             "kind": "checkpoint",
@@ -115,6 +117,11 @@ class Checkpointer:
             with safe_open(str(self.state_path), framework="pt") as f:
                 meta = f.metadata() or {}
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
+            sums = json.loads(meta["checksums"])
+            if set(sums) != set(tensors) or any(
+                tensor_digest(t) != sums[k] for k, t in tensors.items()
+            ):
+                raise ValueError("checksums do not match")
             state = {
                 "phase": meta["phase"],
                 "step": int(meta["step"]),

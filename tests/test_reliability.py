@@ -1,0 +1,344 @@
+"""Reliability guarantees: the reader survives hostile files, nothing is unpickled, faults during a
+run end with one clear line and leave no partial output."""
+
+from __future__ import annotations
+
+import errno
+import pickle
+import random
+
+import pytest
+import torch
+
+from lota import format as fmt
+from lota.cli import main
+from lota.errors import LotaError
+from lota.selection import select
+
+from .test_cli import ADAPT, assert_refused, lota
+
+
+def _sample_files(tmp_path):
+    shapes = {"a": (40, 30), "b": (7,), "c": (300, 300)}
+    t = select("random", shapes, 600, seed=1)
+    t.base_fingerprint = "blake2b:" + "0" * 32
+    d = fmt.SparseDelta(t, {n: torch.randn(i.numel()) for n, i in t.items()})
+    paths = [tmp_path / "t.safetensors", tmp_path / "d.safetensors"]
+    fmt.save(t, paths[0])
+    fmt.save(d, paths[1], values_dtype="bfloat16")
+    return [p.read_bytes() for p in paths]
+
+
+def _mutate(data: bytes, rng: random.Random) -> bytes:
+    b = bytearray(data)
+    kind = rng.randrange(6)
+    if kind == 0:  # flip bits
+        for _ in range(rng.randint(1, 8)):
+            i = rng.randrange(len(b))
+            b[i] ^= 1 << rng.randrange(8)
+    elif kind == 1:  # truncate
+        b = b[: rng.randrange(len(b))]
+    elif kind == 2:  # overwrite a run with random bytes
+        i = rng.randrange(len(b))
+        b[i : i + rng.randint(1, 64)] = rng.randbytes(rng.randint(1, 64))
+    elif kind == 3:  # insert bytes
+        i = rng.randrange(len(b))
+        b[i:i] = rng.randbytes(rng.randint(1, 16))
+    elif kind == 4:  # corrupt the JSON header region (the first few hundred bytes)
+        for _ in range(rng.randint(1, 4)):
+            i = rng.randrange(8, min(len(b), 2000))
+            b[i] = rng.choice(b'{}[]",:0123456789-eE.  abcnulltrue')
+    else:  # change the declared header length
+        n = int.from_bytes(b[:8], "little") + rng.randint(-50, 50)
+        b[:8] = max(0, n).to_bytes(8, "little")
+    return bytes(b)
+
+
+def test_fuzzed_files_only_raise_lota_errors(tmp_path):
+    """10,000 mutated tickets and deltas: the reader either loads them or raises a LotaError."""
+    originals = _sample_files(tmp_path)
+    rng = random.Random(12345)
+    path = tmp_path / "fuzz.safetensors"
+    outcomes = {"refused": 0, "loaded": 0}
+    for i in range(10_000):
+        path.write_bytes(_mutate(originals[i % 2], rng))
+        try:
+            obj = fmt.load(path)
+        except LotaError as e:
+            assert str(path) in e.line()
+            outcomes["refused"] += 1
+        else:
+            outcomes["loaded"] += 1
+            for idx in obj.indices.values():  # whatever loads is internally consistent
+                assert idx.numel() == 0 or bool((idx[1:] > idx[:-1]).all())
+    assert outcomes["refused"] > 9_000
+
+
+def test_no_command_unpickles(workdir, capsys, monkeypatch, tmp_path):
+    def refuse(*a, **k):
+        raise AssertionError("lota unpickled something")
+
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    out = tmp_path / "run"
+    assert (
+        main(
+            [
+                "adapt",
+                str(workdir / "base"),
+                "--data",
+                str(workdir / "a.jsonl"),
+                "--out",
+                str(out),
+                "--save-model",
+                *ADAPT,
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "mask",
+                str(workdir / "base"),
+                str(out / "model"),
+                "--out",
+                str(tmp_path / "t.safetensors"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "delta",
+                str(workdir / "base"),
+                str(out / "model"),
+                "--ticket",
+                str(tmp_path / "t.safetensors"),
+                "--out",
+                str(tmp_path / "d.safetensors"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "apply",
+                str(workdir / "base"),
+                str(tmp_path / "d.safetensors"),
+                "--out",
+                str(tmp_path / "m"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "eval",
+                str(tmp_path / "m"),
+                "--data",
+                str(workdir / "a.jsonl"),
+                "--limit",
+                "2",
+                "--max-new-tokens",
+                "2",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    assert main(["inspect", str(tmp_path / "d.safetensors")]) == 0
+    capsys.readouterr()
+
+
+def test_disk_full_leaves_no_partial_output(workdir, capsys, monkeypatch, tmp_path):
+    target = tmp_path / "t.safetensors"
+    assert (
+        main(
+            ["mask", str(workdir / "base"), str(workdir / "base"), "--out", str(target), "--quiet"]
+        )
+        == 0
+    )
+    before = target.read_bytes()
+    capsys.readouterr()
+
+    def full(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"\0" * 100)  # a partial write, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device", filename)
+
+    monkeypatch.setattr(fmt, "save_file", full)
+    code, out, err = lota(
+        capsys, "mask", workdir / "base", workdir / "base", "--out", target, "--quiet"
+    )
+    assert_refused(code, out, err, "No space left", exit_code=1)
+    assert target.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["t.safetensors"]
+
+
+def test_non_finite_loss_stops_and_keeps_checkpoint(workdir, capsys, tmp_path):
+    out = tmp_path / "diverge"
+    args = [a for a in ADAPT if a not in ("--lr", "1e-2")]
+    code, o, err = lota(
+        capsys,
+        "adapt",
+        workdir / "base",
+        "--data",
+        workdir / "a.jsonl",
+        "--out",
+        out,
+        "--lr",
+        "1e30",
+        "--max-grad-norm",
+        "0",
+        "--steps",
+        "20",
+        "--calibration-steps",
+        "1",
+        "--optimizer",
+        "sgd",
+        *args[4:],
+    )
+    assert_refused(code, o, err, "loss became", "--lr", exit_code=1)
+    assert (out / ".lota-checkpoint" / "state.safetensors").exists()
+    assert not (out / "delta.safetensors").exists()
+
+
+def test_out_of_memory_names_the_setting_to_lower(workdir, capsys, monkeypatch, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    def oom(self, *a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(LlamaForCausalLM, "forward", oom)
+    code, o, err = lota(
+        capsys,
+        "adapt",
+        workdir / "base",
+        "--data",
+        workdir / "a.jsonl",
+        "--out",
+        tmp_path / "o",
+        *ADAPT,
+    )
+    assert_refused(code, o, err, "out of memory", "--batch-size", exit_code=1)
+    assert not (tmp_path / "o" / "delta.safetensors").exists()
+
+
+def test_unreadable_data_and_files(workdir, capsys, monkeypatch, tmp_path):
+    from pathlib import Path
+
+    real = Path.read_text
+
+    def denied(self, *a, **k):
+        if self.name == "secret.jsonl":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, *a, **k)
+
+    (tmp_path / "secret.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
+    monkeypatch.setattr(Path, "read_text", denied)
+    assert_refused(
+        *lota(
+            capsys,
+            "adapt",
+            workdir / "base",
+            "--data",
+            tmp_path / "secret.jsonl",
+            "--out",
+            tmp_path / "o",
+            *ADAPT,
+        ),
+        "permission denied",
+        "secret.jsonl",
+    )
+    assert not (tmp_path / "o").exists()
+
+
+def test_non_utf8_data(workdir, capsys, tmp_path):
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes(b'{"prompt": "caf\xe9", "completion": "x"}\n')
+    assert_refused(*lota(capsys, "eval", workdir / "base", "--data", bad), "UTF-8")
+
+
+@pytest.mark.parametrize(
+    "flag,value", [("--max-new-tokens", "0"), ("--limit", "0"), ("--batch-size", "0")]
+)
+def test_eval_out_of_range(workdir, capsys, flag, value):
+    assert_refused(
+        *lota(capsys, "eval", workdir / "base", "--data", workdir / "a.jsonl", flag, value), flag
+    )
+
+
+def test_mask_of_different_architectures(workdir, capsys, tmp_path):
+    assert_refused(
+        *lota(
+            capsys,
+            "mask",
+            workdir / "base",
+            workdir / "other_arch",
+            "--out",
+            tmp_path / "t.safetensors",
+        ),
+        "differ",
+    )
+    assert not (tmp_path / "t.safetensors").exists()
+
+
+def test_apply_a_ticket_is_refused(workdir, capsys, tmp_path):
+    t = tmp_path / "t.safetensors"
+    assert (
+        main(["mask", str(workdir / "base"), str(workdir / "base"), "--out", str(t), "--quiet"])
+        == 0
+    )
+    capsys.readouterr()
+    assert_refused(*lota(capsys, "apply", workdir / "base", t, "--out", tmp_path / "m"), "ticket")
+    assert not (tmp_path / "m").exists()
+
+
+def test_mask_is_deterministic(workdir, tmp_path):
+    from lota.toy import save_toy_model
+    from lota.vectors import make_ticket
+
+    save_toy_model(tmp_path / "tuned", seed=5, hidden=32, layers=2, heads=2)
+    a = make_ticket(str(workdir / "base"), str(tmp_path / "tuned"), "0.9", show_progress=False)
+    b = make_ticket(str(workdir / "base"), str(tmp_path / "tuned"), "0.9", show_progress=False)
+    assert a.nnz == b.nnz and all(torch.equal(a.indices[n], b.indices[n]) for n in a.names)
+
+
+def test_corrupt_checkpoint_is_refused(workdir, capsys, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    args = [
+        sys.executable,
+        "-m",
+        "lota.cli",
+        "adapt",
+        str(workdir / "base"),
+        "--data",
+        str(workdir / "a.jsonl"),
+        "--out",
+        str(out),
+        *ADAPT,
+        "--checkpoint-every",
+        "1",
+    ]
+    r = subprocess.run(
+        args, env={**os.environ, "LOTA_FAULT": "train:1"}, capture_output=True, timeout=300
+    )
+    assert r.returncode == -signal.SIGKILL
+    state = out / ".lota-checkpoint" / "state.safetensors"
+    data = bytearray(state.read_bytes())
+    data[-5] ^= 0xFF
+    state.write_bytes(bytes(data))
+    r = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "checkpoint" in r.stderr and "Traceback" not in r.stderr
