@@ -297,7 +297,14 @@ def adapt(cfg: AdaptConfig) -> dict:
             "raise --sparsity or protect fewer tickets",
         )
     steps = steps_for(len(data), cfg.batch_size, cfg.steps, cfg.epochs)
+    ckpt.base_fingerprint = base_fp
     state = ckpt.load() if resuming else None
+    if state is not None and state["base_fingerprint"] != base_fp:
+        raise InputError(
+            "the model changed since the interrupted run started (its fingerprint differs)",
+            cfg.model,
+            "restore the original model, or pass --restart to start over",
+        )
     if not resuming:
         ckpt.clear()
 

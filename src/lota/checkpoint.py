@@ -43,6 +43,7 @@ class Checkpointer:
         self.dir = Path(out) / DIRNAME
         self.hash = config_hash(config)
         self.every = every
+        self.base_fingerprint = ""
 
     @property
     def state_path(self) -> Path:
@@ -96,11 +97,13 @@ class Checkpointer:
             "kind": "checkpoint",
             "format_version": str(VERSION),
             "config_hash": self.hash,
+            "base_fingerprint": self.base_fingerprint,
             "phase": phase,
             "step": str(step),
             "batches": str(batches),
             "metric_lines": str(metric_lines),
-            "optimizer_scalars": json.dumps(scalars),
+            "optimizer_scalars": scalars_json,
+            "checksums": checksums,
         }
         self.dir.mkdir(parents=True, exist_ok=True)
         with atomic_path(self.state_path) as tmp:
@@ -123,6 +126,7 @@ class Checkpointer:
             ):
                 raise ValueError("checksums do not match")
             state = {
+                "base_fingerprint": meta["base_fingerprint"],
                 "phase": meta["phase"],
                 "step": int(meta["step"]),
                 "batches": int(meta["batches"]),
