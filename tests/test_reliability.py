@@ -342,3 +342,130 @@ def test_corrupt_checkpoint_is_refused(workdir, capsys, tmp_path):
     state.write_bytes(bytes(data))
     r = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "checkpoint" in r.stderr and "Traceback" not in r.stderr
+
+
+# ---------------------------------------------------------------------------- the matrix, per command
+def _commands(workdir, tmp_path, missing):
+    d = workdir / "cli_a" / "delta.safetensors"
+    base = workdir / "base"
+    return {
+        "adapt-model": [
+            "adapt",
+            missing,
+            "--data",
+            workdir / "a.jsonl",
+            "--out",
+            tmp_path / "o",
+            *ADAPT,
+        ],
+        "adapt-data": ["adapt", base, "--data", missing, "--out", tmp_path / "o", *ADAPT],
+        "adapt-protect": [
+            "adapt",
+            base,
+            "--data",
+            workdir / "a.jsonl",
+            "--out",
+            tmp_path / "o",
+            "--protect",
+            missing,
+            *ADAPT,
+        ],
+        "adapt-ticket": [
+            "adapt",
+            base,
+            "--data",
+            workdir / "a.jsonl",
+            "--out",
+            tmp_path / "o",
+            "--ticket",
+            missing,
+            *ADAPT,
+        ],
+        "mask-base": ["mask", missing, base, "--out", tmp_path / "o"],
+        "mask-tuned": ["mask", base, missing, "--out", tmp_path / "o"],
+        "delta-ticket": ["delta", base, base, "--ticket", missing, "--out", tmp_path / "o"],
+        "apply-base": ["apply", missing, d, "--out", tmp_path / "o"],
+        "apply-delta": ["apply", base, missing, "--out", tmp_path / "o"],
+        "eval-model": ["eval", missing, "--data", workdir / "a.jsonl"],
+        "eval-data": ["eval", base, "--data", missing],
+        "inspect": ["inspect", missing],
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "adapt-model",
+        "adapt-data",
+        "adapt-protect",
+        "adapt-ticket",
+        "mask-base",
+        "mask-tuned",
+        "delta-ticket",
+        "apply-base",
+        "apply-delta",
+        "eval-model",
+        "eval-data",
+        "inspect",
+    ],
+)
+def test_missing_path_every_command(workdir, capsys, tmp_path, case):
+    missing = tmp_path / "does-not-exist"
+    if not (workdir / "cli_a" / "delta.safetensors").exists():
+        assert (
+            main(
+                [
+                    "adapt",
+                    str(workdir / "base"),
+                    "--data",
+                    str(workdir / "a.jsonl"),
+                    "--out",
+                    str(workdir / "cli_a"),
+                    "--save-model",
+                    *ADAPT,
+                ]
+            )
+            == 0
+        )
+        capsys.readouterr()
+    assert_refused(*lota(capsys, *_commands(workdir, tmp_path, missing)[case]), "does-not-exist")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("command", ["adapt", "delta", "apply"])
+def test_disk_full_every_writing_command(workdir, capsys, monkeypatch, tmp_path, command):
+    from transformers import PreTrainedModel
+
+    from lota.models import load_model, resolve_targets
+
+    t = select("random", resolve_targets(load_model(str(workdir / "base"))), 10, seed=0)
+    sample = tmp_path / "sample.safetensors"
+    fmt.save(fmt.SparseDelta(t, {n: torch.ones(i.numel()) for n, i in t.items()}), sample)
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(fmt, "save_file", full)
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", full)
+    src = workdir / "base"
+    args = {
+        "adapt": ["adapt", src, "--data", workdir / "a.jsonl", "--out", tmp_path / "o", *ADAPT],
+        "delta": [
+            "delta",
+            src,
+            src,
+            "--sparsity",
+            "0.9",
+            "--out",
+            tmp_path / "o.safetensors",
+            "--quiet",
+        ],
+        "apply": ["apply", src, sample, "--out", tmp_path / "o", "--allow-mismatch"],
+    }[command]
+    assert_refused(*lota(capsys, *args), "No space left", exit_code=1)
+    assert not (tmp_path / "o.safetensors").exists()
+    assert (
+        not (tmp_path / "o" / "delta.safetensors").exists()
+        and not (tmp_path / "o" / "model").exists()
+    )
+    assert [p.name for p in tmp_path.rglob(".*.tmp")] == []
