@@ -74,6 +74,7 @@ def reference(workdir):
     "point",
     [
         "calibration:1",
+        "extraction",
         "train:1",
         "train:3",
         "checkpoint-save",

@@ -471,6 +471,7 @@ def _calibrate_and_select(run: _Run, k: int, protected: Ticket | None, info: dic
             exclude=protected,
             seed=cfg.seed,
         )
+        fault("extraction")
         for n, p in params.items():
             p.requires_grad_(False)
             p.copy_(w0[n])  # reset: the sparse phase starts from the original weights
