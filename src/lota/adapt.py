@@ -25,6 +25,7 @@ from .delta import SparseDelta, apply_delta_, delta_from_weights
 from .errors import InputError, LotaError
 from .fileio import fault, remove_stale_temporaries, write_json, write_text
 from .models import (
+    WeightReader,
     load_model,
     load_tokenizer,
     model_fingerprint,
@@ -187,7 +188,7 @@ class _Run:
     cfg: AdaptConfig
     model: torch.nn.Module
     targets: dict[str, tuple[int, ...]]
-    w0: dict[str, torch.Tensor]
+    w0: WeightReader  # the starting weights, read from disk one tensor at a time when needed
     log: MetricsLog
     ckpt: Checkpointer
     stream: object
@@ -310,8 +311,9 @@ def adapt(cfg: AdaptConfig) -> dict:
 
     out.mkdir(parents=True, exist_ok=True)
     log = MetricsLog(out / "metrics.jsonl", keep=state["metric_lines"] if state else 0)
-    weights = named_weights(model)
-    w0 = {n: weights[n].detach().clone() for n in targets}
+    # No in-memory copy of the starting weights: they are re-read from the model's files when needed,
+    # so the sparse phase holds one dense copy of the model and O(k) more.
+    w0 = WeightReader(cfg.model)
     torch.manual_seed(cfg.seed)
     served = [state["batches"] if state else 0]
     stream = _counted(
@@ -467,7 +469,7 @@ def _calibrate_and_select(run: _Run, k: int, protected: Ticket | None, info: dic
             selector,
             targets,
             k,
-            delta_fn=lambda n: weights[n].detach() - w0[n],
+            delta_fn=lambda n: weights[n].detach().float() - w0[n].float(),
             exclude=protected,
             seed=cfg.seed,
         )
@@ -482,9 +484,10 @@ def _calibrate_and_select(run: _Run, k: int, protected: Ticket | None, info: dic
 def _verify_frozen(weights, w0, ticket: Ticket, protected: Ticket | None) -> bool:
     """Every entry outside the ticket (and every protected entry) equals the start, bit for bit."""
     for n, idx in ticket.indices.items():
-        outside = torch.ones(w0[n].numel(), dtype=torch.bool)
+        now = weights[n].detach().reshape(-1)
+        start = w0[n].to(now.dtype).reshape(-1)
+        outside = torch.ones(now.numel(), dtype=torch.bool)
         outside[idx] = False
-        now, start = weights[n].detach().reshape(-1), w0[n].reshape(-1)
         if not _same_bits(now[outside], start[outside]):
             raise LotaError(
                 f"entries outside the ticket of '{n}' changed", fix="report this as a lota bug"

@@ -252,6 +252,8 @@ class WeightReader:
         with safe_open(str(self.where[name]), framework="pt") as h:
             return h.get_tensor(name)
 
+    __getitem__ = get
+
     def targets(self, pattern: str | None = None) -> dict[str, tuple[int, ...]]:
         return resolve_targets(self.skeleton, pattern)
 

@@ -46,7 +46,9 @@ class SparseDeltaParametrization(nn.Module):
         dtype: torch.dtype = torch.float32,
     ):
         super().__init__()
-        index = index.to(device=weight.device, dtype=torch.long)
+        # int32 positions where they fit: the index is a third of the sparse phase's own memory.
+        small = weight.numel() < 2**31
+        index = index.to(device=weight.device, dtype=torch.int32 if small else torch.long)
         self.register_buffer("index", index)
         self.register_buffer("base_values", weight.detach().reshape(-1)[index].clone())
         init = torch.zeros(index.numel(), dtype=dtype, device=weight.device)
@@ -142,7 +144,7 @@ def extract_delta(model: nn.Module, base_fingerprint: str = "") -> SparseDelta:
     shapes, indices, values = {}, {}, {}
     for name, module, attr, p in _parametrized(model):
         shapes[name] = tuple(module.parametrizations[attr].original.shape)
-        indices[name] = p.index.detach().cpu()
+        indices[name] = p.index.detach().cpu().long()
         values[name] = p.delta.detach().cpu().clone()
     ticket = Ticket(shapes=shapes, indices=indices, base_fingerprint=base_fingerprint)
     return SparseDelta(ticket=ticket, values=values)

@@ -55,6 +55,28 @@ def make_optimizer(params: list[nn.Parameter], s: TrainSettings) -> torch.optim.
     )
 
 
+def reset_peak_rss() -> bool:
+    """Restart the kernel's peak-RSS counter (Linux), so a phase's own peak can be read."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def current_peak_rss_mb() -> float:
+    """Peak resident memory since the last ``reset_peak_rss`` (or process start), in MiB."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return peak_rss_mb()
+
+
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far, in MiB."""
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -123,9 +145,11 @@ def train(
         initial=start_step,
         total=s.steps,
     )
+    reset_peak_rss()
     start = time.perf_counter()
     tokens = 0
     for step in bar:
+        t_step = time.perf_counter()
         batch = next(data)
         try:
             loss = model(**batch).loss
@@ -157,7 +181,9 @@ def train(
                 "lr": s.lr,
                 "completion_tokens": int((batch["labels"] != -100).sum()),
                 "tokens_per_s": tokens / elapsed if elapsed > 0 else math.nan,
+                "step_s": round(time.perf_counter() - t_step, 6),
                 "peak_rss_mb": round(peak_rss_mb(), 1),
+                "phase_peak_rss_mb": round(current_peak_rss_mb(), 1),
                 "elapsed_s": round(elapsed, 3),
             }
         )
