@@ -436,6 +436,12 @@ def _sparse_run(
         run.ckpt.save_ticket(ticket)
     info["ticket_nnz"] = ticket.nnz
     prepare(model, ticket)
+    # The prepared model holds the ticket now; dropping the other copies keeps the sparse phase at
+    # O(k) memory beyond the model (the int64 ticket would be a third of it).
+    del ticket
+    given.clear()
+    if run.state is not None:
+        run.state["ticket"] = None
     run.phase("train", delta_parameters(model), cfg.lr, steps)
     delta = extract_delta(model)
     unprepare(model)

@@ -80,13 +80,13 @@ class Checkpointer:
         batches: int,
         metric_lines: int,
     ) -> None:
-        tensors = {f"param/{n}": p.detach().contiguous().cpu().clone() for n, p in params.items()}
+        tensors = {f"param/{n}": p.detach().contiguous().cpu() for n, p in params.items()}
         scalars: dict = {}
         if optimizer is not None:
             for i, state in optimizer.state_dict()["state"].items():
                 for key, value in state.items():
                     if isinstance(value, torch.Tensor):
-                        tensors[f"opt/{i}/{key}"] = value.detach().contiguous().cpu().clone()
+                        tensors[f"opt/{i}/{key}"] = value.detach().contiguous().cpu()
                     else:
                         scalars[f"{i}/{key}"] = value
         tensors["rng/torch"] = torch.get_rng_state()
