@@ -35,7 +35,7 @@ from .models import (
 )
 from .sparse_model import delta_parameters, extract_delta, prepare, unprepare
 from .ticket import Ticket
-from .train import OPTIMIZERS, MetricsLog, TrainSettings, train
+from .train import OPTIMIZERS, MetricsLog, TrainSettings, limit_heap_growth, train
 
 METHODS = ("lota", "fft", "lora", "random", "bottomk")
 PROTECT_MODES = ("constrained", "flip")
@@ -442,6 +442,7 @@ def _sparse_run(
     given.clear()
     if run.state is not None:
         run.state["ticket"] = None
+    limit_heap_growth()
     run.phase("train", delta_parameters(model), cfg.lr, steps)
     delta = extract_delta(model)
     unprepare(model)

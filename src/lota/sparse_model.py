@@ -24,19 +24,23 @@ class _SparseTie(torch.autograd.Function):
     """Identity on the live weight whose gradient flows to the ticket's entries only."""
 
     @staticmethod
-    def forward(ctx, weight, delta, index):
-        ctx.save_for_backward(index)
+    def forward(ctx, weight, delta, owner):
+        ctx.owner = owner
         ctx.delta_dtype = delta.dtype
         return weight.view_as(weight)
 
     @staticmethod
     def backward(ctx, grad):
-        (index,) = ctx.saved_tensors
-        return None, grad.reshape(-1)[index].to(ctx.delta_dtype), None
+        return None, grad.reshape(-1)[ctx.owner.positions()].to(ctx.delta_dtype), None
 
 
 class SparseDeltaParametrization(nn.Module):
-    """Parametrization holding one tensor's ticket: ``index``, ``base_values`` and ``delta``."""
+    """Parametrization holding one tensor's ticket (its positions), ``base_values`` and ``delta``.
+
+    Positions of a 2-D weight are kept row-compressed, an int16 column per entry plus an int32
+    offset per row (2 bytes per entry instead of 8), and expanded to flat indices one tensor at a
+    time when needed. Other tensors keep int32 (or int64) flat positions.
+    """
 
     def __init__(
         self,
@@ -46,12 +50,24 @@ class SparseDeltaParametrization(nn.Module):
         dtype: torch.dtype = torch.float32,
     ):
         super().__init__()
-        # int32 positions where they fit: the index is a third of the sparse phase's own memory.
-        small = weight.numel() < 2**31
-        index = index.to(device=weight.device, dtype=torch.int32 if small else torch.long)
-        self.register_buffer("index", index)
-        self.register_buffer("base_values", weight.detach().reshape(-1)[index].clone())
-        init = torch.zeros(index.numel(), dtype=dtype, device=weight.device)
+        index = index.to(device=weight.device, dtype=torch.long)
+        self.shape = tuple(weight.shape)
+        if weight.dim() == 2 and weight.shape[1] <= 2**15:
+            rows, cols = index // weight.shape[1], index % weight.shape[1]
+            counts = torch.bincount(rows, minlength=weight.shape[0])
+            row_ptr = torch.zeros(weight.shape[0] + 1, dtype=torch.int32, device=weight.device)
+            row_ptr[1:] = torch.cumsum(counts, 0)
+            self.register_buffer("cols", cols.to(torch.int16))
+            self.register_buffer("row_ptr", row_ptr)
+            self.register_buffer("flat_index", None)
+        else:
+            small = weight.numel() < 2**31
+            self.register_buffer("cols", None)
+            self.register_buffer("row_ptr", None)
+            self.register_buffer("flat_index", index.to(torch.int32 if small else torch.long))
+        self.register_buffer("base_values", weight.detach().reshape(-1)[index])
+        del index
+        init = torch.zeros(self.base_values.numel(), dtype=dtype, device=weight.device)
         if values is not None:
             init.copy_(values.to(device=weight.device, dtype=dtype))
         self.delta = nn.Parameter(init)
@@ -61,17 +77,25 @@ class SparseDeltaParametrization(nn.Module):
         else:
             self._synced = (id(self.delta), self.delta._version)
 
+    def positions(self) -> torch.Tensor:
+        """Flat int64 indices of the ticket's entries, sorted."""
+        if self.flat_index is not None:
+            return self.flat_index.long()
+        counts = self.row_ptr[1:] - self.row_ptr[:-1]
+        rows = torch.repeat_interleave(torch.arange(self.shape[0], device=counts.device), counts)
+        return rows * self.shape[1] + self.cols.long()
+
     @torch.no_grad()
     def sync_(self, weight: torch.Tensor) -> None:
         """Write ``base_values + delta`` into the ticket entries of the live weight."""
-        if self.index.numel():
-            write_entries_(weight, self.index, self.base_values, self.delta.detach())
+        if self.delta.numel():
+            write_entries_(weight, self.positions(), self.base_values, self.delta.detach())
         self._synced = (id(self.delta), self.delta._version)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if self._synced != (id(self.delta), self.delta._version):
             self.sync_(weight)
-        return _SparseTie.apply(weight, self.delta, self.index)
+        return _SparseTie.apply(weight, self.delta, self)
 
 
 def _module_and_attr(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -144,7 +168,7 @@ def extract_delta(model: nn.Module, base_fingerprint: str = "") -> SparseDelta:
     shapes, indices, values = {}, {}, {}
     for name, module, attr, p in _parametrized(model):
         shapes[name] = tuple(module.parametrizations[attr].original.shape)
-        indices[name] = p.index.detach().cpu().long()
+        indices[name] = p.positions().detach().cpu()
         values[name] = p.delta.detach().cpu().clone()
     ticket = Ticket(shapes=shapes, indices=indices, base_fingerprint=base_fingerprint)
     return SparseDelta(ticket=ticket, values=values)

@@ -55,6 +55,23 @@ def make_optimizer(params: list[nn.Parameter], s: TrainSettings) -> torch.optim.
     )
 
 
+def limit_heap_growth(threshold: int = 1 << 20) -> bool:
+    """Serve allocations of ``threshold`` bytes and more from mmap and hand them back when freed.
+
+    The sparse phase allocates a transient dense gradient per weight, one layer at a time. glibc's
+    adaptive threshold would soon serve those from the heap, which then fragments and grows by
+    tens of MB per step; a fixed threshold keeps the process at its true working set, at the cost
+    of page faults on each such allocation. A no-op where glibc is not the allocator.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-3, threshold))  # -3 is M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
 def reset_peak_rss() -> bool:
     """Restart the kernel's peak-RSS counter (Linux), so a phase's own peak can be read."""
     try:
