@@ -469,3 +469,63 @@ def test_disk_full_every_writing_command(workdir, capsys, monkeypatch, tmp_path,
         and not (tmp_path / "o" / "model").exists()
     )
     assert [p.name for p in tmp_path.rglob(".*.tmp")] == []
+
+
+def test_hypothesis_fuzz_of_the_reader(tmp_path):
+    """Hypothesis-generated edits (up to 4 byte-level mutations each) of a ticket and a delta."""
+    hyp = pytest.importorskip("hypothesis")
+    from hypothesis import HealthCheck, settings
+    from hypothesis import strategies as st
+
+    originals = _sample_files(tmp_path)
+    path = tmp_path / "hyp.safetensors"
+    edit = st.tuples(
+        st.sampled_from(["flip", "cut", "put", "insert"]),
+        st.floats(0, 1),
+        st.binary(min_size=1, max_size=24),
+    )
+
+    @settings(
+        max_examples=10_000,
+        derandomize=True,
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
+    @hyp.given(which=st.integers(0, 1), edits=st.lists(edit, min_size=1, max_size=4))
+    def check(which, edits):
+        b = bytearray(originals[which])
+        for kind, where, payload in edits:
+            i = min(int(where * len(b)), max(len(b) - 1, 0))
+            if kind == "flip" and b:
+                b[i] ^= payload[0] or 1
+            elif kind == "cut":
+                del b[i:]
+            elif kind == "put":
+                b[i : i + len(payload)] = payload
+            else:
+                b[i:i] = payload
+        path.write_bytes(bytes(b))
+        try:
+            obj = fmt.load(path)
+        except LotaError as e:
+            assert str(path) in e.line()
+        else:
+            for idx in obj.indices.values():
+                assert idx.numel() == 0 or bool((idx[1:] > idx[:-1]).all())
+
+    check()
+
+
+@pytest.mark.parametrize(
+    "content,words",
+    [
+        ('{"prompt": "1+1=", "completion": "2"}\n{"prompt": "x"\n', [":2", "invalid JSON"]),
+        ("", ["no examples"]),
+        ('{"prompt": 3, "completion": "2"}\n', [":1", "prompt"]),
+    ],
+)
+def test_eval_malformed_data_names_the_line(workdir, capsys, tmp_path, content, words):
+    data = tmp_path / "bad.jsonl"
+    data.write_text(content)
+    assert_refused(*lota(capsys, "eval", workdir / "base", "--data", data), *words)
