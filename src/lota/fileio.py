@@ -129,26 +129,31 @@ def tensor_digest(t: torch.Tensor) -> str:
 
 
 def fingerprint(
-    named_tensors: Iterable[tuple[str, torch.Tensor | Callable[[], torch.Tensor]]],
+    named_tensors: Iterable[tuple[str, torch.Tensor | str | Callable[[], torch.Tensor]]],
 ) -> str:
-    """Fingerprint of a set of base weights: names, shapes and values, in name order.
+    """Fingerprint of a set of base weights: names, shapes and values.
 
-    The order of the input does not matter; the same weights always give the same string, in
-    whichever floating-point precision they were loaded (values are hashed widened to fp32).
+    Each tensor is hashed on its own (``weight_digest``) and the digests are combined in name
+    order, so tensors can be hashed in any order, as they stream past, or in parallel. The same
+    weights always give the same string, in whichever floating-point precision they were loaded
+    (values are hashed widened to fp32). An item may be a tensor, a callable that reads it, or
+    its ``weight_digest`` already computed.
     """
     h = hashlib.blake2b(digest_size=16)
     for name, t in sorted(named_tensors, key=lambda kv: kv[0]):
-        _update(h, name, t() if callable(t) else t)  # a callable reads one tensor lazily
+        digest = t if isinstance(t, str) else weight_digest(t() if callable(t) else t)
+        h.update(f"{name}|{digest}\n".encode())
     return "blake2b:" + h.hexdigest()
 
 
-def _update(h, name: str, t: torch.Tensor) -> None:
+def weight_digest(t: torch.Tensor) -> str:
+    """Digest of one weight's shape and values (fp16/bf16 widened to fp32 exactly)."""
     t = t.detach().cpu()
     if t.is_floating_point() and t.dtype != torch.float64:
-        # fp16 and bf16 widen to fp32 exactly: the same weights loaded in another precision keep
-        # their fingerprint, while any change of value changes it.
         t = t.float()
     t = t.contiguous()
-    h.update(f"{name}|{'float' if t.is_floating_point() else t.dtype}|{tuple(t.shape)}|".encode())
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{'float' if t.is_floating_point() else t.dtype}|{tuple(t.shape)}|".encode())
     if t.numel():
-        h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data)  # hashlib releases the GIL here
+    return h.hexdigest()

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .errors import InputError
-from .fileio import atomic_dir, fingerprint
+from .fileio import atomic_dir, fingerprint, weight_digest
 
 _DTYPES = {
     "auto": "auto",
@@ -239,6 +239,8 @@ class WeightReader:
                     "the weights are corrupted; re-save the model",
                 ) from None
         self.shapes = {n: tuple(p.shape) for n, p in named_weights(self.skeleton).items()}
+        self._digests: dict = {}  # name -> hex digest, or a future of one
+        self._pool = None
 
     def get(self, name: str) -> torch.Tensor:
         from safetensors import safe_open
@@ -250,12 +252,35 @@ class WeightReader:
                 "the weights do not match the config's architecture",
             )
         with safe_open(str(self.where[name]), framework="pt") as h:
-            return h.get_tensor(name)
+            t = h.get_tensor(name)
+        if self._pool is not None and name not in self._digests:
+            self._bound_pending()
+            self._digests[name] = self._pool.submit(weight_digest, t)
+        return t
 
     __getitem__ = get
+
+    def hash_while_reading(self) -> None:
+        """Hash each tensor the first time it is read, in a background thread, so that
+        ``fingerprint`` costs no extra pass over the files (hashing runs beside the caller's work)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lota-hash")
+
+    def _bound_pending(self, most: int = 4) -> None:
+        pending = [f for f in self._digests.values() if not isinstance(f, str) and not f.done()]
+        for f in pending[: max(0, len(pending) - most + 1)]:
+            f.result()  # tensors wait in the queue; keep only a few of them alive at once
 
     def targets(self, pattern: str | None = None) -> dict[str, tuple[int, ...]]:
         return resolve_targets(self.skeleton, pattern)
 
     def fingerprint(self) -> str:
-        return fingerprint([(n, lambda n=n: self.get(n)) for n in self.shapes])
+        items = []
+        for n in self.shapes:
+            d = self._digests.get(n)
+            if d is None:
+                items.append((n, lambda n=n: self.get(n)))
+            else:
+                items.append((n, d if isinstance(d, str) else d.result()))
+        return fingerprint(items)

@@ -5,10 +5,10 @@ tensors together (one global threshold), ties broken by the lower global positio
 position orders tensors by name, then entries by flat index, so the same scores always give the
 same ticket however they are read.
 
-The threshold is found by a two-pass radix select over order-preserving 32-bit keys of the float32
-scores (a 65,536-bin histogram of the high 16 bits, then of the low 16 bits inside the chosen bin)
-and a third pass collects the entries. Only one tensor's scores are held at a time, so selection
-needs memory for the largest tensor, not for the model: nothing is ever concatenated.
+The threshold is found by a radix select over order-preserving 32-bit keys of the float32 scores:
+a 65,536-bin histogram of the high 16 bits, then the low 16 bits of the entries in the chosen bin
+(see ``select_top_k``). Only one tensor's scores are held at a time, so selection needs memory for
+the largest tensor and the ticket itself, not for the model: nothing is ever concatenated.
 
 Registered selectors: ``magnitude`` (largest |Δ|, LoTA), ``bottomk`` (smallest |Δ|) and ``random``.
 ``k = floor((1 - sparsity) * numel)`` is computed in exact decimal arithmetic.
@@ -56,17 +56,29 @@ def ticket_size(sparsity: str | float | Fraction, numel: int) -> int:
     return math.floor((1 - frac) * numel)
 
 
-def _keys(scores: torch.Tensor, name: str) -> torch.Tensor:
-    """Map float scores to int64 keys in [0, 2^32) whose order is the scores' order."""
-    s = scores.detach().reshape(-1).to(torch.float32)
+def _keys(scores: torch.Tensor, name: str, nonnegative: bool) -> torch.Tensor:
+    """Integer keys in [0, 2^32) whose order is the scores' order.
+
+    Non-negative float32 scores order like their bit patterns, so their keys are the int32 bits
+    themselves (no copy); a negative or non-finite score shows up as a key at or above
+    0x7F800000 (checked from the histogram). Other scores are mapped to int64 keys.
+    """
+    s = scores.detach().reshape(-1)
+    if s.dtype != torch.float32:
+        s = s.to(torch.float32)
+    if nonnegative:  # (|x| and uniform draws are never -0.0, which would read as negative here)
+        return s.view(torch.int32)
     if not bool(torch.isfinite(s).all()):
         raise InputError(
             f"scores of tensor '{name}' hold NaN or inf",
             fix="the tuned weights are not finite; use a run that did not diverge",
         )
-    s = s + 0.0  # -0.0 -> +0.0 so that both zeros tie
-    bits = s.view(torch.int32).to(torch.int64)
+    bits = (s + 0.0).view(torch.int32).to(torch.int64)
     return torch.where(bits >= 0, bits + (1 << 31), (1 << 31) - 1 - (bits & 0x7FFFFFFF))
+
+
+def _high(key: torch.Tensor) -> torch.Tensor:
+    return (key >> 16) & 0xFFFF
 
 
 def _allowed(name: str, numel: int, exclude: Ticket | None) -> torch.Tensor | None:
@@ -86,6 +98,12 @@ def _find_bin(hist: torch.Tensor, need: int) -> tuple[int, int]:
     return b, above
 
 
+def _positions(mask: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    if keep is not None:
+        mask &= keep
+    return mask.nonzero().view(-1)
+
+
 def select_top_k(
     names: Sequence[str],
     shapes: dict[str, tuple[int, ...]],
@@ -93,8 +111,18 @@ def select_top_k(
     k: int,
     exclude: Ticket | None = None,
     progress=None,
+    nonnegative: bool = False,
+    candidate_budget: int = 1 << 24,
 ) -> dict[str, torch.Tensor]:
-    """Indices of the ``k`` highest-scoring allowed entries over all ``names`` (sorted by name)."""
+    """Indices of the ``k`` highest-scoring allowed entries over all ``names`` (sorted by name).
+
+    Two passes over the scores: a histogram of the keys' high 16 bits fixes the bin that holds the
+    k-th score; the second pass keeps every entry above that bin and collects the bin's entries
+    (position and low 16 bits), among which the exact threshold and the tie-break are settled in
+    memory. Should the bin hold more than ``candidate_budget`` entries (e.g. millions of exact
+    zeros), the low bits get a histogram pass of their own and a third pass collects the entries.
+    ``nonnegative`` declares every score >= 0 (as for |Δ|), which allows 32-bit keys.
+    """
     order = sorted(names)
     numels = {n: math.prod(shapes[n]) for n in order}
     available = sum(numels.values()) - (
@@ -107,12 +135,11 @@ def select_top_k(
             f"cannot select {k:,} entries: only {available:,} are eligible and not protected",
             fix="raise --sparsity or protect fewer tickets",
         )
-    empty = {n: torch.zeros(0, dtype=torch.long) for n in order}
     if k == 0:
-        return empty
+        return {n: torch.zeros(0, dtype=torch.long) for n in order}
 
     def keys_of(n):
-        key = _keys(score_fn(n), n)
+        key = _keys(score_fn(n), n, nonnegative)
         if key.numel() != numels[n]:
             raise InputError(f"scores of '{n}' have {key.numel()} entries, expected {numels[n]}")
         return key, _allowed(n, numels[n], exclude)
@@ -125,34 +152,62 @@ def select_top_k(
     hist = torch.zeros(_BINS, dtype=torch.int64)
     for n in order:
         key, keep = keys_of(n)
-        hi = key >> 16
-        hist += torch.bincount(hi if keep is None else hi[keep], minlength=_BINS)
+        hi = _high(key)
+        counts = torch.bincount(hi if keep is None else hi[keep], minlength=_BINS)
+        if nonnegative and int(counts[0x7F80:].sum()):
+            raise InputError(
+                f"scores of tensor '{n}' hold NaN, inf or negative values",
+                fix="the tuned weights are not finite; use a run that did not diverge",
+            )
+        hist += counts
         tick()
     hi_bin, above_hi = _find_bin(hist, k)
-    # Pass 2: histogram of the low 16 bits inside the chosen high bin.
-    hist.zero_()
+    if int(hist[hi_bin]) > candidate_budget:
+        return _three_pass_finish(order, keys_of, hi_bin, above_hi, k, tick)
+
+    # Pass 2: everything above the bin, and the bin's entries as candidates.
+    chosen, cand_pos, cand_lo = {}, {}, {}
     for n in order:
         key, keep = keys_of(n)
-        sel = (key >> 16) == hi_bin
+        hi = _high(key)
+        chosen[n] = _positions(hi > hi_bin, keep)
+        cand_pos[n] = _positions(hi == hi_bin, keep)
+        cand_lo[n] = (key[cand_pos[n]] & 0xFFFF).to(torch.int64)
+        tick()
+    lo_hist = torch.bincount(torch.cat(list(cand_lo.values())), minlength=_BINS)
+    lo_bin, above_lo = _find_bin(lo_hist, k - above_hi)
+    ties_needed = k - above_hi - above_lo
+    out = {}
+    for n in order:  # ties go to the lowest global positions: tensors in name order, then index
+        ties = cand_pos[n][cand_lo[n] == lo_bin][:ties_needed]
+        ties_needed -= int(ties.numel())
+        out[n] = torch.sort(torch.cat([chosen[n], cand_pos[n][cand_lo[n] > lo_bin], ties])).values
+    assert ties_needed == 0 and sum(int(v.numel()) for v in out.values()) == k
+    return out
+
+
+def _three_pass_finish(
+    order, keys_of, hi_bin: int, above_hi: int, k: int, tick
+) -> dict[str, torch.Tensor]:
+    hist = torch.zeros(_BINS, dtype=torch.int64)
+    for n in order:
+        key, keep = keys_of(n)
+        sel = _high(key) == hi_bin
         if keep is not None:
             sel &= keep
-        hist += torch.bincount(key[sel] & 0xFFFF, minlength=_BINS)
+        hist += torch.bincount((key[sel] & 0xFFFF).to(torch.int64), minlength=_BINS)
         tick()
     lo_bin, above_lo = _find_bin(hist, k - above_hi)
-    tau = (hi_bin << 16) | lo_bin
     ties_needed = k - above_hi - above_lo
-    # Pass 3: everything above tau, then the first ties in global order.
     out = {}
     for n in order:
         key, keep = keys_of(n)
-        gt, eq = key > tau, key == tau
-        if keep is not None:
-            gt &= keep
-            eq &= keep
-        eq_idx = eq.nonzero().view(-1)[:ties_needed]
-        ties_needed -= int(eq_idx.numel())
-        idx = torch.cat([gt.nonzero().view(-1), eq_idx])
-        out[n] = torch.sort(idx).values
+        hi = _high(key)
+        lo = key & 0xFFFF
+        eq = _positions((hi == hi_bin) & (lo == lo_bin), keep)[:ties_needed]
+        ties_needed -= int(eq.numel())
+        gt = _positions((hi > hi_bin) | ((hi == hi_bin) & (lo > lo_bin)), keep)
+        out[n] = torch.sort(torch.cat([gt, eq])).values
         tick()
     assert ties_needed == 0 and sum(int(v.numel()) for v in out.values()) == k
     return out
@@ -160,6 +215,7 @@ def select_top_k(
 
 # ---------------------------------------------------------------------------- registered selectors
 SELECTORS: dict[str, Callable] = {}
+NONNEGATIVE = {"magnitude", "random"}  # selectors whose scores are never negative
 
 
 def selector(name: str):
@@ -210,7 +266,15 @@ def select(
         )
     names = sorted(shapes)
     score_fn = SELECTORS[method](delta_fn, names, shapes, seed)
-    indices = select_top_k(names, shapes, score_fn, k, exclude=exclude, progress=progress)
+    indices = select_top_k(
+        names,
+        shapes,
+        score_fn,
+        k,
+        exclude=exclude,
+        progress=progress,
+        nonnegative=method in NONNEGATIVE,
+    )
     return Ticket(
         shapes={n: shapes[n] for n in names}, indices=indices, base_fingerprint=base_fingerprint
     )

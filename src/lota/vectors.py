@@ -75,8 +75,9 @@ def make_ticket(
     def delta_fn(name):
         return rt.get(name).to(torch.float32) - rb.get(name).to(torch.float32)
 
+    rb.hash_while_reading()  # the base's fingerprint is computed as pass 1 streams its tensors
     with tqdm(
-        total=3 * len(shapes), desc="select", unit="tensor", disable=not show_progress, leave=False
+        total=2 * len(shapes), desc="select", unit="tensor", disable=not show_progress, leave=False
     ) as bar:
         ticket = selection.select(
             method, shapes, k, delta_fn=delta_fn, exclude=excluded, seed=seed, progress=bar
