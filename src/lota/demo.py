@@ -31,15 +31,15 @@ from .fileio import write_json, write_text
 from .models import quiet_transformers, save_model
 from .toy import byte_tokenizer, tiny_llama
 
-RECIPE = {  # the toy base: a tiny byte-level Llama and its short dense pretraining
+RECIPE = {
     "version": 1,
     "model": {"hidden": 128, "layers": 2, "heads": 4, "intermediate": 256, "max_positions": 96},
-    "corpus_docs": 8000,
-    "doc_chars": 30,
-    "steps": 600,
+    "corpus_docs": 6000,
+    "doc_chars": 50,
+    "steps": 500,
     "batch_size": 32,
     "lr": 3e-3,
-    "max_length": 64,
+    "max_length": 80,
 }
 N_TRAIN, N_TEST = 3000, 200
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -59,12 +59,12 @@ def addition_task(seed: int, n_train: int = N_TRAIN, n_test: int = N_TEST) -> tu
 
 
 def shift_task(seed: int, n_train: int = N_TRAIN, n_test: int = N_TEST) -> tuple[list, list]:
-    """Task B: ``"abcz>"`` -> ``"bcda"`` (each letter moved one on, z wraps to a) for 3 to 5 random
+    """Task B: ``"abcz>"`` -> ``"bcda"`` (each letter moved one on, z wraps to a) for 3 to 6 random
     letters; train and test share no word."""
     rng = random.Random(seed + 1)
     words: dict[str, None] = {}
     while len(words) < n_train + n_test:
-        words["".join(rng.choices(LETTERS, k=rng.randint(3, 5)))] = None
+        words["".join(rng.choices(LETTERS, k=rng.randint(3, 6)))] = None
     rows = [{"prompt": f"{w}>", "completion": shift(w)} for w in words]
     return rows[:n_train], rows[n_train:]
 
@@ -82,50 +82,38 @@ def write_tasks(folder: str | Path, seed: int) -> dict[str, dict[str, str]]:
 
 # ---------------------------------------------------------------------------- base model
 def pretraining_corpus(n: int, seed: int, chars: int = 50) -> list[str]:
-    """Generic character-level text: counting, copies, alphabet runs, words, digit facts and symbols.
-
-    It never holds the task formats (``"a+b="`` followed by the sum, or ``"word>"`` followed by the
-    shifted word)."""
+    """Generic character-level text: counting, copies, words, expressions (not the task formats)."""
     rng = random.Random(seed + 2)
 
     def word() -> str:
         return "".join(rng.choices(LETTERS, k=rng.randint(2, 7)))
 
-    def count() -> str:
-        start, step = rng.randint(0, 190), rng.choice([1, 1, 2, -1])
-        return " ".join(str(max(0, start + i * step)) for i in range(rng.randint(3, 7)))
+    def snippet() -> str:
+        kind = rng.randrange(7)
+        if kind == 6:  # runs of the alphabet
+            i = rng.randrange(26)
+            return "".join(LETTERS[(i + j) % 26] for j in range(rng.randint(3, 8)))
+        if kind == 0:  # counting up or down
+            start, step = rng.randint(0, 190), rng.choice([1, 1, 2, -1])
+            return " ".join(str(max(0, start + i * step)) for i in range(rng.randint(3, 7)))
+        if kind == 1:  # copies of a digit string
+            s = str(rng.randint(0, 99999))
+            return f"{s} {s}"
+        if kind == 2:  # copies of a letter string
+            w = word()
+            return f"{w} {w}"
+        if kind == 3:  # words
+            return " ".join(word() for _ in range(rng.randint(2, 6)))
+        if kind == 4:  # single-digit facts in words
+            a, b = rng.randint(0, 9), rng.randint(0, 9)
+            return f"{a} plus {b} is {a + b}"
+        return f"{rng.randint(0, 99)}*{rng.randint(0, 9)}-{rng.randint(0, 9)}"  # expressions
 
-    def run() -> str:
-        i = rng.randrange(26)
-        return "".join(LETTERS[(i + j) % 26] for j in range(rng.randint(3, 8)))
-
-    def fact() -> str:
-        a, b = rng.randint(0, 9), rng.randint(0, 9)
-        return f"{a} plus {b} is {a + b}"
-
-    def symbols() -> str:
-        a, b = sorted(rng.sample(range(100), 2))
-        return rng.choice([f"{word()} = {a}", f"{b} > {a}", f"{word()} + {word()}"])
-
-    def copy() -> str:
-        s = rng.choice([word(), str(rng.randint(0, 99999))])
-        return f"{s} {s}"
-
-    kinds = [
-        count,
-        count,
-        run,
-        fact,
-        fact,
-        symbols,
-        copy,
-        lambda: " ".join(word() for _ in range(3)),
-    ]
     docs = []
     for _ in range(n):
-        parts = [rng.choice(kinds)()]
+        parts = [snippet()]
         while len(" ; ".join(parts)) < chars:
-            parts.append(rng.choice(kinds)())
+            parts.append(snippet())
         docs.append(" ; ".join(parts))
     return docs
 
@@ -167,62 +155,56 @@ def build_base(folder: str | Path, seed: int, show_progress: bool = True) -> boo
 
 
 # ---------------------------------------------------------------------------- the demo
-RUNS = {  # name: (start model, task, method, lr, steps); sparse runs want a larger lr than FFT
-    "FFT A": ("base", "A", "fft", 1e-3, 700),
-    "LoTA A": ("base", "A", "lota", 5e-3, 700),
-    "FFT A -> FFT B": ("FFT A", "B", "fft", 1e-3, 400),
-    "LoTA A -> LoTTO B": ("LoTA A", "B", "lota", 5e-3, 400),
+RUNS = {  # name: (start model, task, method, lr, steps, protect A's ticket)
+    "FFT A": ("base", "A", "fft", 1e-3, 600, False),
+    "LoTA A": ("base", "A", "lota", 1e-2, 600, False),
+    "FFT A -> FFT B": ("FFT A", "B", "fft", 1e-3, 400, False),
+    "LoTA A -> LoTTO B": ("LoTA A", "B", "lota", 1e-2, 400, True),
 }
-CALIBRATION = {"calibration_steps": 60, "calibration_lr": 1e-3}
+CALIBRATION = {"steps": 60, "lr": 1e-3}
 EVAL = {"max_new_tokens": 8, "batch_size": 64, "limit": N_TEST}
 
 
-def _weights(folder: str) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(Path(folder).glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
+def _slug(name: str) -> str:
+    return name.replace(" -> ", "_then_").replace(" ", "_").lower()
 
 
 def changed_entries(before: str, after: str, ticket_path: str) -> tuple[int, int]:
-    """How many entries of a ticket (or delta) file differ in their bits between two model folders,
-    and of how many entries."""
+    """How many entries of the ticket differ in their bits between two model folders, of how many."""
     ticket = fmt.load(ticket_path).ticket
-    wa, wb = _weights(before), _weights(after)
+    weights = []
+    for folder in (before, after):
+        w: dict[str, torch.Tensor] = {}
+        for f in sorted(Path(folder).glob("*.safetensors")):
+            w.update(load_file(str(f)))
+        weights.append(w)
     changed = 0
     for name, idx in ticket.indices.items():
-        a, b = wa[name].reshape(-1)[idx], wb[name].reshape(-1)[idx]
+        a, b = (w[name].reshape(-1)[idx] for w in weights)
         if a.dtype != b.dtype:
             changed += int(idx.numel())
-            continue
-        bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
-        changed += int((a.view(bits) != b.view(bits)).sum())
+        else:
+            bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[
+                a.element_size()
+            ]
+            changed += int((a.view(bits) != b.view(bits)).sum())
     return changed, ticket.nnz
 
 
 def run_demo(out: str, seed: int = 0, show_progress: bool = True) -> dict:
-    """Build data and base, run FFT, LoTA, FFT->FFT and LoTA->LoTTO, score every model on both
-    tasks, print a table and write ``OUT/results.json`` and ``OUT/report.md``."""
-    threads = torch.get_num_threads()
-    # These matrices are tiny: one thread loses little, and several threads slow down many times
-    # over when the CPU is shared with another process.
-    torch.set_num_threads(1)
-    try:
-        return _run(Path(out), seed, show_progress)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _run(root: Path, seed: int, show_progress: bool) -> dict:
+    """Build the data and base, run the four adaptations, score them; print and write a report."""
     t0 = time.perf_counter()
+    root = Path(out)
     quiet_transformers()
     paths = write_tasks(root / "data", seed)
+    t = time.perf_counter()
     built = build_base(root / "base", seed, show_progress)
-    folders, deltas = {"base": str(root / "base")}, {}
-    rows: dict[str, dict] = {"base": {"seconds": round(time.perf_counter() - t0, 1)}}
-    for name, (start, task, method, lr, steps) in RUNS.items():
-        run = root / "runs" / name.replace(" -> ", "_then_").replace(" ", "_").lower()
-        protect = [deltas[start]] if method == "lota" and start != "base" else []
+    base_seconds = round(time.perf_counter() - t, 1)
+    folders = {"base": str(root / "base")}
+    deltas: dict[str, str] = {}
+    rows: dict[str, dict] = {"base": {"seconds": base_seconds if built else 0.0}}
+    for name, (start, task, method, lr, steps, protect) in RUNS.items():
+        run = root / "runs" / _slug(name)
         cfg = AdaptConfig(
             model=folders[start],
             data=paths[task]["train"],
@@ -230,20 +212,21 @@ def _run(root: Path, seed: int, show_progress: bool) -> dict:
             method=method,
             lr=lr,
             steps=steps,
+            calibration_steps=CALIBRATION["steps"],
+            calibration_lr=CALIBRATION["lr"],
             batch_size=32,
             seed=seed,
-            protect=protect,
+            protect=[deltas[start]] if protect else [],
             save_model=True,
             force=True,
             progress=show_progress,
-            **CALIBRATION,
         )
         info = adapt(cfg)
         folders[name], deltas[name] = str(run / "model"), str(run / "delta.safetensors")
         rows[name] = {
             "start": start,
             "task": task,
-            "method": "lotto" if protect else method,
+            "method": method,
             "lr": lr,
             "steps": steps,
             "trained_entries": info["k"],
@@ -251,83 +234,78 @@ def _run(root: Path, seed: int, show_progress: bool) -> dict:
             "delta_bytes": info["delta_bytes"],
             "final_loss": info["final_loss"],
             "seconds": info["seconds"],
-            "run": str(run),
         }
     for name, row in rows.items():
         for task in "AB":
             r = evaluate(folders[name], paths[task]["test"], **EVAL, show_progress=show_progress)
             row[f"score_{task}"] = r["score"]
-        if name in RUNS and RUNS[name][1] == "B":
+    for row in rows.values():
+        if row.get("task") == "B":
             row["forgetting_A"] = rows[row["start"]]["score_A"] - row["score_A"]
-    lotto_changed, lotto_n = changed_entries(
+    changed, total = changed_entries(
         folders["LoTA A"], folders["LoTA A -> LoTTO B"], deltas["LoTA A"]
     )
-    fft_changed, fft_n = changed_entries(
+    fft_changed, fft_total = changed_entries(
         folders["FFT A"], folders["FFT A -> FFT B"], deltas["FFT A"]
     )
-    seconds = round(time.perf_counter() - t0, 1)
-    lines = [
-        f"LoTTO left all {lotto_n:,} entries of A's ticket bit-identical (compared in the model files)"
-        if lotto_changed == 0
-        else f"LoTTO CHANGED {lotto_changed:,} of the {lotto_n:,} entries of A's ticket",
-        f"FFT on B changed {fft_changed:,} of the {fft_n:,} entries FFT trained on A",
-        f"scores: exact answers on {EVAL['limit']} test examples per task, greedy decoding; "
-        "forgetting A = score A before B - score A after B; s = training seconds (base: pretraining)",
-        f"total {seconds} s ({'base pretrained now' if built else 'cached base reused'})",
-    ]
     results = {
         "seed": seed,
         "base_pretrained_now": built,
         "recipe": dict(RECIPE, seed=seed),
-        "eval": EVAL,
-        "data": paths,
         "rows": rows,
-        "lotto_protected": {
-            "entries": lotto_n,
-            "changed": lotto_changed,
-            "bit_identical": lotto_changed == 0,
-        },
-        "fft_b_changed_a_entries": {"entries": fft_n, "changed": fft_changed},
-        "seconds": seconds,
+        "lotto_protected": {"entries": total, "changed": changed, "bit_identical": changed == 0},
+        "fft_chain": {"entries": fft_total, "changed": fft_changed},
+        "seconds": round(time.perf_counter() - t0, 1),
     }
-    print(_table(rows, markdown=False) + "\n".join(lines))
-    write_json(root / "results.json", results)
-    report = (
-        "# lota demo\n\n" + _table(rows, markdown=True) + "\n" + "".join(f"- {x}\n" for x in lines)
+    table = _table(rows)
+    verdict = (
+        f"LoTTO left all {total:,} entries of A's ticket bit-identical (checked in the model files)"
+        if changed == 0
+        else f"LoTTO CHANGED {changed:,} of the {total:,} entries of A's ticket"
     )
-    write_text(root / "report.md", report)
+    lines = [
+        verdict,
+        f"FFT on B changed {fft_changed:,} of the {fft_total:,} target entries trained on A",
+        f"total {results['seconds']} s ({'base pretrained now' if built else 'cached base reused'})",
+    ]
+    print(table.replace("|", " ").rstrip())
+    print("\n".join(lines))
+    write_json(root / "results.json", results)
+    write_text(
+        root / "report.md", "# lota demo\n\n" + table + "\n" + "".join(f"- {x}\n" for x in lines)
+    )
     return results
 
 
-def _entries(row: dict) -> str:
-    if "trained_entries" not in row:
-        return "-"
-    return f"{row['trained_entries']:,} ({row['trained_entries'] / row['target_entries']:.0%})"
-
-
-def _table(rows: dict[str, dict], markdown: bool) -> str:
-    def num(v, f: str = "{:.3f}") -> str:
+def _table(rows: dict[str, dict]) -> str:
+    def num(v, f="{:.3f}"):
         return "-" if v is None else f.format(v)
 
-    head = ["method", "score A", "score B", "forgetting A", "trained entries", "delta bytes", "s"]
-    body = [head] + [
+    head = [
+        "method",
+        "score A",
+        "score B",
+        "forgetting A",
+        "trained entries",
+        "delta bytes",
+        "seconds",
+    ]
+    body = [
         [
             name,
             num(r["score_A"]),
             num(r["score_B"]),
             num(r.get("forgetting_A"), "{:+.3f}"),
-            _entries(r),
+            num(r.get("trained_entries"), "{:,}"),
             num(r.get("delta_bytes"), "{:,}"),
             num(r["seconds"], "{:.1f}"),
         ]
         for name, r in rows.items()
     ]
-    widths = [max(len(row[i]) for row in body) for i in range(len(head))]
-    lines = [
-        [c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))]
-        for row in body
-    ]
-    lines.insert(1, ["-" * w for w in widths])
-    if markdown:
-        return "".join("| " + " | ".join(cells) + " |\n" for cells in lines)
-    return "".join("  ".join(cells).rstrip() + "\n" for cells in lines)
+    widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
+
+    def fmt_row(cells):
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |\n"
+
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|\n"
+    return fmt_row(head) + sep + "".join(fmt_row(b) for b in body)
