@@ -92,7 +92,7 @@ def write_entries_(
     This one formula is shared by sparse training and by ``apply`` so that both give the same bits.
     """
     flat = param.data.view(-1)
-    flat[idx] = (base_vals.to(values.dtype) + values).to(param.dtype)
+    flat.index_copy_(0, idx, (base_vals.to(values.dtype) + values).to(param.dtype))
 
 
 @torch.no_grad()
