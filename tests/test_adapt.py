@@ -178,3 +178,35 @@ def test_outputs_and_metrics(workdir):
     assert [r["phase"] for r in rows] == ["calibration"] * 2 + ["train"] * 3
     assert all(r["loss"] > 0 and r["peak_rss_mb"] > 0 and "tokens_per_s" in r for r in rows)
     assert fmt.load(out / "delta.safetensors").meta["config"]["method"] == "lota"
+
+
+@pytest.mark.parametrize("values_dtype", ["float32", "bfloat16"])
+def test_bf16_base_trains_fp32_values_and_keeps_frozen_bits(workdir, tmp_path, values_dtype):
+    """A bfloat16 checkpoint is adapted in bfloat16 with fp32 trainable values (and optimizer
+    state); the delta is written in the requested precision and the saved model's frozen entries
+    are bit-identical to the bf16 base."""
+    from lota.models import load_model, load_tokenizer, save_model
+
+    bf16 = tmp_path / "bf16"
+    model = load_model(str(workdir / "base"), "bfloat16")
+    save_model(model, load_tokenizer(str(workdir / "base")), bf16)
+    base = weights(bf16)
+    assert all(t.dtype == torch.bfloat16 for t in base.values())
+    info, out = run(
+        workdir, f"bf16_{values_dtype}", model=bf16, values_dtype=values_dtype, save_model=True
+    )
+    delta = fmt.load(out / "delta.safetensors")
+    assert {str(v.dtype) for v in delta.values.values()} == {f"torch.{values_dtype}"}
+    tuned = weights(out / "model")
+    assert all(t.dtype == torch.bfloat16 for t in tuned.values())
+    assert_only_ticket_changed(base, tuned, delta.ticket)
+    changed = sum(
+        int((bits(tuned[n]).view(-1, 2) != bits(base[n]).view(-1, 2)).any(1).sum())
+        for n in delta.ticket.names
+    )
+    assert changed > 0
+    if values_dtype == "float32":  # the saved model is the base plus the fp32 delta, bit for bit
+        again = {n: t.clone() for n, t in base.items()}
+        apply_delta_(again, delta)
+        for n in tuned:
+            assert torch.equal(bits(again[n]), bits(tuned[n])), n

@@ -334,13 +334,24 @@ def test_three_pass_fallback_equals_two_pass(nonnegative):
 
     shapes = {"b": (64, 33), "a": (500,), "c": (7, 7)}
     g = torch.Generator().manual_seed(4)
-    scores = {n: torch.randn(math.prod(s), generator=g).round(decimals=1) for n, s in shapes.items()}
+    scores = {
+        n: torch.randn(math.prod(s), generator=g).round(decimals=1) for n, s in shapes.items()
+    }
     if nonnegative:
         scores = {n: v.abs() for n, v in scores.items()}
     exclude = select("random", shapes, 300, seed=9)
     for k in (1, 17, 700, 1500):
-        two = select_top_k(list(shapes), shapes, scores.__getitem__, k, exclude=exclude, nonnegative=nonnegative)
-        three = select_top_k(list(shapes), shapes, scores.__getitem__, k, exclude=exclude, nonnegative=nonnegative,
-                             candidate_budget=0)
+        two = select_top_k(
+            list(shapes), shapes, scores.__getitem__, k, exclude=exclude, nonnegative=nonnegative
+        )
+        three = select_top_k(
+            list(shapes),
+            shapes,
+            scores.__getitem__,
+            k,
+            exclude=exclude,
+            nonnegative=nonnegative,
+            candidate_budget=0,
+        )
         assert all(torch.equal(two[n], three[n]) for n in shapes)
         assert sum(v.numel() for v in two.values()) == k
