@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-OFFICIAL = r'''
+OFFICIAL = r"""
 import json, sys, time, torch
 from lota.data import batches, read_jsonl, tokenize
 from lota.models import load_model, load_tokenizer, resolve_targets, named_weights
@@ -55,7 +55,7 @@ for step in range(steps):
     opt.step(); opt.zero_grad(set_to_none=True)
     rows.append({"step_s": time.perf_counter() - t, "phase_peak_rss_mb": current_peak_rss_mb()})
 print(json.dumps(rows))
-'''
+"""
 
 
 def build(work: Path, args) -> tuple[Path, Path, Path]:
@@ -68,22 +68,52 @@ def build(work: Path, args) -> tuple[Path, Path, Path]:
 
     model_dir, data, ticket = work / "model", work / "data.jsonl", work / "ticket.safetensors"
     if not model_dir.exists():
-        model = tiny_llama(vocab_size=args.vocab, hidden=args.hidden, layers=args.layers, heads=args.heads,
-                           intermediate=args.intermediate, max_positions=128)
+        model = tiny_llama(
+            vocab_size=args.vocab,
+            hidden=args.hidden,
+            layers=args.layers,
+            heads=args.heads,
+            intermediate=args.intermediate,
+            max_positions=128,
+        )
         model.save_pretrained(model_dir, safe_serialization=True)
         byte_tokenizer().save_pretrained(model_dir)
         targets = resolve_targets(model)
         k = lota.ticket_size("0.9", sum(torch.Size(s).numel() for s in targets.values()))
         lota.save(lota.select("random", targets, k, seed=0), ticket)
-        rows = [{"prompt": f"Q{i}: what is {i} plus {i}?", "completion": f" {2 * i}."} for i in range(64)]
+        rows = [
+            {"prompt": f"Q{i}: what is {i} plus {i}?", "completion": f" {2 * i}."}
+            for i in range(64)
+        ]
         data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return model_dir, data, ticket
 
 
 def run_lota(model_dir, data, ticket, out: Path, method: str, steps: int) -> list[dict]:
-    cmd = [sys.executable, "-m", "lota.cli", "--quiet", "adapt", str(model_dir), "--data", str(data), "--out", str(out),
-           "--steps", str(steps), "--batch-size", "1", "--lr", "1e-5", "--optimizer", "adamw",
-           "--checkpoint-every", "0", "--force", "--restart"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lota.cli",
+        "--quiet",
+        "adapt",
+        str(model_dir),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--steps",
+        str(steps),
+        "--batch-size",
+        "1",
+        "--lr",
+        "1e-5",
+        "--optimizer",
+        "adamw",
+        "--checkpoint-every",
+        "0",
+        "--force",
+        "--restart",
+    ]
     if method == "lota":
         cmd += ["--ticket", str(ticket)]
     elif method == "lora":
@@ -98,8 +128,11 @@ def run_lota(model_dir, data, ticket, out: Path, method: str, steps: int) -> lis
 
 
 def run_official(model_dir, data, ticket, steps: int) -> list[dict]:
-    r = subprocess.run([sys.executable, "-c", OFFICIAL, str(model_dir), str(data), str(ticket), str(steps)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-c", OFFICIAL, str(model_dir), str(data), str(ticket), str(steps)],
+        capture_output=True,
+        text=True,
+    )
     if r.returncode:
         raise SystemExit(f"official failed: {r.stderr.strip()[-500:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -108,8 +141,12 @@ def run_official(model_dir, data, ticket, steps: int) -> list[dict]:
 def summarize(rows_per_repeat: list[list[dict]]) -> dict:
     peaks = [max(r["phase_peak_rss_mb"] for r in rows) for rows in rows_per_repeat]
     times = [statistics.median(r["step_s"] for r in rows[1:]) for rows in rows_per_repeat]
-    return {"peak_mb": statistics.median(peaks), "peak_mb_range": [min(peaks), max(peaks)],
-            "step_s": statistics.median(times), "step_s_range": [min(times), max(times)]}
+    return {
+        "peak_mb": statistics.median(peaks),
+        "peak_mb_range": [min(peaks), max(peaks)],
+        "step_s": statistics.median(times),
+        "step_s_range": [min(times), max(times)],
+    }
 
 
 def main() -> None:
@@ -121,8 +158,12 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--methods", default="fft,lota,official,lora", help="comma-separated subset (fft is needed)")
-    ap.add_argument("--workdir", default=None, help="reuse a folder for the model (default: a temporary one)")
+    ap.add_argument(
+        "--methods", default="fft,lota,official,lora", help="comma-separated subset (fft is needed)"
+    )
+    ap.add_argument(
+        "--workdir", default=None, help="reuse a folder for the model (default: a temporary one)"
+    )
     args = ap.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="lota-bench-mem-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -131,8 +172,12 @@ def main() -> None:
     from safetensors import safe_open
 
     with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
-        n_params = sum(f.get_slice(k).get_shape().numel() if hasattr(f.get_slice(k).get_shape(), "numel")
-                       else __import__("math").prod(f.get_slice(k).get_shape()) for k in f.keys())
+        n_params = sum(
+            f.get_slice(k).get_shape().numel()
+            if hasattr(f.get_slice(k).get_shape(), "numel")
+            else __import__("math").prod(f.get_slice(k).get_shape())
+            for k in f.keys()
+        )
     results: dict[str, list] = {m: [] for m in args.methods.split(",")}
     for rep in range(args.repeats):
         for method in results:  # interleaved, so drift of the machine hits every method alike
@@ -140,25 +185,53 @@ def main() -> None:
             if method == "official":
                 results[method].append(run_official(model_dir, data, ticket, args.steps))
             else:
-                results[method].append(run_lota(model_dir, data, ticket, work / f"run_{method}", method, args.steps))
+                results[method].append(
+                    run_lota(model_dir, data, ticket, work / f"run_{method}", method, args.steps)
+                )
     s = {m: summarize(v) for m, v in results.items()}
-    ratios = {f"{m}_over_fft": {"memory": s[m]["peak_mb"] / s["fft"]["peak_mb"], "step_time": s[m]["step_s"] / s["fft"]["step_s"]}
-              for m in s if m != "fft"}
-    print(f"\nmodel: {n_params / 1e6:.1f}M parameters, fp32, batch 1, {args.steps} steps x {args.repeats} repeats",
-          file=sys.stderr)
-    print(f"{'method':<10}{'peak MiB':>12}{'range':>22}{'step s':>10}{'range':>20}{'mem/FFT':>10}{'time/FFT':>10}",
-          file=sys.stderr)
+    ratios = {
+        f"{m}_over_fft": {
+            "memory": s[m]["peak_mb"] / s["fft"]["peak_mb"],
+            "step_time": s[m]["step_s"] / s["fft"]["step_s"],
+        }
+        for m in s
+        if m != "fft"
+    }
+    print(
+        f"\nmodel: {n_params / 1e6:.1f}M parameters, fp32, batch 1, {args.steps} steps x {args.repeats} repeats",
+        file=sys.stderr,
+    )
+    print(
+        f"{'method':<10}{'peak MiB':>12}{'range':>22}{'step s':>10}{'range':>20}{'mem/FFT':>10}{'time/FFT':>10}",
+        file=sys.stderr,
+    )
     for m, v in s.items():
         r = ratios.get(f"{m}_over_fft", {"memory": 1.0, "step_time": 1.0})
-        print(f"{m:<10}{v['peak_mb']:>12.0f}{str([round(x) for x in v['peak_mb_range']]):>22}{v['step_s']:>10.3f}"
-              f"{str([round(x, 3) for x in v['step_s_range']]):>20}{r['memory']:>10.3f}{r['step_time']:>10.3f}",
-              file=sys.stderr)
-    print(json.dumps({"bench": "memory", "params": n_params, "config": vars(args), "results": s, "ratios": ratios,
-                      "targets": {"lota_memory_over_fft_max": 0.5, "lota_step_time_over_fft_max": 1.15},
-                      "met": {"memory": ratios["lota_over_fft"]["memory"] <= 0.5,
-                              "step_time": ratios["lota_over_fft"]["step_time"] <= 1.15,
-                              "below_official": s["lota"]["peak_mb"] < s["official"]["peak_mb"] if "official" in s else None},
-                      "wall_s": round(time.time() - t0, 1)}))
+        print(
+            f"{m:<10}{v['peak_mb']:>12.0f}{str([round(x) for x in v['peak_mb_range']]):>22}{v['step_s']:>10.3f}"
+            f"{str([round(x, 3) for x in v['step_s_range']]):>20}{r['memory']:>10.3f}{r['step_time']:>10.3f}",
+            file=sys.stderr,
+        )
+    print(
+        json.dumps(
+            {
+                "bench": "memory",
+                "params": n_params,
+                "config": vars(args),
+                "results": s,
+                "ratios": ratios,
+                "targets": {"lota_memory_over_fft_max": 0.5, "lota_step_time_over_fft_max": 1.15},
+                "met": {
+                    "memory": ratios["lota_over_fft"]["memory"] <= 0.5,
+                    "step_time": ratios["lota_over_fft"]["step_time"] <= 1.15,
+                    "below_official": s["lota"]["peak_mb"] < s["official"]["peak_mb"]
+                    if "official" in s
+                    else None,
+                },
+                "wall_s": round(time.time() - t0, 1),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":
