@@ -17,10 +17,12 @@ Registered selectors: ``magnitude`` (largest |Δ|, LoTA), ``bottomk`` (smallest 
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Sequence
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 
+import numpy as np
 import torch
 
 from .errors import InputError
@@ -29,6 +31,7 @@ from .ticket import Ticket
 ScoreFn = Callable[[str], torch.Tensor]  # name -> scores (any shape, float), same values each call
 
 _BINS = 1 << 16
+_LITTLE_ENDIAN = sys.byteorder == "little"
 
 
 def parse_sparsity(value: str | float) -> Fraction:
@@ -78,6 +81,11 @@ def _keys(scores: torch.Tensor, name: str, nonnegative: bool) -> torch.Tensor:
 
 
 def _high(key: torch.Tensor) -> torch.Tensor:
+    """The high 16 bits of each key. For int32 keys on a little-endian machine this is a strided
+    int16 view (no arithmetic): equal to ``key >> 16`` for keys of non-negative scores, and
+    negative for a negative score, which ``bincount`` then refuses."""
+    if key.dtype == torch.int32 and _LITTLE_ENDIAN:
+        return key.view(torch.int16)[1::2]
     return (key >> 16) & 0xFFFF
 
 
@@ -99,9 +107,10 @@ def _find_bin(hist: torch.Tensor, need: int) -> tuple[int, int]:
 
 
 def _positions(mask: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """Sorted int64 positions of the set entries of a 1-D bool ``mask`` (and ``keep``)."""
     if keep is not None:
         mask &= keep
-    return mask.nonzero().view(-1)
+    return torch.from_numpy(np.flatnonzero(mask.numpy()))  # several times faster than nonzero()
 
 
 def select_top_k(
@@ -153,12 +162,16 @@ def select_top_k(
     for n in order:
         key, keep = keys_of(n)
         hi = _high(key)
-        counts = torch.bincount(hi if keep is None else hi[keep], minlength=_BINS)
+        bad = InputError(
+            f"scores of tensor '{n}' hold NaN, inf or negative values",
+            fix="the tuned weights are not finite; use a run that did not diverge",
+        )
+        try:
+            counts = torch.bincount(hi if keep is None else hi[keep], minlength=_BINS)
+        except RuntimeError:  # a negative high half: a negative score under ``nonnegative``
+            raise bad from None
         if nonnegative and int(counts[0x7F80:].sum()):
-            raise InputError(
-                f"scores of tensor '{n}' hold NaN, inf or negative values",
-                fix="the tuned weights are not finite; use a run that did not diverge",
-            )
+            raise bad
         hist += counts
         tick()
     hi_bin, above_hi = _find_bin(hist, k)
@@ -181,9 +194,17 @@ def select_top_k(
     for n in order:  # ties go to the lowest global positions: tensors in name order, then index
         ties = cand_pos[n][cand_lo[n] == lo_bin][:ties_needed]
         ties_needed -= int(ties.numel())
-        out[n] = torch.sort(torch.cat([chosen[n], cand_pos[n][cand_lo[n] > lo_bin], ties])).values
+        out[n] = _merge(chosen.pop(n), torch.cat([cand_pos[n][cand_lo[n] > lo_bin], ties]))
     assert ties_needed == 0 and sum(int(v.numel()) for v in out.values()) == k
     return out
+
+
+def _merge(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Sorted union of sorted, disjoint int64 positions ``a`` and ``b`` (``b`` need not be sorted)."""
+    if b.numel() == 0:
+        return a
+    b = torch.sort(b).values.numpy()
+    return torch.from_numpy(np.insert(a.numpy(), np.searchsorted(a.numpy(), b), b))
 
 
 def _three_pass_finish(
@@ -230,6 +251,8 @@ def selector(name: str):
 
 @selector("magnitude")
 def _magnitude(delta_fn: ScoreFn, names, shapes, seed: int) -> ScoreFn:
+    if getattr(delta_fn, "fresh", False):  # it returns a new tensor each call: take |.| in place
+        return lambda n: delta_fn(n).abs_()
     return lambda n: delta_fn(n).abs()
 
 
@@ -259,7 +282,12 @@ def select(
     base_fingerprint: str = "",
     progress=None,
 ) -> Ticket:
-    """Build a ticket of exactly ``k`` entries over ``shapes`` with a registered selector."""
+    """Build a ticket of exactly ``k`` entries over ``shapes`` with a registered selector.
+
+    ``delta_fn(name)`` gives a tensor's task vector; it is called twice per tensor (once per
+    pass), so that nothing larger than one tensor is held. A ``delta_fn`` with the attribute
+    ``fresh = True`` promises a new tensor on every call, which selectors may then overwrite.
+    """
     if method not in SELECTORS:
         raise InputError(
             f"unknown selector '{method}'", fix=f"choose one of {', '.join(sorted(SELECTORS))}"
