@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import warnings
+from pathlib import Path
 
 from .errors import InputError, LotaError
 
@@ -284,6 +285,97 @@ def _run_apply(a):
     _summary(f"apply: {info['deltas']} delta(s), {info['entries']:,} entries -> {a.out}")
 
 
+def _add_merge(sub):
+    from .merge import METHODS
+
+    p = sub.add_parser("merge", help="merge sparse deltas (or fine-tuned models) into one delta")
+    p.add_argument("inputs", nargs="+", help="lota deltas, or model folders (with --base)")
+    p.add_argument("--method", default="add", help=" | ".join(sorted(METHODS)) + " (default add)")
+    p.add_argument("--weights", default=None, help="comma-separated weight per input")
+    p.add_argument("--lambda", dest="lam", type=float, default=None, help="scale of the result")
+    p.add_argument("--density", default=None, help="ties, breadcrumbs: fraction kept (0.2)")
+    p.add_argument("--drop", default=None, help="dare-*, della: drop probability (0.9)")
+    p.add_argument("--gamma", default=None, help="breadcrumbs: top outlier fraction (0.01)")
+    p.add_argument("--epsilon", default=None, help="della: drop spread (0.05)")
+    p.add_argument("--seed", type=int, default=None, help="dare-*, della: random seed (0)")
+    p.add_argument("--base", default=None, help="base model (for model inputs and --out-model)")
+    p.add_argument("--targets", default=None, help="tensors of model inputs (regex)")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--out", help="merged delta file")
+    g.add_argument("--out-model", help="write base + merged delta as a model folder")
+    p.add_argument("--force", action="store_true", help="replace an existing --out-model folder")
+    p.set_defaults(run=_run_merge)
+
+
+def _run_merge(a):
+    from . import format as fmt
+    from .merge import MergeSettings, merge
+    from .vectors import apply_deltas
+
+    given = {
+        k for k in ("density", "drop", "gamma", "epsilon", "seed") if getattr(a, k) is not None
+    }
+    given |= {"weights"} if a.weights is not None else set()
+    given |= {"lambda"} if a.lam is not None else set()
+    weights = None
+    if a.weights is not None:
+        try:
+            weights = [float(x) for x in a.weights.split(",")]
+        except ValueError:
+            raise InputError(
+                f"'{a.weights}' is not a comma-separated list of numbers",
+                "--weights",
+                "e.g. --weights 1,0.5",
+            ) from None
+    if a.out_model and not a.base:
+        raise InputError("--out-model needs the base model", "--out-model", "pass --base BASE")
+    if a.out:
+        _check_new_file(a.out)
+    elif Path(a.out_model).exists() and not a.force:
+        if not Path(a.out_model).is_dir() or any(Path(a.out_model).iterdir()):
+            raise InputError(
+                "output exists",
+                a.out_model,
+                "choose a new --out-model, or pass --force to replace it",
+            )
+    settings = MergeSettings(
+        method=a.method,
+        weights=weights,
+        lam=1.0 if a.lam is None else a.lam,
+        density=a.density,
+        drop=a.drop,
+        gamma=a.gamma,
+        epsilon=a.epsilon,
+        seed=0 if a.seed is None else a.seed,
+        given=given,
+    )
+    d = merge(a.inputs, settings, base=a.base, targets=a.targets, show_progress=not a.quiet)
+    config = {
+        "command": "merge",
+        "inputs": a.inputs,
+        "method": a.method,
+        "weights": weights,
+        "lambda": settings.lam,
+        "density": a.density,
+        "drop": a.drop,
+        "gamma": a.gamma,
+        "epsilon": a.epsilon,
+        "seed": settings.seed,
+        "base": a.base,
+    }
+    if a.out:
+        size = fmt.save(d, a.out, config=config)
+        _summary(
+            f"merge ({a.method}): {len(a.inputs)} inputs -> {d.summary()}; {size:,} bytes -> {a.out}"
+        )
+    else:
+        d.meta["path"] = f"merge of {len(a.inputs)} inputs"
+        info = apply_deltas(a.base, [d], a.out_model, force=a.force)
+        _summary(
+            f"merge ({a.method}): {len(a.inputs)} inputs, {info['entries']:,} entries -> {a.out_model}"
+        )
+
+
 def _add_eval(sub):
     p = sub.add_parser("eval", help="generate greedily and score against the data's completions")
     p.add_argument("model")
@@ -327,8 +419,14 @@ def _run_inspect(a):
     from .format import describe
 
     infos = [describe(f) for f in a.files]
+    shared = None
+    if len(a.files) > 1:
+        from .merge import overlap
+
+        shared = overlap([str(f) for f in a.files])["pairs"]
     if a.json:
-        print(json.dumps(infos[0] if len(infos) == 1 else infos, indent=2))
+        out = infos[0] if len(infos) == 1 else {"files": infos, "overlap": shared}
+        print(json.dumps(out, indent=2))
         return
     for info in infos:
         print(f"{info['path']}: lota {info['kind']}, format v{info['format_version']}")
@@ -346,6 +444,13 @@ def _run_inspect(a):
         width = max((len(n) for n in info["tensors"]), default=0)
         for name, t in info["tensors"].items():
             print(f"  {name:<{width}}  {t['nnz']:>10,} / {t['numel']:<10,} {t['encoding']}")
+    for pair in shared or []:
+        conflicts = pair["sign_conflicts"]
+        print(
+            f"overlap {pair['a']} | {pair['b']}: {pair['shared']:,} shared entries "
+            f"({100 * pair['shared_of_smaller']:.3g} % of the smaller)"
+            + ("" if conflicts is None else f", {conflicts:,} with opposite signs")
+        )
 
 
 def _add_demo(sub):
@@ -396,7 +501,16 @@ def build_parser() -> argparse.ArgumentParser:
         return original(name, parents=[common], **kw)
 
     sub.add_parser = add_parser
-    for add in (_add_adapt, _add_mask, _add_delta, _add_apply, _add_eval, _add_inspect, _add_demo):
+    for add in (
+        _add_adapt,
+        _add_mask,
+        _add_delta,
+        _add_apply,
+        _add_merge,
+        _add_eval,
+        _add_inspect,
+        _add_demo,
+    ):
         add(sub)
     return parser
 

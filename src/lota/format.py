@@ -11,6 +11,7 @@ resolved config). Invariant: ``load(save(x))`` gives back the same indices and b
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -443,73 +444,119 @@ def read_header(path: str | os.PathLike) -> tuple[dict, dict]:
     return meta, header
 
 
-def load(path: str | os.PathLike, verify: bool = True) -> Ticket | SparseDelta:
-    """Read a ticket or delta; every inconsistency raises ``FormatError`` naming the file."""
-    meta, header = read_header(path)
-    where = str(path)
-    version = int(meta["format_version"])
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            keys = set(f.keys())
-            shapes, indices, values = {}, {}, {}
-            checksums = header.get("checksums", {})
-            for name, e in header["tensors"].items():
+class Reader:
+    """A lota file opened for reading one tensor at a time (``with Reader(path) as r: ...``).
+
+    ``kind``, ``base_fingerprint``, ``shapes`` and ``config`` come from the header; ``read(name)``
+    returns that tensor's sorted int64 indices and, for deltas, its values, verified like ``load``.
+    Every inconsistency raises ``FormatError`` naming the file.
+    """
+
+    def __init__(self, path: str | os.PathLike, verify: bool = True):
+        self.meta, self.header = read_header(path)
+        self.where, self.verify = str(path), verify
+        self.kind = self.meta["kind"]
+        self.base_fingerprint = self.meta.get("base_fingerprint", "")
+        self.config = self.header.get("config", {})
+        self._version = int(self.meta["format_version"])
+        self._checksums = self.header.get("checksums", {})
+        with self._errors():
+            self.shapes = {}
+            for name, e in self.header["tensors"].items():
                 shape = tuple(int(d) for d in e["shape"])
                 if any(d < 0 for d in shape):
                     raise ValueError(f"tensor '{name}' has a negative dimension")
-                numel, nnz = math.prod(shape), int(e["nnz"])
-                if not 0 <= nnz <= numel:
-                    raise ValueError(f"tensor '{name}' claims {nnz} entries of {numel}")
-                data = None
-                if e["encoding"] in _V2_ENCODINGS and version < 2:
-                    raise ValueError(f"encoding '{e['encoding']}' needs format version 2")
-                if e["encoding"] == "rice":
-                    data = RiceCode(
-                        q=_get(f, f"{name}{_SEP}rice_q", keys, checksums, verify),
-                        rem=_get(f, f"{name}{_SEP}rice_r", keys, checksums, verify),
-                        r=e["rice_r"],
-                    )
-                elif e["encoding"] in _INDEX_KEYS:
-                    key = f"{name}{_SEP}{_INDEX_KEYS[e['encoding']][0]}"
-                    data = _get(f, key, keys, checksums, verify)
-                idx = decode_indices(e["encoding"], data, numel, nnz)
-                if idx.numel() != nnz:
-                    raise ValueError(
-                        f"tensor '{name}' decodes to {idx.numel()} entries, header says {nnz}"
-                    )
-                shapes[name], indices[name] = shape, idx
-                if meta["kind"] == "delta":
-                    vkey = f"{name}{_SEP}values"
-                    if nnz:
-                        v = _get(f, vkey, keys, checksums, verify)
-                        if v.dim() != 1 or v.numel() != nnz or not v.is_floating_point():
-                            raise ValueError(f"values of '{name}' have the wrong size or type")
-                    else:
-                        v = torch.zeros(
-                            0, dtype=_VALUE_DTYPES.get(e.get("values_dtype"), torch.float32)
-                        )
-                    values[name] = v
-    except FormatError:
-        raise
-    except (ValueError, KeyError, TypeError, RuntimeError, OverflowError) as e:
-        raise FormatError(
-            f"inconsistent content ({_short(e)})", where, "the file is corrupted; recreate it"
-        ) from None
-    except Exception as e:
-        raise FormatError(
-            f"unreadable content ({_short(e)})", where, "the file is corrupted; recreate it"
-        ) from None
-    ticket = Ticket(
-        shapes=shapes,
-        indices=indices,
-        base_fingerprint=meta.get("base_fingerprint", ""),
-        meta={"config": header.get("config", {}), "path": where},
-    )
-    if meta["kind"] == "ticket":
-        return ticket
-    return SparseDelta(
-        ticket=ticket, values=values, meta={"config": header.get("config", {}), "path": where}
-    )
+                self.shapes[name] = shape
+            self._file = safe_open(str(path), framework="pt")
+            self._keys = set(self._file.keys())
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.shapes)
+
+    def __enter__(self) -> Reader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._file = None
+
+    @contextlib.contextmanager
+    def _errors(self):
+        try:
+            yield
+        except FormatError:
+            raise
+        except (ValueError, KeyError, TypeError, RuntimeError, OverflowError) as e:
+            raise FormatError(
+                f"inconsistent content ({_short(e)})",
+                self.where,
+                "the file is corrupted; recreate it",
+            ) from None
+        except Exception as e:
+            raise FormatError(
+                f"unreadable content ({_short(e)})",
+                self.where,
+                "the file is corrupted; recreate it",
+            ) from None
+
+    def nnz(self, name: str) -> int:
+        return int(self.header["tensors"][name]["nnz"])
+
+    def read(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(indices, values)`` of tensor ``name``; ``values`` is None for a ticket."""
+        with self._errors():
+            return self._read(name)
+
+    def _read(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        f, keys, checksums, verify = self._file, self._keys, self._checksums, self.verify
+        e = self.header["tensors"][name]
+        numel, nnz = math.prod(self.shapes[name]), int(e["nnz"])
+        if not 0 <= nnz <= numel:
+            raise ValueError(f"tensor '{name}' claims {nnz} entries of {numel}")
+        data = None
+        if e["encoding"] in _V2_ENCODINGS and self._version < 2:
+            raise ValueError(f"encoding '{e['encoding']}' needs format version 2")
+        if e["encoding"] == "rice":
+            data = RiceCode(
+                q=_get(f, f"{name}{_SEP}rice_q", keys, checksums, verify),
+                rem=_get(f, f"{name}{_SEP}rice_r", keys, checksums, verify),
+                r=e["rice_r"],
+            )
+        elif e["encoding"] in _INDEX_KEYS:
+            key = f"{name}{_SEP}{_INDEX_KEYS[e['encoding']][0]}"
+            data = _get(f, key, keys, checksums, verify)
+        idx = decode_indices(e["encoding"], data, numel, nnz)
+        if idx.numel() != nnz:
+            raise ValueError(f"tensor '{name}' decodes to {idx.numel()} entries, header says {nnz}")
+        if self.kind != "delta":
+            return idx, None
+        if nnz:
+            v = _get(f, f"{name}{_SEP}values", keys, checksums, verify)
+            if v.dim() != 1 or v.numel() != nnz or not v.is_floating_point():
+                raise ValueError(f"values of '{name}' have the wrong size or type")
+        else:
+            v = torch.zeros(0, dtype=_VALUE_DTYPES.get(e.get("values_dtype"), torch.float32))
+        return idx, v
+
+
+def load(path: str | os.PathLike, verify: bool = True) -> Ticket | SparseDelta:
+    """Read a ticket or delta; every inconsistency raises ``FormatError`` naming the file."""
+    with Reader(path, verify) as r:
+        indices, values = {}, {}
+        for name in r.names:
+            indices[name], v = r.read(name)
+            if v is not None:
+                values[name] = v
+        meta = {"config": r.config, "path": r.where}
+        ticket = Ticket(
+            shapes=dict(r.shapes), indices=indices, base_fingerprint=r.base_fingerprint, meta=meta
+        )
+        if r.kind == "ticket":
+            return ticket
+        return SparseDelta(ticket=ticket, values=values, meta=dict(meta))
 
 
 def _get(f, key: str, keys: set, checksums: dict, verify: bool) -> torch.Tensor:

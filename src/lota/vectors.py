@@ -136,15 +136,19 @@ def make_delta(
     return delta
 
 
+def _label(p) -> str:
+    return p.meta.get("path", "merged delta") if isinstance(p, SparseDelta) else str(p)
+
+
 def apply_deltas(
     base: str,
-    delta_paths: list[str],
+    delta_paths: list,
     out: str,
     allow_mismatch: bool = False,
     scales: list[float] | None = None,
     force: bool = False,
 ) -> dict:
-    """Write ``base + Σ scale_i · delta_i`` as a loadable model folder."""
+    """Write ``base + Σ scale_i · delta_i`` as a loadable model folder (deltas as paths or objects)."""
     out_path = Path(out)
     if out_path.exists() and (not out_path.is_dir() or any(out_path.iterdir())) and not force:
         raise InputError("output exists", out, "choose a new --out, or pass --force to replace it")
@@ -155,15 +159,16 @@ def apply_deltas(
             "give one scale per delta",
         )
     deltas = []
+    delta_paths = [p if isinstance(p, SparseDelta) else str(p) for p in delta_paths]
     for p in delta_paths:
-        obj = fmt.load(p)
+        obj = p if isinstance(p, SparseDelta) else fmt.load(p)
         if not isinstance(obj, SparseDelta):
             raise InputError(
                 "is a ticket, not a delta: it has no values to apply",
                 p,
                 "make a delta with 'lota delta BASE TUNED --ticket FILE'",
             )
-        obj.check_finite(p)
+        obj.check_finite(_label(p))
         deltas.append(obj)
     tokenizer = load_tokenizer(base)
     model = load_model(base)
@@ -175,20 +180,20 @@ def apply_deltas(
             raise MismatchError(
                 f"the delta was made for base {d.base_fingerprint or '(none)'}, "
                 f"this base is {base_fp}",
-                p,
+                _label(p),
                 "apply it to the model it was trained from, or pass --allow-mismatch",
             )
         try:
             apply_delta_(weights, d, scale=1.0 if scales is None else scales[i])
         except InputError as e:
-            raise InputError(e.what, p, e.fix) from None
+            raise InputError(e.what, _label(p), e.fix) from None
         if i + 1 < len(deltas):
             current = model_fingerprint(model)
     save_model(
         model,
         tokenizer,
         out,
-        extra={"base_fingerprint": base_fp, "deltas": [str(p) for p in delta_paths]},
+        extra={"base_fingerprint": base_fp, "deltas": [_label(p) for p in delta_paths]},
     )
     return {
         "out": out,

@@ -1,0 +1,437 @@
+"""Merging sparse task vectors (``lota merge``), natively sparse and one tensor at a time.
+
+Inputs are lota deltas, or fine-tuned model folders whose dense delta against ``--base`` is taken
+on the fly. For each tensor, the inputs' entries are aligned on the union of their supports: a
+``(n_inputs, union)`` matrix of values (zero where an input has no entry) and a matching
+``present`` mask. A registered merge method turns that into one value per union entry; the result
+is ``lambda`` times it. Memory is the inputs' sparse size of one tensor plus that matrix, never a
+dense model per input.
+
+Methods are registered with ``@merge_method(name)``; each receives a ``TensorInputs`` and returns
+the merged values. Randomness (DARE, DELLA) is drawn per input and tensor from a generator seeded
+by ``(seed, input number, tensor name)``, over the input's own entries in position order, so a
+result depends only on the seed and the inputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import format as fmt
+from .delta import SparseDelta
+from .errors import InputError, MismatchError
+from .ticket import Ticket
+
+
+# ---------------------------------------------------------------------------- per-tensor inputs
+@dataclass
+class TensorInputs:
+    """One tensor's inputs, aligned on the union of their supports."""
+
+    name: str
+    numel: int
+    index: torch.Tensor  # (m,) int64, sorted union positions
+    values: torch.Tensor  # (n, m) float32, zero where an input has no entry
+    present: torch.Tensor  # (n, m) bool
+    weights: torch.Tensor  # (n,) float32
+    settings: dict = field(default_factory=dict)
+    seed: int = 0
+
+    def generator(self, i: int) -> torch.Generator:
+        digest = hashlib.blake2b(f"{self.seed}|{i}|{self.name}".encode(), digest_size=8).digest()
+        return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+
+    def keep_count(self, fraction: Fraction) -> int:
+        """``floor(fraction * numel)``, exactly."""
+        return math.floor(fraction * self.numel)
+
+
+MergeFn = Callable[[TensorInputs], torch.Tensor]
+METHODS: dict[str, MergeFn] = {}
+# the settings each method reads (anything else given on the command line is refused)
+USES: dict[str, set[str]] = {}
+
+
+def merge_method(name: str, uses: tuple[str, ...] = ()):
+    """Register ``fn(TensorInputs) -> merged values`` under ``name``."""
+
+    def wrap(fn: MergeFn) -> MergeFn:
+        METHODS[name] = fn
+        USES[name] = set(uses)
+        return fn
+
+    return wrap
+
+
+# ---------------------------------------------------------------------------- building blocks
+def top_by_magnitude(values: torch.Tensor, present: torch.Tensor, k: int) -> torch.Tensor:
+    """Mask of the ``k`` present entries of largest |value| (ties: lower position first)."""
+    keep = torch.zeros_like(present)
+    if k <= 0:
+        return keep
+    cand = present.nonzero().view(-1)
+    if k >= cand.numel():
+        keep[cand] = True
+        return keep
+    order = torch.sort(-values[cand].abs(), stable=True).indices[:k]
+    keep[cand[order]] = True
+    return keep
+
+
+def sign_elected_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """TIES' merge: elect each entry's sign by the sum of the (unweighted) values, then average
+    the weighted values that agree with it (zeros never agree)."""
+    majority = torch.where(values.sum(0) >= 0, 1.0, -1.0)
+    agree = values.sign() == majority
+    total = (values * weights[:, None] * agree).sum(0)
+    return total / agree.sum(0).clamp(min=1)
+
+
+def random_keep(inp: TensorInputs, keep_prob: torch.Tensor | float) -> torch.Tensor:
+    """Bernoulli mask over each input's present entries, drawn in position order."""
+    mask = torch.zeros_like(inp.present)
+    for i in range(inp.values.shape[0]):
+        where = inp.present[i].nonzero().view(-1)
+        p = keep_prob if isinstance(keep_prob, float) else keep_prob[i, where]
+        draws = torch.rand(where.numel(), generator=inp.generator(i))
+        mask[i, where[draws < p]] = True
+    return mask
+
+
+# ---------------------------------------------------------------------------- methods
+@merge_method("add")
+def _add(inp: TensorInputs) -> torch.Tensor:
+    """Plain sum of the deltas (what LoTA recommends for dissimilar tasks)."""
+    return inp.values.sum(0)
+
+
+@merge_method("task-arithmetic", uses=("weights", "lambda"))
+def _task_arithmetic(inp: TensorInputs) -> torch.Tensor:
+    return (inp.values * inp.weights[:, None]).sum(0)
+
+
+@merge_method("ties", uses=("weights", "lambda", "density"))
+def _ties(inp: TensorInputs) -> torch.Tensor:
+    """Trim each delta to its top ``density`` fraction of the tensor's entries by magnitude, elect
+    signs, average the agreeing entries."""
+    k = inp.keep_count(inp.settings["density"])
+    trimmed = torch.stack([v * top_by_magnitude(v, p, k) for v, p in zip(inp.values, inp.present)])
+    return sign_elected_mean(trimmed, inp.weights)
+
+
+def _dare_values(inp: TensorInputs) -> torch.Tensor:
+    keep = 1.0 - float(inp.settings["drop"])
+    return inp.values * random_keep(inp, keep) / keep
+
+
+@merge_method("dare-linear", uses=("weights", "lambda", "drop", "seed"))
+def _dare_linear(inp: TensorInputs) -> torch.Tensor:
+    """Drop each entry with probability ``drop``, rescale the rest by ``1 / (1 - drop)``, sum."""
+    return (_dare_values(inp) * inp.weights[:, None]).sum(0)
+
+
+@merge_method("dare-ties", uses=("weights", "lambda", "drop", "seed"))
+def _dare_ties(inp: TensorInputs) -> torch.Tensor:
+    """DARE's random drop and rescale, then TIES' sign election and mean."""
+    return sign_elected_mean(_dare_values(inp), inp.weights)
+
+
+@merge_method("breadcrumbs", uses=("weights", "lambda", "density", "gamma"))
+def _breadcrumbs(inp: TensorInputs) -> torch.Tensor:
+    """Model Breadcrumbs: per delta and tensor, discard the largest ``gamma`` fraction of entries
+    by magnitude (outliers) and keep the next ``density`` fraction; weighted sum."""
+    top = inp.keep_count(inp.settings["gamma"])
+    k = inp.keep_count(inp.settings["density"])
+    kept = []
+    for v, p in zip(inp.values, inp.present):
+        outliers = top_by_magnitude(v, p, top)
+        kept.append(v * top_by_magnitude(v, p & ~outliers, k))
+    return (torch.stack(kept) * inp.weights[:, None]).sum(0)
+
+
+@merge_method("della", uses=("weights", "lambda", "drop", "epsilon", "seed"))
+def _della(inp: TensorInputs) -> torch.Tensor:
+    """DELLA (MagPrune): drop probabilities spread linearly over ``drop ± epsilon`` by magnitude
+    rank within each delta's entries (smallest magnitude, highest drop), rescale each kept entry by
+    ``1 / (1 - p)``, then TIES' sign election and mean."""
+    drop, eps = float(inp.settings["drop"]), float(inp.settings["epsilon"])
+    keep_prob = torch.zeros_like(inp.values)
+    for i, (v, p) in enumerate(zip(inp.values, inp.present)):
+        where = p.nonzero().view(-1)
+        n = where.numel()
+        if n == 0:
+            continue
+        order = torch.sort(v[where].abs(), stable=True).indices  # ascending magnitude
+        ranks = torch.empty(n, dtype=torch.float32)
+        ranks[order] = torch.arange(n, dtype=torch.float32)
+        spread = ranks / (n - 1) if n > 1 else torch.full((1,), 0.5)
+        keep_prob[i, where] = 1.0 - ((drop + eps) - 2 * eps * spread)
+    mask = random_keep(inp, keep_prob)
+    scaled = torch.where(mask, inp.values / keep_prob.clamp(min=1e-12), 0.0)
+    return sign_elected_mean(scaled, inp.weights)
+
+
+@merge_method("stack", uses=("weights", "lambda"))
+def _stack(inp: TensorInputs) -> torch.Tensor:
+    """Disjoint tickets stacked: refuses any entry held by two inputs, else the weighted sum."""
+    shared = inp.present.sum(0) > 1
+    if bool(shared.any()):
+        raise _Overlap(inp.name, int(shared.sum()), inp.present[:, shared].any(1))
+    return (inp.values * inp.weights[:, None]).sum(0)
+
+
+class _Overlap(Exception):
+    def __init__(self, name: str, count: int, which: torch.Tensor):
+        self.name, self.count, self.which = name, count, which.nonzero().view(-1).tolist()
+
+
+# ---------------------------------------------------------------------------- inputs
+class _DeltaInput:
+    """A lota delta file, read one tensor at a time."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.reader = fmt.Reader(path)
+        if self.reader.kind != "delta":
+            raise InputError(
+                "is a ticket, not a delta: it has no values to merge",
+                path,
+                "make a delta with 'lota delta BASE TUNED --ticket FILE'",
+            )
+        self.shapes = dict(self.reader.shapes)
+        self.base_fingerprint = self.reader.base_fingerprint
+
+    def read(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        idx, v = self.reader.read(name)
+        v = v.to(torch.float32)
+        if not bool(torch.isfinite(v).all()):
+            raise InputError(
+                f"tensor '{name}' holds NaN or inf values",
+                self.path,
+                "merge deltas of runs that did not diverge",
+            )
+        return idx, v
+
+
+class _ModelInput:
+    """A fine-tuned model folder: its dense delta against the base, taken tensor by tensor."""
+
+    def __init__(self, path: str, base, targets: str | None):
+        from .models import WeightReader
+
+        self.path = path
+        self.model = WeightReader(path, "model to merge")
+        self.base = base
+        self.shapes = self.model.targets(targets)
+        self.base_fingerprint = ""  # checked against the base by the caller
+
+    def read(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        d = self.model.get(name).to(torch.float32).sub_(self.base.get(name)).reshape(-1)
+        return torch.arange(d.numel()), d
+
+
+def _parse_fraction(value, what: str, option: str, upper_open: bool = False) -> Fraction:
+    try:
+        f = Fraction(Decimal(str(value)))
+    except (InvalidOperation, ValueError):
+        raise InputError(f"{what} '{value}' is not a number", option, "give a number") from None
+    if not (0 <= f < 1 if upper_open else 0 <= f <= 1):
+        rng = "[0, 1)" if upper_open else "[0, 1]"
+        raise InputError(f"{what} {value} is outside {rng}", option, f"give a value in {rng}")
+    return f
+
+
+@dataclass
+class MergeSettings:
+    method: str = "add"
+    weights: list[float] | None = None
+    lam: float = 1.0
+    density: str | float | None = None
+    drop: str | float | None = None
+    gamma: str | float | None = None
+    epsilon: str | float | None = None
+    seed: int = 0
+    given: set[str] = field(default_factory=set)  # settings the user set explicitly
+
+
+DEFAULTS = {"density": "0.2", "drop": "0.9", "gamma": "0.01", "epsilon": "0.05"}
+
+
+def _resolve(s: MergeSettings, n: int) -> tuple[dict, torch.Tensor]:
+    if s.method not in METHODS:
+        raise InputError(
+            f"unknown merge method '{s.method}'",
+            "--method",
+            f"choose one of {', '.join(sorted(METHODS))}",
+        )
+    unused = sorted(s.given - USES[s.method])
+    if unused:
+        raise InputError(
+            f"method '{s.method}' does not use --{unused[0]}",
+            "--method",
+            f"drop --{unused[0]}, or choose a method that uses it",
+        )
+    weights = s.weights if s.weights is not None else [1.0] * n
+    if len(weights) != n:
+        raise InputError(
+            f"{len(weights)} weights for {n} inputs", "--weights", "give one weight per input"
+        )
+    if not all(math.isfinite(w) for w in weights) or not math.isfinite(s.lam):
+        raise InputError(
+            "weights and lambda must be finite numbers", "--weights", "fix the numbers"
+        )
+    settings = {}
+    for key in ("density", "gamma"):
+        value = getattr(s, key)
+        settings[key] = _parse_fraction(DEFAULTS[key] if value is None else value, key, f"--{key}")
+    settings["drop"] = _parse_fraction(
+        DEFAULTS["drop"] if s.drop is None else s.drop, "drop", "--drop", upper_open=True
+    )
+    settings["epsilon"] = _parse_fraction(
+        DEFAULTS["epsilon"] if s.epsilon is None else s.epsilon, "epsilon", "--epsilon"
+    )
+    if s.method == "della" and not (
+        0 <= settings["drop"] - settings["epsilon"] and settings["drop"] + settings["epsilon"] < 1
+    ):
+        raise InputError(
+            f"drop {float(settings['drop'])} ± epsilon {float(settings['epsilon'])} leaves [0, 1)",
+            "--epsilon",
+            "lower --epsilon so that drop - epsilon >= 0 and drop + epsilon < 1",
+        )
+    return settings, torch.tensor(weights, dtype=torch.float32)
+
+
+def _open_inputs(paths: list[str], base: str | None, targets: str | None):
+    """Open every input; returns ``(inputs, base_fingerprint)`` after checking they agree."""
+    from .models import WeightReader
+
+    if len(paths) < 2:
+        raise InputError("merge needs at least two inputs", "lota merge", "give two or more deltas")
+    base_reader = WeightReader(base, "base model") if base else None
+    inputs = []
+    for p in paths:
+        if Path(p).is_dir():
+            if base_reader is None:
+                raise InputError(
+                    "is a model folder: its delta needs the base it was fine-tuned from",
+                    p,
+                    "pass --base BASE",
+                )
+            inputs.append(_ModelInput(p, base_reader, targets))
+        else:
+            inputs.append(_DeltaInput(p))
+    fps = {i.base_fingerprint for i in inputs if isinstance(i, _DeltaInput)}
+    base_fp = base_reader.fingerprint() if base_reader else ""
+    want = base_fp or next(iter(fps), "")
+    for i in inputs:
+        if isinstance(i, _DeltaInput) and i.base_fingerprint != want:
+            other = "the base" if base_fp else f"'{inputs[0].path}'"
+            raise MismatchError(
+                f"the delta was made for base {i.base_fingerprint or '(none)'}, {other} is {want}",
+                i.path,
+                "merge deltas of the same base model",
+            )
+    shapes: dict[str, tuple[int, ...]] = {}
+    for i in inputs:
+        for name, shape in i.shapes.items():
+            if shapes.setdefault(name, shape) != shape:
+                raise MismatchError(
+                    f"tensor '{name}' has shape {list(shape)}, another input has {list(shapes[name])}",
+                    i.path,
+                    "merge deltas of the same architecture",
+                )
+    return inputs, dict(sorted(shapes.items())), want
+
+
+def merge(
+    paths: list[str],
+    settings: MergeSettings,
+    base: str | None = None,
+    targets: str | None = None,
+    show_progress: bool = True,
+) -> SparseDelta:
+    """Merge deltas (and model folders, with ``base``) into one sparse delta on the union support."""
+    inputs, shapes, base_fp = _open_inputs(paths, base, targets)
+    opts, weights = _resolve(settings, len(inputs))
+    fn = METHODS[settings.method]
+    indices, values = {}, {}
+    for name in tqdm(shapes, desc="merge", unit="tensor", disable=not show_progress, leave=False):
+        numel = math.prod(shapes[name])
+        parts = [i.read(name) if name in i.shapes else None for i in inputs]
+        union = torch.from_numpy(
+            np.unique(
+                np.concatenate(
+                    [p[0].numpy() for p in parts if p is not None] + [np.zeros(0, np.int64)]
+                )
+            )
+        )
+        m = union.numel()
+        vals = torch.zeros(len(inputs), m, dtype=torch.float32)
+        present = torch.zeros(len(inputs), m, dtype=torch.bool)
+        for j, p in enumerate(parts):
+            if p is not None and p[0].numel():
+                at = torch.from_numpy(np.searchsorted(union.numpy(), p[0].numpy()))
+                vals[j, at] = p[1]
+                present[j, at] = True
+        del parts
+        inp = TensorInputs(name, numel, union, vals, present, weights, opts, settings.seed)
+        try:
+            merged = fn(inp)
+        except _Overlap as e:
+            who = " and ".join(paths[w] for w in e.which[:2])
+            raise InputError(
+                f"{e.count} entries of tensor '{name}' are held by more than one input ({who})",
+                "--method stack",
+                "stack only disjoint tickets (LoTTO), or choose another method",
+            ) from None
+        if settings.lam != 1.0:
+            merged = merged * settings.lam
+        indices[name], values[name] = union, merged.to(torch.float32).contiguous()
+    ticket = Ticket(shapes=shapes, indices=indices, base_fingerprint=base_fp)
+    return SparseDelta(ticket=ticket, values=values)
+
+
+# ---------------------------------------------------------------------------- overlap report
+def overlap(paths: list[str]) -> dict:
+    """Pairwise shared entries (and, for deltas, sign conflicts) of lota files, tensor by tensor."""
+    readers = [fmt.Reader(p) for p in paths]
+    pairs = {}
+    for a in range(len(paths)):
+        for b in range(a + 1, len(paths)):
+            shared = conflicts = 0
+            for name in readers[a].names:
+                if name not in readers[b].shapes:
+                    continue
+                ia, va = readers[a].read(name)
+                ib, vb = readers[b].read(name)
+                common, pa, pb = np.intersect1d(
+                    ia.numpy(), ib.numpy(), assume_unique=True, return_indices=True
+                )
+                shared += int(common.size)
+                if va is not None and vb is not None and common.size:
+                    sa = torch.sign(va[torch.from_numpy(pa)].float())
+                    sb = torch.sign(vb[torch.from_numpy(pb)].float())
+                    conflicts += int((sa * sb < 0).sum())
+            na = sum(readers[a].nnz(n) for n in readers[a].names)
+            nb = sum(readers[b].nnz(n) for n in readers[b].names)
+            both_deltas = readers[a].kind == readers[b].kind == "delta"
+            pairs[f"{paths[a]} | {paths[b]}"] = {
+                "a": paths[a],
+                "b": paths[b],
+                "nnz_a": na,
+                "nnz_b": nb,
+                "shared": shared,
+                "shared_of_smaller": shared / max(1, min(na, nb)),
+                "sign_conflicts": conflicts if both_deltas else None,
+            }
+    return {"files": paths, "pairs": list(pairs.values())}
