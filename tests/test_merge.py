@@ -123,7 +123,7 @@ def test_dare_equals_peft_with_the_same_drop_mask(files, method, monkeypatch):
     for name in SHAPES:
         pending = iter(masks[name])
 
-        def fake_prune(tensor, density, method, rescale=False):
+        def fake_prune(tensor, density, method, rescale=False, pending=pending):
             assert method == "random" and rescale and density == pytest.approx(1 - drop)
             return tensor * next(pending) / density
 
@@ -229,7 +229,7 @@ def test_every_registered_method_runs_through_the_cli(files, tmp_path, capsys):
 
 
 def test_model_folders_merge_as_their_dense_deltas(workdir, tmp_path):
-    from lota.models import load_model, named_weights, resolve_targets, save_model, load_tokenizer
+    from lota.models import load_model, load_tokenizer, named_weights, resolve_targets, save_model
 
     base = workdir / "base"
     model = load_model(str(base))
@@ -240,7 +240,7 @@ def test_model_folders_merge_as_their_dense_deltas(workdir, tmp_path):
         m = load_model(str(base))
         g = torch.Generator().manual_seed(i)
         with torch.no_grad():
-            for n, p in named_weights(m).items():
+            for p in named_weights(m).values():
                 p.add_(torch.randn(p.shape, generator=g) * 1e-2)
         save_model(m, load_tokenizer(str(base)), tmp_path / f"ft{i}")
         tuned.append({n: t.detach().clone() for n, t in named_weights(m).items()})
