@@ -309,8 +309,7 @@ def _add_merge(sub):
 
 def _run_merge(a):
     from . import format as fmt
-    from .merge import MergeSettings, merge
-    from .vectors import apply_deltas
+    from .merge import MergeSettings, merge, merge_into_model
 
     given = {
         k for k in ("density", "drop", "gamma", "epsilon", "seed") if getattr(a, k) is not None
@@ -349,7 +348,6 @@ def _run_merge(a):
         seed=0 if a.seed is None else a.seed,
         given=given,
     )
-    d = merge(a.inputs, settings, base=a.base, targets=a.targets, show_progress=not a.quiet)
     config = {
         "command": "merge",
         "inputs": a.inputs,
@@ -364,13 +362,15 @@ def _run_merge(a):
         "base": a.base,
     }
     if a.out:
+        d = merge(a.inputs, settings, base=a.base, targets=a.targets, show_progress=not a.quiet)
         size = fmt.save(d, a.out, config=config)
         _summary(
             f"merge ({a.method}): {len(a.inputs)} inputs -> {d.summary()}; {size:,} bytes -> {a.out}"
         )
     else:
-        d.meta["path"] = f"merge of {len(a.inputs)} inputs"
-        info = apply_deltas(a.base, [d], a.out_model, force=a.force)
+        info = merge_into_model(
+            a.inputs, settings, a.base, a.out_model, targets=a.targets, show_progress=not a.quiet
+        )
         _summary(
             f"merge ({a.method}): {len(a.inputs)} inputs, {info['entries']:,} entries -> {a.out_model}"
         )

@@ -330,12 +330,12 @@ def _open_inputs(paths: list[str], base: str | None, targets: str | None):
             inputs.append(_ModelInput(p, base_reader, targets))
         else:
             inputs.append(_DeltaInput(p))
-    fps = {i.base_fingerprint for i in inputs if isinstance(i, _DeltaInput)}
+    deltas = [i for i in inputs if isinstance(i, _DeltaInput)]
     base_fp = base_reader.fingerprint() if base_reader else ""
-    want = base_fp or next(iter(fps), "")
+    want = base_fp or (deltas[0].base_fingerprint if deltas else "")  # else: the first delta's
     for i in inputs:
         if isinstance(i, _DeltaInput) and i.base_fingerprint != want:
-            other = "the base" if base_fp else f"'{inputs[0].path}'"
+            other = "the base" if base_fp else f"'{deltas[0].path}'"
             raise MismatchError(
                 f"the delta was made for base {i.base_fingerprint or '(none)'}, {other} is {want}",
                 i.path,
@@ -353,6 +353,60 @@ def _open_inputs(paths: list[str], base: str | None, targets: str | None):
     return inputs, dict(sorted(shapes.items())), want
 
 
+def merge_tensors(
+    paths: list[str],
+    settings: MergeSettings,
+    base: str | None = None,
+    targets: str | None = None,
+    show_progress: bool = True,
+):
+    """``(shapes, base_fingerprint, iterator)``: the iterator yields ``(name, union positions,
+    merged values)`` one tensor at a time, so a caller can write or apply each and let it go."""
+    inputs, shapes, base_fp = _open_inputs(paths, base, targets)
+    opts, weights = _resolve(settings, len(inputs))
+    fn = METHODS[settings.method]
+
+    def tensors():
+        for name in tqdm(
+            shapes, desc="merge", unit="tensor", disable=not show_progress, leave=False
+        ):
+            yield (
+                name,
+                *_merge_one(name, shapes[name], inputs, paths, fn, opts, weights, settings),
+            )
+
+    return shapes, base_fp, tensors()
+
+
+def _merge_one(name, shape, inputs, paths, fn, opts, weights, settings):
+    parts = [i.read(name) if name in i.shapes else None for i in inputs]
+    union = np.unique(
+        np.concatenate([p[0].numpy() for p in parts if p is not None] + [np.zeros(0, np.int64)])
+    )
+    vals = torch.zeros(len(inputs), union.size, dtype=torch.float32)
+    present = torch.zeros(len(inputs), union.size, dtype=torch.bool)
+    for j, p in enumerate(parts):
+        if p is not None and p[0].numel():
+            at = torch.from_numpy(np.searchsorted(union, p[0].numpy()))
+            vals[j, at] = p[1]
+            present[j, at] = True
+    del parts
+    union = torch.from_numpy(union)
+    inp = TensorInputs(name, math.prod(shape), union, vals, present, weights, opts, settings.seed)
+    try:
+        merged = fn(inp)
+    except _Overlap as e:
+        who = " and ".join(paths[w] for w in e.which[:2])
+        raise InputError(
+            f"{e.count} entries of tensor '{name}' are held by more than one input ({who})",
+            "--method stack",
+            "stack only disjoint tickets (LoTTO), or choose another method",
+        ) from None
+    if settings.lam != 1.0:
+        merged = merged * settings.lam
+    return union, merged.to(torch.float32).contiguous()
+
+
 def merge(
     paths: list[str],
     settings: MergeSettings,
@@ -361,44 +415,50 @@ def merge(
     show_progress: bool = True,
 ) -> SparseDelta:
     """Merge deltas (and model folders, with ``base``) into one sparse delta on the union support."""
-    inputs, shapes, base_fp = _open_inputs(paths, base, targets)
-    opts, weights = _resolve(settings, len(inputs))
-    fn = METHODS[settings.method]
+    shapes, base_fp, tensors = merge_tensors(paths, settings, base, targets, show_progress)
     indices, values = {}, {}
-    for name in tqdm(shapes, desc="merge", unit="tensor", disable=not show_progress, leave=False):
-        numel = math.prod(shapes[name])
-        parts = [i.read(name) if name in i.shapes else None for i in inputs]
-        union = torch.from_numpy(
-            np.unique(
-                np.concatenate(
-                    [p[0].numpy() for p in parts if p is not None] + [np.zeros(0, np.int64)]
-                )
-            )
-        )
-        m = union.numel()
-        vals = torch.zeros(len(inputs), m, dtype=torch.float32)
-        present = torch.zeros(len(inputs), m, dtype=torch.bool)
-        for j, p in enumerate(parts):
-            if p is not None and p[0].numel():
-                at = torch.from_numpy(np.searchsorted(union.numpy(), p[0].numpy()))
-                vals[j, at] = p[1]
-                present[j, at] = True
-        del parts
-        inp = TensorInputs(name, numel, union, vals, present, weights, opts, settings.seed)
-        try:
-            merged = fn(inp)
-        except _Overlap as e:
-            who = " and ".join(paths[w] for w in e.which[:2])
-            raise InputError(
-                f"{e.count} entries of tensor '{name}' are held by more than one input ({who})",
-                "--method stack",
-                "stack only disjoint tickets (LoTTO), or choose another method",
-            ) from None
-        if settings.lam != 1.0:
-            merged = merged * settings.lam
-        indices[name], values[name] = union, merged.to(torch.float32).contiguous()
+    for name, union, merged in tensors:
+        indices[name], values[name] = union, merged
     ticket = Ticket(shapes=shapes, indices=indices, base_fingerprint=base_fp)
     return SparseDelta(ticket=ticket, values=values)
+
+
+def merge_into_model(
+    paths: list[str],
+    settings: MergeSettings,
+    base: str,
+    out: str,
+    targets: str | None = None,
+    show_progress: bool = True,
+) -> dict:
+    """Write ``base + merged delta`` as a model folder, adding each merged tensor as it is made
+    (the merged delta is never held whole)."""
+    from .delta import write_entries_
+    from .models import load_model, load_tokenizer, named_weights, save_model
+
+    shapes, base_fp, tensors = merge_tensors(paths, settings, base, targets, show_progress)
+    tokenizer = load_tokenizer(base)
+    model = load_model(base)
+    weights = named_weights(model)
+    entries = 0
+    with torch.no_grad():
+        for name, union, merged in tensors:
+            if name not in weights or tuple(weights[name].shape) != shapes[name]:
+                raise MismatchError(
+                    f"tensor '{name}' of the merge does not fit the base",
+                    base,
+                    "merge deltas made for this base",
+                )
+            p = weights[name]
+            write_entries_(p, union, p.data.view(-1)[union], merged)
+            entries += int(union.numel())
+    save_model(
+        model,
+        tokenizer,
+        out,
+        extra={"base_fingerprint": base_fp, "merged": [str(p) for p in paths]},
+    )
+    return {"out": out, "entries": entries, "base_fingerprint": base_fp}
 
 
 # ---------------------------------------------------------------------------- overlap report
