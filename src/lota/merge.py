@@ -83,8 +83,12 @@ def top_by_magnitude(values: torch.Tensor, present: torch.Tensor, k: int) -> tor
     if k >= cand.numel():
         keep[cand] = True
         return keep
-    order = torch.sort(-values[cand].abs(), stable=True).indices[:k]
-    keep[cand[order]] = True
+    mag = values[cand].abs()
+    threshold = torch.kthvalue(mag, cand.numel() - k + 1).values  # the k-th largest magnitude
+    above = mag > threshold
+    ties = (mag == threshold).nonzero().view(-1)[: k - int(above.sum())]  # lowest positions
+    keep[cand[above]] = True
+    keep[cand[ties]] = True
     return keep
 
 
@@ -378,21 +382,38 @@ def merge_tensors(
     return shapes, base_fp, tensors()
 
 
+def _union(indices: list[torch.Tensor], numel: int) -> torch.Tensor | None:
+    """Sorted union of sorted index lists; None when it is every entry of the tensor."""
+    if any(i.numel() == numel for i in indices):
+        return None
+    if len(indices) == 1:
+        return indices[0]
+    mask = np.zeros(numel, dtype=np.bool_)  # one byte per entry: cheaper than sorting the union
+    for i in indices:
+        mask[i.numpy()] = True
+    return torch.from_numpy(np.flatnonzero(mask))
+
+
 def _merge_one(name, shape, inputs, paths, fn, opts, weights, settings):
+    numel = math.prod(shape)
     parts = [i.read(name) if name in i.shapes else None for i in inputs]
-    union = np.unique(
-        np.concatenate([p[0].numpy() for p in parts if p is not None] + [np.zeros(0, np.int64)])
-    )
-    vals = torch.zeros(len(inputs), union.size, dtype=torch.float32)
-    present = torch.zeros(len(inputs), union.size, dtype=torch.bool)
+    union = _union([p[0] for p in parts if p is not None], numel)
+    full = union is None
+    if full:
+        union = torch.arange(numel)
+    vals = torch.zeros(len(inputs), union.numel(), dtype=torch.float32)
+    present = torch.zeros(len(inputs), union.numel(), dtype=torch.bool)
     for j, p in enumerate(parts):
-        if p is not None and p[0].numel():
-            at = torch.from_numpy(np.searchsorted(union, p[0].numpy()))
-            vals[j, at] = p[1]
-            present[j, at] = True
+        if p is None or p[0].numel() == 0:
+            continue
+        if p[0].numel() == union.numel():  # the input holds every entry of the union
+            vals[j], present[j] = p[1], True
+            continue
+        at = p[0] if full else torch.from_numpy(np.searchsorted(union.numpy(), p[0].numpy()))
+        vals[j, at] = p[1]
+        present[j, at] = True
     del parts
-    union = torch.from_numpy(union)
-    inp = TensorInputs(name, math.prod(shape), union, vals, present, weights, opts, settings.seed)
+    inp = TensorInputs(name, numel, union, vals, present, weights, opts, settings.seed)
     try:
         merged = fn(inp)
     except _Overlap as e:
