@@ -134,8 +134,8 @@ def main() -> None:
 
     part1 = []
     for n in counts:
-        weights = [1.0 / 2**i for i in range(n)]
         for method in ("task_arithmetic", "ties", "dare_linear"):
+            weights = [1.0] * n if method == "ties" else [1.0 / 2**i for i in range(n)]
             rows = {"lota": [], "mergekit": []}
             for _ in range(args.repeats):
                 out_l, out_m = work / f"out_lota_{method}_{n}", work / f"out_mk_{method}_{n}"
@@ -173,7 +173,7 @@ def main() -> None:
         d = work / f"delta{i}.safetensors"
         if not d.exists():
             cmd = lota_cli + ["delta", str(base), str(t), "--sparsity", "0.9", "--out", str(d)]
-            subprocess.run(cmd, check=True)
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         deltas.append(d)
     for n in sparse_counts:
         out = work / f"merged_{n}.safetensors"
