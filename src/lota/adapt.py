@@ -37,7 +37,7 @@ from .sparse_model import delta_parameters, extract_delta, prepare, unprepare
 from .ticket import Ticket
 from .train import OPTIMIZERS, MetricsLog, TrainSettings, limit_heap_growth, train
 
-METHODS = ("lota", "fft", "lora", "random", "bottomk")
+METHODS = ("lota", "fft", "lora", "random", "bottomk", "embeddings", "ks-lottery")
 PROTECT_MODES = ("constrained", "flip")
 
 
@@ -260,12 +260,47 @@ def _counted(stream, box: list[int]):
         yield batch
 
 
+def _embedding_methods(cfg: AdaptConfig) -> AdaptConfig:
+    """``embeddings`` is dense training of the input embedding alone; ``ks-lottery`` trains only
+    the rows of a ``lota ks`` ticket (``--tokens``, its folder or ticket file). Tied input and
+    output embeddings are refused rather than letting the output head change too."""
+    if cfg.method not in ("embeddings", "ks-lottery"):
+        return cfg
+    import dataclasses
+    import re
+
+    from .ks import input_embedding
+    from .models import WeightReader
+
+    if cfg.targets is not None:
+        raise InputError(
+            f"--method {cfg.method} chooses its own target (the input embedding)",
+            "--targets",
+            "drop --targets",
+        )
+    name = input_embedding(WeightReader(cfg.model, "model"))
+    targets = "^" + re.escape(name) + "$"
+    if cfg.method == "embeddings":
+        return dataclasses.replace(cfg, method="fft", targets=targets)
+    if not cfg.ticket:
+        raise InputError(
+            "--method ks-lottery needs the selected tokens",
+            "--tokens",
+            "pass the folder written by 'lota ks'",
+        )
+    ticket = Path(cfg.ticket)
+    if ticket.is_dir():
+        ticket = ticket / "ticket.safetensors"
+    return dataclasses.replace(cfg, method="lota", targets=targets, ticket=str(ticket))
+
+
 def adapt(cfg: AdaptConfig) -> dict:
     """Run one adaptation; returns a summary (also written to ``summary.json`` beside the outputs).
 
     A run killed at any moment continues from its last checkpoint when the same command is run
     again, and ends with the same outputs as an uninterrupted run.
     """
+    cfg = _embedding_methods(cfg)
     cfg.validate()
     t_start = time.perf_counter()
     out = Path(cfg.out)

@@ -28,7 +28,9 @@ def _add_adapt(sub):
     )
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument(
-        "--method", default="lota", help="lota | fft | lora | random | bottomk (default lota)"
+        "--method",
+        default="lota",
+        help="lota | fft | lora | random | bottomk | embeddings | ks-lottery (default lota)",
     )
     p.add_argument(
         "--sparsity",
@@ -62,6 +64,12 @@ def _add_adapt(sub):
     )
     p.add_argument(
         "--ticket", default=None, help="reuse this ticket (or delta's ticket); skips calibration"
+    )
+    p.add_argument(
+        "--tokens",
+        dest="ticket",
+        default=None,
+        help="--method ks-lottery: the folder (or ticket) written by 'lota ks'",
     )
     p.add_argument(
         "--protect",
@@ -376,6 +384,44 @@ def _run_merge(a):
         )
 
 
+def _add_ks(sub):
+    p = sub.add_parser(
+        "ks", help="KS-Lottery: the token embeddings whose values changed distribution"
+    )
+    p.add_argument("model", help="the model before embedding tuning")
+    p.add_argument("tuned", help="the model after embedding tuning")
+    p.add_argument("--alpha", type=float, default=0.05)
+    p.add_argument("--correction", default="none", help="none | bonferroni | bh (default none)")
+    p.add_argument("--top", type=int, default=None, help="the N rows of largest statistic instead")
+    p.add_argument("--mode", default="auto", help="p-values: auto | exact | asymp (as scipy)")
+    p.add_argument("--data", default=None, help="training data, to count each token's occurrences")
+    p.add_argument("--out", required=True, help="folder for ticket, transfer delta and listing")
+    p.add_argument("--force", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--json", action="store_true", help="print the selection as JSON")
+    p.set_defaults(run=_run_ks)
+
+
+def _run_ks(a):
+    from .ks import run_ks
+
+    out = Path(a.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not a.force:
+        raise InputError(
+            "output exists", a.out, "choose a new --out, or pass --force to replace it"
+        )
+    report = run_ks(a.model, a.tuned, a.out, a.alpha, a.correction, a.top, a.mode, a.data)
+    if a.json:
+        print(json.dumps(report, indent=2))
+        return
+    shown = ", ".join(repr(r["token"]) for r in report["selected"][:50])
+    more = len(report["selected"]) - 50
+    print(f"selected tokens: {shown}" + (f" and {more} more" if more > 0 else ""))
+    _summary(
+        f"ks: {report['selected_count']:,} of {report['vocab']:,} rows of {report['tensor']} "
+        f"-> {a.out}/ticket.safetensors, transfer.safetensors, tokens.json, tokens.csv"
+    )
+
+
 def _add_eval(sub):
     p = sub.add_parser("eval", help="generate greedily and score against the data's completions")
     p.add_argument("model")
@@ -507,6 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_delta,
         _add_apply,
         _add_merge,
+        _add_ks,
         _add_eval,
         _add_inspect,
         _add_demo,

@@ -1,0 +1,307 @@
+"""KS-Lottery: which token embeddings moved, by a two-sample Kolmogorov-Smirnov test per row.
+
+``ks_rows(a, b)`` computes, for every row ``j``, the two-sided two-sample KS statistic between the
+values of ``a[j]`` and ``b[j]`` (vectorized in torch, chunked over rows), equal to
+``scipy.stats.ks_2samp(a[j], b[j]).statistic`` bit for bit, ties and unequal lengths included, and
+its p-value as scipy computes it (exact or asymptotic, scipy's own functions, evaluated once per
+distinct statistic). ``select_tokens`` applies a correction for the ~V simultaneous tests and
+returns the selected rows.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .errors import InputError
+
+CORRECTIONS = ("none", "bonferroni", "bh")
+
+
+MAX_EXACT_N = 10000  # scipy's "auto" mode is exact up to this sample size
+
+
+def _exact_mode(n1: int, n2: int, mode: str) -> bool:
+    if mode not in ("auto", "exact", "asymp"):
+        raise InputError(f"unknown p-value mode '{mode}'", "--mode", "choose auto, exact or asymp")
+    g = math.gcd(n1, n2)
+    if mode == "auto":
+        return max(n1, n2) <= MAX_EXACT_N
+    return mode == "exact" and n1 // g < np.iinfo(np.int32).max / (n2 // g)
+
+
+def ks_statistics(
+    a: torch.Tensor, b: torch.Tensor, mode: str = "auto", chunk: int = 1024
+) -> torch.Tensor:
+    """Two-sided KS statistic per row of ``a`` (R x n1) against ``b`` (R x n2), float64.
+
+    Per row, the empirical CDFs are compared at every value of either sample: ``cx/n1 - cy/n2``
+    with ``cx``, ``cy`` the counts of values ``<=`` that value, computed in float64 exactly as
+    scipy does. Where scipy computes an exact p-value (``mode``), it reports the statistic as
+    ``round(D * lcm) / lcm`` (``lcm`` of the sample sizes); so does this function, so the
+    statistic equals scipy's bit for bit.
+    """
+    if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[0]:
+        raise ValueError("ks_statistics needs two matrices with the same number of rows")
+    rows, n1 = a.shape
+    n2 = b.shape[1]
+    if _exact_mode(n1, n2, mode):
+        return _exact_statistics(a, b, chunk)
+    out = torch.empty(rows, dtype=torch.float64)
+    for start in range(0, rows, chunk):
+        x = a[start : start + chunk].to(torch.float64)
+        y = b[start : start + chunk].to(torch.float64)
+        values, order = torch.sort(torch.cat([x, y], 1), dim=1, stable=True)
+        from_x = (order < n1).to(torch.int64)
+        cx = torch.cumsum(from_x, 1)
+        cy = torch.arange(1, n1 + n2 + 1).expand_as(cx) - cx
+        # evaluate only at the last of each run of equal values (right-continuous CDFs)
+        last = torch.ones_like(values, dtype=torch.bool)
+        last[:, :-1] = values[:, 1:] != values[:, :-1]
+        diff = cx.to(torch.float64) / n1 - cy.to(torch.float64) / n2
+        diff = torch.where(last, diff, torch.zeros((), dtype=torch.float64))
+        d_plus = diff.max(1).values
+        d_minus = (-diff.min(1).values).clamp(0, 1)
+        out[start : start + chunk] = torch.maximum(d_minus, d_plus)
+    return out
+
+
+def _exact_statistics(a: torch.Tensor, b: torch.Tensor, chunk: int) -> torch.Tensor:
+    """The statistic where scipy reports it as ``h / lcm``: ``h = max |cx*n2 - cy*n1| / g`` is an
+    integer found in integer arithmetic, then divided as scipy divides.
+
+    Values of 32 bits or fewer are sorted as 64-bit integers that carry the value's order in the
+    high bits and its sample in the lowest bit, so one value-only sort (numpy's vectorized sort,
+    several times faster than an argsort) gives both the order and where each value came from.
+    """
+    rows, n1 = a.shape
+    n2 = b.shape[1]
+    g = math.gcd(n1, n2)
+    wa, wb = n1 // g, n2 // g  # key = cx * wb - cy * wa = (cx/n1 - cy/n2) * lcm
+    lcm = wa * n2
+    h = np.empty(rows, dtype=np.int64)
+    pos = np.arange(1, n1 + n2 + 1, dtype=np.int64) * wb
+    narrow = a.dtype != torch.float64 and b.dtype != torch.float64
+    for start in range(0, rows, chunk):
+        x, y = a[start : start + chunk], b[start : start + chunk]
+        if narrow:  # float32 (or narrower, widened exactly): order-preserving integer keys
+            c = torch.cat([x.to(torch.float32), y.to(torch.float32)], 1).numpy() + np.float32(0.0)
+            bits = c.view(np.int32)  # (+ 0.0 turns -0.0 into 0.0, which compare equal)
+            k = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).astype(np.int64) << 1
+            k[:, n1:] |= 1
+            k.sort(axis=1)
+            from_y = k & 1
+            values = k >> 1
+        else:
+            v, order = torch.sort(torch.cat([x.double(), y.double()], 1), dim=1)
+            values, from_y = v.numpy(), (order >= n1).numpy().astype(np.int64)
+        cy = np.cumsum(from_y, axis=1)
+        key = pos - cy * (wa + wb)  # (pos - cy) * wb - cy * wa
+        last = np.ones(key.shape, dtype=np.bool_)  # only the last of each run of equal values
+        np.not_equal(values[:, 1:], values[:, :-1], out=last[:, :-1])
+        key *= last
+        h[start : start + chunk] = np.maximum(key.max(1), -key.min(1))
+    return torch.from_numpy(h).to(torch.float64) / lcm
+
+
+def ks_pvalues(d: torch.Tensor, n1: int, n2: int, mode: str = "auto") -> torch.Tensor:
+    """Two-sided p-values of KS statistics ``d`` for samples of sizes ``n1`` and ``n2``, as
+    ``scipy.stats.ks_2samp`` computes them (``mode`` auto, exact or asymp)."""
+    from scipy.stats import distributions
+    from scipy.stats._stats_py import _attempt_exact_2kssamp
+
+    g = math.gcd(n1, n2)
+    mode = "exact" if _exact_mode(n1, n2, mode) else "asymp"
+    values = d.numpy()
+    unique, inverse = np.unique(values, return_inverse=True)
+    probs = np.empty(unique.size)
+    m, n = sorted([float(n1), float(n2)], reverse=True)
+    en = m * n / (m + n)
+    for i, stat in enumerate(unique):
+        ok = False
+        if mode == "exact":
+            ok, _, prob = _attempt_exact_2kssamp(n1, n2, g, float(stat), "two-sided")
+        if not ok:
+            prob = distributions.kstwo.sf(float(stat), np.round(en))
+        probs[i] = min(max(float(prob), 0.0), 1.0)
+    return torch.from_numpy(probs[inverse].reshape(values.shape))
+
+
+@dataclass
+class Selection:
+    """Rows selected by KS-Lottery and the statistics behind them."""
+
+    token_ids: list[int]
+    statistic: torch.Tensor  # D per row
+    p_value: torch.Tensor  # per row
+    shift: torch.Tensor  # L2 norm of the row's change
+    threshold: float  # the p-value bound the selection used (after correction)
+
+
+def select_tokens(
+    before: torch.Tensor,
+    after: torch.Tensor,
+    alpha: float = 0.05,
+    correction: str = "none",
+    top: int | None = None,
+    mode: str = "auto",
+) -> Selection:
+    """Rows whose values changed distribution: KS test per row at level ``alpha`` with the
+    ``correction`` for multiple testing (none, bonferroni, bh = Benjamini-Hochberg); with ``top``,
+    the ``top`` rows of largest statistic instead (ties: lower row first)."""
+    if before.shape != after.shape or before.dim() != 2:
+        raise InputError(
+            f"embeddings of shapes {list(before.shape)} and {list(after.shape)} do not pair up",
+            "lota ks",
+            "compare a model with a fine-tune of that same model",
+        )
+    if not 0 < alpha < 1:
+        raise InputError(f"alpha {alpha} is outside (0, 1)", "--alpha", "give e.g. 0.05")
+    if correction not in CORRECTIONS:
+        raise InputError(
+            f"unknown correction '{correction}'", "--correction", f"choose {', '.join(CORRECTIONS)}"
+        )
+    d = ks_statistics(before, after, mode)
+    p = ks_pvalues(d, before.shape[1], after.shape[1], mode)
+    shift = torch.cat(
+        [
+            (after[i : i + 1024].to(torch.float64) - before[i : i + 1024].to(torch.float64)).norm(
+                dim=1
+            )
+            for i in range(0, before.shape[0], 1024)
+        ]
+    )
+    rows = d.numel()
+    if top is not None:
+        if not 0 <= top <= rows:
+            raise InputError(f"--top {top} is outside 0..{rows}", "--top", "give a row count")
+        order = torch.sort(-d, stable=True).indices[:top]
+        ids = sorted(int(i) for i in order)
+        return Selection(ids, d, p, shift, float("nan"))
+    if correction == "none":
+        bound = alpha
+        chosen = p < bound
+    elif correction == "bonferroni":
+        bound = alpha / rows
+        chosen = p < bound
+    else:  # Benjamini-Hochberg: the largest i with p_(i) <= i * alpha / m; reject p_(1..i)
+        ranked = torch.sort(p, stable=True).values
+        ok = ranked <= torch.arange(1, rows + 1, dtype=torch.float64) * alpha / rows
+        i = int(ok.nonzero().max()) + 1 if bool(ok.any()) else 0
+        bound = float(ranked[i - 1]) if i else 0.0
+        chosen = p <= bound if i else torch.zeros(rows, dtype=torch.bool)
+    ids = chosen.nonzero().view(-1).tolist()
+    return Selection(ids, d, p, shift, float(bound))
+
+
+# ---------------------------------------------------------------------------- model folders
+def input_embedding(reader) -> str:
+    """Name of the input embedding matrix of a model (a ``WeightReader``); refuses tied ones."""
+    model = reader.skeleton
+    emb = model.get_input_embeddings()
+    name = next(n for n, p in model.named_parameters() if p is emb.weight)
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is emb.weight:
+        raise InputError(
+            "the input and output embeddings are tied: changing a token's row would also change "
+            "the output head",
+            str(reader.folder),
+            "untie them first (set tie_word_embeddings=False and give lm_head its own copy of the "
+            "weights), or adapt other weights with --method lota",
+        )
+    return name
+
+
+def token_counts(data: str, tokenizer, vocab: int, max_length: int = 512) -> torch.Tensor:
+    """How often each token id occurs in the tokenized training data (prompts and completions)."""
+    from .data import read_jsonl, tokenize
+
+    counts = torch.zeros(vocab, dtype=torch.int64)
+    for ex in tokenize(read_jsonl(data), tokenizer, max_length, where=data):
+        ids = torch.tensor(ex.input_ids, dtype=torch.long)
+        counts += torch.bincount(ids[ids < vocab], minlength=vocab)
+    return counts
+
+
+def run_ks(
+    model: str,
+    tuned: str,
+    out: str,
+    alpha: float = 0.05,
+    correction: str = "none",
+    top: int | None = None,
+    mode: str = "auto",
+    data: str | None = None,
+) -> dict:
+    """``lota ks``: select token rows, write the ticket, the listing and the transfer delta."""
+    from . import format as fmt
+    from .delta import SparseDelta
+    from .fileio import atomic_dir, write_json
+    from .models import WeightReader, load_tokenizer
+    from .ticket import Ticket
+
+    rb, rt = WeightReader(model, "base model"), WeightReader(tuned, "tuned model")
+    name = input_embedding(rb)
+    if input_embedding(rt) != name or rb.shapes[name] != rt.shapes[name]:
+        raise InputError(
+            "the two models' input embeddings differ in name or shape",
+            tuned,
+            "compare a model with a fine-tune of that same model",
+        )
+    before, after = rb.get(name), rt.get(name)
+    sel = select_tokens(before, after, alpha, correction, top, mode)
+    tokenizer = load_tokenizer(model)
+    vocab, dim = before.shape
+    counts = token_counts(data, tokenizer, vocab) if data else None
+    rows = torch.tensor(sel.token_ids, dtype=torch.long)
+    idx = (rows[:, None] * dim + torch.arange(dim)).reshape(-1)
+    ticket = Ticket({name: (vocab, dim)}, {name: idx}, base_fingerprint=rb.fingerprint())
+    values = (after.to(torch.float32) - before.to(torch.float32))[rows].reshape(-1)
+    selected = [
+        {
+            "token_id": int(j),
+            "token": tokenizer.decode([int(j)]),
+            "D": float(sel.statistic[j]),
+            "p_value": float(sel.p_value[j]),
+            "shift": float(sel.shift[j]),
+            **({"count_in_data": int(counts[j])} if counts is not None else {}),
+        }
+        for j in sel.token_ids
+    ]
+    config = {
+        "command": "ks",
+        "model": model,
+        "tuned": tuned,
+        "alpha": alpha,
+        "correction": correction,
+        "top": top,
+        "mode": mode,
+        "data": data,
+    }
+    report = {
+        "tensor": name,
+        "vocab": vocab,
+        "dim": dim,
+        "selected_count": len(selected),
+        "threshold": sel.threshold,
+        "config": config,
+        "selected": selected,
+    }
+    with atomic_dir(out) as tmp:
+        fmt.save(ticket, tmp / "ticket.safetensors", config=config)
+        fmt.save(SparseDelta(ticket, {name: values}), tmp / "transfer.safetensors", config=config)
+        write_json(tmp / "tokens.json", report)
+        lines = [
+            "token_id,token,D,p_value,shift" + (",count_in_data" if counts is not None else "")
+        ]
+        for r in selected:
+            token = '"' + r["token"].replace('"', '""') + '"'
+            extra = f",{r['count_in_data']}" if counts is not None else ""
+            lines.append(
+                f"{r['token_id']},{token},{r['D']!r},{r['p_value']!r},{r['shift']!r}{extra}"
+            )
+        (tmp / "tokens.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return report
