@@ -389,6 +389,11 @@ def _commands(workdir, tmp_path, missing):
         "eval-model": ["eval", missing, "--data", workdir / "a.jsonl"],
         "eval-data": ["eval", base, "--data", missing],
         "inspect": ["inspect", missing],
+        "merge-input": ["merge", d, missing, "--out", tmp_path / "o"],
+        "merge-base": ["merge", base, base, "--base", missing, "--out", tmp_path / "o"],
+        "ks-model": ["ks", missing, base, "--out", tmp_path / "o"],
+        "ks-tuned": ["ks", base, missing, "--out", tmp_path / "o"],
+        "ks-data": ["ks", base, base, "--data", missing, "--out", tmp_path / "o"],
     }
 
 
@@ -407,6 +412,11 @@ def _commands(workdir, tmp_path, missing):
         "eval-model",
         "eval-data",
         "inspect",
+        "merge-input",
+        "merge-base",
+        "ks-model",
+        "ks-tuned",
+        "ks-data",
     ],
 )
 def test_missing_path_every_command(workdir, capsys, tmp_path, case):

@@ -251,11 +251,11 @@ def run_ks(
             tuned,
             "compare a model with a fine-tune of that same model",
         )
+    vocab, dim = rb.shapes[name]
+    tokenizer = load_tokenizer(model)
+    counts = token_counts(data, tokenizer, vocab) if data else None  # bad data fails early
     before, after = rb.get(name), rt.get(name)
     sel = select_tokens(before, after, alpha, correction, top, mode)
-    tokenizer = load_tokenizer(model)
-    vocab, dim = before.shape
-    counts = token_counts(data, tokenizer, vocab) if data else None
     rows = torch.tensor(sel.token_ids, dtype=torch.long)
     idx = (rows[:, None] * dim + torch.arange(dim)).reshape(-1)
     ticket = Ticket({name: (vocab, dim)}, {name: idx}, base_fingerprint=rb.fingerprint())
