@@ -422,6 +422,45 @@ def _run_ks(a):
     )
 
 
+def _add_import_mask(sub):
+    p = sub.add_parser("import-mask", help="turn an official LoTA mask file (.pt) into a ticket")
+    p.add_argument("mask", help="torch.save dict of bool masks, True = frozen")
+    p.add_argument("--out", required=True, help="ticket file to write")
+    p.add_argument(
+        "--base", default=None, help="base model: check names and shapes, record its fingerprint"
+    )
+    p.set_defaults(run=_run_import_mask)
+
+
+def _run_import_mask(a):
+    from . import format as fmt
+    from .official import import_official
+
+    _check_new_file(a.out)
+    t = import_official(a.mask, a.base)
+    size = fmt.save(t, a.out, config={"command": "import-mask", "mask": a.mask, "base": a.base})
+    _summary(f"import-mask: ticket of {t.summary()}; {size:,} bytes -> {a.out}")
+
+
+def _add_export_mask(sub):
+    p = sub.add_parser("export-mask", help="write a ticket as an official LoTA mask file (.pt)")
+    p.add_argument("ticket", help="lota ticket or delta")
+    p.add_argument("--out", required=True, help="mask file to write (torch.save, True = frozen)")
+    p.set_defaults(run=_run_export_mask)
+
+
+def _run_export_mask(a):
+    from . import format as fmt
+    from .delta import SparseDelta
+    from .official import export_official
+
+    _check_new_file(a.out)
+    t = fmt.load(a.ticket)
+    t = t.ticket if isinstance(t, SparseDelta) else t
+    size = export_official(t, a.out)
+    _summary(f"export-mask: {t.summary()}; {size:,} bytes -> {a.out}")
+
+
 def _add_eval(sub):
     p = sub.add_parser("eval", help="generate greedily and score against the data's completions")
     p.add_argument("model")
@@ -554,6 +593,8 @@ def build_parser() -> argparse.ArgumentParser:
         _add_apply,
         _add_merge,
         _add_ks,
+        _add_import_mask,
+        _add_export_mask,
         _add_eval,
         _add_inspect,
         _add_demo,

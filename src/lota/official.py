@@ -1,0 +1,97 @@
+"""The official LoTA code's masks: ``torch.save`` dicts ``{parameter name: bool tensor}`` in which
+True marks a frozen (pruned) entry. ``lota import-mask`` turns one into a ticket, reading it with
+``torch.load(weights_only=True)`` (plain tensors only: no code in the file can run);
+``lota export-mask`` writes a ticket in that format for the official training code.
+
+Export is the one place lota writes a pickle-based file, because that is the format the official
+code reads; it is written atomically like every other output.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import FormatError, InputError, MismatchError
+from .fileio import atomic_path
+from .ticket import Ticket
+
+
+def import_official(path: str, base: str | None = None) -> Ticket:
+    """The ticket (trainable = False in the mask) of an official mask file."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError("file not found", path, "check the path")
+    if p.is_dir():
+        raise InputError(
+            "is a folder, not a mask file", path, "pass the .pt file saved by the official code"
+        )
+    try:
+        masks = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        text = str(e)
+        at = text.find("WeightsUnpickler error:")
+        rest = [x.strip() for x in text[at + 23 :].splitlines() if x.strip()] if at >= 0 else []
+        detail = rest[0][:120] if rest else "unsupported content"
+        raise FormatError(
+            f"refused: weights_only loading found something other than plain tensors ({detail})",
+            path,
+            "import only mask files saved by the official LoTA code (a dict of tensors)",
+        ) from None
+    except Exception as e:
+        raise FormatError(
+            f"not a readable torch.save file ({type(e).__name__})",
+            path,
+            "pass the .pt mask file saved by the official LoTA code",
+        ) from None
+    if not isinstance(masks, dict) or not masks:
+        raise FormatError(
+            "expected a dict of parameter name -> mask tensor", path, "pass an official mask file"
+        )
+    shapes, indices = {}, {}
+    for name, m in masks.items():
+        if not isinstance(name, str) or not isinstance(m, torch.Tensor):
+            raise FormatError(
+                f"entry {name!r} is not a parameter name with a mask tensor",
+                path,
+                "pass an official mask file",
+            )
+        if m.dtype != torch.bool:
+            if bool(((m != 0) & (m != 1)).any()):
+                raise FormatError(
+                    f"mask of '{name}' holds values other than 0 and 1",
+                    path,
+                    "pass an official mask file (True or 1 = frozen)",
+                )
+            m = m != 0
+        shapes[name] = tuple(m.shape)
+        trainable = ~m.reshape(-1)
+        indices[name] = torch.from_numpy(np.flatnonzero(trainable.numpy()))
+    fingerprint = ""
+    if base is not None:
+        from .models import WeightReader
+
+        reader = WeightReader(base, "base model")
+        for name, shape in shapes.items():
+            if reader.shapes.get(name) != shape:
+                have = reader.shapes.get(name)
+                raise MismatchError(
+                    f"mask '{name}' has shape {list(shape)}, the base "
+                    + ("has no such parameter" if have is None else f"has {list(have)}"),
+                    path,
+                    "import masks made for this base model",
+                )
+        fingerprint = reader.fingerprint()
+    return Ticket(shapes=shapes, indices=indices, base_fingerprint=fingerprint)
+
+
+def export_official(ticket: Ticket, path: str | os.PathLike) -> int:
+    """Write ``{name: bool mask, True = frozen}`` with ``torch.save``; returns the file size."""
+    masks = {name: ~m for name, m in ticket.dense_masks().items()}
+    with atomic_path(path) as tmp:
+        torch.save(masks, tmp)
+    return Path(path).stat().st_size
