@@ -394,6 +394,8 @@ def _commands(workdir, tmp_path, missing):
         "ks-model": ["ks", missing, base, "--out", tmp_path / "o"],
         "ks-tuned": ["ks", base, missing, "--out", tmp_path / "o"],
         "ks-data": ["ks", base, base, "--data", missing, "--out", tmp_path / "o"],
+        "import-mask": ["import-mask", missing, "--out", tmp_path / "o"],
+        "export-mask": ["export-mask", missing, "--out", tmp_path / "o"],
     }
 
 
@@ -417,6 +419,8 @@ def _commands(workdir, tmp_path, missing):
         "ks-model",
         "ks-tuned",
         "ks-data",
+        "import-mask",
+        "export-mask",
     ],
 )
 def test_missing_path_every_command(workdir, capsys, tmp_path, case):
