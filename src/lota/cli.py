@@ -461,6 +461,37 @@ def _run_export_mask(a):
     _summary(f"export-mask: {t.summary()}; {size:,} bytes -> {a.out}")
 
 
+def _add_import_lora(sub):
+    p = sub.add_parser("import-lora", help="a PEFT LoRA adapter as a lota delta for its base")
+    p.add_argument("adapter", help="PEFT adapter folder (adapter_config.json, safetensors weights)")
+    p.add_argument("--base", required=True, help="the base model the adapter was trained on")
+    p.add_argument(
+        "--sparsity", default=None, help="keep only the top-k of the change at this sparsity"
+    )
+    p.add_argument("--values-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--out", required=True)
+    p.set_defaults(run=_run_import_lora)
+
+
+def _run_import_lora(a):
+    from . import format as fmt
+    from .lora_import import import_lora
+    from .selection import parse_sparsity
+
+    if a.sparsity is not None:
+        parse_sparsity(a.sparsity)
+    _check_new_file(a.out)
+    d = import_lora(a.adapter, a.base, a.sparsity)
+    config = {
+        "command": "import-lora",
+        "adapter": a.adapter,
+        "base": a.base,
+        "sparsity": a.sparsity,
+    }
+    size = fmt.save(d, a.out, values_dtype=a.values_dtype, config=config)
+    _summary(f"import-lora: {d.summary()}; {size:,} bytes -> {a.out}")
+
+
 def _add_eval(sub):
     p = sub.add_parser("eval", help="generate greedily and score against the data's completions")
     p.add_argument("model")
@@ -595,6 +626,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_ks,
         _add_import_mask,
         _add_export_mask,
+        _add_import_lora,
         _add_eval,
         _add_inspect,
         _add_demo,
