@@ -116,3 +116,16 @@ def test_tasks_are_dissimilar_in_their_outputs():
 def test_unknown_task_is_refused():
     with pytest.raises(InputError):
         generate("poetry", 0, 1, 1, 1)
+
+
+def test_real_sql_split_is_stable_and_disjoint():
+    from lota.lab.tasks import real_sql
+
+    train = real_sql("train")
+    if train is None:
+        pytest.skip("../shared/data is absent")
+    test = real_sql("test")
+    assert real_sql("test") == test and 0.05 < len(test) / (len(train) + len(test)) < 0.15
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in test}
+    assert TASKS["sql"].score([r["completion"] for r in test[:50]], test[:50])["score"] == 1.0
+    assert all(r["prompt"].startswith("CREATE TABLE") for r in test[:50])

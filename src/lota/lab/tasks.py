@@ -18,10 +18,12 @@ validation and test splits drawn without overlap, and scores predictions against
 
 from __future__ import annotations
 
+import os
 import random
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 REFUSAL = "I can't help with that."
 
@@ -386,3 +388,39 @@ def _score_safety(preds: list[str], examples: list[dict]) -> dict:
 task("safety", "refuse a harmless stand-in class of requests, answer similar benign ones")(
     (_safety, _score_safety)
 )
+
+
+# ---------------------------------------------------------------------------- real data
+def shared_data_dir() -> Path | None:
+    """The public datasets folder (``LOTA_DATA``, else ``../shared/data`` from the working
+    directory or from the project), or None when it is absent."""
+    candidates = [os.environ.get("LOTA_DATA")] if os.environ.get("LOTA_DATA") else []
+    candidates += [
+        Path.cwd().parent / "shared" / "data",
+        Path(__file__).parents[4] / "shared" / "data",
+    ]
+    for c in candidates:
+        if c and Path(c).is_dir():
+            return Path(c)
+    return None
+
+
+def real_sql(split: str, limit: int | None = None) -> list[dict] | None:
+    """sql-create-context as sql-task rows, or None when the data is absent. The one file is split
+    by a hash of the question: blake2b(question) mod 10 == 0 goes to ``test``, the rest to
+    ``train`` (stable across runs and machines)."""
+    import hashlib
+    import json
+
+    folder = shared_data_dir()
+    if folder is None or not (folder / "sql_create_context" / "all.json").exists():
+        return None
+    rows = []
+    for r in json.loads((folder / "sql_create_context" / "all.json").read_text(encoding="utf-8")):
+        bucket = hashlib.blake2b(r["question"].encode(), digest_size=8).digest()[0] % 10
+        if (bucket == 0) == (split == "test"):
+            prompt = f"{r['context']}\nQuestion: {r['question']}\nSQL:"
+            rows.append({"prompt": prompt, "completion": f" {r['answer']}"})
+            if limit is not None and len(rows) >= limit:
+                break
+    return rows
