@@ -492,6 +492,37 @@ def _run_import_lora(a):
     _summary(f"import-lora: {d.summary()}; {size:,} bytes -> {a.out}")
 
 
+def _add_lab(sub):
+    p = sub.add_parser("lab", help="the lab: build the base model (more to come)")
+    lab = p.add_subparsers(dest="lab_command", required=True, metavar="LAB_COMMAND")
+    pre = lab.add_parser(
+        "pretrain", help="train the lab's tokenizer and base model from its recipe"
+    )
+    pre.add_argument("--out", required=True, help="model folder to write")
+    pre.add_argument("--size", default="small", help="recipe: small (the lab's base) or tiny")
+    pre.add_argument("--steps", type=int, default=None, help="override the recipe's step count")
+    pre.add_argument("--force", action="store_true", help="replace an existing --out folder")
+    pre.add_argument(
+        "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars"
+    )
+    pre.set_defaults(run=_run_lab_pretrain)
+
+
+def _run_lab_pretrain(a):
+    from .lab.base import pretrain
+
+    out = Path(a.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not a.force:
+        raise InputError(
+            "output exists", a.out, "choose a new --out, or pass --force to replace it"
+        )
+    info = pretrain(a.out, a.size, a.steps, show_progress=not a.quiet)
+    _summary(
+        f"lab pretrain: {info['params']:,} parameters, {info['recipe']['steps']} steps, loss "
+        f"{info['first_loss']:.3f} -> {info['final_loss']:.3f} in {info['wall_s']:.0f} s -> {a.out}"
+    )
+
+
 def _add_eval(sub):
     p = sub.add_parser("eval", help="generate greedily and score against the data's completions")
     p.add_argument("model")
@@ -627,6 +658,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_import_mask,
         _add_export_mask,
         _add_import_lora,
+        _add_lab,
         _add_eval,
         _add_inspect,
         _add_demo,
