@@ -19,15 +19,16 @@ import torch
 from . import tasks as T
 
 RECIPES = {
-    # several million parameters: what trains in about an hour here
+    # 5.4M parameters; measured here at about 1.4 s per step of 32 x 128 tokens, so the 2400
+    # steps (9.8M tokens, about 1.4 passes over the corpus) take about an hour
     "small": {
         "hidden": 256,
         "layers": 6,
         "heads": 8,
         "intermediate": 704,
         "vocab": 2048,
-        "docs": 60000,
-        "steps": 3000,
+        "docs": 150000,
+        "steps": 2400,
         "batch": 32,
         "seq": 128,
         "lr": 2e-3,
