@@ -11,7 +11,6 @@ import json
 import os
 import sys
 import warnings
-from pathlib import Path
 
 from .errors import InputError, LotaError
 
@@ -338,13 +337,10 @@ def _run_merge(a):
         raise InputError("--out-model needs the base model", "--out-model", "pass --base BASE")
     if a.out:
         _check_new_file(a.out)
-    elif Path(a.out_model).exists() and not a.force:
-        if not Path(a.out_model).is_dir() or any(Path(a.out_model).iterdir()):
-            raise InputError(
-                "output exists",
-                a.out_model,
-                "choose a new --out-model, or pass --force to replace it",
-            )
+    else:
+        from .fileio import check_new_folder
+
+        check_new_folder(a.out_model, a.force, "--out-model")
     settings = MergeSettings(
         method=a.method,
         weights=weights,
@@ -402,13 +398,10 @@ def _add_ks(sub):
 
 
 def _run_ks(a):
+    from .fileio import check_new_folder
     from .ks import run_ks
 
-    out = Path(a.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not a.force:
-        raise InputError(
-            "output exists", a.out, "choose a new --out, or pass --force to replace it"
-        )
+    check_new_folder(a.out, a.force)
     report = run_ks(a.model, a.tuned, a.out, a.alpha, a.correction, a.top, a.mode, a.data)
     if a.json:
         print(json.dumps(report, indent=2))
@@ -509,13 +502,10 @@ def _add_lab(sub):
 
 
 def _run_lab_pretrain(a):
+    from .fileio import check_new_folder
     from .lab.base import pretrain
 
-    out = Path(a.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not a.force:
-        raise InputError(
-            "output exists", a.out, "choose a new --out, or pass --force to replace it"
-        )
+    check_new_folder(a.out, a.force)
     info = pretrain(a.out, a.size, a.steps, show_progress=not a.quiet)
     _summary(
         f"lab pretrain: {info['params']:,} parameters, {info['recipe']['steps']} steps, loss "

@@ -79,6 +79,15 @@ def fault(point: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def check_new_folder(path: str | os.PathLike, force: bool, option: str = "--out") -> None:
+    """Refuse an output folder that already holds something (or is a file) unless ``force``."""
+    out = Path(path)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise InputError(
+            "output exists", str(path), f"choose a new {option}, or pass --force to replace it"
+        )
+
+
 def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")

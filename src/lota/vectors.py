@@ -10,7 +10,6 @@ mismatch unless told otherwise.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -19,6 +18,7 @@ from . import format as fmt
 from . import selection
 from .delta import SparseDelta, apply_delta_
 from .errors import InputError, MismatchError
+from .fileio import check_new_folder
 from .models import (
     WeightReader,
     load_model,
@@ -149,9 +149,7 @@ def apply_deltas(
     force: bool = False,
 ) -> dict:
     """Write ``base + Σ scale_i · delta_i`` as a loadable model folder (deltas as paths or objects)."""
-    out_path = Path(out)
-    if out_path.exists() and (not out_path.is_dir() or any(out_path.iterdir())) and not force:
-        raise InputError("output exists", out, "choose a new --out, or pass --force to replace it")
+    check_new_folder(out, force)
     if scales is not None and len(scales) != len(delta_paths):
         raise InputError(
             f"{len(scales)} scales for {len(delta_paths)} deltas",
