@@ -28,13 +28,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+import child
 
 from lota.selection import ticket_size
 
@@ -164,26 +163,11 @@ def build(folder: Path, layers: int, dtype: str, shard_gb: float, tuned_of: Path
 
 
 def run_child(cmd: list[str], limit_gb: float | None = None) -> tuple[float, float, str, int]:
-    """``(wall s, peak MiB, stdout, exit code)`` of one child process."""
-    import tempfile
-
-    def limit():
-        if limit_gb:
-            b = int(limit_gb * 2**30)
-            resource.setrlimit(resource.RLIMIT_AS, (b, b))
-
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        t = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, preexec_fn=limit)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - t
-        proc.returncode = code = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        text, errors = out.read(), err.read()
-    if code:
-        print(f"exit code {code}: {errors[-1500:]}", file=sys.stderr)
-    return wall, usage.ru_maxrss / 1024, text, code
+    """``(wall s, peak MiB, stdout, exit code)``; a failure's stderr is shown."""
+    r = child.run_child(cmd, limit_gb)
+    if r.code:
+        print(f"exit code {r.code}: {r.stderr[-1500:]}", file=sys.stderr)
+    return r.wall_s, r.peak_mb, r.stdout, r.code
 
 
 def main() -> None:

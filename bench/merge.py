@@ -34,29 +34,21 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
+import child
 import torch
 from safetensors.torch import load_file
 
 
 def run_child(cmd: list[str]) -> tuple[float, float, int, str]:
     """``(wall s, peak MiB, exit code, stderr tail)`` of one child process."""
-    with tempfile.TemporaryFile("w+") as err:
-        t = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - t
-        proc.returncode = code = os.waitstatus_to_exitcode(status)
-        err.seek(0)
-        tail = err.read()[-800:]
-    return wall, usage.ru_maxrss / 1024, code, tail
+    r = child.run_child(cmd)
+    return r.wall_s, r.peak_mb, r.code, r.stderr[-800:]
 
 
 def build(work: Path, n: int, hidden: int, layers: int) -> tuple[Path, list[Path]]:
