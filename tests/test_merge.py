@@ -339,6 +339,9 @@ def test_mismatched_and_bad_inputs_are_refused(files, tmp_path, capsys):
     assert "epsilon" in refused(
         capsys, *files, "--method", "della", "--drop", "0.9", "--epsilon", "0.2", "--out", out
     )
+    assert "not a number" in refused(
+        capsys, *files, "--method", "ties", "--density", "inf", "--out", out
+    )
     assert "--base" in refused(capsys, files[0], tmp_path, "--out", out)
     assert "not found" in refused(capsys, files[0], tmp_path / "missing.safetensors", "--out", out)
     assert not out.exists()

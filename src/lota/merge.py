@@ -19,7 +19,6 @@ import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from tqdm.auto import tqdm
 from . import format as fmt
 from .delta import SparseDelta
 from .errors import InputError, MismatchError
+from .selection import parse_fraction
 from .ticket import Ticket
 
 
@@ -244,17 +244,6 @@ class _ModelInput:
         return torch.arange(d.numel()), d
 
 
-def _parse_fraction(value, what: str, option: str, upper_open: bool = False) -> Fraction:
-    try:
-        f = Fraction(Decimal(str(value)))
-    except (InvalidOperation, ValueError):
-        raise InputError(f"{what} '{value}' is not a number", option, "give a number") from None
-    if not (0 <= f < 1 if upper_open else 0 <= f <= 1):
-        rng = "[0, 1)" if upper_open else "[0, 1]"
-        raise InputError(f"{what} {value} is outside {rng}", option, f"give a value in {rng}")
-    return f
-
-
 @dataclass
 class MergeSettings:
     method: str = "add"
@@ -297,11 +286,11 @@ def _resolve(s: MergeSettings, n: int) -> tuple[dict, torch.Tensor]:
     settings = {}
     for key in ("density", "gamma"):
         value = getattr(s, key)
-        settings[key] = _parse_fraction(DEFAULTS[key] if value is None else value, key, f"--{key}")
-    settings["drop"] = _parse_fraction(
+        settings[key] = parse_fraction(DEFAULTS[key] if value is None else value, key, f"--{key}")
+    settings["drop"] = parse_fraction(
         DEFAULTS["drop"] if s.drop is None else s.drop, "drop", "--drop", upper_open=True
     )
-    settings["epsilon"] = _parse_fraction(
+    settings["epsilon"] = parse_fraction(
         DEFAULTS["epsilon"] if s.epsilon is None else s.epsilon, "epsilon", "--epsilon"
     )
     if s.method == "della" and not (

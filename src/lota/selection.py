@@ -34,23 +34,38 @@ _BINS = 1 << 16
 _LITTLE_ENDIAN = sys.byteorder == "little"
 
 
-def parse_sparsity(value: str | float) -> Fraction:
-    """Sparsity as an exact fraction in [0, 1); ``"0.9"`` is exactly 9/10."""
+def parse_fraction(
+    value,
+    what: str,
+    option: str,
+    upper_open: bool = False,
+    number_fix: str = "give a number",
+    range_fix: str | None = None,
+) -> Fraction:
+    """``value`` as an exact fraction (``"0.9"`` is exactly 9/10) in [0, 1], or [0, 1) with
+    ``upper_open``; anything else is an ``InputError`` naming ``what`` and ``option``."""
+    bounds = "[0, 1)" if upper_open else "[0, 1]"
     try:
         frac = Fraction(Decimal(str(value)))
     except (InvalidOperation, ValueError, OverflowError):
+        raise InputError(f"{what} '{value}' is not a number", option, number_fix) from None
+    if not (0 <= frac < 1 if upper_open else 0 <= frac <= 1):
         raise InputError(
-            f"sparsity '{value}' is not a number",
-            "--sparsity",
-            "give a fraction of frozen entries in [0, 1), e.g. 0.9",
-        ) from None
-    if not 0 <= frac < 1:
-        raise InputError(
-            f"sparsity {value} is outside [0, 1)",
-            "--sparsity",
-            "give a fraction of frozen entries in [0, 1), e.g. 0.9 keeps 10 % trainable",
+            f"{what} {value} is outside {bounds}", option, range_fix or f"give a value in {bounds}"
         )
     return frac
+
+
+def parse_sparsity(value: str | float) -> Fraction:
+    """Sparsity as an exact fraction in [0, 1); ``"0.9"`` is exactly 9/10."""
+    return parse_fraction(
+        value,
+        "sparsity",
+        "--sparsity",
+        upper_open=True,
+        number_fix="give a fraction of frozen entries in [0, 1), e.g. 0.9",
+        range_fix="give a fraction of frozen entries in [0, 1), e.g. 0.9 keeps 10 % trainable",
+    )
 
 
 def ticket_size(sparsity: str | float | Fraction, numel: int) -> int:
