@@ -14,6 +14,7 @@ from lota.toy import save_toy_model
 quiet_transformers()
 
 TINY = {"hidden": 32, "layers": 2, "heads": 2}
+ADAPT = ["--steps", "2", "--calibration-steps", "1", "--lr", "1e-2", "--batch-size", "4", "--quiet"]
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -54,3 +55,13 @@ def workdir(tmp_path_factory) -> Path:
     write_jsonl(d / "a.jsonl", addition_rows(24))
     write_jsonl(d / "b.jsonl", reverse_rows(24))
     return d
+
+
+@pytest.fixture(scope="session")
+def trained(workdir) -> Path:
+    """``lota adapt`` of the tiny base on task A, with a saved model, run once per session."""
+    from lota.cli import main
+
+    argv = ["adapt", str(workdir / "base"), "--data", str(workdir / "a.jsonl")]
+    assert main(argv + ["--out", str(workdir / "cli_a"), "--save-model", *ADAPT]) == 0
+    return workdir / "cli_a"

@@ -13,35 +13,16 @@ from lota.cli import main
 from lota.selection import select
 from lota.ticket import Ticket
 
-from .conftest import write_jsonl
-
-ADAPT = ["--steps", "2", "--calibration-steps", "1", "--lr", "1e-2", "--batch-size", "4", "--quiet"]
+from .conftest import (
+    ADAPT,  # noqa: F401 (other test modules import it from here)
+    write_jsonl,
+)
 
 
 def lota(capsys, *args):
     code = main([str(a) for a in args])
     out, err = capsys.readouterr()
     return code, out, err
-
-
-@pytest.fixture(scope="module")
-def trained(workdir):
-    assert (
-        main(
-            [
-                "adapt",
-                str(workdir / "base"),
-                "--data",
-                str(workdir / "a.jsonl"),
-                "--out",
-                str(workdir / "cli_a"),
-                "--save-model",
-                *ADAPT,
-            ]
-        )
-        == 0
-    )
-    return workdir / "cli_a"
 
 
 def test_end_to_end_commands(workdir, trained, capsys):

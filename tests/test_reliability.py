@@ -345,8 +345,8 @@ def test_corrupt_checkpoint_is_refused(workdir, capsys, tmp_path):
 
 
 # ---------------------------------------------------------------------------- the matrix, per command
-def _commands(workdir, tmp_path, missing):
-    d = workdir / "cli_a" / "delta.safetensors"
+def _commands(workdir, trained, tmp_path, missing):
+    d = trained / "delta.safetensors"
     base = workdir / "base"
     return {
         "adapt-model": [
@@ -423,26 +423,12 @@ def _commands(workdir, tmp_path, missing):
         "export-mask",
     ],
 )
-def test_missing_path_every_command(workdir, capsys, tmp_path, case):
+def test_missing_path_every_command(workdir, trained, capsys, tmp_path, case):
     missing = tmp_path / "does-not-exist"
-    if not (workdir / "cli_a" / "delta.safetensors").exists():
-        assert (
-            main(
-                [
-                    "adapt",
-                    str(workdir / "base"),
-                    "--data",
-                    str(workdir / "a.jsonl"),
-                    "--out",
-                    str(workdir / "cli_a"),
-                    "--save-model",
-                    *ADAPT,
-                ]
-            )
-            == 0
-        )
-        capsys.readouterr()
-    assert_refused(*lota(capsys, *_commands(workdir, tmp_path, missing)[case]), "does-not-exist")
+    capsys.readouterr()
+    assert_refused(
+        *lota(capsys, *_commands(workdir, trained, tmp_path, missing)[case]), "does-not-exist"
+    )
     assert not (tmp_path / "o").exists()
 
 
