@@ -486,7 +486,7 @@ def _run_import_lora(a):
 
 
 def _add_lab(sub):
-    p = sub.add_parser("lab", help="the lab: build the base model (more to come)")
+    p = sub.add_parser("lab", help="the lab: rebuild the base model")
     lab = p.add_subparsers(dest="lab_command", required=True, metavar="LAB_COMMAND")
     pre = lab.add_parser(
         "pretrain", help="train the lab's tokenizer and base model from its recipe"
@@ -510,6 +510,57 @@ def _run_lab_pretrain(a):
     _summary(
         f"lab pretrain: {info['params']:,} parameters, {info['recipe']['steps']} steps, loss "
         f"{info['first_loss']:.3f} -> {info['final_loss']:.3f} in {info['wall_s']:.0f} s -> {a.out}"
+    )
+
+
+def _add_bench(sub):
+    p = sub.add_parser("bench", help="measure the papers' claims on the lab's base model")
+    bench = p.add_subparsers(dest="bench_command", required=True, metavar="BENCH_COMMAND")
+    q = bench.add_parser(
+        "quality",
+        help="SPEC section 6: single task, sequential tasks, merging, safety, KS-Lottery",
+    )
+    q.add_argument("--out", default="runs/quality", help="results, report and run cache")
+    q.add_argument("--seeds", type=int, default=None, help="seeds per cell (default: the scale's)")
+    q.add_argument(
+        "--tasks",
+        default="math,sql,instruct",
+        help="comma-separated; claims 1-3 use the first two, the chain runs through all",
+    )
+    q.add_argument(
+        "--claims",
+        default=None,
+        help="comma-separated subset of single,sequential,merge,safety,ks (default all)",
+    )
+    q.add_argument("--scale", default="full", help="full (the committed results) or smoke")
+    q.add_argument("--base", default=None, help="base model folder (default: the lab's base)")
+    q.add_argument("--jobs", type=int, default=1, help="runs trained at once (one thread each)")
+    q.add_argument(
+        "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress output"
+    )
+    q.set_defaults(run=_run_bench_quality)
+
+
+def _run_bench_quality(a):
+    from .lab.base import default_base
+    from .lab.quality import run_quality
+
+    if a.jobs < 1:
+        raise InputError(f"--jobs {a.jobs} must be at least 1", "--jobs", "give e.g. 2")
+    base = a.base or default_base()
+    results = run_quality(
+        a.out,
+        base,
+        [t.strip() for t in a.tasks.split(",") if t.strip()],
+        seeds=a.seeds,
+        claims=[c.strip() for c in a.claims.split(",")] if a.claims else None,
+        scale=a.scale,
+        jobs=a.jobs,
+        progress=not a.quiet,
+    )
+    _summary(
+        f"bench quality: {', '.join(c for c in results['meta']['claims'])} in "
+        f"{results['meta']['wall_s_this_invocation']:.0f} s -> {a.out}/report.md"
     )
 
 
@@ -592,17 +643,27 @@ def _run_inspect(a):
 
 def _add_demo(sub):
     p = sub.add_parser(
-        "demo", help="LoTA, FFT and LoTTO end to end on a built-in toy model and tasks"
+        "demo", help="LoTA vs FFT vs LoRA, FFT vs LoTTO forgetting, a merge, on the lab's base"
     )
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--base", default=None, help="base model folder (default: the lab's base)")
+    p.add_argument("--jobs", type=int, default=2, help="runs trained at once (one thread each)")
+    p.add_argument("--scale", default="demo", help="demo, or smoke for a seconds-long check")
     p.set_defaults(run=_run_demo)
 
 
 def _run_demo(a):
     from .demo import run_demo
 
-    run_demo(a.out, seed=a.seed, show_progress=not a.quiet)
+    if a.jobs < 1:
+        raise InputError(f"--jobs {a.jobs} must be at least 1", "--jobs", "give e.g. 2")
+    from .lab.runner import SCALES
+
+    if a.scale not in ("demo", "smoke"):
+        raise InputError(f"unknown scale '{a.scale}'", "--scale", "choose demo or smoke")
+    assert a.scale in SCALES
+    run_demo(a.out, seed=a.seed, base=a.base, scale=a.scale, jobs=a.jobs, show_progress=not a.quiet)
 
 
 def _check_new_file(path: str) -> None:
@@ -649,6 +710,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_export_mask,
         _add_import_lora,
         _add_lab,
+        _add_bench,
         _add_eval,
         _add_inspect,
         _add_demo,

@@ -73,8 +73,10 @@ def generate(
     max_new_tokens: int,
     batch_size: int = 16,
     show_progress: bool = True,
+    ended: list[bool] | None = None,
 ) -> list[str]:
-    """Greedy completions, batched with left padding; stops at EOS."""
+    """Greedy completions, batched with left padding; stops at EOS. With ``ended``, appends for
+    each completion whether it stopped at EOS (rather than at ``max_new_tokens``)."""
     model.eval()
     pad = tokenizer.pad_token_id
     outs: list[str] = []
@@ -104,6 +106,8 @@ def generate(
         )
         for row in gen[:, width:]:
             outs.append(tokenizer.decode(row, skip_special_tokens=True))
+            if ended is not None:
+                ended.append(bool((row == tokenizer.eos_token_id).any()))
         bar.update(len(chunk))
     bar.close()
     return outs

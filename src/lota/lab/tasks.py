@@ -424,3 +424,13 @@ def real_sql(split: str, limit: int | None = None) -> list[dict] | None:
             if limit is not None and len(rows) >= limit:
                 break
     return rows
+
+
+# ---------------------------------------------------------------------------- template control
+def paraphrase(task: str, row: dict) -> dict:
+    """The row with its prompt rewritten in a different template (same content, same answer): a
+    control for gains that only come from learning one prompt format. Only ``translate`` has one."""
+    if task != "translate":
+        raise ValueError(f"task '{task}' has no paraphrased template")
+    english = row["prompt"].removeprefix("English: ").removesuffix("\nInvented:")
+    return {**row, "prompt": f"Translate into the invented language: {english}\nTranslation:"}

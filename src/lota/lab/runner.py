@@ -1,0 +1,352 @@
+"""The lab's run cache: every training run, merged model and score is computed once and kept.
+
+A run is described by a plain dictionary (its *spec*: start model, task, method, learning rate,
+seed, ...). Its folder under ``CACHE/runs`` is named from a readable label and a hash of the spec,
+the scale and the base model's fingerprint, so a finished run is found again by an identical
+request and never confused with a different one. ``result.json`` is written last (atomically):
+a folder without it is an unfinished run and is redone from the start. Scores live beside it in
+``scores.json``, one entry per (task, split, template).
+
+``prefetch`` runs independent specs in worker processes (``--jobs``), each with one torch thread;
+the claims then read the cached results in order, so a parallel run and a serial run give the
+same results.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..fileio import write_json, write_text
+from . import tasks as T
+
+# ---------------------------------------------------------------------------- scales
+SCALES = {
+    # the committed results: 3 seeds, every learning rate of the grid searched on validation
+    "full": {
+        "n_train": 2000,
+        "n_val": 100,
+        "n_test": 200,
+        "steps": 150,
+        "batch": 16,
+        "calibration": 20,
+        "long_calibration": 150,
+        "calibration_lr": 1e-3,
+        "lr_points": 3,
+        "seeds": 3,
+        "eval_batch": 100,
+        "real_sql": 200,
+    },
+    # ``lota demo``: one seed, fixed learning rates, small test sets, inside five minutes
+    "demo": {
+        "n_train": 2000,
+        "n_val": 50,
+        "n_test": 100,
+        "steps": 100,
+        "batch": 16,
+        "calibration": 20,
+        "long_calibration": 150,
+        "calibration_lr": 1e-3,
+        "lr_points": 1,
+        "seeds": 1,
+        "eval_batch": 100,
+        "real_sql": 0,
+    },
+    # a quick pass through every claim (tests, ``--scale smoke``)
+    "smoke": {
+        "n_train": 48,
+        "n_val": 6,
+        "n_test": 6,
+        "steps": 2,
+        "batch": 4,
+        "calibration": 1,
+        "long_calibration": 3,
+        "calibration_lr": 1e-3,
+        "lr_points": 1,
+        "seeds": 1,
+        "eval_batch": 8,
+        "real_sql": 4,
+        "max_new_tokens": 6,
+    },
+}
+# learning-rate grids (every method of a family gets the same number of points); the middle
+# points are used when a scale searches only one
+LR_GRID = {
+    "fft": [3e-4, 1e-3, 3e-3],
+    "lora": [1e-3, 3e-3, 1e-2],
+    "lota": [3e-3, 1e-2, 3e-2],
+    "random": [3e-3, 1e-2, 3e-2],
+    "bottomk": [3e-3, 1e-2, 3e-2],
+    "embeddings": [3e-3, 1e-2, 3e-2],
+    "ks-lottery": [3e-3, 1e-2, 3e-2],
+}
+MAX_NEW_TOKENS = {"math": 24, "sql": 40, "instruct": 32, "translate": 28, "safety": 32}
+DATA_SEED = 0  # the task data is the same for every seed; seeds change initialisation and order
+
+
+def lr_grid(method: str, points: int) -> list[float]:
+    grid = LR_GRID["ks-lottery" if method in ("ks-rows",) else method]
+    if points >= len(grid):
+        return list(grid)
+    mid = len(grid) // 2
+    lo = mid - points // 2
+    return grid[lo : lo + points]
+
+
+def _digest(obj) -> str:
+    return hashlib.blake2b(json.dumps(obj, sort_keys=True).encode(), digest_size=5).hexdigest()
+
+
+@dataclass
+class Run:
+    id: str
+    folder: Path
+    spec: dict
+    info: dict
+
+    @property
+    def model(self) -> str:
+        return str(self.folder / "model")
+
+    @property
+    def delta(self) -> str:
+        return str(self.folder / "delta.safetensors")
+
+
+class Lab:
+    """Data, runs and scores of one bench directory."""
+
+    def __init__(
+        self, out: str | Path, base: str, scale: str = "full", jobs: int = 1, progress=True
+    ):
+        from ..models import WeightReader
+
+        self.out = Path(out)
+        self.cache = self.out / "cache"
+        self.base = str(base)
+        self.scale_name = scale
+        self.scale = SCALES[scale]
+        self.jobs = max(1, int(jobs))
+        self.progress = progress
+        self.base_fp = WeightReader(self.base, "base model").fingerprint()
+        self.log: list[str] = []
+
+    # ------------------------------------------------------------------------ data
+    def rows(self, task: str, split: str, template: str = "default") -> list[dict]:
+        s = self.scale
+        if task == "sql-real":
+            rows = T.real_sql("test", limit=s["real_sql"]) or []
+        else:
+            rows = T.generate(task, DATA_SEED, s["n_train"], s["n_val"], s["n_test"])[split]
+        if template == "paraphrase":
+            rows = [T.paraphrase(task, r) for r in rows]
+        return rows
+
+    def data_file(self, task: str, split: str = "train") -> str:
+        path = self.cache / "data" / self.scale_name / f"{task}_{split}.jsonl"
+        if not path.exists():
+            lines = "".join(
+                json.dumps({"prompt": r["prompt"], "completion": r["completion"]}) + "\n"
+                for r in self.rows(task, split)
+            )
+            write_text(path, lines)
+        return str(path)
+
+    # ------------------------------------------------------------------------ runs
+    def key(self, spec: dict) -> str:
+        label = "-".join(
+            str(spec[k]).replace("/", "_")
+            for k in ("task", "method", "lr", "seed")
+            if spec.get(k) is not None
+        )
+        return f"{label}-{_digest([spec, self.scale, self.base_fp])}"
+
+    def folder(self, spec: dict) -> Path:
+        return self.cache / "runs" / self.key(spec)
+
+    def done(self, spec: dict) -> bool:
+        return (self.folder(spec) / "result.json").exists()
+
+    def run(self, spec: dict) -> Run:
+        """The run of ``spec``: read from the cache, or trained now."""
+        folder = self.folder(spec)
+        if not (folder / "result.json").exists():
+            self._train(spec, folder)
+        result = json.loads((folder / "result.json").read_text())
+        return Run(folder.name, folder, spec, result["info"])
+
+    def start_model(self, spec: dict) -> str:
+        start = spec.get("start")
+        return self.base if start is None else self.run(start).model
+
+    def _train(self, spec: dict, folder: Path) -> None:
+        from ..adapt import AdaptConfig, adapt
+
+        s = self.scale
+        if folder.exists():
+            shutil.rmtree(folder)  # an unfinished run: start it over
+        model = self.start_model(spec)
+        protect = [self.run(p).delta for p in spec.get("protect", [])]
+        protect += [str(p) for p in spec.get("protect_files", [])]
+        cfg = AdaptConfig(
+            model=model,
+            data=self.data_file(spec["task"]),
+            out=str(folder),
+            method=spec["method"],
+            sparsity=str(spec.get("sparsity", "0.9")),
+            calibration_steps=spec.get("calibration", s["calibration"]),
+            calibration_lr=s["calibration_lr"],
+            steps=s["steps"],
+            lr=spec["lr"],
+            batch_size=s["batch"],
+            seed=spec["seed"],
+            protect=protect,
+            protect_mode=spec.get("protect_mode", "constrained"),
+            ticket=spec.get("tokens"),
+            max_length=256,
+            save_model=True,
+            checkpoint_every=10**9,
+            progress=False,
+        )
+        info = adapt(cfg)
+        write_json(folder / "result.json", {"spec": spec, "info": info})
+
+    # ------------------------------------------------------------------------ scores
+    def score(self, model: str, task: str, split: str = "test", template: str = "default") -> dict:
+        """Scores of the model folder on a task split (cached beside the model)."""
+        path = self._scores_path(model)
+        cached = json.loads(path.read_text()) if path.exists() else {}
+        key = f"{task}/{split}/{template}"
+        if key not in cached:
+            cached = json.loads(path.read_text()) if path.exists() else {}
+            cached[key] = self._evaluate(model, task, split, template)
+            write_json(path, cached)
+        return cached[key]
+
+    def _scores_path(self, model: str) -> Path:
+        folder = Path(model).resolve().parent
+        if self.cache.resolve() in folder.parents:
+            return folder / "scores.json"
+        # a model outside the cache (the base): its scores are kept in the cache, not beside it
+        return self.cache / "external" / _digest([str(Path(model).resolve())]) / "scores.json"
+
+    def _evaluate(self, model_path: str, task: str, split: str, template: str) -> dict:
+        from ..data import Example
+        from ..evaluate import generate
+        from ..models import load_model, load_tokenizer
+
+        rows = self.rows(task, split, template)
+        if not rows:
+            return {"score": None, "n": 0}
+        tokenizer = load_tokenizer(model_path)
+        model = load_model(model_path)
+        examples = [Example(prompt=r["prompt"], completion=r["completion"]) for r in rows]
+        ended: list[bool] = []
+        preds = generate(
+            model,
+            tokenizer,
+            examples,
+            min(
+                MAX_NEW_TOKENS["sql" if task == "sql-real" else task],
+                self.scale.get("max_new_tokens", 10**6),
+            ),
+            self.scale["eval_batch"],
+            show_progress=False,
+            ended=ended,
+        )
+        scorer = T.TASKS["sql" if task == "sql-real" else task].score
+        result = {k: v for k, v in scorer(preds, rows).items() if k != "correct"}
+        result["eos_rate"] = sum(ended) / len(ended)
+        result["n"] = len(rows)
+        result["sample"] = [{"prompt": r["prompt"], "prediction": p} for r, p in zip(rows, preds)][
+            :3
+        ]
+        return result
+
+    # ------------------------------------------------------------------------ derived models
+    def derived(self, label: str, recipe: dict, build) -> str:
+        """A model folder made by ``build(folder)`` (a merge, a transfer), cached by its recipe."""
+        folder = self.cache / "models" / f"{label}-{_digest([recipe, self.scale, self.base_fp])}"
+        if not (folder / "done.json").exists():
+            if folder.exists():
+                shutil.rmtree(folder)
+            folder.mkdir(parents=True)
+            build(str(folder / "model"))
+            write_json(folder / "done.json", recipe)
+        return str(folder / "model")
+
+    # ------------------------------------------------------------------------ parallel prefetch
+    def prefetch(self, items: list[tuple[dict, list[tuple[str, str, str]]]]) -> None:
+        """Train the specs not yet cached and compute the listed scores of each, in parallel.
+
+        ``items``: (spec, [(task, split, template), ...]). Specs whose start or protected runs are
+        not finished yet are left for the serial pass (they depend on another item)."""
+        todo, seen = [], set()
+        for spec, scores in items:
+            key = self.key(spec)
+            if key in seen:
+                continue
+            seen.add(key)
+            deps = ([spec["start"]] if spec.get("start") else []) + spec.get("protect", [])
+            if not all(self.done(d) for d in deps):
+                continue
+            folder = self.folder(spec)
+            have = (
+                json.loads((folder / "scores.json").read_text())
+                if (folder / "scores.json").exists()
+                else {}
+            )  # a run's scores sit beside its model folder
+            missing = [s for s in scores if "/".join(s) not in have]
+            if not self.done(spec) or missing:
+                todo.append((spec, missing))
+        if not todo:
+            return
+        if self.jobs == 1 or len(todo) == 1:
+            for spec, scores in todo:
+                self._fetch(spec, scores)
+                self._tick(spec)
+            return
+        import multiprocessing as mp
+
+        with ProcessPoolExecutor(
+            max_workers=self.jobs,
+            mp_context=mp.get_context("spawn"),
+            initializer=_worker_init,
+        ) as pool:
+            futures = [pool.submit(_fetch_in_worker, self, spec, scores) for spec, scores in todo]
+            for (spec, _), f in zip(todo, futures):
+                f.result()
+                self._tick(spec)
+
+    def _fetch(self, spec: dict, scores: list[tuple[str, str, str]]) -> None:
+        run = self.run(spec)
+        for task, split, template in scores:
+            self.score(run.model, task, split, template)
+
+    def _tick(self, spec: dict) -> None:
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            tqdm.write(f"  done: {self.key(spec)}")
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items()}
+
+
+def _worker_init() -> None:
+    torch.set_num_threads(1)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from ..models import quiet_transformers
+
+    quiet_transformers()
+
+
+def _fetch_in_worker(lab: Lab, spec: dict, scores) -> None:
+    lab._fetch(spec, scores)

@@ -1,0 +1,169 @@
+"""``lota bench quality`` and ``lota demo`` as short smoke runs on a tiny lab base."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lota import format as fmt
+from lota.cli import main
+from lota.lab.base import pretrain
+from lota.lab.quality import stats
+from lota.lab.report import compare
+from lota.lab.runner import Lab, lr_grid
+from lota.merge import overlap
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp("labbase") / "base"
+    pretrain(str(out), "tiny", steps=10, show_progress=False)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def smoke(tiny_base, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bench") / "quality"
+    args = ["bench", "quality", "--scale", "smoke", "--base", tiny_base, "--out", str(out)]
+    assert main([*args, "--quiet"]) == 0
+    return out
+
+
+def _results(out: Path) -> dict:
+    return json.loads((out / "results.json").read_text())
+
+
+def test_smoke_bench_reports_every_claim_with_plots(smoke):
+    r = _results(smoke)
+    assert r["kind"] == "quality-bench" and r["meta"]["scale"] == "smoke"
+    for claim in ("single", "sequential", "merge", "safety", "ks"):
+        assert r[claim], claim
+    report = (smoke / "report.md").read_text()
+    for title in ("Claim 1", "Claim 2", "Claim 3", "Claim 4", "KS-Lottery"):
+        assert title in report
+    for png in ("single", "calibration_sparsity", "sequential", "chain", "merge", "safety", "ks"):
+        data = (smoke / f"{png}.png").read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n", png
+        assert f"({png}.png)" in report
+    # every method of claim 1 had its learning rate chosen on validation, and it is reported
+    for m in ("fft", "lora", "lota", "random", "bottomk"):
+        assert r["learning_rates"][f"math/{m}"]["chosen"] in lr_grid(m, 3)
+        assert (
+            r["single"]["methods"][f"math/{m}"]["lr"] == r["learning_rates"][f"math/{m}"]["chosen"]
+        )
+
+
+def test_masks_are_the_size_of_lota_tickets_and_frozen_entries_verified(smoke):
+    r = _results(smoke)["single"]["methods"]
+    for t in ("math", "sql"):
+        k = r[f"{t}/lota"]["trained_entries"]
+        assert r[f"{t}/random"]["trained_entries"] == k == r[f"{t}/bottomk"]["trained_entries"]
+        assert r[f"{t}/fft"]["trained_entries"] == 10 * k or r[f"{t}/fft"]["trained_entries"] > k
+    sparse = 0
+    for f in (smoke / "cache" / "runs").glob("*/result.json"):
+        res = json.loads(f.read_text())
+        if res["spec"]["method"] in ("lota", "random", "bottomk", "ks-lottery"):
+            assert res["info"]["frozen_verified"] is True, f
+            sparse += 1
+    assert sparse >= 10
+
+
+def test_lotto_stage_tickets_are_disjoint_from_the_first(smoke):
+    pairs = 0
+    for f in (smoke / "cache" / "runs").glob("*/result.json"):
+        spec = json.loads(f.read_text())["spec"]
+        if spec.get("protect") and spec.get("protect_mode", "constrained") == "constrained":
+            lab = Lab(
+                smoke, json.loads((smoke / "results.json").read_text())["meta"]["base"], "smoke"
+            )
+            first = lab.folder(spec["protect"][0]) / "delta.safetensors"
+            ov = overlap([str(first), str(f.parent / "delta.safetensors")])["pairs"][0]
+            assert ov["shared"] == 0
+            pairs += 1
+    assert pairs >= 2
+
+
+def test_rerun_reuses_every_cached_run(smoke):
+    before = {p: p.stat().st_mtime_ns for p in (smoke / "cache").rglob("result.json")}
+    first = _results(smoke)
+    base = first["meta"]["base"]
+    args = ["bench", "quality", "--scale", "smoke", "--base", base, "--out", str(smoke), "--quiet"]
+    assert main(args) == 0
+    after = {p: p.stat().st_mtime_ns for p in (smoke / "cache").rglob("result.json")}
+    assert after == before  # nothing trained again
+    second = _results(smoke)
+    for key in ("single", "sequential", "merge", "safety", "ks", "learning_rates"):
+        assert second[key] == first[key]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--claims", "single,everything"], "unknown claim 'everything'"),
+        (["--tasks", "math,chess"], "'chess' is not a fine-tuning task"),
+        (["--tasks", "math"], "at least two different tasks"),
+        (["--seeds", "0"], "--seeds 0 must be at least 1"),
+        (["--scale", "huge"], "unknown scale 'huge'"),
+        (["--jobs", "0"], "--jobs 0 must be at least 1"),
+    ],
+)
+def test_bad_bench_options_get_one_line_and_write_nothing(
+    tiny_base, tmp_path, capsys, extra, message
+):
+    out = tmp_path / "q"
+    code = main(["bench", "quality", "--base", tiny_base, "--out", str(out), *extra])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_stats_and_comparisons():
+    s = stats([0.5, 0.7, None, 0.6])
+    assert s["n"] == 3 and s["mean"] == pytest.approx(0.6) and s["std"] == pytest.approx(0.1)
+    assert stats([])["mean"] is None
+    assert "within noise" in compare("a", stats([0.6, 0.7]), "b", stats([0.62, 0.66]))
+    assert " above " in compare("a", stats([0.9, 0.91]), "b", stats([0.5, 0.52]))
+    assert " below " in compare("a", stats([0.1, 0.11]), "b", stats([0.5, 0.52]))
+    assert "not measured" in compare("a", stats([]), "b", stats([1.0]))
+
+
+def test_parallel_prefetch_equals_serial(tiny_base, tmp_path):
+    specs = [
+        {"task": "math", "method": "lota", "lr": 3e-3, "seed": 0},
+        {"task": "sql", "method": "fft", "lr": 1e-3, "seed": 1},
+    ]
+    want = [("math", "test", "default")]
+    serial, parallel = Lab(tmp_path / "s", tiny_base, "smoke", 1, False), None
+    parallel = Lab(tmp_path / "p", tiny_base, "smoke", 2, False)
+    serial.prefetch([(s, want) for s in specs])
+    parallel.prefetch([(s, want) for s in specs])
+    for s in specs:
+        a = fmt.load(serial.run(s).delta)
+        b = fmt.load(parallel.run(s).delta)
+        for name in a.values:
+            assert torch.equal(a.ticket.indices[name], b.ticket.indices[name])
+            assert torch.equal(a.values[name], b.values[name])
+        assert serial.score(serial.run(s).model, "math") == parallel.score(
+            parallel.run(s).model, "math"
+        )
+
+
+def test_demo_prints_the_table_and_writes_the_report(tiny_base, tmp_path, capsys):
+    out = tmp_path / "demo"
+    args = ["demo", "--scale", "smoke", "--base", tiny_base, "--out", str(out), "--jobs", "1"]
+    assert main([*args, "--quiet"]) == 0
+    r = json.loads((out / "results.json").read_text())
+    printed = capsys.readouterr().out
+    for name in ("FFT A", "LoRA A", "LoTA A", "FFT A -> FFT B", "LoTA A -> LoTTO B", "merge"):
+        assert name in printed and name in "".join(r["rows"])
+    assert r["lotto_protected"]["bit_identical"] and r["lotto_protected"]["entries"] > 0
+    assert r["fft_chain"]["changed"] > 0
+    lota = r["rows"]["LoTA A"]
+    assert lota["trained_entries"] * 5 < r["rows"]["FFT A"]["trained_entries"]
+    assert lota["delta_bytes"] < r["rows"]["FFT A"]["delta_bytes"]
+    folder = out
+    assert (folder / "demo.png").read_bytes()[:4] == b"\x89PNG"
+    assert "demo.png" in (folder / "report.md").read_text()
