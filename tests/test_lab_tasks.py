@@ -129,3 +129,45 @@ def test_real_sql_split_is_stable_and_disjoint():
     assert not {r["prompt"] for r in train} & {r["prompt"] for r in test}
     assert TASKS["sql"].score([r["completion"] for r in test[:50]], test[:50])["score"] == 1.0
     assert all(r["prompt"].startswith("CREATE TABLE") for r in test[:50])
+
+
+def test_paraphrased_template_keeps_the_sentence_and_the_answer():
+    from lota.lab.tasks import paraphrase
+
+    row = generate("translate", 0, 3, 0, 0)["train"][0]
+    p = paraphrase("translate", row)
+    english = row["prompt"].removeprefix("English: ").removesuffix("\nInvented:")
+    assert p["prompt"] == f"Translate into the invented language: {english}\nTranslation:"
+    assert p["completion"] == row["completion"] and "English:" not in p["prompt"]
+    with pytest.raises(ValueError):
+        paraphrase("math", generate("math", 0, 1, 0, 0)["train"][0])
+
+
+def test_generation_reports_which_completions_stopped_at_eos():
+    import torch
+
+    from lota.data import Example
+    from lota.evaluate import generate as greedy
+
+    class Tok:
+        pad_token_id, eos_token_id = 0, 2
+
+        def __call__(self, text, **_):
+            return {"input_ids": [5] * len(text)}
+
+        def decode(self, ids, skip_special_tokens=True):
+            return " ".join(str(int(i)) for i in ids if int(i) not in (0, 2))
+
+    class Model:  # emits EOS at once for prompts of even length, token 7 otherwise
+        def eval(self):
+            return self
+
+        def generate(self, input_ids, attention_mask, max_new_tokens, **_):
+            even = attention_mask.sum(1) % 2 == 0
+            new = torch.where(even[:, None], 2, 7).repeat(1, max_new_tokens)
+            new[even, 1:] = 0
+            return torch.cat([input_ids, new], 1)
+
+    ended: list[bool] = []
+    out = greedy(Model(), Tok(), [Example("ab", "x"), Example("abc", "x")], 3, 8, False, ended)
+    assert ended == [True, False] and out == ["", "7 7 7"]

@@ -49,7 +49,7 @@ SCALES = {
         "n_train": 2000,
         "n_val": 50,
         "n_test": 100,
-        "steps": 100,
+        "steps": 150,
         "batch": 16,
         "calibration": 20,
         "long_calibration": 150,
