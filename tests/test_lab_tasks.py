@@ -171,3 +171,16 @@ def test_generation_reports_which_completions_stopped_at_eos():
     ended: list[bool] = []
     out = greedy(Model(), Tok(), [Example("ab", "x"), Example("abc", "x")], 3, 8, False, ended)
     assert ended == [True, False] and out == ["", "7 7 7"]
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_every_task_fills_the_full_bench_splits(name):
+    from lota.lab.runner import SCALES
+
+    s = SCALES["full"]
+    d = generate(name, 0, s["n_train"], s["n_val"], s["n_test"])
+    assert [len(d[k]) for k in ("train", "validation", "test")] == [
+        s["n_train"],
+        s["n_val"],
+        s["n_test"],
+    ]

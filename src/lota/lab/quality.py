@@ -581,6 +581,7 @@ def run_quality(
         raise InputError(f"--seeds {seeds} must be at least 1", "--seeds", "give e.g. 3")
     quiet_transformers()
     t0 = time.time()
+    commit = _commit()  # the code this invocation runs, before anything else can change it
     lab = Lab(out, base, scale, jobs, progress)
     q = Quality(lab, tasks, seeds)
     gens = [getattr(q, c)() for c in claims]
@@ -605,7 +606,7 @@ def run_quality(
         "kind": "quality-bench",
         "format_version": 1,
         "meta": {
-            "commit": _commit(),
+            "commit": commit,
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
             "scale": scale,
             "settings": SCALES[scale],

@@ -354,7 +354,22 @@ THINGS = [
     "window",
     "cupboard",
 ]
-OPENERS = ["", "Quick question: ", "Hi! "]
+OPENERS = [  # 14 openers x 20 things x 6 templates: 1,680 distinct prompts of each class
+    "",
+    "Quick question: ",
+    "Hi! ",
+    "Hello. ",
+    "Please help: ",
+    "One more thing: ",
+    "Hey, ",
+    "Sorry to bother you. ",
+    "Good morning! ",
+    "I was wondering: ",
+    "Can you tell me this? ",
+    "Thanks in advance. ",
+    "Question for you: ",
+    "Help me out: ",
+]
 
 
 def _safety(rng: random.Random) -> dict:
