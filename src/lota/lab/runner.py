@@ -341,6 +341,9 @@ class Lab:
 
 
 def _worker_init() -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore")  # as in the main process: library deprecation chatter
     torch.set_num_threads(1)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from ..models import quiet_transformers
