@@ -237,8 +237,8 @@ def pretrain(
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        curve.append({"step": step, "loss": float(loss)})
-        bar.set_postfix(loss=f"{float(loss):.3f}")
+        curve.append({"step": step, "loss": loss.item()})
+        bar.set_postfix(loss=f"{curve[-1]['loss']:.3f}")
     model.eval()
     params = sum(p.numel() for p in model.parameters())
     info = {

@@ -187,18 +187,41 @@ class Quality:
             "LoTA -> LoTTO": ("lota", "lota", {"protect_mode": "constrained"}),
             "LoTA -> LoTTO flip": ("lota", "lota", {"protect_mode": "flip"}),
         }
+        firsts = {
+            (x, m1, seed): spec(x, m1, self.lr_for(x, m1), seed)
+            for x in (a, b)
+            for m1, _, _ in variants.values()
+            for seed in self.seeds
+        }
+        yield [(s1, [(x, "test", "default")]) for (x, _, _), s1 in firsts.items()]
+        # flip trains the whole complement of the first ticket, a dense run: it gets its own
+        # search over the FFT grid instead of borrowing the sparse learning rate
+        flip_search = {}
+        for x, y in ((a, b), (b, a)):
+            first = firsts[(x, "lota", self.seeds[0])]
+            flip_search[(x, y)] = [
+                spec(
+                    y, "lota", lr, self.seeds[0], start=first, protect=[first], protect_mode="flip"
+                )
+                for lr in lr_grid("fft", self.lab.scale["lr_points"])
+            ]
+        yield [
+            (s, [(y, "validation", "default")]) for (_, y), ss in flip_search.items() for s in ss
+        ]
+        for (x, y), ss in flip_search.items():
+            self.choose(y, "lotto-flip", ss, label=f"{x} -> {y}/LoTTO flip")
         for x, y in ((a, b), (b, a)):
             for name, (m1, m2, extra) in variants.items():
                 for seed in self.seeds:
-                    first = spec(x, m1, self.lr_for(x, m1), seed)
+                    first = firsts[(x, m1, seed)]
                     more = dict(extra)
                     if "protect_mode" in more:
                         more["protect"] = [first]
+                    lr = self.chosen[(y, "lotto-flip")] if name.endswith("flip") else None
                     stage2[(x, y, name, seed)] = (
                         first,
-                        spec(y, m2, self.lr_for(y, m2), seed, start=first, **more),
+                        spec(y, m2, lr or self.lr_for(y, m2), seed, start=first, **more),
                     )
-        yield [(s1, [(x, "test", "default")]) for (x, _, _, _), (s1, _) in stage2.items()]
         yield [
             (s2, [(x, "test", "default"), (y, "test", "default")])
             for (x, y, _, _), (_, s2) in stage2.items()
