@@ -658,11 +658,8 @@ def _run_demo(a):
 
     if a.jobs < 1:
         raise InputError(f"--jobs {a.jobs} must be at least 1", "--jobs", "give e.g. 2")
-    from .lab.runner import SCALES
-
     if a.scale not in ("demo", "smoke"):
         raise InputError(f"unknown scale '{a.scale}'", "--scale", "choose demo or smoke")
-    assert a.scale in SCALES
     run_demo(a.out, seed=a.seed, base=a.base, scale=a.scale, jobs=a.jobs, show_progress=not a.quiet)
 
 

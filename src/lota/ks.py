@@ -226,6 +226,15 @@ def token_counts(data: str, tokenizer, vocab: int, max_length: int = 512) -> tor
     return counts
 
 
+def row_ticket(name: str, shape: tuple[int, int], rows: torch.Tensor, base_fingerprint: str):
+    """The ticket holding whole rows ``rows`` (sorted token ids) of a ``(vocab, dim)`` tensor."""
+    from .ticket import Ticket
+
+    dim = shape[1]
+    idx = (rows[:, None] * dim + torch.arange(dim)).reshape(-1)
+    return Ticket({name: tuple(shape)}, {name: idx}, base_fingerprint=base_fingerprint)
+
+
 def run_ks(
     model: str,
     tuned: str,
@@ -241,7 +250,6 @@ def run_ks(
     from .delta import SparseDelta
     from .fileio import atomic_dir, write_json
     from .models import WeightReader, load_tokenizer
-    from .ticket import Ticket
 
     rb, rt = WeightReader(model, "base model"), WeightReader(tuned, "tuned model")
     name = input_embedding(rb)
@@ -257,8 +265,7 @@ def run_ks(
     before, after = rb.get(name), rt.get(name)
     sel = select_tokens(before, after, alpha, correction, top, mode)
     rows = torch.tensor(sel.token_ids, dtype=torch.long)
-    idx = (rows[:, None] * dim + torch.arange(dim)).reshape(-1)
-    ticket = Ticket({name: (vocab, dim)}, {name: idx}, base_fingerprint=rb.fingerprint())
+    ticket = row_ticket(name, (vocab, dim), rows, rb.fingerprint())
     values = (after.to(torch.float32) - before.to(torch.float32))[rows].reshape(-1)
     selected = [
         {

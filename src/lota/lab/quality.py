@@ -432,9 +432,8 @@ class Quality:
         partial tuning on the ticket vs partial transfer vs random seen rows vs frequency top-n;
         first-line and full-output chrF, EOS rate, and a paraphrased template."""
         from .. import format as fmt
-        from ..ks import input_embedding, run_ks, select_tokens, token_counts
+        from ..ks import input_embedding, row_ticket, run_ks, select_tokens, token_counts
         from ..models import WeightReader, load_tokenizer
-        from ..ticket import Ticket
         from ..vectors import apply_deltas
 
         task = "translate"
@@ -478,8 +477,7 @@ class Quality:
                     order = sorted(range(vocab), key=lambda j: (-int(counts[j]), j))
                     rows = torch.tensor(order[:n], dtype=torch.long)
                 rows = rows.sort().values
-                idx = (rows[:, None] * dim + torch.arange(dim)).reshape(-1)
-                t = Ticket({name: (vocab, dim)}, {name: idx}, base_fingerprint=self.lab.base_fp)
+                t = row_ticket(name, (vocab, dim), rows, self.lab.base_fp)
                 fmt.save(t, path, config={"rows": kind, "count": n})
             return str(path)
 

@@ -255,6 +255,11 @@ def _table(head: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _bullets(lines) -> str:
+    """A markdown list followed by a blank line."""
+    return "".join(f"- {x}\n" for x in lines) + "\n"
+
+
 def render(results: dict, figs: dict[str, str]) -> str:
     meta = results["meta"]
     out = [
@@ -337,7 +342,7 @@ def render(results: dict, figs: dict[str, str]) -> str:
                 "LoTA after 1 calibration step", cal["1"], "a random mask", cal["random mask"]
             )
         )
-        out.append("".join(f"- {v}\n" for v in verdicts) + "\n")
+        out.append(_bullets(verdicts))
         if "single" in figs:
             out.append(f"![claim 1]({figs['single']})\n")
         out.append(f"Calibration length and sparsity on {a}:\n")
@@ -380,19 +385,17 @@ def render(results: dict, figs: dict[str, str]) -> str:
                 )
             )
             out.append(
-                "".join(
-                    f"- {order}: "
+                _bullets(
+                    f"{order}: "
                     + compare(
                         f"forgetting under {n}",
                         rows[n]["forgetting"],
                         "under FFT -> FFT",
                         rows["FFT -> FFT"]["forgetting"],
                     )
-                    + "\n"
                     for n in rows
                     if n != "FFT -> FFT"
                 )
-                + "\n"
             )
         if "sequential" in figs:
             out.append(f"![claim 2]({figs['sequential']})\n")
@@ -442,14 +445,11 @@ def render(results: dict, figs: dict[str, str]) -> str:
         )
         rows = merge["methods"]
         out.append(
-            "".join(
-                "- "
-                + compare("LoTA add (mean)", rows["LoTA add"]["mean"], n, rows[n]["mean"])
-                + "\n"
+            _bullets(
+                compare("LoTA add (mean)", rows["LoTA add"]["mean"], n, rows[n]["mean"])
                 for n in rows
                 if n != "LoTA add"
             )
-            + "\n"
         )
         if "merge" in figs:
             out.append(f"![claim 3]({figs['merge']})\n")
@@ -474,14 +474,16 @@ def render(results: dict, figs: dict[str, str]) -> str:
         lotto = rows.get("aligned -> LoTTO (alignment ticket protected)")
         if lotto:
             out.append(
-                "- "
-                + compare(
-                    "refusals after LoTTO",
-                    lotto["refusal_rate"],
-                    "after FFT",
-                    rows["aligned -> FFT"]["refusal_rate"],
+                _bullets(
+                    [
+                        compare(
+                            "refusals after LoTTO",
+                            lotto["refusal_rate"],
+                            "after FFT",
+                            rows["aligned -> FFT"]["refusal_rate"],
+                        )
+                    ]
                 )
-                + "\n\n"
             )
         if "safety" in figs:
             out.append(f"![claim 4]({figs['safety']})\n")

@@ -92,7 +92,7 @@ DATA_SEED = 0  # the task data is the same for every seed; seeds change initiali
 
 
 def lr_grid(method: str, points: int) -> list[float]:
-    grid = LR_GRID["ks-lottery" if method in ("ks-rows",) else method]
+    grid = LR_GRID[method]
     if points >= len(grid):
         return list(grid)
     mid = len(grid) // 2
@@ -221,14 +221,16 @@ class Lab:
     # ------------------------------------------------------------------------ scores
     def score(self, model: str, task: str, split: str = "test", template: str = "default") -> dict:
         """Scores of the model folder on a task split (cached beside the model)."""
-        path = self._scores_path(model)
-        cached = json.loads(path.read_text()) if path.exists() else {}
+        cached = self._cached_scores(model)
         key = f"{task}/{split}/{template}"
         if key not in cached:
-            cached = json.loads(path.read_text()) if path.exists() else {}
             cached[key] = self._evaluate(model, task, split, template)
-            write_json(path, cached)
+            write_json(self._scores_path(model), cached)
         return cached[key]
+
+    def _cached_scores(self, model: str) -> dict:
+        path = self._scores_path(model)
+        return json.loads(path.read_text()) if path.exists() else {}
 
     def _scores_path(self, model: str) -> Path:
         folder = Path(model).resolve().parent
@@ -242,6 +244,7 @@ class Lab:
         from ..evaluate import generate
         from ..models import load_model, load_tokenizer
 
+        kind = "sql" if task == "sql-real" else task  # real questions are scored as the sql task
         rows = self.rows(task, split, template)
         if not rows:
             return {"score": None, "n": 0}
@@ -254,14 +257,14 @@ class Lab:
             tokenizer,
             examples,
             min(
-                MAX_NEW_TOKENS["sql" if task == "sql-real" else task],
+                MAX_NEW_TOKENS[kind],
                 self.scale.get("max_new_tokens", 10**6),
             ),
             self.scale["eval_batch"],
             show_progress=False,
             ended=ended,
         )
-        scorer = T.TASKS["sql" if task == "sql-real" else task].score
+        scorer = T.TASKS[kind].score
         result = {k: v for k, v in scorer(preds, rows).items() if k != "correct"}
         result["eos_rate"] = sum(ended) / len(ended)
         result["n"] = len(rows)
@@ -297,12 +300,7 @@ class Lab:
             deps = ([spec["start"]] if spec.get("start") else []) + spec.get("protect", [])
             if not all(self.done(d) for d in deps):
                 continue
-            folder = self.folder(spec)
-            have = (
-                json.loads((folder / "scores.json").read_text())
-                if (folder / "scores.json").exists()
-                else {}
-            )  # a run's scores sit beside its model folder
+            have = self._cached_scores(str(self.folder(spec) / "model"))
             missing = [s for s in scores if "/".join(s) not in have]
             if not self.done(spec) or missing:
                 todo.append((spec, missing))
@@ -335,9 +333,6 @@ class Lab:
             from tqdm.auto import tqdm
 
             tqdm.write(f"  done: {self.key(spec)}")
-
-    def __getstate__(self):
-        return {k: v for k, v in self.__dict__.items()}
 
 
 def _worker_init() -> None:
