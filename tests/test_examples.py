@@ -22,11 +22,6 @@ def _load(name: str):
     return mod
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known limitation: resuming a prepared model from a Trainer checkpoint drifts from the "
-    "uninterrupted run (a plain model's resume is exact)",
-)
 def test_hf_trainer_example_trains_the_ticket_and_resumes_to_the_same_delta(
     workdir, trained, tmp_path
 ):

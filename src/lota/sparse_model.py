@@ -7,6 +7,11 @@ and the backward pass gathers only the ticket's entries of the weight gradient i
 So the only trainable parameters are the ``delta`` vectors (optimizer state is O(k)), no second
 dense copy of any weight exists, and entries outside the ticket are never written: they stay
 bit-identical under any optimizer, weight decay or momentum.
+
+The live weight is rewritten lazily, at the first forward after ``delta`` changed. A change is
+seen by ``delta``'s version counter (any in-place autograd-visible write, ``load_state_dict``)
+or by a step of any ``torch.optim`` optimizer: fused optimizers (the Trainer's default
+``adamw_torch_fused``) write parameters without bumping their version counter.
 """
 
 from __future__ import annotations
@@ -14,10 +19,26 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .delta import SparseDelta, write_entries_
 from .errors import InputError
 from .ticket import Ticket
+
+_optimizer_steps = 0
+_step_hook = None
+
+
+def _count_step(optimizer, args, kwargs) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+def _watch_optimizer_steps() -> None:
+    """Count every optimizer step in this process (a global post-step hook, registered once)."""
+    global _step_hook
+    if _step_hook is None:
+        _step_hook = register_optimizer_step_post_hook(_count_step)
 
 
 class _SparseTie(torch.autograd.Function):
@@ -71,11 +92,14 @@ class SparseDeltaParametrization(nn.Module):
         if values is not None:
             init.copy_(values.to(device=weight.device, dtype=dtype))
         self.delta = nn.Parameter(init)
-        self._synced: tuple[int, int] | None = None
+        self._synced: tuple[int, int, int] | None = None
         if values is not None:
             self.sync_(weight)
         else:
-            self._synced = (id(self.delta), self.delta._version)
+            self._synced = self._state()
+
+    def _state(self) -> tuple[int, int, int]:
+        return (id(self.delta), self.delta._version, _optimizer_steps)
 
     def positions(self) -> torch.Tensor:
         """Flat int64 indices of the ticket's entries, sorted."""
@@ -90,10 +114,10 @@ class SparseDeltaParametrization(nn.Module):
         """Write ``base_values + delta`` into the ticket entries of the live weight."""
         if self.delta.numel():
             write_entries_(weight, self.positions(), self.base_values, self.delta.detach())
-        self._synced = (id(self.delta), self.delta._version)
+        self._synced = self._state()
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        if self._synced != (id(self.delta), self.delta._version):
+        if self._synced != self._state():
             self.sync_(weight)
         return _SparseTie.apply(weight, self.delta, self)
 
@@ -127,6 +151,7 @@ def prepare(
                 f"{list(params[name].shape)}",
                 fix="use a ticket made for this architecture",
             )
+    _watch_optimizer_steps()
     for p in model.parameters():
         p.requires_grad_(False)
     for name, idx in ticket.indices.items():
