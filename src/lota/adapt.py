@@ -10,6 +10,7 @@ protected entry, is bit-identical to the starting model.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -17,8 +18,8 @@ from pathlib import Path
 import torch
 import yaml
 
+from . import dist, selection
 from . import format as fmt
-from . import selection
 from .checkpoint import DIRNAME, Checkpointer
 from .data import batches, read_jsonl, steps_for, tokenize
 from .delta import SparseDelta, apply_delta_, delta_from_weights
@@ -58,6 +59,8 @@ class AdaptConfig:
     weight_decay: float = 0.0
     momentum: float = 0.0
     max_grad_norm: float | None = 1.0
+    grad_accum: int = 1
+    fsdp: bool = False
     seed: int = 0
     targets: str | None = None
     ticket: str | None = None
@@ -92,7 +95,13 @@ class AdaptConfig:
             errors.append(e.what)
         if not self.lr > 0:
             errors.append(f"--lr {self.lr} must be > 0")
-        for name, lo in [("batch_size", 1), ("max_length", 2), ("lora_r", 1), ("lora_alpha", 1)]:
+        for name, lo in [
+            ("batch_size", 1),
+            ("max_length", 2),
+            ("lora_r", 1),
+            ("lora_alpha", 1),
+            ("grad_accum", 1),
+        ]:
             if getattr(self, name) < lo:
                 errors.append(f"--{name.replace('_', '-')} {getattr(self, name)} must be >= {lo}")
         if self.calibration_lr is not None and not self.calibration_lr > 0:
@@ -119,6 +128,35 @@ class AdaptConfig:
             )
         if self.protect_mode == "flip" and not self.protect:
             errors.append("--protect-mode flip needs --protect FILE")
+        w = dist.world()
+        parts = w.size * self.grad_accum
+        if self.batch_size >= 1 and self.grad_accum >= 1 and self.batch_size % parts:
+            errors.append(
+                f"--batch-size {self.batch_size} does not split into {w.size} process(es) x "
+                f"--grad-accum {self.grad_accum} equal micro-batches; make it a multiple of {parts}"
+            )
+        plugin = dist.accelerate_plugin()
+        if plugin == "deepspeed":
+            errors.append(
+                "lota adapt does not run under DeepSpeed; launch with torchrun or accelerate "
+                "without a DeepSpeed config (add --fsdp to shard)"
+            )
+        if plugin == "fsdp1":
+            errors.append(
+                "lota shards with FSDP2 only; set fsdp_version: 2 in the accelerate config"
+            )
+        if self.fsdp and not w.distributed:
+            errors.append(
+                "--fsdp needs several processes: start lota with torchrun or accelerate launch"
+            )
+        if self.fsdp and self.method == "lora":
+            errors.append(
+                "--fsdp does not shard PEFT LoRA models; run --method lora without --fsdp"
+            )
+        if self.fsdp and self.protect_mode == "flip":
+            errors.append(
+                "--protect-mode flip does not run under --fsdp; use constrained or drop --fsdp"
+            )
         if errors:
             raise InputError("; ".join(errors), "lota adapt", "fix the arguments above")
 
@@ -150,12 +188,13 @@ def _load_tickets(paths: list[str], targets: dict[str, tuple[int, ...]], what: s
     return out
 
 
-def _checkpointer(cfg: AdaptConfig, out: Path) -> tuple[Checkpointer, bool]:
-    """Decide between a fresh start and resuming; refuse to clobber anything else in ``out``."""
-    ckpt = Checkpointer(out, asdict(cfg), cfg.checkpoint_every)
+def _checkpointer(cfg: AdaptConfig, out: Path, world: dist.World) -> tuple[Checkpointer, bool]:
+    """Decide between a fresh start and resuming; refuse to clobber anything else in ``out``.
+    Every rank decides the same; only the main process writes."""
+    ckpt = Checkpointer(out, asdict(cfg), cfg.checkpoint_every, writer=world.main)
     if out.exists() and not out.is_dir():
         raise InputError("output path is a file", str(out), "choose a folder for --out")
-    if ckpt.dir.exists():  # an interrupted run: its half-written temporaries are of no use
+    if ckpt.dir.exists() and world.main:  # an interrupted run: its half-written temporaries
         remove_stale_temporaries(out)
         remove_stale_temporaries(ckpt.dir)
     if ckpt.dir.exists() and (cfg.restart or not ckpt.exists()):
@@ -194,6 +233,8 @@ class _Run:
     stream: object
     state: dict | None
     served: list[int]  # batches served so far, boxed so the stream can count
+    world: dist.World = field(default_factory=dist.World)
+    sharded: bool = False  # the model is FSDP2-sharded now
 
     @property
     def resumed_phase(self) -> str | None:
@@ -219,6 +260,8 @@ class _Run:
             self.state = None
 
         def on_step(step, opt):
+            if self.sharded:  # shards are not gathered for checkpoints: phase starts only
+                return
             self.ckpt.maybe_save(
                 name,
                 step,
@@ -251,6 +294,9 @@ class _Run:
             start_step=start,
             optimizer_state=opt_state,
             on_step=on_step,
+            world=self.world,
+            grad_accum=self.cfg.grad_accum,
+            sharded=self.sharded,
         )
 
 
@@ -301,14 +347,17 @@ def adapt(cfg: AdaptConfig) -> dict:
     again, and ends with the same outputs as an uninterrupted run.
     """
     cfg = _embedding_methods(cfg)
+    if dist.accelerate_plugin() == "fsdp2" and not cfg.fsdp:  # an accelerate FSDP2 config
+        cfg = dataclasses.replace(cfg, fsdp=True)
     cfg.validate()
+    world = dist.world()
     t_start = time.perf_counter()
     out = Path(cfg.out)
-    ckpt, resuming = _checkpointer(cfg, out)
+    ckpt, resuming = _checkpointer(cfg, out, world)
     # Everything that can be wrong with the inputs is checked before anything is written.
     examples = read_jsonl(cfg.data)
     tokenizer = load_tokenizer(cfg.model)
-    model = load_model(cfg.model, cfg.dtype)
+    model = load_model(cfg.model, cfg.dtype).to(world.device)
     data = tokenize(examples, tokenizer, cfg.max_length, where=cfg.data)
     targets = resolve_targets(model, cfg.targets)
     base_fp = model_fingerprint(model)
@@ -341,11 +390,15 @@ def adapt(cfg: AdaptConfig) -> dict:
             cfg.model,
             "restore the original model, or pass --restart to start over",
         )
+    world.barrier()  # every rank has read the inputs and the checkpoint before anything is written
     if not resuming:
         ckpt.clear()
 
-    out.mkdir(parents=True, exist_ok=True)
-    log = MetricsLog(out / "metrics.jsonl", keep=state["metric_lines"] if state else 0)
+    if world.main:
+        out.mkdir(parents=True, exist_ok=True)
+    log = MetricsLog(
+        out / "metrics.jsonl" if world.main else None, keep=state["metric_lines"] if state else 0
+    )
     # No in-memory copy of the starting weights: they are re-read from the model's files when needed,
     # so the sparse phase holds one dense copy of the model and O(k) more.
     w0 = WeightReader(cfg.model)
@@ -354,7 +407,7 @@ def adapt(cfg: AdaptConfig) -> dict:
     stream = _counted(
         batches(data, cfg.batch_size, cfg.seed, tokenizer.pad_token_id, skip=served[0]), served
     )
-    run = _Run(cfg, model, targets, w0, log, ckpt, stream, state, served)
+    run = _Run(cfg, model, targets, w0, log, ckpt, stream, state, served, world)
     info: dict = {
         "method": cfg.method,
         "numel": numel,
@@ -362,6 +415,9 @@ def adapt(cfg: AdaptConfig) -> dict:
         "examples": len(data),
         "steps": steps,
         "resumed_from": f"{state['phase']}:{state['step']}" if state else None,
+        "processes": world.size,
+        "grad_accum": cfg.grad_accum,
+        "fsdp": cfg.fsdp,
     }
 
     if cfg.method in ("fft", "lora"):
@@ -370,9 +426,17 @@ def adapt(cfg: AdaptConfig) -> dict:
         delta = _sparse_run(run, steps, k, protected, given, info)
     delta.ticket.base_fingerprint = base_fp
     delta.check_finite("trained delta")
+    model = run.model
+    if run.sharded:  # the trained model as plain weights: the base plus the delta
+        model = load_model(cfg.model, cfg.dtype) if cfg.save_model and world.main else None
+        if model is not None:
+            apply_delta_(named_weights(model), delta)
+    info.update(k=delta.nnz, density=delta.density)
+    if not world.main:
+        world.barrier()  # the main process writes the outputs
+        return _finish(info, log, t_start)
 
     resolved = asdict(cfg)
-    info.update(k=delta.nnz, density=delta.density)
     info["delta_bytes"] = fmt.save(
         delta, out / "delta.safetensors", config=resolved, values_dtype=cfg.values_dtype
     )
@@ -392,34 +456,53 @@ def adapt(cfg: AdaptConfig) -> dict:
                 "delta": "../delta.safetensors",
             },
         )
-    losses = [r["loss"] for r in log.records if r["phase"] == "train"]
-    info.update(
-        final_loss=losses[-1] if losses else None, seconds=round(time.perf_counter() - t_start, 2)
-    )
+    _finish(info, log, t_start)
     write_json(
         out / "summary.json", {"format": "lota", "kind": "summary", "format_version": 1, **info}
     )
     ckpt.clear()
+    world.barrier()
+    return info
+
+
+def _finish(info: dict, log: MetricsLog, t_start: float) -> dict:
+    losses = [r["loss"] for r in log.records if r["phase"] == "train"]
+    info.update(
+        final_loss=losses[-1] if losses else None, seconds=round(time.perf_counter() - t_start, 2)
+    )
     return info
 
 
 def _dense_run(run: _Run, steps: int) -> SparseDelta:
     cfg, model, targets = run.cfg, run.model, run.targets
     if cfg.method == "fft":
-        weights = named_weights(model)
         for p in model.parameters():
             p.requires_grad_(False)
-        params = {n: weights[n].requires_grad_(True) for n in targets}
+        for n, p in named_weights(model).items():
+            p.requires_grad_(n in targets)
+        if cfg.fsdp:
+            _shard(run)
+        weights = named_weights(run.model)
+        params = {n: weights[n] for n in targets}
         run.phase("train", params, cfg.lr, steps)
         for p in params.values():
             p.requires_grad_(False)
+        model = run.model
     else:
         model = _train_lora(run, steps)
+        run.model = model
     full = Ticket(
         shapes=targets,
         indices={n: torch.arange(selection.math.prod(s)) for n, s in targets.items()},
     )
-    return delta_from_weights(full, run.w0, named_weights(model))
+    weights = named_weights(model)
+    return delta_from_weights(full, run.w0, {n: dist.full_tensor(weights[n]) for n in targets})
+
+
+def _shard(run: _Run) -> None:
+    """FSDP2-shard the run's model for the phases that follow."""
+    dist.shard_model(run.model, run.world)
+    run.sharded = True
 
 
 def _train_lora(run: _Run, steps: int):
@@ -470,7 +553,12 @@ def _sparse_run(
     if run.resumed_phase != "train":
         run.ckpt.save_ticket(ticket)
     info["ticket_nnz"] = ticket.nnz
+    if run.sharded:  # calibration sharded the model; the sparse phase starts from a fresh copy
+        run.model = model = load_model(cfg.model, cfg.dtype).to(run.world.device)
+        run.sharded = False
     prepare(model, ticket)
+    if cfg.fsdp:
+        _shard(run)
     # The prepared model holds the ticket now; dropping the other copies keeps the sparse phase at
     # O(k) memory beyond the model (the int64 ticket would be a third of it).
     del ticket
@@ -480,6 +568,11 @@ def _sparse_run(
     limit_heap_growth()
     run.phase("train", delta_parameters(model), cfg.lr, steps)
     delta = extract_delta(model)
+    if run.sharded:  # each rank checks its own rows of every weight
+        info["frozen_verified"] = _verify_frozen_shards(
+            model, w0, delta.ticket, protected, run.world
+        )
+        return delta
     unprepare(model)
     if flip:
         # "Flip": the run trained the whole complement; the task's own ticket is the top-k of that change.
@@ -494,33 +587,77 @@ def _sparse_run(
                 weights[n].copy_(w0[n])
         apply_delta_(weights, delta)
     info["frozen_verified"] = _verify_frozen(named_weights(model), w0, delta.ticket, protected)
+    info["frozen_verified_ranks"] = run.world.size
     return delta
 
 
 def _calibrate_and_select(run: _Run, k: int, protected: Ticket | None, info: dict) -> Ticket:
     cfg, targets, w0 = run.cfg, run.targets, run.w0
-    weights = named_weights(run.model)
     for p in run.model.parameters():
         p.requires_grad_(False)
-    params = {n: weights[n].requires_grad_(True) for n in targets}
+    for n, p in named_weights(run.model).items():
+        p.requires_grad_(n in targets)
+    if cfg.fsdp:
+        _shard(run)
+    weights = named_weights(run.model)
+    params = {n: weights[n] for n in targets}
     lr = cfg.calibration_lr if cfg.calibration_lr is not None else cfg.lr
     run.phase("calibration", params, lr, cfg.calibration_steps)
     selector = "bottomk" if cfg.method == "bottomk" else "magnitude"
     with torch.no_grad():
-        ticket = selection.select(
-            selector,
-            targets,
-            k,
-            delta_fn=lambda n: weights[n].detach().float() - w0[n].float(),
-            exclude=protected,
-            seed=cfg.seed,
-        )
+        if run.sharded:
+            ticket = _select_sharded(run, selector, weights, k, protected)
+        else:
+            ticket = selection.select(
+                selector,
+                targets,
+                k,
+                delta_fn=lambda n: (
+                    weights[n].detach().float() - w0[n].to(weights[n].device).float()
+                ),
+                exclude=protected,
+                seed=cfg.seed,
+            )
         fault("extraction")
         for n, p in params.items():
             p.requires_grad_(False)
-            p.copy_(w0[n])  # reset: the sparse phase starts from the original weights
+            if not run.sharded:
+                p.copy_(w0[n])  # reset: the sparse phase starts from the original weights
     info["calibration_steps"] = cfg.calibration_steps
     return ticket
+
+
+def _select_sharded(run: _Run, selector: str, weights, k: int, protected) -> Ticket:
+    """The global top-k from each rank's rows of the calibrated weights (no tensor is gathered);
+    then every rank receives the whole ticket (its indices only), which ``prepare`` needs."""
+    local, first = {}, {}
+    for n in run.targets:
+        local[n], first[n] = dist.local_rows(weights[n])
+    row = {n: selection.math.prod(s[1:]) for n, s in run.targets.items()}
+    shard = dist.Shard(
+        run.world,
+        numels={n: local[n].numel() for n in run.targets},
+        offsets={n: first[n] * row[n] for n in run.targets},
+    )
+
+    def delta_fn(n):
+        w0_rows = run.w0[n][first[n] : first[n] + local[n].shape[0]]
+        return local[n].detach().float() - w0_rows.to(local[n].device).float()
+
+    mine = selection.select(
+        selector,
+        run.targets,
+        k,
+        delta_fn=delta_fn,
+        exclude=protected,
+        seed=run.cfg.seed,
+        shard=shard,
+    )
+    indices = {
+        n: torch.cat(run.world.gather_varlen(mine.indices[n].to(run.world.device))).cpu()
+        for n in sorted(run.targets)
+    }
+    return Ticket(shapes=dict(run.targets), indices=indices)
 
 
 def _verify_frozen(weights, w0, ticket: Ticket, protected: Ticket | None) -> bool:
@@ -540,6 +677,37 @@ def _verify_frozen(weights, w0, ticket: Ticket, protected: Ticket | None) -> boo
                 raise LotaError(
                     f"protected entries of '{n}' changed", fix="report this as a lota bug"
                 )
+    return True
+
+
+def _verify_frozen_shards(model, w0, ticket: Ticket, protected, world: dist.World) -> bool:
+    """``_verify_frozen`` on this rank's rows of each sharded weight; true only if every rank's
+    rows check out (a failure on any rank fails the run on all)."""
+    from .sparse_model import _parametrized
+
+    failed = None
+    for name, module, attr, _ in _parametrized(model):
+        local, start = dist.local_rows(module.parametrizations[attr].original)
+        stop = start + local.shape[0]
+        shard = dist.Shard(world, {name: local.numel()}, {name: start * local[0].numel()})
+        rows = Ticket(
+            shapes={name: tuple(local.shape)},
+            indices={name: shard.local_indices(name, ticket.indices[name])},
+        )
+        prot = None
+        if protected is not None and name in protected.indices:
+            prot = Ticket(
+                shapes={name: tuple(local.shape)},
+                indices={name: shard.local_indices(name, protected.indices[name])},
+            )
+        try:
+            _verify_frozen({name: local}, {name: w0[name][start:stop]}, rows, prot)
+        except LotaError as e:
+            failed = e
+    if world.any(failed is not None):
+        raise failed or LotaError(
+            "frozen entries changed on another process", fix="report this as a lota bug"
+        )
     return True
 
 

@@ -39,11 +39,12 @@ def config_hash(config: dict) -> str:
 
 
 class Checkpointer:
-    def __init__(self, out: Path, config: dict, every: int):
+    def __init__(self, out: Path, config: dict, every: int, writer: bool = True):
         self.dir = Path(out) / DIRNAME
         self.hash = config_hash(config)
         self.every = every
         self.base_fingerprint = ""
+        self.writer = writer  # with several processes only the main one writes
 
     @property
     def state_path(self) -> Path:
@@ -64,10 +65,14 @@ class Checkpointer:
             return False
 
     def clear(self) -> None:
+        if not self.writer:
+            return
         shutil.rmtree(self.dir, ignore_errors=True)
 
     # -- writing ---------------------------------------------------------------------------------
     def save_ticket(self, ticket: Ticket) -> None:
+        if not self.writer:
+            return
         self.dir.mkdir(parents=True, exist_ok=True)
         fmt.save(ticket, self.ticket_path, config={"checkpoint_config_hash": self.hash})
 
@@ -80,6 +85,8 @@ class Checkpointer:
         batches: int,
         metric_lines: int,
     ) -> None:
+        if not self.writer:
+            return
         tensors = {f"param/{n}": p.detach().contiguous().cpu() for n, p in params.items()}
         scalars: dict = {}
         if optimizer is not None:

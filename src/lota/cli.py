@@ -55,6 +55,17 @@ def _add_adapt(sub):
     p.add_argument(
         "--max-grad-norm", type=float, default=1.0, help="gradient clipping, 0 to disable"
     )
+    p.add_argument(
+        "--grad-accum",
+        type=int,
+        default=1,
+        help="micro-batches per process and step; --batch-size is the global batch (default 1)",
+    )
+    p.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="shard weights across processes with FSDP2 (under torchrun / accelerate launch)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--targets",
@@ -135,6 +146,8 @@ def _run_adapt(a):
         weight_decay=a.weight_decay,
         momentum=a.momentum,
         max_grad_norm=a.max_grad_norm or None,
+        grad_accum=a.grad_accum,
+        fsdp=a.fsdp,
         seed=a.seed,
         targets=a.targets,
         ticket=a.ticket,
@@ -153,6 +166,8 @@ def _run_adapt(a):
         progress=not a.quiet,
     )
     info = adapt(cfg)
+    if not _main_process():  # the other processes of a torchrun / accelerate launch run
+        return
     _summary(
         f"adapt ({info['method']}): trained {info['k']:,} of {info['numel']:,} target entries "
         f"({100 * info['density']:.3g} %) for {info['steps']} steps, final loss {info['final_loss']:.4f}; "
@@ -669,7 +684,12 @@ def _check_new_file(path: str) -> None:
 
 
 def _summary(line: str) -> None:
-    print(line)
+    if _main_process():
+        print(line)
+
+
+def _main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -728,7 +748,8 @@ def main(argv: list[str] | None = None) -> int:
         args.run(args)
         return 0
     except LotaError as e:
-        print(f"lota: error: {e.line()}", file=sys.stderr)
+        if _main_process():  # several processes fail alike; one line is enough
+            print(f"lota: error: {e.line()}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("lota: interrupted", file=sys.stderr)

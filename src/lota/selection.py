@@ -137,6 +137,7 @@ def select_top_k(
     progress=None,
     nonnegative: bool = False,
     candidate_budget: int = 1 << 24,
+    shard=None,
 ) -> dict[str, torch.Tensor]:
     """Indices of the ``k`` highest-scoring allowed entries over all ``names`` (sorted by name).
 
@@ -146,14 +147,28 @@ def select_top_k(
     memory. Should the bin hold more than ``candidate_budget`` entries (e.g. millions of exact
     zeros), the low bits get a histogram pass of their own and a third pass collects the entries.
     ``nonnegative`` declares every score >= 0 (as for |Δ|), which allows 32-bit keys.
+
+    With ``shard`` (a ``lota.dist.Shard``), ``score_fn`` gives this rank's slice of each tensor;
+    the histograms are summed over the ranks and this rank gets the ticket's entries in its slice
+    (global positions), the same entries one process would select from the whole tensors.
     """
     order = sorted(names)
-    numels = {n: math.prod(shapes[n]) for n in order}
+    world = shard.world if shard is not None else None
+    numels = {n: shard.numels[n] if shard else math.prod(shapes[n]) for n in order}
+    if exclude is not None and shard is not None:
+        exclude = Ticket(
+            shapes={n: (numels[n],) for n in order},
+            indices={
+                n: shard.local_indices(n, exclude.indices[n]) for n in order if n in exclude.indices
+            },
+        )
     available = sum(numels.values()) - (
         sum(int(exclude.indices[n].numel()) for n in order if n in exclude.indices)
         if exclude
         else 0
     )
+    if world is not None:
+        available = int(world.sum_(torch.tensor([available], dtype=torch.long)).item())
     if k < 0 or k > available:
         raise InputError(
             f"cannot select {k:,} entries: only {available:,} are eligible and not protected",
@@ -189,9 +204,12 @@ def select_top_k(
             raise bad
         hist += counts
         tick()
+    if world is not None:
+        world.sum_(hist)
     hi_bin, above_hi = _find_bin(hist, k)
     if int(hist[hi_bin]) > candidate_budget:
-        return _three_pass_finish(order, keys_of, hi_bin, above_hi, k, tick)
+        out = _three_pass_finish(order, keys_of, hi_bin, above_hi, k, tick, world)
+        return _globalize(out, shard, k)
 
     # Pass 2: everything above the bin, and the bin's entries as candidates.
     chosen, cand_pos, cand_lo = {}, {}, {}
@@ -203,15 +221,47 @@ def select_top_k(
         cand_lo[n] = (key[cand_pos[n]] & 0xFFFF).to(torch.int64)
         tick()
     lo_hist = torch.bincount(torch.cat(list(cand_lo.values())), minlength=_BINS)
+    if world is not None:
+        world.sum_(lo_hist)
     lo_bin, above_lo = _find_bin(lo_hist, k - above_hi)
-    ties_needed = k - above_hi - above_lo
+    ties = {n: cand_pos[n][cand_lo[n] == lo_bin] for n in order}
+    quota = _tie_quota(
+        order, {n: int(t.numel()) for n, t in ties.items()}, k - above_hi - above_lo, world
+    )
     out = {}
     for n in order:  # ties go to the lowest global positions: tensors in name order, then index
-        ties = cand_pos[n][cand_lo[n] == lo_bin][:ties_needed]
-        ties_needed -= int(ties.numel())
-        out[n] = _merge(chosen.pop(n), torch.cat([cand_pos[n][cand_lo[n] > lo_bin], ties]))
-    assert ties_needed == 0 and sum(int(v.numel()) for v in out.values()) == k
-    return out
+        above = cand_pos[n][cand_lo[n] > lo_bin]
+        out[n] = _merge(chosen.pop(n), torch.cat([above, ties[n][: quota[n]]]))
+    return _globalize(out, shard, k)
+
+
+def _tie_quota(order, counts: dict[str, int], need: int, world) -> dict[str, int]:
+    """How many of its tied entries each tensor (of this rank) contributes, so that the ``need``
+    ties taken are those of lowest global position: tensors in name order, and within a tensor
+    the ranks in order (rank r's slice precedes rank r+1's)."""
+    local = torch.tensor([counts[n] for n in order], dtype=torch.long)
+    table = world.gather(local) if world is not None else local.unsqueeze(0)  # [ranks, tensors]
+    me = world.rank if world is not None else 0
+    quota = {}
+    for j, n in enumerate(order):
+        for r in range(table.shape[0]):
+            take = min(need, int(table[r, j]))
+            need -= take
+            if r == me:
+                quota[n] = take
+    assert need == 0, "tie-break ran out of tied entries"
+    return quota
+
+
+def _globalize(out: dict[str, torch.Tensor], shard, k: int) -> dict[str, torch.Tensor]:
+    """Check the ticket's size (over all ranks) and turn a shard's positions into global ones."""
+    mine = sum(int(v.numel()) for v in out.values())
+    if shard is None:
+        assert mine == k
+        return out
+    total = int(shard.world.sum_(torch.tensor([mine], dtype=torch.long)).item())
+    assert total == k, f"sharded selection found {total} entries, not {k}"
+    return {n: v + shard.offsets[n] for n, v in out.items()}
 
 
 def _merge(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -223,7 +273,7 @@ def _merge(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _three_pass_finish(
-    order, keys_of, hi_bin: int, above_hi: int, k: int, tick
+    order, keys_of, hi_bin: int, above_hi: int, k: int, tick, world=None
 ) -> dict[str, torch.Tensor]:
     hist = torch.zeros(_BINS, dtype=torch.int64)
     for n in order:
@@ -233,19 +283,29 @@ def _three_pass_finish(
             sel &= keep
         hist += torch.bincount((key[sel] & 0xFFFF).to(torch.int64), minlength=_BINS)
         tick()
+    if world is not None:
+        world.sum_(hist)
     lo_bin, above_lo = _find_bin(hist, k - above_hi)
     ties_needed = k - above_hi - above_lo
+    quota = None
+    if world is not None:  # an extra pass: the tie quota needs every rank's counts up front
+        counts = {}
+        for n in order:
+            key, keep = keys_of(n)
+            eq = (_high(key) == hi_bin) & ((key & 0xFFFF) == lo_bin)
+            counts[n] = int((eq if keep is None else eq & keep).sum())
+        quota = _tie_quota(order, counts, ties_needed, world)
     out = {}
     for n in order:
         key, keep = keys_of(n)
         hi = _high(key)
         lo = key & 0xFFFF
-        eq = _positions((hi == hi_bin) & (lo == lo_bin), keep)[:ties_needed]
+        eq = _positions((hi == hi_bin) & (lo == lo_bin), keep)
+        eq = eq[: quota[n] if quota is not None else ties_needed]
         ties_needed -= int(eq.numel())
         gt = _positions((hi > hi_bin) | ((hi == hi_bin) & (lo > lo_bin)), keep)
         out[n] = torch.sort(torch.cat([gt, eq])).values
         tick()
-    assert ties_needed == 0 and sum(int(v.numel()) for v in out.values()) == k
     return out
 
 
@@ -296,11 +356,13 @@ def select(
     seed: int = 0,
     base_fingerprint: str = "",
     progress=None,
+    shard=None,
 ) -> Ticket:
     """Build a ticket of exactly ``k`` entries over ``shapes`` with a registered selector.
 
     ``delta_fn(name)`` gives a tensor's task vector; it is called twice per tensor (once per
-    pass), so that nothing larger than one tensor is held. A ``delta_fn`` with the attribute
+    pass), so that nothing larger than one tensor is held. With ``shard``, ``delta_fn`` gives this
+    rank's slice and the returned ticket holds this rank's entries (see ``select_top_k``). A ``delta_fn`` with the attribute
     ``fresh = True`` promises a new tensor on every call, which selectors may then overwrite.
     """
     if method not in SELECTORS:
@@ -309,6 +371,12 @@ def select(
         )
     names = sorted(shapes)
     score_fn = SELECTORS[method](delta_fn, names, shapes, seed)
+    if shard is not None and method == "random":  # scores of the whole tensor, sliced
+        whole = score_fn
+
+        def score_fn(n):
+            return whole(n)[shard.offsets[n] : shard.offsets[n] + shard.numels[n]]
+
     indices = select_top_k(
         names,
         shapes,
@@ -317,6 +385,7 @@ def select(
         exclude=exclude,
         progress=progress,
         nonnegative=method in NONNEGATIVE,
+        shard=shard,
     )
     return Ticket(
         shapes={n: shapes[n] for n in names}, indices=indices, base_fingerprint=base_fingerprint

@@ -16,6 +16,9 @@ or by a step of any ``torch.optim`` optimizer: fused optimizers (the Trainer's d
 
 from __future__ import annotations
 
+import math
+import weakref
+
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
@@ -29,9 +32,21 @@ _optimizer_steps = 0
 _step_hook = None
 
 
+_sharded: list[weakref.ref] = []  # parametrizations of FSDP2-sharded models, in model order
+
+
 def _count_step(optimizer, args, kwargs) -> None:
     global _optimizer_steps
     _optimizer_steps += 1
+    _sync_sharded()
+
+
+def _sync_sharded() -> None:
+    """Write ``base + delta`` into each sharded weight's local rows (every rank, same order)."""
+    alive = [p for p in (ref() for ref in _sharded) if p is not None]
+    _sharded[:] = [weakref.ref(p) for p in alive]
+    for p in alive:
+        p.sync_shard_()
 
 
 def _watch_optimizer_steps() -> None:
@@ -93,6 +108,7 @@ class SparseDeltaParametrization(nn.Module):
             init.copy_(values.to(device=weight.device, dtype=dtype))
         self.delta = nn.Parameter(init)
         self._synced: tuple[int, int, int] | None = None
+        self._plist: weakref.ref | None = None  # set when sharded: the owning ParametrizationList
         if values is not None:
             self.sync_(weight)
         else:
@@ -116,10 +132,35 @@ class SparseDeltaParametrization(nn.Module):
             write_entries_(weight, self.positions(), self.base_values, self.delta.detach())
         self._synced = self._state()
 
+    @torch.no_grad()
+    def sync_shard_(self) -> None:
+        """FSDP2: the sharded weight itself holds ``base + delta`` in this rank's rows, so that
+        every all-gather (forward and backward) sees the trained values."""
+        from .dist import full_tensor, local_rows
+
+        original = self._plist().original
+        local, start = local_rows(original)
+        row = math.prod(self.shape[1:])
+        pos = self.positions()
+        a, b = torch.searchsorted(
+            pos, torch.tensor([start * row, (start + local.shape[0]) * row], device=pos.device)
+        ).tolist()
+        delta = full_tensor(self.delta.detach())
+        if b > a:
+            write_entries_(local, pos[a:b] - start * row, self.base_values[a:b], delta[a:b])
+
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        if self._synced != self._state():
+        if self._plist is None and self._synced != self._state():
             self.sync_(weight)
         return _SparseTie.apply(weight, self.delta, self)
+
+
+def mark_sharded(model: nn.Module) -> None:
+    """Declare a prepared model FSDP2-sharded: its weights are kept in sync on their shards after
+    every optimizer step (see ``sync_shard_``) instead of being rewritten in each forward."""
+    for _, module, attr, p in _parametrized(model):
+        p._plist = weakref.ref(module.parametrizations[attr])
+        _sharded.append(weakref.ref(p))
 
 
 def _module_and_attr(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -189,12 +230,16 @@ def delta_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 
 @torch.no_grad()
 def extract_delta(model: nn.Module, base_fingerprint: str = "") -> SparseDelta:
-    """The sparse task vector trained so far (exact ``delta`` values, not a difference of weights)."""
+    """The sparse task vector trained so far (exact ``delta`` values, not a difference of weights).
+
+    On an FSDP2-sharded model this is a collective: every rank must call it."""
+    from .dist import full_tensor
+
     shapes, indices, values = {}, {}, {}
     for name, module, attr, p in _parametrized(model):
         shapes[name] = tuple(module.parametrizations[attr].original.shape)
         indices[name] = p.positions().detach().cpu()
-        values[name] = p.delta.detach().cpu().clone()
+        values[name] = full_tensor(p.delta.detach()).cpu().clone()
     ticket = Ticket(shapes=shapes, indices=indices, base_fingerprint=base_fingerprint)
     return SparseDelta(ticket=ticket, values=values)
 

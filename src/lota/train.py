@@ -6,6 +6,7 @@ for tickets). Metrics go to a JSONL file as they happen; a non-finite loss stops
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import resource
@@ -20,6 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .checkpoint import load_optimizer_state
+from .dist import World
 from .errors import InputError, TrainingError
 from .fileio import fault, write_text
 
@@ -126,6 +128,21 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
 
 
+def micro_batches(batch: dict[str, torch.Tensor], world: World, accum: int) -> list[dict]:
+    """This rank's ``accum`` micro-batches of a global batch split into ``world.size * accum``
+    equal parts (rank r takes parts ``r*accum .. r*accum + accum - 1``)."""
+    parts = world.size * accum
+    size = batch["input_ids"].shape[0] // parts
+    first = world.rank * accum
+    return [
+        {
+            k: v[(first + a) * size : (first + a + 1) * size].to(world.device)
+            for k, v in batch.items()
+        }
+        for a in range(accum)
+    ]
+
+
 def train(
     model: nn.Module,
     params: list[nn.Parameter],
@@ -137,12 +154,18 @@ def train(
     start_step: int = 0,
     optimizer_state: dict | None = None,
     on_step: Callable[[int, torch.optim.Optimizer], None] | None = None,
+    world: World | None = None,
+    grad_accum: int = 1,
+    sharded: bool = False,
 ) -> list[float]:
     """Run optimizer steps ``start_step + 1 .. s.steps`` on ``params``; returns their losses.
 
     ``optimizer_state`` (from a checkpoint) is restored first; ``on_step(step, optimizer)`` runs
-    after every step, which is where checkpoints are written.
+    after every step, which is where checkpoints are written. Each step averages the gradients of
+    ``grad_accum`` micro-batches per process; with several processes the model is wrapped in
+    ``DistributedDataParallel`` for the phase, unless it is ``sharded`` (FSDP2) already.
     """
+    world = world or World()
     if not params:
         raise InputError(
             "nothing to train: no trainable parameters", fix="check --targets and the ticket"
@@ -151,12 +174,21 @@ def train(
     if optimizer_state:
         load_optimizer_state(opt, optimizer_state)
     model.train()
+    forward = model
+    if world.distributed and not sharded:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # every rank built the same model from the same files: no initial broadcast (gloo also
+        # cannot broadcast the int16 ticket buffers), and buffers never change
+        forward = DistributedDataParallel(
+            model, device_ids=_device_ids(world), init_sync=False, broadcast_buffers=False
+        )
     losses = []
     bar = tqdm(
         range(start_step, s.steps),
         desc=phase,
         unit="step",
-        disable=not show_progress,
+        disable=not (show_progress and world.main),
         leave=False,
         file=sys.stderr,
         initial=start_step,
@@ -169,14 +201,30 @@ def train(
         t_step = time.perf_counter()
         batch = next(data)
         try:
-            loss = model(**batch).loss
-            if not torch.isfinite(loss):
+            # summed over micro-batches, then ranks: loss, tokens, completion tokens
+            totals = torch.zeros(3, dtype=torch.float64)
+            micro = micro_batches(batch, world, grad_accum)
+            for a, mb in enumerate(micro):
+                last = a == len(micro) - 1
+                with contextlib.nullcontext() if last or forward is model else forward.no_sync():
+                    loss = forward(**mb).loss
+                    (loss / grad_accum).backward()
+                totals += torch.tensor(
+                    [
+                        loss.item(),
+                        mb["attention_mask"].sum().item(),
+                        (mb["labels"] != -100).sum().item(),
+                    ],
+                    dtype=torch.float64,
+                )
+            world.sum_(totals)
+            mean_loss = totals[0].item() / (world.size * grad_accum)
+            if not math.isfinite(mean_loss):
                 raise TrainingError(
-                    f"the loss became {loss.item()} at step {step + 1} of {phase}",
+                    f"the loss became {mean_loss} at step {step + 1} of {phase}",
                     fix="lower --lr (or --calibration-lr) or enable gradient clipping; "
                     "the last checkpoint is kept",
                 )
-            loss.backward()
             if s.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
             opt.step()
@@ -186,9 +234,9 @@ def train(
                 f"out of memory at step {step + 1} of {phase}",
                 fix="lower --batch-size or --max-length (or use a smaller --dtype)",
             ) from None
-        tokens += int(batch["attention_mask"].sum())
+        tokens += int(totals[1])
         elapsed = time.perf_counter() - start
-        losses.append(loss.item())
+        losses.append(mean_loss)
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
         log.write(
             {
@@ -196,7 +244,7 @@ def train(
                 "step": step + 1,
                 "loss": losses[-1],
                 "lr": s.lr,
-                "completion_tokens": int((batch["labels"] != -100).sum()),
+                "completion_tokens": int(totals[2]),
                 "tokens_per_s": tokens / elapsed if elapsed > 0 else math.nan,
                 "step_s": round(time.perf_counter() - t_step, 6),
                 "peak_rss_mb": round(peak_rss_mb(), 1),
@@ -210,3 +258,7 @@ def train(
     bar.close()
     model.eval()
     return losses
+
+
+def _device_ids(world: World) -> list[int] | None:
+    return [world.device.index] if world.device.type == "cuda" else None

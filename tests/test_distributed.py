@@ -1,0 +1,196 @@
+"""Two processes on the gloo backend (CPU), started the way users start them: ``torchrun`` and
+``accelerate launch``. Each multi-process result is compared with one process that sees the same
+micro-batches (``--grad-accum 2``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import lota
+from lota import selection
+
+pytest.importorskip("accelerate")
+if not torch.distributed.is_available():
+    pytest.skip("torch.distributed is not available", allow_module_level=True)
+
+WORKER = Path(__file__).with_name("dist_worker.py")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+ACCELERATE = [
+    sys.executable,
+    "-m",
+    "accelerate.commands.launch",
+    "--multi_gpu",  # no GPU here: lota joins with gloo on the CPU
+    "--num_processes",
+    "2",
+    "--num_machines",
+    "1",
+    "--mixed_precision",
+    "no",
+    "--dynamo_backend",
+    "no",
+]
+ARGS = ["--steps", "3", "--calibration-steps", "2", "--lr", "1e-2", "--batch-size", "4"]
+ARGS += ["--checkpoint-every", "1", "--quiet"]
+
+
+def _run(cmd, fault: str | None = None, check: bool = True, env: dict | None = None):
+    env = {**ENV, "LOTA_FAULT": fault or "", **(env or {})}
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    if check:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def _adapt(launcher, workdir, out, *extra, fault=None, check=True, env=None):
+    cmd = [*launcher, "-m", "lota.cli"] if launcher else [sys.executable, "-m", "lota.cli"]
+    cmd += ["adapt", str(workdir / "base"), "--data", str(workdir / "a.jsonl"), "--out", str(out)]
+    return _run([*cmd, *ARGS, *extra], fault=fault, check=check, env=env)
+
+
+# what `accelerate launch` with an FSDP2 (or FSDP1, DeepSpeed) config sets for its processes
+FSDP2_CONFIG = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
+
+
+def _losses(folder):
+    return [json.loads(x)["loss"] for x in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def _assert_same_run(a: Path, b: Path, exact: bool = True):
+    da, db = lota.load(a / "delta.safetensors"), lota.load(b / "delta.safetensors")
+    assert da.ticket.base_fingerprint == db.ticket.base_fingerprint
+    assert sorted(da.ticket.indices) == sorted(db.ticket.indices)
+    for n in da.ticket.indices:
+        assert torch.equal(da.ticket.indices[n], db.ticket.indices[n]), n
+        if exact:
+            assert torch.equal(da.values[n], db.values[n]), n
+        else:
+            torch.testing.assert_close(da.values[n], db.values[n], rtol=0, atol=1e-6)
+    assert any(bool(v.abs().sum() > 0) for v in db.values.values())
+    if exact:
+        assert _losses(a) == _losses(b)
+
+
+@pytest.fixture(scope="module")
+def single(workdir, tmp_path_factory):
+    """One process, two micro-batches per step: the reference of every multi-process run."""
+    out = tmp_path_factory.mktemp("dist") / "single"
+    _adapt(None, workdir, out, "--grad-accum", "2")
+    return out
+
+
+# ------------------------------------------------------------------------ sharded selection
+def test_sharded_selection_equals_single_process(tmp_path):
+    _run([sys.executable, str(WORKER), "select", str(tmp_path / "one")])
+    _run([*TORCHRUN, str(WORKER), "select", str(tmp_path / "two")])
+    one = load_file(str(tmp_path / "one" / "rank0.safetensors"))
+    parts = [load_file(str(tmp_path / "two" / f"rank{r}.safetensors")) for r in range(2)]
+    assert set(one) == set(parts[0]) == set(parts[1]) and len(one) == 48
+    for key, whole in one.items():
+        # rank 0 holds the lower rows, so its entries come first
+        assert torch.equal(torch.cat([parts[0][key], parts[1][key]]), whole), key
+    # and the reference itself is the exact top-k with ties to the lowest positions
+    from .dist_worker import SHAPES, scores
+
+    ref = selection.select_top_k(sorted(SHAPES), SHAPES, scores, 17)
+    for n in SHAPES:
+        assert torch.equal(one[f"17/{1 << 24}/False/{n}"], ref[n])
+
+
+# ----------------------------------------------------------------- a user's own FSDP2 loop
+def test_fsdp2_prepared_model_trains_like_one_process_and_keeps_frozen_rows(tmp_path):
+    _run([sys.executable, str(WORKER), "prepare", str(tmp_path / "one")])
+    _run([*TORCHRUN, str(WORKER), "prepare", str(tmp_path / "two")])
+    one = load_file(str(tmp_path / "one" / "rank0.safetensors"))
+    parts = [load_file(str(tmp_path / "two" / f"rank{r}.safetensors")) for r in range(2)]
+    deltas = [k for k in one if k.startswith("delta/")]
+    assert deltas and any(bool(one[k].abs().sum() > 0) for k in deltas)
+    for k in deltas:
+        for part in parts:  # every rank extracts the whole delta
+            assert torch.equal(part[k], one[k]), k
+    # every rank's rows: outside the ticket bit-identical to the start
+    checked = 0
+    for part in parts:
+        for key in [k for k in part if k.startswith("rows/")]:
+            name = key[len("rows/") :]
+            rows, w0 = part[key].reshape(-1), part[f"w0/{name}"].reshape(-1)
+            if f"ticket/{name}" not in one:
+                assert torch.equal(rows, w0), name
+                continue
+            start = int(part[f"start/{name}"]) * (part[key][0].numel() if rows.numel() else 0)
+            idx = one[f"ticket/{name}"]
+            outside = torch.ones(rows.numel(), dtype=torch.bool)
+            outside[idx[(idx >= start) & (idx < start + rows.numel())] - start] = False
+            assert torch.equal(rows[outside], w0[outside]), name
+            checked += int(outside.sum())
+    assert checked > 10_000
+
+
+# ---------------------------------------------------------------------- lota adapt, 2 ranks
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_adapt_under_torchrun_equals_one_process(workdir, single, tmp_path, mode):
+    """DDP, and FSDP2 asked for by an accelerate config (the --fsdp flag: the LoTTO test)."""
+    out = tmp_path / mode
+    _adapt(TORCHRUN, workdir, out, env=FSDP2_CONFIG if mode == "fsdp" else None)
+    _assert_same_run(single, out)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["frozen_verified"] is True
+    assert summary["fsdp"] is (mode == "fsdp")
+    assert not list(out.glob("*.tmp*")) and not (out / ".lota-checkpoint").exists()
+
+
+def test_adapt_under_accelerate_launch_equals_one_process(workdir, single, tmp_path):
+    _adapt(ACCELERATE, workdir, tmp_path / "acc")
+    _assert_same_run(single, tmp_path / "acc")
+
+
+def test_lotto_under_fsdp_excludes_the_protected_ticket_like_one_process(workdir, single, tmp_path):
+    protect = str(single / "delta.safetensors")
+    _adapt(None, workdir, tmp_path / "one", "--grad-accum", "2", "--protect", protect)
+    _adapt(TORCHRUN, workdir, tmp_path / "two", "--fsdp", "--protect", protect)
+    _assert_same_run(tmp_path / "one", tmp_path / "two")
+    assert (
+        lota.load(tmp_path / "two" / "delta.safetensors").ticket.overlap(lota.load(protect).ticket)
+        == 0
+    )
+
+
+def test_fft_under_fsdp_matches_one_process(workdir, tmp_path):
+    _adapt(None, workdir, tmp_path / "one", "--grad-accum", "2", "--method", "fft")
+    _adapt(TORCHRUN, workdir, tmp_path / "two", "--method", "fft", "--fsdp")
+    # gradient clipping sums the squared norms shard by shard: equal to about 1e-8
+    _assert_same_run(tmp_path / "one", tmp_path / "two", exact=False)
+
+
+def test_killed_ddp_run_resumes_to_the_same_outputs(workdir, single, tmp_path):
+    out = tmp_path / "killed"
+    killed = _adapt(TORCHRUN, workdir, out, fault="train:2", check=False)
+    assert killed.returncode != 0 and (out / ".lota-checkpoint").exists()
+    assert not (out / "delta.safetensors").exists()
+    _adapt(TORCHRUN, workdir, out)
+    _assert_same_run(single, out)
+
+
+def test_bad_distributed_settings_are_one_line_errors(workdir, tmp_path):
+    r = _adapt(None, workdir, tmp_path / "x", "--fsdp", check=False)
+    assert r.returncode == 2 and "--fsdp needs several processes" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
+    r = _adapt(None, workdir, tmp_path / "y", "--grad-accum", "3", check=False)
+    assert r.returncode == 2 and "multiple of 3" in r.stderr
+    for env, says in [
+        ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "FSDP2 only"),
+        ({"ACCELERATE_USE_DEEPSPEED": "true"}, "does not run under DeepSpeed"),
+    ]:
+        r = _adapt(None, workdir, tmp_path / "w", check=False, env=env)
+        assert r.returncode == 2 and says in r.stderr and len(r.stderr.splitlines()) == 1
+    r = _adapt(TORCHRUN, workdir, tmp_path / "z", "--method", "lora", "--fsdp", check=False)
+    assert r.returncode != 0 and r.stderr.count("lota: error: ") == 1
+    assert not (tmp_path / "z").exists()
