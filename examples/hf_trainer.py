@@ -13,6 +13,7 @@ schedule, checkpointing and ``--resume`` are the Trainer's own; metrics go where
 from __future__ import annotations
 
 import argparse
+import os
 
 import lota
 from lota.data import collate, read_jsonl, tokenize
@@ -42,7 +43,8 @@ def main(argv: list[str] | None = None) -> str:
     model = load_model(a.model)
     base_fp = model_fingerprint(model)
     ticket = lota.load(a.ticket)
-    ticket = getattr(ticket, "ticket", ticket)  # a delta file works as a ticket too
+    if isinstance(ticket, lota.SparseDelta):  # a delta file works as a ticket too
+        ticket = ticket.ticket
     lota.prepare(model, ticket)  # the one line that makes this LoTA
 
     data = tokenize(read_jsonl(a.data), tokenizer, 512, where=a.data)
@@ -73,9 +75,12 @@ def main(argv: list[str] | None = None) -> str:
     delta = lota.extract_delta(model)
     delta.ticket.base_fingerprint = base_fp
     path = f"{a.out}/delta.safetensors"
-    lota.save(delta, path, config={"example": "hf_trainer", "steps": a.steps, "lr": a.lr})
+    if trainer.is_world_process_zero():  # under torchrun / accelerate launch: written once
+        lota.save(delta, path, config={"example": "hf_trainer", "steps": a.steps, "lr": a.lr})
     return path
 
 
 if __name__ == "__main__":
-    print(main())
+    path = main()
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(path)

@@ -194,3 +194,28 @@ def test_bad_distributed_settings_are_one_line_errors(workdir, tmp_path):
     r = _adapt(TORCHRUN, workdir, tmp_path / "z", "--method", "lora", "--fsdp", check=False)
     assert r.returncode != 0 and r.stderr.count("lota: error: ") == 1
     assert not (tmp_path / "z").exists()
+
+
+# ------------------------------------------------------------- the Trainer example, 2 ranks
+def test_trainer_example_under_torchrun_trains_the_ticket_and_resumes(workdir, trained, tmp_path):
+    """examples/hf_trainer.py unchanged under torchrun: the Trainer wraps the prepared model in
+    DDP; a run resumed from its step-2 checkpoint ends with the uninterrupted run's delta."""
+    script = str(Path(__file__).parents[1] / "examples" / "hf_trainer.py")
+    ticket = lota.load(trained / "delta.safetensors").ticket
+    common = ["--model", str(workdir / "base"), "--data", str(workdir / "a.jsonl")]
+    common += ["--ticket", str(trained / "delta.safetensors"), "--steps", "4"]
+    common += ["--save-steps", "2", "--batch-size", "2", "--lr", "1e-2"]
+    full = _run([*TORCHRUN, script, *common, "--out", str(tmp_path / "full")])
+    assert full.stdout.count("delta.safetensors") == 1  # printed (and written) by rank 0 only
+    src, dst = tmp_path / "full" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2"
+    dst.parent.mkdir()
+    import shutil
+
+    shutil.copytree(src, dst)
+    _run([*TORCHRUN, script, *common, "--out", str(tmp_path / "resumed"), "--resume"])
+    a = lota.load(tmp_path / "full" / "delta.safetensors")
+    b = lota.load(tmp_path / "resumed" / "delta.safetensors")
+    assert any(bool(v.abs().sum() > 0) for v in a.values.values())
+    for n in ticket.indices:
+        assert torch.equal(a.ticket.indices[n], ticket.indices[n]), n
+        assert torch.equal(a.values[n], b.values[n]), n

@@ -26,6 +26,7 @@ _LAZY = {
     "evaluate": ("evaluate", "evaluate"),
     "resolve_targets": ("models", "resolve_targets"),
     "model_fingerprint": ("models", "model_fingerprint"),
+    "CalibrationCallback": ("callbacks", "CalibrationCallback"),
 }
 
 

@@ -73,8 +73,8 @@ class _SparseTie(torch.autograd.Function):
 class SparseDeltaParametrization(nn.Module):
     """Parametrization holding one tensor's ticket (its positions), ``base_values`` and ``delta``.
 
-    Positions of a 2-D weight are kept row-compressed, an int16 column per entry plus an int32
-    offset per row (2 bytes per entry instead of 8), and expanded to flat indices one tensor at a
+    Positions of a 2-D weight are kept row-compressed, an int16 column per entry (stored as two
+    bytes) plus an int32 offset per row (2 bytes per entry instead of 8), and expanded to flat indices one tensor at a
     time when needed. Other tensors keep int32 (or int64) flat positions.
     """
 
@@ -93,7 +93,9 @@ class SparseDeltaParametrization(nn.Module):
             counts = torch.bincount(rows, minlength=weight.shape[0])
             row_ptr = torch.zeros(weight.shape[0] + 1, dtype=torch.int32, device=weight.device)
             row_ptr[1:] = torch.cumsum(counts, 0)
-            self.register_buffer("cols", cols.to(torch.int16))
+            # int16 columns stored as bytes: collectives (gloo, NCCL) cannot broadcast int16
+            # buffers, which DDP does when it wraps the model
+            self.register_buffer("cols", cols.to(torch.int16).view(torch.uint8))
             self.register_buffer("row_ptr", row_ptr)
             self.register_buffer("flat_index", None)
         else:
@@ -123,7 +125,7 @@ class SparseDeltaParametrization(nn.Module):
             return self.flat_index.long()
         counts = self.row_ptr[1:] - self.row_ptr[:-1]
         rows = torch.repeat_interleave(torch.arange(self.shape[0], device=counts.device), counts)
-        return rows * self.shape[1] + self.cols.long()
+        return rows * self.shape[1] + self.cols.view(torch.int16).long()
 
     @torch.no_grad()
     def sync_(self, weight: torch.Tensor) -> None:
