@@ -500,6 +500,35 @@ def _run_import_lora(a):
     _summary(f"import-lora: {d.summary()}; {size:,} bytes -> {a.out}")
 
 
+def _add_export_peft(sub):
+    p = sub.add_parser(
+        "export-peft", help="a delta as a PEFT adapter folder (SHiRA: sparse entries of linears)"
+    )
+    p.add_argument("delta", help="lota delta whose tensors are all weights of linear layers")
+    p.add_argument("--base", required=True, help="the base model the delta was made for")
+    p.add_argument("--out", required=True, help="adapter folder to write")
+    p.add_argument(
+        "--allow-mismatch", action="store_true", help="export even if the base fingerprint differs"
+    )
+    p.add_argument("--force", action="store_true", help="replace an existing --out folder")
+    p.set_defaults(run=_run_export_peft)
+
+
+def _run_export_peft(a):
+    from .peft_export import export_peft
+
+    info = export_peft(a.delta, a.base, a.out, force=a.force, allow_mismatch=a.allow_mismatch)
+    exact = (
+        "merge exact"
+        if info["exact"]
+        else f"{info['inexact_entries']:,} entries off by up to {info['max_error']:.3g}"
+    )
+    _summary(
+        f"export-peft: SHiRA adapter, {info['entries']:,} entries in {info['layers']} linear "
+        f"layer(s) (r={info['r']}, {info['stored']:,} stored with zero padding; {exact}) -> {a.out}"
+    )
+
+
 def _add_lab(sub):
     p = sub.add_parser("lab", help="the lab: rebuild the base model")
     lab = p.add_subparsers(dest="lab_command", required=True, metavar="LAB_COMMAND")
@@ -726,6 +755,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_import_mask,
         _add_export_mask,
         _add_import_lora,
+        _add_export_peft,
         _add_lab,
         _add_bench,
         _add_eval,

@@ -1,0 +1,264 @@
+"""A lota delta as a PEFT adapter (``lota export-peft``), in PEFT's SHiRA format.
+
+SHiRA (sparse high-rank adapters, ``peft.ShiraConfig``) keeps, per adapted linear layer, a 1-D
+``shira_weight`` and the explicit ``[2, N]`` (row, column) ``shira_indices`` of its entries, both
+in ``adapter_model.safetensors``; loading takes the indices from the file (the random mask PEFT
+builds while creating the layers is replaced), and forward and merge add the entries to the base
+weight (``scaling`` 1.0). So any ticket on the weights of linear layers fits, with one constraint:
+every adapted layer holds exactly ``r * (in + out)`` entries, with one ``r`` for the whole adapter,
+and at most ``in * out``. The export takes the smallest ``r`` that holds every layer's entries and
+fills each layer up with zero-valued entries at positions outside its ticket (``w + 0.0 == w``).
+
+The values are chosen so that PEFT's arithmetic (``w + value`` in float32, rounded to the base's
+dtype) writes what ``lota apply`` writes: the delta's values themselves when they are float32
+(bit-exact), otherwise ``applied - w`` per entry (bit-exact on half-precision bases, within two
+float32 roundings on a float32 base; the result says which). Embeddings, norms, biases, tied
+weights and ``Conv1D`` layers cannot be held by SHiRA; a delta touching them is refused
+(``lota apply`` writes a full model folder instead). See docs/peft.md. Nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from . import format as fmt
+from .delta import SparseDelta, write_entries_
+from .errors import InputError, MismatchError
+from .fileio import atomic_dir, atomic_path, check_new_folder, write_json
+
+KIND = "peft-export"
+FORMAT_VERSION = 1
+PEFT_PREFIX = "base_model.model."
+_APPLY = "write a full model folder instead with 'lota apply BASE DELTA --out DIR'"
+
+
+def file_digest(path: str | Path) -> str:
+    """``blake2b:<hex>`` of a file's bytes."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return "blake2b:" + h.hexdigest()
+
+
+def _tied_names(skeleton: torch.nn.Module) -> dict[int, list[str]]:
+    names: dict[int, list[str]] = {}
+    for n, p in skeleton.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(n)
+    return names
+
+
+def adapter_layers(delta: SparseDelta, skeleton: torch.nn.Module, where: str) -> dict[str, str]:
+    """``{weight name: module name}`` of the tensors the delta touches; refuses any that is not the
+    weight of an ``nn.Linear`` (the only layer SHiRA adapts)."""
+    shared = _tied_names(skeleton)
+    modules = dict(skeleton.named_modules())
+    out = {}
+    for name, idx in delta.ticket.indices.items():
+        if idx.numel() == 0:
+            continue
+        module_name = name.removesuffix(".weight")
+        module = modules.get(module_name) if name.endswith(".weight") else None
+        if not isinstance(module, torch.nn.Linear):
+            kind = type(module).__name__ if module is not None else "not a layer's weight"
+            raise InputError(
+                f"the delta changes '{name}' ({kind}); a PEFT adapter can only hold the weights "
+                "of linear layers",
+                where,
+                _APPLY,
+            )
+        others = [n for n in shared.get(id(module.weight), []) if n != name]
+        if others:
+            raise InputError(
+                f"the delta changes '{name}', which is tied to '{others[0]}'; an adapter on the "
+                "linear layer alone would leave the tied tensor unchanged",
+                where,
+                _APPLY,
+            )
+        out[name] = module_name
+    if not out:
+        raise InputError("the delta has no entries", where, "export a delta that changes something")
+    return out
+
+
+def shira_rank(delta: SparseDelta, names: list[str], where: str) -> int:
+    """The smallest ``r`` with ``r * (in + out) >= nnz`` for every layer (SHiRA has one ``r``)."""
+    r = 1
+    for name in names:
+        out_f, in_f = delta.ticket.shapes[name]
+        r = max(r, math.ceil(delta.ticket.indices[name].numel() / (in_f + out_f)))
+    worst = max(names, key=lambda n: delta.ticket.indices[n].numel() / sum(delta.ticket.shapes[n]))
+    for name in names:
+        out_f, in_f = delta.ticket.shapes[name]
+        if r * (in_f + out_f) > in_f * out_f:
+            by = "" if worst == name else f" (which '{worst}' needs)"
+            raise InputError(
+                "too dense for SHiRA, which gives every adapted layer r * (in + out) entries with "
+                f"one r for the whole adapter: at r = {r}{by}, '{name}' [{out_f}, {in_f}] would "
+                f"hold {r * (in_f + out_f):,} entries, more than its {in_f * out_f:,}",
+                where,
+                _APPLY,
+            )
+    return r
+
+
+def layer_entries(
+    idx: torch.Tensor, values: torch.Tensor, n: int, numel: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(flat indices, values)`` of ``n`` entries: the ticket's, then zero-valued ones at the first
+    positions outside it, sorted by position."""
+    extra = n - idx.numel()
+    if extra > 0:
+        candidates = torch.arange(min(numel, n), dtype=torch.long)
+        free = candidates[~torch.isin(candidates, idx)][:extra]
+        idx = torch.cat([idx, free])
+        values = torch.cat([values, torch.zeros(extra, dtype=values.dtype)])
+    order = torch.argsort(idx)
+    return idx[order], values[order]
+
+
+def adapter_values(w: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(float32 adapter values, entries as lota apply writes them)`` for base entries ``w``.
+
+    PEFT adds the adapter's float32 values to the base entries and rounds to the base's dtype;
+    ``lota apply`` computes ``w + v`` in the values' precision (``delta.write_entries_``). For
+    float32 values these are the same operation. Otherwise the adapter holds ``applied - w``: exact
+    on half-precision bases, and within two float32 roundings on a float32 base, where
+    ``applied - w`` may need more bits than float32 has (``lota apply`` rounds the base entry to
+    the values' precision first).
+    """
+    applied = w.clone()
+    write_entries_(applied, torch.arange(w.numel()), w, v)
+    if v.dtype == torch.float32:
+        return v, applied
+    return (applied.double() - w.double()).float(), applied
+
+
+def peft_applied(w: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """What PEFT's SHiRA merge writes: ``w + a`` in float32 (or wider), rounded to ``w``'s dtype."""
+    wide = torch.promote_types(w.dtype, a.dtype)
+    return (w.to(wide) + a.to(wide)).to(w.dtype)
+
+
+def _shira_config(r: int, modules: list[str], base: str) -> dict:
+    try:
+        from peft import ShiraConfig
+    except ImportError:
+        raise InputError(
+            "the installed PEFT has no SHiRA adapters",
+            "peft",
+            "upgrade peft to a release with SHiRA (ShiraConfig), or " + _APPLY,
+        ) from None
+    cfg = ShiraConfig(
+        r=r,
+        target_modules=modules,
+        mask_type="random",  # the mask PEFT draws at load time is replaced by the saved indices
+        random_seed=0,
+        inference_mode=True,
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=str(base),
+    )
+    out = cfg.to_dict()
+    for key, value in out.items():
+        if isinstance(value, set):
+            out[key] = sorted(value)
+    return out
+
+
+def export_peft(
+    delta_path: str, base: str, out: str, force: bool = False, allow_mismatch: bool = False
+) -> dict:
+    """Write ``delta_path`` (made for ``base``) as a PEFT SHiRA adapter folder at ``out``."""
+    from safetensors.torch import save_file
+
+    from .models import WeightReader
+
+    check_new_folder(out, force)
+    where = str(delta_path)
+    delta = fmt.load(delta_path)
+    if not isinstance(delta, SparseDelta):
+        raise InputError(
+            "is a ticket, not a delta: it has no values to export",
+            where,
+            "make a delta with 'lota delta BASE TUNED --ticket FILE'",
+        )
+    delta.check_finite(where)
+    reader = WeightReader(base, "base model")
+    for name, shape in delta.ticket.shapes.items():
+        if name not in reader.shapes:
+            raise MismatchError(
+                f"the delta has tensor '{name}' that the base does not have",
+                where,
+                "export the delta against the architecture it was made for",
+            )
+        if tuple(reader.shapes[name]) != tuple(shape):
+            raise MismatchError(
+                f"the delta's tensor '{name}' has shape {list(shape)}, the base has "
+                f"{list(reader.shapes[name])}",
+                where,
+                "export the delta against the architecture it was made for",
+            )
+    layers = adapter_layers(delta, reader.skeleton, where)
+    names = sorted(layers)
+    r = shira_rank(delta, names, where)
+    config = _shira_config(r, [layers[n] for n in names], base)
+
+    base_fp = reader.fingerprint()
+    if delta.base_fingerprint != base_fp and not allow_mismatch:
+        raise MismatchError(
+            f"the delta was made for base {delta.base_fingerprint or '(none)'}, "
+            f"this base is {base_fp}",
+            where,
+            "export it against the model it was trained from, or pass --allow-mismatch",
+        )
+
+    entries = sum(int(delta.ticket.indices[n].numel()) for n in names)
+    tensors: dict[str, torch.Tensor] = {}
+    stored, inexact, max_error = 0, 0, 0.0
+    for name in names:
+        out_f, in_f = delta.ticket.shapes[name]
+        # taken out of the delta as converted, so that it and the adapter are not both held whole
+        idx, v = delta.ticket.indices.pop(name), delta.values.pop(name)
+        w = reader.get(name).reshape(-1)[idx]
+        a, applied = adapter_values(w, v)
+        got = peft_applied(w, a)
+        if not torch.equal(got, applied):
+            inexact += int((got != applied).sum())
+            max_error = max(max_error, float((got.double() - applied.double()).abs().max()))
+        flat, vals = layer_entries(idx, a, r * (in_f + out_f), out_f * in_f)
+        key = PEFT_PREFIX + layers[name]
+        tensors[key + ".shira_indices"] = torch.stack([flat // in_f, flat % in_f]).to(torch.int32)
+        tensors[key + ".shira_weight"] = vals.to(torch.float32).contiguous()
+        stored += flat.numel()
+
+    metadata = {
+        "format": fmt.FORMAT_NAME,
+        "kind": KIND,
+        "format_version": str(FORMAT_VERSION),
+        "base_fingerprint": base_fp,
+        "delta_base_fingerprint": delta.base_fingerprint,
+        "source_delta": Path(delta_path).name,
+        "source_delta_digest": file_digest(delta_path),
+        "peft_type": "SHIRA",
+        "created_by": f"lota {__version__}",
+    }
+    with atomic_dir(out) as tmp:
+        write_json(tmp / "adapter_config.json", config)
+        with atomic_path(tmp / "adapter_model.safetensors") as weights:
+            save_file(tensors, str(weights), metadata=metadata)
+    return {
+        "out": str(out),
+        "layers": len(names),
+        "entries": entries,
+        "stored": stored,
+        "r": r,
+        "base_fingerprint": base_fp,
+        "exact": inexact == 0,
+        "inexact_entries": inexact,
+        "max_error": max_error,
+    }
