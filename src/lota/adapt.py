@@ -11,6 +11,7 @@ protected entry, is bit-identical to the starting model.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -40,6 +41,7 @@ from .train import OPTIMIZERS, MetricsLog, TrainSettings, limit_heap_growth, tra
 
 METHODS = ("lota", "fft", "lora", "random", "bottomk", "embeddings", "ks-lottery")
 PROTECT_MODES = ("constrained", "flip")
+REPORT_TO = ("none", "tensorboard")  # metrics.jsonl is always written
 
 
 @dataclass
@@ -61,6 +63,7 @@ class AdaptConfig:
     max_grad_norm: float | None = 1.0
     grad_accum: int = 1
     fsdp: bool = False
+    report_to: str = "none"
     seed: int = 0
     targets: str | None = None
     ticket: str | None = None
@@ -135,6 +138,10 @@ class AdaptConfig:
                 f"--batch-size {self.batch_size} does not split into {w.size} process(es) x "
                 f"--grad-accum {self.grad_accum} equal micro-batches; make it a multiple of {parts}"
             )
+        if self.report_to not in REPORT_TO:
+            errors.append(f"--report-to '{self.report_to}' is not one of {', '.join(REPORT_TO)}")
+        if self.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+            errors.append("--report-to tensorboard needs the tensorboard package (pip install it)")
         plugin = dist.accelerate_plugin()
         if plugin == "deepspeed":
             errors.append(
@@ -397,7 +404,9 @@ def adapt(cfg: AdaptConfig) -> dict:
     if world.main:
         out.mkdir(parents=True, exist_ok=True)
     log = MetricsLog(
-        out / "metrics.jsonl" if world.main else None, keep=state["metric_lines"] if state else 0
+        out / "metrics.jsonl" if world.main else None,
+        keep=state["metric_lines"] if state else 0,
+        tensorboard=out / "tensorboard" if world.main and cfg.report_to == "tensorboard" else None,
     )
     # No in-memory copy of the starting weights: they are re-read from the model's files when needed,
     # so the sparse phase holds one dense copy of the model and O(k) more.
@@ -457,6 +466,7 @@ def adapt(cfg: AdaptConfig) -> dict:
             },
         )
     _finish(info, log, t_start)
+    log.close()
     write_json(
         out / "summary.json", {"format": "lota", "kind": "summary", "format_version": 1, **info}
     )

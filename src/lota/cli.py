@@ -62,6 +62,11 @@ def _add_adapt(sub):
         help="micro-batches per process and step; --batch-size is the global batch (default 1)",
     )
     p.add_argument(
+        "--report-to",
+        default="none",
+        help="also log metrics to: none | tensorboard (OUT/tensorboard); OUT/metrics.jsonl always",
+    )
+    p.add_argument(
         "--fsdp",
         action="store_true",
         help="shard weights across processes with FSDP2 (under torchrun / accelerate launch)",
@@ -148,6 +153,7 @@ def _run_adapt(a):
         max_grad_norm=a.max_grad_norm or None,
         grad_accum=a.grad_accum,
         fsdp=a.fsdp,
+        report_to=a.report_to,
         seed=a.seed,
         targets=a.targets,
         ticket=a.ticket,

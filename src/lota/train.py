@@ -106,10 +106,25 @@ class MetricsLog:
     """Appends one JSON object per line; ``None`` path keeps records in memory only.
 
     ``keep`` lines of an existing file are kept (a resumed run continues the log of its
-    checkpoint); anything after them, logged after that checkpoint, is dropped.
+    checkpoint); anything after them, logged after that checkpoint, is dropped. With
+    ``tensorboard`` (a folder), every numeric field also goes to TensorBoard as ``FIELD/PHASE``,
+    its step being the record's line number (so a resumed run purges what came after ``keep``).
     """
 
-    def __init__(self, path: str | Path | None, keep: int = 0):
+    def __init__(
+        self, path: str | Path | None, keep: int = 0, tensorboard: str | Path | None = None
+    ):
+        self.writer = None
+        if tensorboard is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise InputError(
+                    "--report-to tensorboard needs the tensorboard package",
+                    "--report-to",
+                    "pip install tensorboard",
+                ) from None
+            self.writer = SummaryWriter(log_dir=str(tensorboard), purge_step=keep + 1)
         self.path = Path(path) if path else None
         self.records: list[dict] = []
         if self.path is not None:
@@ -126,6 +141,16 @@ class MetricsLog:
         if self.path is not None:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if key not in ("phase", "step") and isinstance(value, (int, float)):
+                    self.writer.add_scalar(f"{key}/{record['phase']}", value, len(self.records))
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
 
 
 def micro_batches(batch: dict[str, torch.Tensor], world: World, accum: int) -> list[dict]:
