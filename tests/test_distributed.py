@@ -219,3 +219,16 @@ def test_trainer_example_under_torchrun_trains_the_ticket_and_resumes(workdir, t
     for n in ticket.indices:
         assert torch.equal(a.ticket.indices[n], ticket.indices[n]), n
         assert torch.equal(a.values[n], b.values[n]), n
+
+
+def test_killed_fsdp_run_resumes_mid_phase_to_the_same_outputs(workdir, single, tmp_path):
+    """The sparse phase under FSDP2 checkpoints gathered deltas and optimizer state (O(k))."""
+    out = tmp_path / "killed_fsdp"
+    killed = _adapt(TORCHRUN, workdir, out, "--fsdp", fault="train:2", check=False)
+    assert killed.returncode != 0 and (out / ".lota-checkpoint").exists()
+    from lota.checkpoint import Checkpointer
+
+    state = Checkpointer(out, {}, 1).load()
+    assert (state["phase"], state["step"]) == ("train", 2) and state["optimizer"]
+    _adapt(TORCHRUN, workdir, out, "--fsdp")
+    _assert_same_run(single, out)

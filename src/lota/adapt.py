@@ -35,7 +35,13 @@ from .models import (
     resolve_targets,
     save_model,
 )
-from .sparse_model import delta_parameters, extract_delta, prepare, unprepare
+from .sparse_model import (
+    delta_parameters,
+    extract_delta,
+    prepare,
+    sync_shards_,
+    unprepare,
+)
 from .ticket import Ticket
 from .train import OPTIMIZERS, MetricsLog, TrainSettings, limit_heap_growth, train
 
@@ -261,14 +267,16 @@ class _Run:
             with torch.no_grad():
                 for n, p in params.items():
                     if n in self.state["params"]:
-                        p.copy_(self.state["params"][n])
+                        p.copy_(dist.shard_like(self.state["params"][n], p))
+                if self.sharded:
+                    sync_shards_(self.model)
             torch.set_rng_state(self.state["rng"])
             start, opt_state = self.state["step"], self.state["optimizer"]
             self.state = None
 
         def on_step(step, opt):
-            if self.sharded:  # shards are not gathered for checkpoints: phase starts only
-                return
+            if self.sharded and (name != "train" or self.cfg.method == "fft"):
+                return  # a sharded dense phase would gather the whole model: phase starts only
             self.ckpt.maybe_save(
                 name,
                 step,

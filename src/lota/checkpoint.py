@@ -85,17 +85,18 @@ class Checkpointer:
         batches: int,
         metric_lines: int,
     ) -> None:
-        if not self.writer:
-            return
-        tensors = {f"param/{n}": p.detach().contiguous().cpu() for n, p in params.items()}
+        # Sharded (FSDP2) tensors are gathered first, by every rank in the same order.
+        tensors = {f"param/{n}": _whole(p) for n, p in params.items()}
         scalars: dict = {}
         if optimizer is not None:
             for i, state in optimizer.state_dict()["state"].items():
                 for key, value in state.items():
                     if isinstance(value, torch.Tensor):
-                        tensors[f"opt/{i}/{key}"] = value.detach().contiguous().cpu()
+                        tensors[f"opt/{i}/{key}"] = _whole(value)
                     else:
                         scalars[f"{i}/{key}"] = value
+        if not self.writer:
+            return
         tensors["rng/torch"] = torch.get_rng_state()
         scalars_json = json.dumps(scalars)
         checksums = json.dumps({k: tensor_digest(t) for k, t in tensors.items()})
@@ -154,6 +155,12 @@ class Checkpointer:
         return state
 
 
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    from .dist import full_tensor
+
+    return full_tensor(t.detach()).contiguous().cpu()
+
+
 def _optimizer_state(tensors: dict, scalars: dict) -> dict:
     state: dict[int, dict] = {}
     for k, v in tensors.items():
@@ -167,7 +174,20 @@ def _optimizer_state(tensors: dict, scalars: dict) -> dict:
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """Restore per-parameter state into an optimizer built with the same settings."""
+    """Restore per-parameter state into an optimizer built with the same settings (each saved
+    tensor of a parameter's shape is laid out like that parameter, sharded or not)."""
+    from .dist import shard_like
+
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    state = {
+        i: {
+            key: shard_like(v, params[i])
+            if isinstance(v, torch.Tensor) and v.shape == params[i].shape and v.dim() > 0
+            else v
+            for key, v in entry.items()
+        }
+        for i, entry in state.items()
+    }
     sd = optimizer.state_dict()
     sd["state"] = state
     optimizer.load_state_dict(sd)

@@ -162,6 +162,21 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
+def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``full`` laid out like ``like``: this rank's rows as a DTensor when ``like`` is one (every
+    rank must hold the same ``full``), else ``full`` itself."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(like, DTensor):
+        return full
+    mesh = like.device_mesh
+    start, stop = row_range(like.shape[0], mesh.get_local_rank(), mesh.size())
+    local = full[start:stop].to(device=like.to_local().device, dtype=like.dtype).clone()
+    return DTensor.from_local(
+        local, mesh, like.placements, run_check=False, shape=like.shape, stride=like.stride()
+    )
+
+
 def shard_model(model: torch.nn.Module, world: World) -> torch.nn.Module:
     """FSDP2: ``fully_shard`` every decoder layer, then the whole model (in place)."""
     from torch.distributed.device_mesh import init_device_mesh

@@ -165,6 +165,14 @@ def mark_sharded(model: nn.Module) -> None:
         _sharded.append(weakref.ref(p))
 
 
+def sync_shards_(model: nn.Module) -> None:
+    """Rewrite the ticket's entries of a sharded model's weights from ``delta`` now (after the
+    deltas were set other than by an optimizer step, e.g. restored from a checkpoint)."""
+    for _, _, _, p in _parametrized(model):
+        if p._plist is not None:
+            p.sync_shard_()
+
+
 def _module_and_attr(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     module_name, _, attr = name.rpartition(".")
     return (model.get_submodule(module_name) if module_name else model), attr
