@@ -1,9 +1,10 @@
 """Worker of the multi-process tests, started by ``torchrun`` (see ``test_distributed.py``).
 
-    python -m torch.distributed.run --standalone --nproc-per-node 2 tests/dist_worker.py MODE OUT
+    python -m torch.distributed.run --standalone --nproc-per-node 2 tests/dist_worker.py MODES OUT
 
-Modes: ``select`` (sharded top-k over row slices of known scores) and ``prepare`` (a user's own
-training loop on an FSDP2-sharded prepared model). Each rank writes ``OUT/rank{r}.safetensors``.
+Modes (comma-separated): ``select`` (sharded top-k over row slices of known scores) and
+``prepare`` (a user's own training loop on an FSDP2-sharded prepared model). Each rank writes
+``OUT/MODE/rank{r}.safetensors``.
 With no launcher (one process) the same code computes the single-process reference.
 """
 
@@ -95,14 +96,14 @@ def run_prepare(world: dist.World) -> dict[str, torch.Tensor]:
 
 
 def main() -> None:
-    mode, out = sys.argv[1], Path(sys.argv[2])
+    modes, out = sys.argv[1].split(","), Path(sys.argv[2])
     torch.set_num_threads(1)
     world = dist.world()
-    result = {"select": run_select, "prepare": run_prepare}[mode](world)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(
-        {k: v.contiguous() for k, v in result.items()}, str(out / f"rank{world.rank}.safetensors")
-    )
+    for mode in modes:
+        result = {"select": run_select, "prepare": run_prepare}[mode](world)
+        (out / mode).mkdir(parents=True, exist_ok=True)
+        path = out / mode / f"rank{world.rank}.safetensors"
+        save_file({k: v.contiguous() for k, v in result.items()}, str(path))
     world.barrier()
 
 

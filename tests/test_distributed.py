@@ -87,12 +87,24 @@ def single(workdir, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory):
+    """``dist_worker.py`` in one process and under torchrun with two; returns a loader of
+    ``(single-process result, [rank 0 result, rank 1 result])`` per mode."""
+    out = tmp_path_factory.mktemp("worker")
+    _run([sys.executable, str(WORKER), "select,prepare", str(out / "one")])
+    _run([*TORCHRUN, str(WORKER), "select,prepare", str(out / "two")])
+
+    def results(mode):
+        one = load_file(str(out / "one" / mode / "rank0.safetensors"))
+        return one, [load_file(str(out / "two" / mode / f"rank{r}.safetensors")) for r in (0, 1)]
+
+    return results
+
+
 # ------------------------------------------------------------------------ sharded selection
-def test_sharded_selection_equals_single_process(tmp_path):
-    _run([sys.executable, str(WORKER), "select", str(tmp_path / "one")])
-    _run([*TORCHRUN, str(WORKER), "select", str(tmp_path / "two")])
-    one = load_file(str(tmp_path / "one" / "rank0.safetensors"))
-    parts = [load_file(str(tmp_path / "two" / f"rank{r}.safetensors")) for r in range(2)]
+def test_sharded_selection_equals_single_process(worker):
+    one, parts = worker("select")
     assert set(one) == set(parts[0]) == set(parts[1]) and len(one) == 48
     for key, whole in one.items():
         # rank 0 holds the lower rows, so its entries come first
@@ -106,11 +118,8 @@ def test_sharded_selection_equals_single_process(tmp_path):
 
 
 # ----------------------------------------------------------------- a user's own FSDP2 loop
-def test_fsdp2_prepared_model_trains_like_one_process_and_keeps_frozen_rows(tmp_path):
-    _run([sys.executable, str(WORKER), "prepare", str(tmp_path / "one")])
-    _run([*TORCHRUN, str(WORKER), "prepare", str(tmp_path / "two")])
-    one = load_file(str(tmp_path / "one" / "rank0.safetensors"))
-    parts = [load_file(str(tmp_path / "two" / f"rank{r}.safetensors")) for r in range(2)]
+def test_fsdp2_prepared_model_trains_like_one_process_and_keeps_frozen_rows(worker):
+    one, parts = worker("prepare")
     deltas = [k for k in one if k.startswith("delta/")]
     assert deltas and any(bool(one[k].abs().sum() > 0) for k in deltas)
     for k in deltas:
@@ -179,21 +188,36 @@ def test_killed_ddp_run_resumes_to_the_same_outputs(workdir, single, tmp_path):
     _assert_same_run(single, out)
 
 
-def test_bad_distributed_settings_are_one_line_errors(workdir, tmp_path):
-    r = _adapt(None, workdir, tmp_path / "x", "--fsdp", check=False)
-    assert r.returncode == 2 and "--fsdp needs several processes" in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
-    r = _adapt(None, workdir, tmp_path / "y", "--grad-accum", "3", check=False)
-    assert r.returncode == 2 and "multiple of 3" in r.stderr
+def test_bad_distributed_settings_are_one_line_errors(workdir, tmp_path, monkeypatch, capsys):
+    from lota import dist
+    from lota.cli import main
+
+    def adapt(out, *extra):
+        argv = ["adapt", str(workdir / "base"), "--data", str(workdir / "a.jsonl")]
+        code = main([*argv, "--out", str(tmp_path / out), *ARGS, *extra])
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and not (tmp_path / out).exists()
+        return code, err
+
+    code, err = adapt("a", "--fsdp")
+    assert code == 2 and "--fsdp needs several processes" in err
+    code, err = adapt("b", "--grad-accum", "3")
+    assert code == 2 and "multiple of 3" in err
     for env, says in [
         ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "FSDP2 only"),
         ({"ACCELERATE_USE_DEEPSPEED": "true"}, "does not run under DeepSpeed"),
     ]:
-        r = _adapt(None, workdir, tmp_path / "w", check=False, env=env)
-        assert r.returncode == 2 and says in r.stderr and len(r.stderr.splitlines()) == 1
-    r = _adapt(TORCHRUN, workdir, tmp_path / "z", "--method", "lora", "--fsdp", check=False)
-    assert r.returncode != 0 and r.stderr.count("lota: error: ") == 1
-    assert not (tmp_path / "z").exists()
+        with monkeypatch.context() as m:
+            for k, v in env.items():
+                m.setenv(k, v)
+            code, err = adapt("c")
+            assert code == 2 and says in err
+    # as two processes would see it (validation runs before any collective)
+    monkeypatch.setattr(dist, "_WORLD", dist.World(rank=0, size=2))
+    code, err = adapt("d", "--method", "lora", "--fsdp")
+    assert code == 2 and "does not shard PEFT LoRA" in err
+    code, err = adapt("e", "--batch-size", "6", "--grad-accum", "2")
+    assert code == 2 and "2 process(es) x --grad-accum 2" in err
 
 
 # ------------------------------------------------------------- the Trainer example, 2 ranks
