@@ -116,6 +116,17 @@ def test_lota_mask_on_an_existing_trainer_checkpoint_drives_lota_adapt(workdir, 
         assert torch.equal(delta.ticket.indices[name], ticket.indices[name]), name
     assert any(bool((v != 0).any()) for v in delta.values.values())
 
+    # one command: `lota adapt --calibrated CHECKPOINT` gives the same delta, bit for bit
+    argv = ["adapt", str(workdir / "base"), "--data", str(workdir / "a.jsonl")]
+    argv += ["--calibrated", str(checkpoint), "--sparsity", "0.9", "--out", str(tmp_path / "one")]
+    assert main(argv + ["--steps", "2", "--lr", "1e-2", "--batch-size", "4", "--quiet"]) == 0
+    same = lota.load(tmp_path / "one" / "delta.safetensors")
+    for name in ticket.names:
+        assert torch.equal(same.ticket.indices[name], ticket.indices[name]), name
+        assert torch.equal(same.values[name], delta.values[name]), name
+    summary = (tmp_path / "one" / "summary.json").read_text()
+    assert str(checkpoint) in summary and '"calibration_steps"' not in summary
+
 
 def test_callback_refuses_a_model_that_is_not_its_base(workdir, tmp_path):
     other = save_toy_model(tmp_path / "other", seed=1, hidden=32, layers=2, heads=2)
@@ -174,3 +185,29 @@ def test_callback_checks_its_arguments_up_front(workdir, tmp_path, kwargs, messa
     args = {"base": str(workdir / "base"), "out": str(tmp_path / "t.safetensors"), "at_step": 3}
     with pytest.raises(lota.InputError, match=message):
         lota.CalibrationCallback(**{**args, **kwargs})
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--calibrated", "{other}"], ["differ in their target tensors"]),
+        (["--calibrated", "{missing}"], ["missing"]),
+        (["--calibrated", "{base}", "--ticket", "{base}"], ["--calibrated or --ticket"]),
+        (["--calibrated", "{base}", "--method", "fft"], ["--method lota or bottomk"]),
+    ],
+)
+def test_calibrated_is_checked_before_anything_is_written(workdir, tmp_path, capsys, extra, words):
+    from .test_cli import assert_refused
+
+    paths = {
+        "other": str(workdir / "other_arch"),
+        "missing": str(tmp_path / "missing"),
+        "base": str(workdir / "base"),
+    }
+    out = tmp_path / "out"
+    argv = ["adapt", str(workdir / "base"), "--data", str(workdir / "a.jsonl"), "--out", str(out)]
+    argv += [x.format(**paths) for x in extra] + ["--steps", "1", "--quiet"]
+    code = main(argv)
+    captured = capsys.readouterr()
+    assert_refused(code, captured.out, captured.err, *words)
+    assert not out.exists() or not any(p.name != ".lota-checkpoint" for p in out.iterdir())

@@ -58,6 +58,7 @@ class AdaptConfig:
     method: str = "lota"
     sparsity: str = "0.9"
     calibration_steps: int = 8
+    calibrated: str | None = None
     calibration_lr: float | None = None
     steps: int | None = None
     epochs: float | None = None
@@ -131,6 +132,10 @@ class AdaptConfig:
             errors.append("--weight-decay and --momentum must be >= 0")
         if self.ticket and self.method not in ("lota",):
             errors.append("--ticket works with --method lota only")
+        if self.calibrated and self.method not in ("lota", "bottomk"):
+            errors.append("--calibrated works with --method lota or bottomk only")
+        if self.calibrated and self.ticket:
+            errors.append("give --calibrated or --ticket, not both")
         if self.protect and self.method in ("fft", "lora"):
             errors.append(
                 f"--protect needs a sparse method; --method {self.method} trains every target entry"
@@ -382,6 +387,10 @@ def adapt(cfg: AdaptConfig) -> dict:
         else None
     )
     given = _load_tickets([cfg.ticket], targets, "ticket") if cfg.ticket else []
+    if cfg.calibrated:  # the fine-tuned model exists and has the base's target tensors
+        from .vectors import _readers
+
+        _readers(cfg.model, cfg.calibrated, cfg.targets)
     if given and protected is not None and given[0].overlap(protected):
         raise InputError(
             f"the ticket shares {given[0].overlap(protected):,} entries with the protected tickets",
@@ -566,6 +575,19 @@ def _sparse_run(
         ticket = protected.complement()
     elif cfg.method == "random":
         ticket = selection.select("random", targets, k, exclude=protected, seed=cfg.seed)
+    elif cfg.calibrated:  # the task vector of a model already fine-tuned from the base
+        from .vectors import make_ticket
+
+        ticket = make_ticket(
+            cfg.model,
+            cfg.calibrated,
+            cfg.sparsity,
+            cfg.targets,
+            protect=cfg.protect,
+            method="bottomk" if cfg.method == "bottomk" else "magnitude",
+            show_progress=False,
+        )
+        info["calibrated_from"] = cfg.calibrated
     else:
         ticket = _calibrate_and_select(run, k, protected, info)
     if run.resumed_phase != "train":

@@ -45,6 +45,13 @@ def _add_adapt(sub):
         default=None,
         help="learning rate of calibration (default --lr)",
     )
+    p.add_argument(
+        "--calibrated",
+        default=None,
+        metavar="TUNED",
+        help="a model already fine-tuned from MODEL (e.g. a Trainer checkpoint): its task vector "
+        "gives the ticket, no calibration run",
+    )
     p.add_argument("--steps", type=int, default=None, help="training steps (default: one epoch)")
     p.add_argument("--epochs", type=float, default=None, help="training epochs instead of --steps")
     p.add_argument("--lr", type=float, default=1e-5, help="learning rate (default 1e-5)")
@@ -143,6 +150,7 @@ def _run_adapt(a):
         sparsity=a.sparsity,
         calibration_steps=a.calibration_steps,
         calibration_lr=a.calibration_lr,
+        calibrated=a.calibrated,
         steps=a.steps,
         epochs=a.epochs,
         lr=a.lr,
