@@ -69,8 +69,14 @@ def run_prepare(world: dist.World) -> dict[str, torch.Tensor]:
     targets = lota.resolve_targets(model)
     ticket = lota.select("random", targets, 3000, seed=1)
     lota.prepare(model, ticket)
-    if world.distributed:
-        dist.shard_model(model, world)
+    if world.distributed:  # a user's own fully_shard calls: lota recognises the sharded weights
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (world.size,))
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
     opt = torch.optim.AdamW(lota.trainable_parameters(model), lr=1e-2, weight_decay=0.1)
     accum = 2 // world.size  # one micro-batch per rank, or both in one process
     for step in range(STEPS):

@@ -32,7 +32,7 @@ _optimizer_steps = 0
 _step_hook = None
 
 
-_sharded: list[weakref.ref] = []  # parametrizations of FSDP2-sharded models, in model order
+_prepared: list[weakref.ref] = []  # every live parametrization, in the order they were made
 
 
 def _count_step(optimizer, args, kwargs) -> None:
@@ -42,11 +42,25 @@ def _count_step(optimizer, args, kwargs) -> None:
 
 
 def _sync_sharded() -> None:
-    """Write ``base + delta`` into each sharded weight's local rows (every rank, same order)."""
-    alive = [p for p in (ref() for ref in _sharded) if p is not None]
-    _sharded[:] = [weakref.ref(p) for p in alive]
+    """Write ``base + delta`` into each sharded weight's local rows (every rank, same order).
+
+    A weight is sharded when FSDP2 made it a DTensor (seen here, after a step, when FSDP2 has
+    resharded) or when ``mark_sharded`` said so."""
+    alive = [p for p in (ref() for ref in _prepared) if p is not None]
+    _prepared[:] = [weakref.ref(p) for p in alive]
     for p in alive:
-        p.sync_shard_()
+        if not p.sharded and _is_dtensor(p.original()):
+            p.sharded = True
+        if p.sharded:
+            p.sync_shard_()
+
+
+def _is_dtensor(t) -> bool:
+    if t is None or not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
 
 
 def _watch_optimizer_steps() -> None:
@@ -110,7 +124,8 @@ class SparseDeltaParametrization(nn.Module):
             init.copy_(values.to(device=weight.device, dtype=dtype))
         self.delta = nn.Parameter(init)
         self._synced: tuple[int, int, int] | None = None
-        self._plist: weakref.ref | None = None  # set when sharded: the owning ParametrizationList
+        self._plist: weakref.ref | None = None  # the owning ParametrizationList, once registered
+        self.sharded = False  # FSDP2: the ticket's entries are kept in sync on the shards
         if values is not None:
             self.sync_(weight)
         else:
@@ -140,8 +155,7 @@ class SparseDeltaParametrization(nn.Module):
         every all-gather (forward and backward) sees the trained values."""
         from .dist import full_tensor, local_rows
 
-        original = self._plist().original
-        local, start = local_rows(original)
+        local, start = local_rows(self.original())
         row = math.prod(self.shape[1:])
         pos = self.positions()
         a, b = torch.searchsorted(
@@ -151,25 +165,31 @@ class SparseDeltaParametrization(nn.Module):
         if b > a:
             write_entries_(local, pos[a:b] - start * row, self.base_values[a:b], delta[a:b])
 
+    def original(self) -> torch.Tensor | None:
+        """The weight this parametrizes (its stored, possibly sharded, parameter)."""
+        plist = self._plist() if self._plist is not None else None
+        return plist.original if plist is not None else None
+
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        if self._plist is None and self._synced != self._state():
+        if not self.sharded and self._synced != self._state():
             self.sync_(weight)
         return _SparseTie.apply(weight, self.delta, self)
 
 
 def mark_sharded(model: nn.Module) -> None:
     """Declare a prepared model FSDP2-sharded: its weights are kept in sync on their shards after
-    every optimizer step (see ``sync_shard_``) instead of being rewritten in each forward."""
-    for _, module, attr, p in _parametrized(model):
-        p._plist = weakref.ref(module.parametrizations[attr])
-        _sharded.append(weakref.ref(p))
+    every optimizer step (see ``sync_shard_``) instead of being rewritten in each forward. FSDP2
+    weights are also recognised by themselves at the first optimizer step; declaring them keeps
+    the forward passes before it from writing into gathered copies."""
+    for _, _, _, p in _parametrized(model):
+        p.sharded = True
 
 
 def sync_shards_(model: nn.Module) -> None:
     """Rewrite the ticket's entries of a sharded model's weights from ``delta`` now (after the
     deltas were set other than by an optimizer step, e.g. restored from a checkpoint)."""
     for _, _, _, p in _parametrized(model):
-        if p._plist is not None:
+        if p.sharded:
             p.sync_shard_()
 
 
@@ -212,6 +232,8 @@ def prepare(
             weight, idx, None if values is None else values[name], dtype
         )
         parametrize.register_parametrization(module, attr, par, unsafe=True)
+        par._plist = weakref.ref(module.parametrizations[attr])
+        _prepared.append(weakref.ref(par))
     return model
 
 
