@@ -703,7 +703,7 @@ def _select_sharded(run: _Run, selector: str, weights, k: int, protected) -> Tic
 def _verify_frozen(weights, w0, ticket: Ticket, protected: Ticket | None) -> bool:
     """Every entry outside the ticket (and every protected entry) equals the start, bit for bit."""
     for n, idx in ticket.indices.items():
-        now = weights[n].detach().reshape(-1)
+        now = weights[n].detach().reshape(-1).cpu()
         start = w0[n].to(now.dtype).reshape(-1)
         outside = torch.ones(now.numel(), dtype=torch.bool)
         outside[idx] = False

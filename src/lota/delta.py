@@ -92,7 +92,9 @@ def write_entries_(
     This one formula is shared by sparse training and by ``apply`` so that both give the same bits.
     """
     flat = param.data.view(-1)
-    flat.index_copy_(0, idx, (base_vals.to(values.dtype) + values).to(param.dtype))
+    dev = flat.device  # a model on a GPU, with the delta read from a file on the CPU
+    vals = base_vals.to(device=dev, dtype=values.dtype) + values.to(dev)
+    flat.index_copy_(0, idx.to(dev), vals.to(param.dtype))
 
 
 @torch.no_grad()
@@ -115,7 +117,7 @@ def apply_delta_(params: dict[str, torch.Tensor], delta: SparseDelta, scale: flo
         v = delta.values[name]
         if scale != 1.0:
             v = v * scale
-        write_entries_(p, idx, p.data.view(-1)[idx], v)
+        write_entries_(p, idx, p.data.view(-1)[idx.to(p.device)], v)
 
 
 def delta_from_weights(
@@ -127,7 +129,7 @@ def delta_from_weights(
     """Values ``tuned - base`` at the ticket's entries."""
     values = {}
     for name, idx in ticket.indices.items():
-        b = base[name].reshape(-1)[idx].to(torch.float32)
-        t = tuned[name].reshape(-1)[idx].to(torch.float32)
+        b = base[name].reshape(-1)[idx.to(base[name].device)].to("cpu", torch.float32)
+        t = tuned[name].reshape(-1)[idx.to(tuned[name].device)].to("cpu", torch.float32)
         values[name] = (t - b).to(dtype)
     return SparseDelta(ticket=ticket, values=values)

@@ -46,18 +46,23 @@ class World:
             torch.distributed.barrier()
 
     def sum_(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum ``t`` over all ranks, in place; returns ``t``."""
+        """Sum ``t`` over all ranks, in place; returns ``t``. (Collectives run on the process's
+        device, as NCCL needs: CPU tensors make the round trip.)"""
         if self.distributed:
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+            buf = t.to(self.device)
+            torch.distributed.all_reduce(buf, op=torch.distributed.ReduceOp.SUM)
+            if buf is not t:
+                t.copy_(buf)
         return t
 
     def gather(self, t: torch.Tensor) -> torch.Tensor:
-        """``[size, *t.shape]``: every rank's ``t``, in rank order."""
+        """``[size, *t.shape]``: every rank's ``t``, in rank order, on ``t``'s device."""
         if not self.distributed:
             return t.unsqueeze(0)
-        out = [torch.empty_like(t) for _ in range(self.size)]
-        torch.distributed.all_gather(out, t.contiguous())
-        return torch.stack(out)
+        buf = t.to(self.device).contiguous()
+        out = [torch.empty_like(buf) for _ in range(self.size)]
+        torch.distributed.all_gather(out, buf)
+        return torch.stack(out).to(t.device)
 
     def gather_varlen(self, t: torch.Tensor) -> list[torch.Tensor]:
         """Every rank's 1-D ``t`` (lengths may differ), in rank order."""
