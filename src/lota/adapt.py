@@ -503,10 +503,7 @@ def _finish(info: dict, log: MetricsLog, t_start: float) -> dict:
 def _dense_run(run: _Run, steps: int) -> SparseDelta:
     cfg, model, targets = run.cfg, run.model, run.targets
     if cfg.method == "fft":
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for n, p in named_weights(model).items():
-            p.requires_grad_(n in targets)
+        _train_only(model, targets)
         if cfg.fsdp:
             _shard(run)
         weights = named_weights(run.model)
@@ -524,6 +521,12 @@ def _dense_run(run: _Run, steps: int) -> SparseDelta:
     )
     weights = named_weights(model)
     return delta_from_weights(full, run.w0, {n: dist.full_tensor(weights[n]) for n in targets})
+
+
+def _train_only(model: torch.nn.Module, targets) -> None:
+    """Make the ``targets`` weights the model's only trainable parameters."""
+    for n, p in named_weights(model).items():
+        p.requires_grad_(n in targets)
 
 
 def _shard(run: _Run) -> None:
@@ -633,10 +636,7 @@ def _sparse_run(
 
 def _calibrate_and_select(run: _Run, k: int, protected: Ticket | None, info: dict) -> Ticket:
     cfg, targets, w0 = run.cfg, run.targets, run.w0
-    for p in run.model.parameters():
-        p.requires_grad_(False)
-    for n, p in named_weights(run.model).items():
-        p.requires_grad_(n in targets)
+    _train_only(run.model, targets)
     if cfg.fsdp:
         _shard(run)
     weights = named_weights(run.model)
@@ -730,16 +730,10 @@ def _verify_frozen_shards(model, w0, ticket: Ticket, protected, world: dist.Worl
         local, start = dist.local_rows(module.parametrizations[attr].original)
         stop = start + local.shape[0]
         shard = dist.Shard(world, {name: local.numel()}, {name: start * local[0].numel()})
-        rows = Ticket(
-            shapes={name: tuple(local.shape)},
-            indices={name: shard.local_indices(name, ticket.indices[name])},
-        )
+        rows = _rows_of(ticket, name, shard, local.shape)
         prot = None
         if protected is not None and name in protected.indices:
-            prot = Ticket(
-                shapes={name: tuple(local.shape)},
-                indices={name: shard.local_indices(name, protected.indices[name])},
-            )
+            prot = _rows_of(protected, name, shard, local.shape)
         try:
             _verify_frozen({name: local}, {name: w0[name][start:stop]}, rows, prot)
         except LotaError as e:
@@ -749,6 +743,13 @@ def _verify_frozen_shards(model, w0, ticket: Ticket, protected, world: dist.Worl
             "frozen entries changed on another process", fix="report this as a lota bug"
         )
     return True
+
+
+def _rows_of(t: Ticket, name: str, shard: dist.Shard, shape) -> Ticket:
+    """Tensor ``name`` of ticket ``t`` restricted to a shard's rows, in local positions."""
+    return Ticket(
+        shapes={name: tuple(shape)}, indices={name: shard.local_indices(name, t.indices[name])}
+    )
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -135,9 +135,16 @@ class Shard:
 
     def local_indices(self, name: str, indices: torch.Tensor) -> torch.Tensor:
         """The entries of sorted global ``indices`` that fall in this rank's slice, made local."""
-        lo, hi = self.offsets[name], self.offsets[name] + self.numels[name]
-        a, b = torch.searchsorted(indices, torch.tensor([lo, hi], dtype=indices.dtype)).tolist()
+        lo = self.offsets[name]
+        a, b = span(indices, lo, lo + self.numels[name])
         return indices[a:b] - lo
+
+
+def span(indices: torch.Tensor, lo: int, hi: int) -> tuple[int, int]:
+    """``(a, b)`` such that ``indices[a:b]`` are the sorted ``indices`` in ``[lo, hi)``."""
+    bounds = torch.tensor([lo, hi], dtype=indices.dtype, device=indices.device)
+    a, b = torch.searchsorted(indices, bounds).tolist()
+    return a, b
 
 
 def row_range(rows: int, rank: int, size: int) -> tuple[int, int]:

@@ -361,9 +361,10 @@ def select(
     """Build a ticket of exactly ``k`` entries over ``shapes`` with a registered selector.
 
     ``delta_fn(name)`` gives a tensor's task vector; it is called twice per tensor (once per
-    pass), so that nothing larger than one tensor is held. With ``shard``, ``delta_fn`` gives this
-    rank's slice and the returned ticket holds this rank's entries (see ``select_top_k``). A ``delta_fn`` with the attribute
+    pass), so that nothing larger than one tensor is held. A ``delta_fn`` with the attribute
     ``fresh = True`` promises a new tensor on every call, which selectors may then overwrite.
+    With ``shard``, ``delta_fn`` gives this rank's slice and the returned ticket holds this
+    rank's entries (see ``select_top_k``).
     """
     if method not in SELECTORS:
         raise InputError(

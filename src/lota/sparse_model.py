@@ -30,8 +30,6 @@ from .ticket import Ticket
 
 _optimizer_steps = 0
 _step_hook = None
-
-
 _prepared: list[weakref.ref] = []  # every live parametrization, in the order they were made
 
 
@@ -88,8 +86,8 @@ class SparseDeltaParametrization(nn.Module):
     """Parametrization holding one tensor's ticket (its positions), ``base_values`` and ``delta``.
 
     Positions of a 2-D weight are kept row-compressed, an int16 column per entry (stored as two
-    bytes) plus an int32 offset per row (2 bytes per entry instead of 8), and expanded to flat indices one tensor at a
-    time when needed. Other tensors keep int32 (or int64) flat positions.
+    bytes) plus an int32 offset per row (2 bytes per entry instead of 8), and expanded to flat
+    indices one tensor at a time when needed. Other tensors keep int32 (or int64) flat positions.
     """
 
     def __init__(
@@ -153,14 +151,12 @@ class SparseDeltaParametrization(nn.Module):
     def sync_shard_(self) -> None:
         """FSDP2: the sharded weight itself holds ``base + delta`` in this rank's rows, so that
         every all-gather (forward and backward) sees the trained values."""
-        from .dist import full_tensor, local_rows
+        from .dist import full_tensor, local_rows, span
 
         local, start = local_rows(self.original())
         row = math.prod(self.shape[1:])
         pos = self.positions()
-        a, b = torch.searchsorted(
-            pos, torch.tensor([start * row, (start + local.shape[0]) * row], device=pos.device)
-        ).tolist()
+        a, b = span(pos, start * row, (start + local.shape[0]) * row)
         delta = full_tensor(self.delta.detach())
         if b > a:
             write_entries_(local, pos[a:b] - start * row, self.base_values[a:b], delta[a:b])

@@ -203,8 +203,8 @@ def train(
     if world.distributed and not sharded:
         from torch.nn.parallel import DistributedDataParallel
 
-        # every rank built the same model from the same files: no initial broadcast (gloo also
-        # cannot broadcast the int16 ticket buffers), and buffers never change
+        # every rank built the same model from the same files: no initial broadcast is needed,
+        # and buffers (the ticket's positions and base values) never change
         forward = DistributedDataParallel(
             model, device_ids=_device_ids(world), init_sync=False, broadcast_buffers=False
         )
