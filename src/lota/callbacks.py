@@ -22,6 +22,7 @@ from .errors import InputError
 from .models import WeightReader, model_fingerprint, named_weights, resolve_model_path
 from .selection import parse_sparsity, select, ticket_size
 from .ticket import Ticket
+from .vectors import difference_fn
 
 
 class CalibrationCallback(TrainerCallback):
@@ -140,17 +141,7 @@ class CalibrationCallback(TrainerCallback):
             self.base_fingerprint = reader.fingerprint()
         live = named_weights(model)
         k = ticket_size(self.sparsity, sum(math.prod(s) for s in shapes.values()))
-        buffer = torch.empty(max((math.prod(s) for s in shapes.values()), default=0))
-
-        def delta_fn(name):
-            """``current - base`` in float32, in one buffer reused by every call."""
-            d = buffer[: math.prod(shapes[name])].view(shapes[name])
-            d.copy_(live[name].detach())
-            return d.sub_(reader.get(name))
-
-        delta_fn.fresh = (
-            True  # each result is valid until the next call; selectors may overwrite it
-        )
+        delta_fn = difference_fn(lambda n: live[n].detach(), reader.get, shapes)
         ticket = select("magnitude", shapes, k, delta_fn=delta_fn)
         ticket.base_fingerprint = self.base_fingerprint
         return ticket

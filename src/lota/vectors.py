@@ -59,6 +59,21 @@ def _protected(paths: list[str], shapes) -> Ticket | None:
     return Ticket.union(tickets, shapes)
 
 
+def difference_fn(tuned_get, base_get, shapes: dict[str, tuple[int, ...]]):
+    """A ``delta_fn`` for selection: ``tuned_get(name) - base_get(name)`` in float32, in one
+    buffer reused by every call (fewer page faults). It is marked ``fresh``: selectors may
+    overwrite what it returns, which is valid until the next call."""
+    buffer = torch.empty(max((math.prod(s) for s in shapes.values()), default=0))
+
+    def delta_fn(name):
+        d = buffer[: math.prod(shapes[name])].view(shapes[name])
+        d.copy_(tuned_get(name))
+        return d.sub_(base_get(name))  # the base is widened to float32 as it is subtracted
+
+    delta_fn.fresh = True
+    return delta_fn
+
+
 def make_ticket(
     base: str,
     tuned: str,
@@ -74,19 +89,7 @@ def make_ticket(
     rb, rt, shapes = _readers(base, tuned, targets)
     k = selection.ticket_size(sparsity, sum(math.prod(s) for s in shapes.values()))
     excluded = _protected(protect or [], shapes)
-
-    buffer = torch.empty(max((math.prod(s) for s in shapes.values()), default=0))
-
-    def delta_fn(name):
-        """``tuned - base`` in float32, in one buffer reused by every call (fewer page faults)."""
-        d = buffer[: math.prod(shapes[name])].view(shapes[name])
-        d.copy_(rt.get(name))
-        return d.sub_(rb.get(name))  # the base is widened to float32 as it is subtracted
-
-    delta_fn.fresh = (
-        True  # selectors may overwrite what it returns (it is valid until the next call)
-    )
-
+    delta_fn = difference_fn(rt.get, rb.get, shapes)
     rb.hash_while_reading()  # the base's fingerprint is computed as pass 1 streams its tensors
     with tqdm(
         total=2 * len(shapes), desc="select", unit="tensor", disable=not show_progress, leave=False
