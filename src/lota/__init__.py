@@ -27,6 +27,7 @@ _LAZY = {
     "resolve_targets": ("models", "resolve_targets"),
     "model_fingerprint": ("models", "model_fingerprint"),
     "CalibrationCallback": ("callbacks", "CalibrationCallback"),
+    "DeltaBank": ("hotswap", "DeltaBank"),
 }
 
 

@@ -631,6 +631,25 @@ def _add_eval(sub):
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--limit", type=int, default=None, help="score only the first N examples")
     p.add_argument(
+        "--delta",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="switch this delta into the loaded base before scoring, no model folder written "
+        "(repeatable: all together, or one at a time with --each)",
+    )
+    p.add_argument(
+        "--each",
+        action="store_true",
+        help="score each --delta on its own, one after another on the same loaded base",
+    )
+    p.add_argument("--allow-mismatch", action="store_true", help="use deltas made for another base")
+    p.add_argument(
+        "--allow-overlap",
+        action="store_true",
+        help="switch in deltas that share entries (added in the order given)",
+    )
+    p.add_argument(
         "--json", action="store_true", help="print the score and per-example results as JSON"
     )
     p.set_defaults(run=_run_eval)
@@ -647,11 +666,17 @@ def _run_eval(a):
         a.batch_size,
         a.limit,
         show_progress=not a.quiet,
+        deltas=a.delta,
+        each=a.each,
+        allow_mismatch=a.allow_mismatch,
+        allow_overlap=a.allow_overlap,
     )
     if a.json:
         print(json.dumps(r, indent=2))
-    else:
-        _summary(f"eval: {a.metric} = {r['score']:.4f} on {r['n']} examples of {a.data}")
+        return
+    for one in r.get("results", [r]):
+        with_ = f" with {' + '.join(one['deltas'])}" if one["deltas"] else ""
+        _summary(f"eval: {a.metric} = {one['score']:.4f} on {one['n']} examples of {a.data}{with_}")
 
 
 def _add_inspect(sub):

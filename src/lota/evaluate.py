@@ -154,7 +154,14 @@ def evaluate(
     batch_size: int = 16,
     limit: int | None = None,
     show_progress: bool = True,
+    deltas: list[str] | None = None,
+    each: bool = False,
+    allow_mismatch: bool = False,
+    allow_overlap: bool = False,
 ) -> dict:
+    """Score ``model_path`` on ``data_path``. With ``deltas``, the deltas are switched into the
+    loaded base in place (``DeltaBank``), no model folder is written: all of them together, or
+    with ``each`` one after another on the same loaded base, giving ``{"results": [...]}``."""
     if metric_name not in METRICS:
         raise InputError(
             f"unknown metric '{metric_name}'",
@@ -167,11 +174,35 @@ def evaluate(
             "lota eval",
             "fix the numbers",
         )
+    deltas = [str(d) for d in deltas or []]
+    if each and not deltas:
+        raise InputError("--each needs deltas to score", "--each", "add --delta FILE (repeatable)")
+    if len(set(deltas)) != len(deltas):
+        raise InputError("a delta is given twice", "--delta", "give each file once")
     examples = read_jsonl(data_path)[:limit]
     tokenizer = load_tokenizer(model_path)
     model = load_model(model_path)
-    result = evaluate_model(
-        model, tokenizer, examples, metric_name, max_new_tokens, batch_size, show_progress
-    )
-    result["model"], result["data"] = model_path, data_path
-    return result
+    bank = None
+    if deltas:
+        from .hotswap import DeltaBank
+
+        bank = DeltaBank(model, allow_overlap=allow_overlap)
+        for d in deltas:  # every file is checked before anything is scored
+            bank.add(d, d, allow_mismatch=allow_mismatch)
+        if not each:
+            bank.activate(*deltas)
+
+    def run(active: list[str]) -> dict:
+        r = evaluate_model(
+            model, tokenizer, examples, metric_name, max_new_tokens, batch_size, show_progress
+        )
+        r["model"], r["data"], r["deltas"] = model_path, data_path, active
+        return r
+
+    if not each:
+        return run(deltas)
+    results = []
+    for d in deltas:
+        with bank.using(d):
+            results.append(run([d]))
+    return {"model": model_path, "data": data_path, "metric": metric_name, "results": results}
