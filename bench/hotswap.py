@@ -128,46 +128,66 @@ def max_abs_diff(model, base: dict) -> float:
 
 # ---------------------------------------------------------------------------- switching
 def bench_switches(name: str, args) -> dict:
+    """Every method's switches timed in rounds, interleaved (the order rotating each round)."""
     model = build(name)
-    rows, numel = [], 0
+    methods, numel = [], 0
     for density in DENSITIES:
         for verify in (True, False):
-            row, numel = lota_row(model, density, args, verify)
-            rows.append(row)
-    rows += lora_rows(model, args)
+            m, numel = lota_switcher(model, density, verify)
+            methods.append(m)
+    methods += lora_switchers(model, args.lora_r)
+    times: list[list[float]] = [[] for _ in methods]
+    rounds = max(1, args.rounds)
+    for r in range(rounds):
+        order = list(range(len(methods)))
+        order = order[r % len(order) :] + order[: r % len(order)]
+        for i in order:
+            start, switch, stop, _ = methods[i]
+            start()
+            switch()  # warm
+            times[i] += timed(switch, max(1, args.switches // rounds))
+            stop()
+    rows = []
+    for (start, switch, stop, row), t in zip(methods, times):
+        start()
+        row["switch_s"] = stat(t)
+        row["peak_growth_mb"] = peak_growth_mb(switch)
+        stop()
+        rows.append(row)
     n_params = sum(p.numel() for p in model.parameters())
     return {"model": name, "params": n_params, "targets": numel, "rows": rows}
 
 
-def lota_row(model, density: float, args, verify: bool) -> tuple[dict, int]:
+def lota_switcher(model, density: float, verify: bool):
+    """(start, switch, stop, row) for DeltaBank switches between two deltas of ``density``."""
     from lota.hotswap import DeltaBank
 
     (a, b), numel = lota_pair(model, density)
     bank = DeltaBank(model, verify=verify).add("A", a).add("B", b)
-    bank.activate("B")
     flip = iter(range(10**9))
-
-    def switch():
-        bank.switch("A" if next(flip) % 2 == 0 else "B")
-
-    switch()  # warm
-    t = timed(switch, args.switches)
+    bank.activate("B")
     row = {
         "method": "lota" if verify else "lota verify=False",
         "density": density,
         "k": a.nnz,
-        "switch_s": stat(t),
         "held_bytes": bank.memory_bytes(),
-        "peak_growth_mb": peak_growth_mb(switch),
     }
     bank.deactivate()
-    return row, numel
+
+    def start():
+        bank.switch("B")
+
+    def switch():
+        bank.switch("A" if next(flip) % 2 == 0 else "B")
+
+    return (start, switch, bank.deactivate, row), numel
 
 
-def lora_rows(model, args) -> list[dict]:
+def lora_switchers(model, r: int) -> list:
+    """(start, switch, stop, row) for PEFT's three ways of switching two LoRA adapters."""
     from peft.utils.hotswap import hotswap_adapter_from_state_dict
 
-    pm, cfg = lora_model(model, args.lora_r)
+    pm, cfg = lora_model(model, r)
     # hot-swap writes another adapter's weights into the loaded adapter "ta" in place: the
     # state dicts of both tasks, keyed by the parameter names of "ta"
     params = dict(pm.named_parameters())
@@ -194,32 +214,36 @@ def lora_rows(model, args) -> list[dict]:
         pm.base_model.set_adapter(other())
         pm.base_model.merge_adapter()
 
-    rows = []
-    for label, fn in (
-        ("lora set_adapter", set_adapter),
-        ("lora hotswap", hotswap),
-        ("lora merge/unmerge", merge_switch),
-    ):
-        state["cur"] = "ta"
-        pm.base_model.set_adapter("ta")
-        if label == "lora merge/unmerge":
-            pm.base_model.merge_adapter()
-        fn()
-        t = timed(fn, args.switches)
-        rows.append(
-            {
-                "method": label,
-                "lora_r": args.lora_r,
-                "k": size,
-                "switch_s": stat(t),
-                # both adapters resident (fp32); hot-swap also keeps the state dicts to swap in
-                "held_bytes": {"registered": (4 if label == "lora hotswap" else 2) * 4 * size},
-                "peak_growth_mb": peak_growth_mb(fn),
-            }
-        )
-        if label == "lora merge/unmerge":
-            pm.base_model.unmerge_adapter()
-    return rows
+    def start(merged=False):
+        def run():
+            state["cur"] = "ta"
+            pm.base_model.set_adapter("ta")
+            if merged:
+                pm.base_model.merge_adapter()
+
+        return run
+
+    def stop(merged=False):
+        def run():
+            if merged:
+                pm.base_model.unmerge_adapter()
+            hotswap_adapter_from_state_dict(pm, swap["ta"], adapter_name="ta", config=cfg)
+
+        return run
+
+    def row(label, copies):  # adapters resident (fp32); hot-swap also keeps state dicts
+        return {
+            "method": label,
+            "lora_r": r,
+            "k": size,
+            "held_bytes": {"adapters": copies * 4 * size},
+        }
+
+    return [
+        (start(), set_adapter, stop(), row("lora set_adapter", 2)),
+        (start(), hotswap, stop(), row("lora hotswap", 4)),
+        (start(True), merge_switch, stop(True), row("lora merge/unmerge", 2)),
+    ]
 
 
 # ---------------------------------------------------------------------------- exactness
@@ -354,7 +378,8 @@ def report(switches, drift, tokens) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="lab,200m")
-    ap.add_argument("--switches", type=int, default=40)
+    ap.add_argument("--switches", type=int, default=40, help="switches timed per method")
+    ap.add_argument("--rounds", type=int, default=4, help="interleaved rounds of the switches")
     ap.add_argument("--cycles", type=int, default=1000, help="switches for the exactness check")
     ap.add_argument("--lora-r", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=32)
