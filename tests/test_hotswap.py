@@ -17,6 +17,7 @@ from lota.models import load_model, model_fingerprint, named_weights, resolve_ta
 from lota.selection import select
 from lota.toy import tiny_llama
 
+from .conftest import ADAPT
 from .test_cli import assert_refused
 from .test_cli import lota as run_cli
 
@@ -337,3 +338,30 @@ def test_eval_refusals(workdir, trained, capsys, tmp_path):
         "--delta", foreign, "--allow-mismatch", "--quiet",
     )  # fmt: skip
     assert code == 0, err
+
+
+def test_a_lotto_chain_switches_in_as_lota_apply_writes_it(workdir, trained, capsys, tmp_path):
+    base, a = workdir / "base", trained / "delta.safetensors"
+    code, _, err = run_cli(
+        capsys, "adapt", trained / "model", "--data", workdir / "b.jsonl",
+        "--out", tmp_path / "b", "--protect", a, *ADAPT,
+    )  # fmt: skip
+    assert code == 0, err
+    b = tmp_path / "b" / "delta.safetensors"  # trained on top of A: made for base + A
+    with pytest.raises(lota.MismatchError, match="made for base"):
+        DeltaBank(load_model(str(base))).add("b", b)
+    code, _, err = run_cli(capsys, "apply", base, a, b, "--out", tmp_path / "ab")
+    assert code == 0, err
+    model = load_model(str(base))
+    before = snapshot(model)
+    bank = DeltaBank(model).add("a", a).add("b", b)
+    assert bank.active == [] and bit_identical(model, before)  # checking B switched nothing in
+    bank.activate("a", "b")
+    assert bit_identical(model, snapshot(load_model(str(tmp_path / "ab"))))
+    bank.deactivate()
+    assert bit_identical(model, before)
+    code, out, err = run_cli(
+        capsys, "eval", base, "--data", workdir / "b.jsonl", "--limit", "2",
+        "--max-new-tokens", "2", "--delta", a, "--delta", b, "--quiet",
+    )  # fmt: skip
+    assert code == 0 and " + " in out, err

@@ -67,9 +67,11 @@ class DeltaBank:
     """Hold one base ``model`` and many sparse deltas; switch them in place, exactly.
 
     ``add(name, delta)`` registers a delta (a ``SparseDelta`` or a file path) after checking it
-    against the model: its base fingerprint (unless ``allow_mismatch``), its tensor names and
-    shapes, its values finite and its indices sorted and in range. Its indices and values are
-    moved to the weights' device once, so switching never reads a file or crosses devices.
+    against the model: its base fingerprint (that of the base, or of the base with the deltas
+    registered before it applied in order, as for a LoTTO chain; unless ``allow_mismatch``), its
+    tensor names and shapes, its values finite and its indices sorted and in range. Its indices
+    and values are moved to the weights' device once, so switching never reads a file or
+    crosses devices.
 
     ``activate(*names)``, ``deactivate(*names)`` (no names: all), ``switch(*names)`` (exactly
     these active) and the context manager ``using(*names)`` (these active inside the block, the
@@ -100,6 +102,7 @@ class DeltaBank:
         self._entries: dict[str, _Entry] = {}
         self._stack: list[_Active] = []
         self._overlaps: dict[frozenset, int] = {}
+        self._chain: tuple[tuple, str | None] = ((), None)
 
     # -- registry --------------------------------------------------------------------------------
     @property
@@ -157,10 +160,12 @@ class DeltaBank:
         else:
             label = delta.meta.get("path", name)
         delta.check_finite(label)
-        if not allow_mismatch and delta.base_fingerprint != self.base_fingerprint:
+        fp = delta.base_fingerprint
+        if not allow_mismatch and fp != self.base_fingerprint and fp != self._chain_fingerprint():
+            chain = f" (nor with {', '.join(self.names)} applied)" if self.names else ""
             raise MismatchError(
-                f"the delta was made for base {delta.base_fingerprint or '(none)'}, "
-                f"this base is {self.base_fingerprint}",
+                f"the delta was made for base {fp or '(none)'}, this base is "
+                f"{self.base_fingerprint}{chain}",
                 label,
                 "use the model it was trained from, or allow_mismatch=True (--allow-mismatch)",
             )
@@ -171,6 +176,20 @@ class DeltaBank:
         parts = [p for p in parts if p.index.numel()]
         self._entries[name] = _Entry(name, label, parts, sum(p.index.numel() for p in parts))
         return self
+
+    def _chain_fingerprint(self) -> str | None:
+        """The fingerprint of the base with every registered delta applied in order: what a
+        delta trained on top of them (``lota adapt PREVIOUS_MODEL --protect ...``, LoTTO) was
+        made for, as ``lota apply BASE A B`` accepts it. Computed only when a delta needs it."""
+        if not self._entries:
+            return None
+        key = tuple(self._entries)
+        if self._chain[0] != key:
+            from .models import model_fingerprint
+
+            with self.using(*key, allow_overlap=True):
+                self._chain = (key, model_fingerprint(self.model))
+        return self._chain[1]
 
     def remove(self, name: str) -> None:
         """Forget a delta (deactivate it first)."""
