@@ -17,7 +17,8 @@ greedy generation of ``--new-tokens`` tokens (batch 1) with the base, with a lot
 with an unmerged and with a merged LoRA adapter, interleaved over ``--repeats`` rounds, median
 with min-max and ratios to the base. Prints tables to stderr and one JSON line last on stdout.
 
-    python bench/hotswap.py [--models lab,200m] [--switches 40] [--cycles 1000]
+    python bench/hotswap.py [--models lab,200m] [--parts switches,exactness,tokens]
+        [--switches 40] [--rounds 4] [--cycles 1000] [--repeats 7]
 """
 
 from __future__ import annotations
@@ -247,7 +248,7 @@ def lora_switchers(model, r: int) -> list:
 
 
 # ---------------------------------------------------------------------------- exactness
-def bench_drift(name: str, dtype, cycles: int, args) -> dict:
+def bench_drift(name: str, dtype, cycles: int, lora_cycles: int, args) -> dict:
     from lota.hotswap import DeltaBank
 
     model = build(name, dtype)
@@ -262,7 +263,7 @@ def bench_drift(name: str, dtype, cycles: int, args) -> dict:
     pm, _ = lora_model(model, args.lora_r, adapters=("ta",))
     inner = pm.base_model.model
     lbase = {n: p.detach().clone() for n, p in inner.named_parameters() if "lora_" not in n}
-    for _ in range(cycles):
+    for _ in range(lora_cycles):
         pm.base_model.merge_adapter()
         pm.base_model.unmerge_adapter()
     now = {n: p for n, p in inner.named_parameters() if "lora_" not in n}
@@ -273,6 +274,7 @@ def bench_drift(name: str, dtype, cycles: int, args) -> dict:
         "model": name,
         "dtype": str(dtype).replace("torch.", ""),
         "cycles": cycles,
+        "lora_cycles": lora_cycles,
         "lota_max_abs_diff": lota_diff,
         "lora_merge_unmerge_max_abs_diff": lora_diff,
         "lora_changed_entries": changed,
@@ -359,8 +361,8 @@ def report(switches, drift, tokens) -> None:
     print("\nmax |w - w0| after the switches and a switch back to the base:", file=err)
     for d in drift:
         print(
-            f"  {d['model']:<5} {d['dtype']:<9} {d['cycles']:>5} switches: lota "
-            f"{d['lota_max_abs_diff']:.3g}, LoRA merge/unmerge "
+            f"  {d['model']:<5} {d['dtype']:<9} lota after {d['cycles']} switches "
+            f"{d['lota_max_abs_diff']:.3g}; LoRA after {d['lora_cycles']} merge/unmerge "
             f"{d['lora_merge_unmerge_max_abs_diff']:.3g} ({d['lora_changed_entries']:,} "
             "entries changed)",
             file=err,
@@ -381,9 +383,14 @@ def main() -> None:
     ap.add_argument("--switches", type=int, default=40, help="switches timed per method")
     ap.add_argument("--rounds", type=int, default=4, help="interleaved rounds of the switches")
     ap.add_argument("--cycles", type=int, default=1000, help="switches for the exactness check")
+    ap.add_argument(
+        "--lora-cycles", type=int, default=None, help="LoRA merge/unmerge cycles (default --cycles)"
+    )
+    ap.add_argument("--dtypes", default="float32,bfloat16", help="dtypes of the exactness check")
     ap.add_argument("--lora-r", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--parts", default="switches,exactness,tokens", help="what to measure")
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     from lota.models import quiet_transformers
@@ -392,14 +399,19 @@ def main() -> None:
     t0 = time.time()
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     switches, drift, tokens = [], [], []
+    parts = set(args.parts.split(","))
     for m in models:
-        print(f"[{m}] switching ...", file=sys.stderr, flush=True)
-        switches.append(bench_switches(m, args))
-        for dtype in (torch.float32, torch.bfloat16):
+        if "switches" in parts:
+            print(f"[{m}] switching ...", file=sys.stderr, flush=True)
+            switches.append(bench_switches(m, args))
+        dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
+        for dtype in dtypes if "exactness" in parts else ():
             print(f"[{m}] exactness, {dtype} ...", file=sys.stderr, flush=True)
-            drift.append(bench_drift(m, dtype, args.cycles, args))
-        print(f"[{m}] cost per token ...", file=sys.stderr, flush=True)
-        tokens.append(bench_tokens(m, args))
+            lora_cycles = args.cycles if args.lora_cycles is None else args.lora_cycles
+            drift.append(bench_drift(m, dtype, args.cycles, lora_cycles, args))
+        if "tokens" in parts:
+            print(f"[{m}] cost per token ...", file=sys.stderr, flush=True)
+            tokens.append(bench_tokens(m, args))
     report(switches, drift, tokens)
     out = {
         "bench": "hotswap",
