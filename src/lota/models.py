@@ -1,8 +1,12 @@
 """Loading and saving Hugging Face models, choosing target tensors, reading weights lazily.
 
-Only safetensors weights are read: lota never unpickles a model file. Default targets are the
-weight matrices of every linear layer inside the transformer blocks (q, k, v, o, gate, up, down on
-Llama); embeddings, the output head, norms and biases are frozen entirely.
+Only safetensors weights are read: lota never unpickles a model file. A folder is checked before
+transformers sees it (``check_model_folder``): lota runs no code from it, opens no FIFO or device
+in it, and loads no file its shard index names outside it; the weights' headers must match the
+architecture the config builds, in shape and in kind (floats for float parameters).
+
+Default targets are the weight matrices of every linear layer inside the transformer blocks (q, k,
+v, o, gate, up, down on Llama); embeddings, the output head, norms and biases are frozen entirely.
 """
 
 from __future__ import annotations
@@ -13,12 +17,13 @@ import json
 import logging
 import os
 import re
+import stat
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .errors import InputError
+from .errors import InputError, MismatchError
 from .fileio import atomic_dir, fingerprint, weight_digest
 
 _DTYPES = {
@@ -28,6 +33,13 @@ _DTYPES = {
     "float16": torch.float16,
 }
 _BLOCK = re.compile(r"(^|\.)\d+\.")
+_INDEX = "model.safetensors.index.json"
+_SPECIAL = {
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+}
 
 
 def quiet_transformers() -> None:
@@ -46,21 +58,11 @@ def quiet_transformers() -> None:
 
 
 def resolve_model_path(path: str, what: str = "model") -> Path:
-    """A local model folder, or a hub snapshot where a hub is reachable."""
+    """A local model folder, or a hub snapshot where a hub is reachable, that passed
+    ``check_model_folder``: nothing else is ever handed to transformers."""
     p = Path(path)
     if p.is_dir():
-        if not (p / "config.json").exists():
-            raise InputError(
-                f"{what} folder has no config.json",
-                str(p),
-                "pass a Hugging Face model folder (config, safetensors weights, tokenizer)",
-            )
-        if not list(p.glob("*.safetensors")):
-            raise InputError(
-                f"{what} folder has no safetensors weights",
-                str(p),
-                "lota reads only safetensors; re-save the model with save_pretrained(safe_serialization=True)",
-            )
+        check_model_folder(p, what)
         return p
     if p.exists():
         raise InputError(
@@ -81,21 +83,223 @@ def resolve_model_path(path: str, what: str = "model") -> Path:
         except Exception:
             raise InputError(
                 f"{what} not found locally and the hub could not be reached",
-                path,
+                str(path),
                 "pass a local model folder",
             ) from None
     raise InputError(f"{what} not found", str(p), "check the path")
 
 
+# ---------------------------------------------------------------------------- hostile folders
+def check_model_folder(folder: Path, what: str = "model") -> None:
+    """Refuse a folder lota must not hand to transformers: one that needs Python code of its own
+    (transformers would ask on the terminal, then import it), holds a special file (opening a FIFO
+    blocks), holds a PEFT adapter (transformers would load its weights too), or has a shard index
+    naming anything but safetensors files inside the folder. Only names, ``stat`` and JSON are
+    read, so nothing from the folder runs or blocks before the refusal."""
+    _refuse_special_files(folder, what)
+    config_path = folder / "config.json"
+    if not config_path.exists():
+        raise InputError(
+            f"{what} folder has no config.json",
+            str(folder),
+            "pass a Hugging Face model folder (config, safetensors weights, tokenizer)",
+        )
+    _refuse_custom_code(folder, _read_json(config_path), what)
+    if (folder / "adapter_config.json").exists():
+        raise InputError(
+            f"the {what} folder holds a PEFT adapter (adapter_config.json), which transformers "
+            "would load into the model",
+            str(folder),
+            "merge the adapter into its base first (merge_and_unload), or turn it into a delta "
+            "with 'lota import-lora ADAPTER --base BASE'",
+        )
+    if not list(folder.glob("*.safetensors")):
+        raise InputError(
+            f"{what} folder has no safetensors weights",
+            str(folder),
+            "lota reads only safetensors; re-save the model with save_pretrained(safe_serialization=True)",
+        )
+    if (folder / _INDEX).exists():
+        _index_shards(folder)
+
+
+def _refuse_special_files(folder: Path, what: str) -> None:
+    """Any entry transformers may open (the folder, and the tokenizer's chat-template folder)
+    must be a regular file or a folder; a symlink counts as what it points to."""
+    from transformers.utils import CHAT_TEMPLATE_DIR
+
+    for place in (folder, folder / CHAT_TEMPLATE_DIR):
+        if not place.is_dir():
+            continue
+        with os.scandir(place) as entries:
+            for entry in entries:
+                try:
+                    kind = _SPECIAL.get(stat.S_IFMT(os.stat(entry.path).st_mode))
+                except OSError:  # a dangling link: opening it fails at once, nothing waits
+                    continue
+                if kind:
+                    raise InputError(
+                        f"{entry.name} in the {what} folder is {kind}, not a regular file, and "
+                        "opening it could block",
+                        entry.path,
+                        "replace it with the file itself (a symlink to a regular file is fine)",
+                    )
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise InputError(
+            f"{path.name} is not readable JSON ({_first_line(e)})",
+            str(path),
+            "restore the file, or re-save the model with save_pretrained",
+        ) from None
+    if not isinstance(obj, dict):
+        raise InputError(
+            f"{path.name} is not a JSON object",
+            str(path),
+            "restore the file, or re-save the model with save_pretrained",
+        )
+    return obj
+
+
+def _refuse_custom_code(folder: Path, config: dict, what: str) -> None:
+    from transformers import CONFIG_MAPPING
+
+    model_type = config.get("model_type")
+    reason = None
+    if "auto_map" in config:
+        reason = "config.json has auto_map"
+    elif model_type is not None and (
+        not isinstance(model_type, str) or model_type not in CONFIG_MAPPING
+    ):
+        reason = f"model_type {json.dumps(model_type)[:60]} is not one transformers implements"
+    elif (folder / "tokenizer_config.json").exists():
+        if "auto_map" in _read_json(folder / "tokenizer_config.json"):
+            reason = "tokenizer_config.json has auto_map"
+    if reason:
+        raise InputError(
+            f"the {what} needs Python code from its folder ({reason}), and lota runs no code "
+            "from a model folder",
+            str(folder),
+            "use a model whose architecture transformers implements, or convert it to one",
+        )
+
+
+def _index_shards(folder: Path) -> list[str]:
+    """The shard files ``model.safetensors.index.json`` names: each must be a safetensors file
+    inside the folder, since transformers opens whatever the index names, pickles included."""
+    path = folder / _INDEX
+    weight_map = _read_json(path).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise InputError(
+            "the shard index has no weight_map of tensor names to file names",
+            str(path),
+            "restore the index, or re-save the model with save_pretrained",
+        )
+    shards = sorted(set(weight_map.values()))
+    for name in shards:
+        problem = None
+        if Path(name).name != name or name in ("", ".", "..") or "\\" in name:
+            problem = "is not a file name inside the folder"
+        elif not name.endswith(".safetensors"):
+            problem = "is not a safetensors file (lota reads only safetensors)"
+        elif not (folder / name).is_file():
+            problem = "is missing from the folder"
+        if problem:
+            raise InputError(
+                f"the shard index names {json.dumps(name)}, which {problem}",
+                str(path),
+                "re-save the model with save_pretrained(safe_serialization=True)",
+            )
+    return shards
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a checked folder, as transformers picks them: the single file,
+    else the shards its index names, else every safetensors file (which only lota reads)."""
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
+    if (folder / _INDEX).is_file():
+        return [folder / n for n in _index_shards(folder)]
+    return sorted(folder.glob("*.safetensors"))
+
+
+def _skeleton(folder: Path) -> nn.Module:
+    """The model the config builds, on the meta device (no memory, no weights read)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    quiet_transformers()
+    try:
+        config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    except Exception as e:
+        raise InputError(
+            f"cannot read the model config ({_first_line(e)})",
+            str(folder),
+            "pass a Hugging Face causal language model folder",
+        ) from None
+
+
+def _read_headers(folder: Path, skeleton: nn.Module) -> dict[str, Path]:
+    """``{tensor name: file}`` of a folder's weights, from the safetensors headers alone. A tensor
+    the architecture has is refused when its shape differs from the config's (the weights belong
+    to another config) or when it holds integers or bools for a floating-point parameter (used as
+    weights, they would compute nonsense without any error)."""
+    from safetensors import safe_open
+
+    expected = skeleton.state_dict()
+    where: dict[str, Path] = {}
+    for f in weight_files(folder):
+        try:
+            with safe_open(str(f), framework="pt") as h:
+                headers = {
+                    k: (h.get_slice(k).get_shape(), h.get_slice(k).get_dtype()) for k in h.keys()
+                }
+        except Exception as e:
+            raise InputError(
+                f"unreadable safetensors file ({_first_line(e)})",
+                str(f),
+                "the weights are corrupted; re-save the model",
+            ) from None
+        for name, (shape, dtype) in headers.items():
+            where[name] = f
+            want = expected.get(name)
+            if want is None:
+                continue
+            if list(shape) != list(want.shape):
+                raise MismatchError(
+                    f"tensor '{name}' has shape {list(shape)} in the weights but "
+                    f"{list(want.shape)} in the architecture config.json describes",
+                    str(f),
+                    "the weights and config.json belong to different models; put the weights' own "
+                    "config.json beside them, or re-save the model with save_pretrained",
+                )
+            if want.is_floating_point() and not dtype.startswith(("F", "BF")):
+                raise InputError(
+                    f"tensor '{name}' is stored as {dtype}, but the model's parameter is "
+                    "floating point",
+                    str(f),
+                    "lota reads float weights (F32, BF16, F16); save the model unquantized "
+                    "with save_pretrained",
+                )
+    return where
+
+
+# ---------------------------------------------------------------------------- loading
 def load_model(path: str, dtype: str = "auto") -> nn.Module:
+    """A checked folder's model, read from its safetensors files only (no code from it runs)."""
     from transformers import AutoModelForCausalLM
 
     folder = resolve_model_path(path)
+    _read_headers(folder, _skeleton(folder))
     quiet_transformers()
     try:
         with contextlib.redirect_stderr(io.StringIO()):
             model = AutoModelForCausalLM.from_pretrained(
-                str(folder), dtype=_DTYPES[dtype], use_safetensors=True
+                str(folder), dtype=_DTYPES[dtype], use_safetensors=True, trust_remote_code=False
             )
     except Exception as e:
         raise InputError(
@@ -108,11 +312,12 @@ def load_model(path: str, dtype: str = "auto") -> nn.Module:
 
 
 def load_tokenizer(path: str):
+    """A checked folder's tokenizer (its code, if it names any, is refused before this)."""
     from transformers import AutoTokenizer
 
     folder = resolve_model_path(path)
     try:
-        tok = AutoTokenizer.from_pretrained(str(folder))
+        tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
     except Exception as e:
         raise InputError(
             f"cannot load the tokenizer ({_first_line(e)})",
@@ -207,37 +412,13 @@ def model_fingerprint(model: nn.Module) -> str:
 
 # ---------------------------------------------------------------------------- lazy weights
 class WeightReader:
-    """Read a model folder's tensors one at a time from (sharded) safetensors files."""
+    """Read a model folder's tensors one at a time from (sharded) safetensors files, the files
+    transformers would load, after their headers were checked against the config."""
 
     def __init__(self, path: str, what: str = "model"):
-        from transformers import AutoConfig, AutoModelForCausalLM
-
         self.folder = resolve_model_path(path, what)
-        quiet_transformers()
-        try:
-            config = AutoConfig.from_pretrained(str(self.folder))
-            with torch.device("meta"):
-                self.skeleton = AutoModelForCausalLM.from_config(config)
-        except Exception as e:
-            raise InputError(
-                f"cannot read the model config ({_first_line(e)})",
-                str(self.folder),
-                "pass a Hugging Face causal language model folder",
-            ) from None
-        self.where: dict[str, Path] = {}
-        from safetensors import safe_open
-
-        for f in sorted(self.folder.glob("*.safetensors")):
-            try:
-                with safe_open(str(f), framework="pt") as h:
-                    for k in h.keys():
-                        self.where[k] = f
-            except Exception as e:
-                raise InputError(
-                    f"unreadable safetensors file ({_first_line(e)})",
-                    str(f),
-                    "the weights are corrupted; re-save the model",
-                ) from None
+        self.skeleton = _skeleton(self.folder)
+        self.where = _read_headers(self.folder, self.skeleton)
         self.shapes = {n: tuple(p.shape) for n, p in named_weights(self.skeleton).items()}
         self._digests: dict = {}  # name -> hex digest, or a future of one
         self._pool = None

@@ -1,0 +1,353 @@
+"""Hostile model folders: custom code, FIFOs, shapes or dtypes that disagree with the config, and
+shard indexes that point outside the folder or at pickles. Every command that reads a model folder
+refuses them with one line and exit 2, before any code from the folder runs or any file blocks."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lota.cli import main
+
+from .test_cli import ADAPT, assert_refused, lota
+
+UP = "model.layers.0.mlp.up_proj.weight"
+Q = "model.layers.0.self_attn.q_proj.weight"
+NORM = "model.layers.1.input_layernorm.weight"
+
+
+def _commands(workdir, trained, tmp_path, bad) -> dict[str, list]:
+    """Every command that reads a model folder, with ``bad`` in the model position named."""
+    base, data, out = workdir / "base", workdir / "a.jsonl", tmp_path / "o"
+    return {
+        "adapt": ["adapt", bad, "--data", data, "--out", out, *ADAPT],
+        "mask-base": ["mask", bad, base, "--out", out, "--quiet"],
+        "mask-tuned": ["mask", base, bad, "--out", out, "--quiet"],
+        "delta": ["delta", base, bad, "--sparsity", "0.9", "--out", out, "--quiet"],
+        "apply": ["apply", bad, trained / "delta.safetensors", "--out", out],
+        "eval": ["eval", bad, "--data", data],
+        "merge": ["merge", bad, base, "--base", base, "--out", out],
+        "ks": ["ks", base, bad, "--out", out],
+    }
+
+
+def _copy(workdir, tmp_path, name: str = "bad") -> Path:
+    folder = tmp_path / name
+    shutil.copytree(workdir / "base", folder)
+    return folder
+
+
+def _edit_json(path: Path, **changes) -> None:
+    cfg = json.loads(path.read_text())
+    cfg.update(changes)
+    path.write_text(json.dumps(cfg))
+
+
+def _edit_weights(folder: Path, **tensors: torch.Tensor) -> None:
+    weights = load_file(str(folder / "model.safetensors"))
+    for key, t in tensors.items():
+        weights[{"up": UP, "q": Q, "norm": NORM}[key]] = t
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+# ---------------------------------------------------------------------------- custom code
+def _custom_code_folder(workdir, tmp_path, marker: Path, variant: str) -> Path:
+    """A copy of the base whose config asks for the Python file beside it, which would leave
+    ``marker`` behind if it were ever imported."""
+    folder = _copy(workdir, tmp_path)
+    (folder / "hostile.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).write_text('imported')\n"
+    )
+    auto_map = {
+        "AutoConfig": "hostile.HostileConfig",
+        "AutoModelForCausalLM": "hostile.HostileForCausalLM",
+    }
+    if variant == "auto_map-unknown-type":
+        _edit_json(folder / "config.json", model_type="hostile", auto_map=auto_map)
+    elif variant == "auto_map-known-type":
+        _edit_json(folder / "config.json", auto_map=auto_map)
+    elif variant == "unknown-type":
+        _edit_json(folder / "config.json", model_type="hostile")
+    else:  # the tokenizer asks for code of its own
+        _edit_json(
+            folder / "tokenizer_config.json",
+            auto_map={"AutoTokenizer": ["hostile.HostileTokenizer", None]},
+        )
+    return folder
+
+
+@pytest.mark.parametrize(
+    "command",
+    ["adapt", "mask-base", "mask-tuned", "delta", "apply", "eval", "merge", "ks"],
+)
+def test_custom_code_never_runs_even_when_stdin_says_yes(
+    workdir, trained, capsys, monkeypatch, tmp_path, command
+):
+    marker = tmp_path / "marker"
+    bad = _custom_code_folder(workdir, tmp_path, marker, "auto_map-unknown-type")
+    monkeypatch.setattr("sys.stdin", io.StringIO("y\n" * 20))
+    capsys.readouterr()
+    code, out, err = lota(capsys, *_commands(workdir, trained, tmp_path, bad)[command])
+    assert_refused(code, out, err, str(bad), "runs no code")
+    assert "custom code" not in out  # no question was asked
+    assert not marker.exists()
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("variant", ["auto_map-known-type", "unknown-type", "tokenizer-auto_map"])
+@pytest.mark.parametrize("command", ["mask-tuned", "eval"])
+def test_every_kind_of_custom_code_is_refused(
+    workdir, trained, capsys, monkeypatch, tmp_path, variant, command
+):
+    marker = tmp_path / "marker"
+    bad = _custom_code_folder(workdir, tmp_path, marker, variant)
+    monkeypatch.setattr("sys.stdin", io.StringIO("y\n" * 20))
+    capsys.readouterr()
+    assert_refused(
+        *lota(capsys, *_commands(workdir, trained, tmp_path, bad)[command]),
+        str(bad),
+        "runs no code",
+    )
+    assert not marker.exists()
+    assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------------------- special files
+_WATCHER = """
+import os, sys, time
+fifo, flag = sys.argv[1], sys.argv[2]
+while True:
+    try:
+        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError:  # ENXIO: nobody has it open for reading
+        time.sleep(0.05)
+        continue
+    open(flag, "a").close()
+    os.close(fd)
+"""
+
+
+@contextlib.contextmanager
+def _watch_fifo(fifo: Path, flag: Path):
+    """Fail instead of hanging: whenever a reader is blocked opening ``fifo``, open its writing
+    end (so the reader gets end-of-file) and leave ``flag`` behind. The watcher is a process of
+    its own, since a blocked open can hold this process's GIL."""
+    watcher = subprocess.Popen([sys.executable, "-c", _WATCHER, str(fifo), str(flag)])
+    try:
+        yield
+    finally:
+        watcher.kill()
+        watcher.wait()
+
+
+def _fifo_folder(workdir, tmp_path, name: str) -> Path:
+    folder = _copy(workdir, tmp_path)
+    if name == "model.safetensors.index.json":  # a sharded folder, so the index is what is read
+        shard = "model-00001-of-00001.safetensors"
+        (folder / "model.safetensors").rename(folder / shard)
+    else:
+        (folder / name).unlink()
+    os.mkfifo(folder / name)
+    return folder
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "model.safetensors",
+        "config.json",
+        "model.safetensors.index.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ],
+)
+@pytest.mark.parametrize("command", ["mask-tuned", "eval"])
+def test_fifo_in_a_model_folder_is_refused_without_blocking(
+    workdir, trained, capsys, tmp_path, name, command
+):
+    bad = _fifo_folder(workdir, tmp_path, name)
+    capsys.readouterr()
+    flag = tmp_path / "opened"
+    with _watch_fifo(bad / name, flag):
+        code, out, err = lota(capsys, *_commands(workdir, trained, tmp_path, bad)[command])
+    assert not flag.exists(), "lota opened the FIFO"
+    assert_refused(code, out, err, name, "FIFO")
+    assert not (tmp_path / "o").exists()
+
+
+def test_symlinked_and_sharded_folders_still_load(workdir, capsys, tmp_path):
+    """Regular files reached through symlinks (as in a hub cache) and sharded weights with a
+    well-formed index are fine."""
+    from lota.models import load_model, named_weights
+
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    for f in (workdir / "base").iterdir():
+        (linked / f.name).symlink_to(f)
+    sharded = _copy(workdir, tmp_path, "sharded")
+    weights = load_file(str(sharded / "model.safetensors"))
+    (sharded / "model.safetensors").unlink()
+    names = sorted(weights)
+    shards = {n: f"model-0000{1 + i % 2}-of-00002.safetensors" for i, n in enumerate(names)}
+    for shard in set(shards.values()):
+        part = {n: weights[n] for n in names if shards[n] == shard}
+        save_file(part, str(sharded / shard), metadata={"format": "pt"})
+    index = {"metadata": {}, "weight_map": shards}
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
+    for folder in (linked, sharded):
+        loaded = named_weights(load_model(str(folder)))
+        assert all(torch.equal(loaded[n], weights[n]) for n in names)
+        out = tmp_path / f"{folder.name}.safetensors"
+        assert lota(capsys, "mask", workdir / "base", folder, "--out", out, "--quiet")[0] == 0
+
+
+# ---------------------------------------------------------------------------- shapes and dtypes
+SHAPES = {
+    # one tensor stored transposed
+    "weights": (lambda f: _edit_weights(f, up=torch.zeros(32, 64)), [UP, "[32, 64]", "[64, 32]"]),
+    # the config promises a wider MLP than the weights hold
+    "config": (
+        lambda f: _edit_json(f / "config.json", intermediate_size=96),
+        ["model.layers.0.mlp.", "[32, 64]", "[32, 96]"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SHAPES))
+@pytest.mark.parametrize(
+    "command", ["adapt", "mask-base", "mask-tuned", "delta", "apply", "eval", "merge"]
+)
+def test_weight_shapes_that_disagree_with_the_config_are_refused(
+    workdir, trained, capsys, tmp_path, case, command
+):
+    bad = _copy(workdir, tmp_path)
+    edit, words = SHAPES[case]
+    edit(bad)
+    capsys.readouterr()
+    assert_refused(*lota(capsys, *_commands(workdir, trained, tmp_path, bad)[command]), *words)
+    assert not (tmp_path / "o").exists()
+
+
+DTYPES = {
+    "int32": (lambda f: _edit_weights(f, q=torch.ones(32, 32, dtype=torch.int32)), [Q, "I32"]),
+    "bool": (lambda f: _edit_weights(f, norm=torch.ones(32, dtype=torch.bool)), [NORM, "BOOL"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DTYPES))
+@pytest.mark.parametrize("command", ["adapt", "mask-base", "mask-tuned", "delta", "eval", "merge"])
+def test_integer_weights_for_float_parameters_are_refused(
+    workdir, trained, capsys, tmp_path, case, command
+):
+    bad = _copy(workdir, tmp_path)
+    edit, words = DTYPES[case]
+    edit(bad)
+    capsys.readouterr()
+    assert_refused(*lota(capsys, *_commands(workdir, trained, tmp_path, bad)[command]), *words)
+    assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------------------- shard indexes
+def _sharded_with(workdir, tmp_path, entry: str) -> Path:
+    """A sharded copy of the base whose index sends the second half of the tensors to ``entry``
+    (written there as a pickle or as safetensors, wherever that lands)."""
+    folder = _copy(workdir, tmp_path)
+    weights = load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    names = sorted(weights)
+    first, second = names[: len(names) // 2], names[len(names) // 2 :]
+    save_file({n: weights[n] for n in first}, str(folder / "model-00001-of-00002.safetensors"))
+    target = Path(entry) if os.path.isabs(entry) else folder / entry
+    if entry.endswith(".safetensors"):
+        if entry != "missing.safetensors":
+            save_file({n: weights[n] for n in second}, str(target), metadata={"format": "pt"})
+    else:
+        torch.save({n: weights[n] for n in second}, str(target))
+    weight_map = {n: "model-00001-of-00002.safetensors" for n in first}
+    weight_map.update({n: entry for n in second})
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
+    return folder
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        "pytorch_model.bin",
+        "model-00002-of-00002.pt",
+        "../outside.safetensors",
+        "ABSOLUTE",
+        "missing.safetensors",
+    ],
+)
+@pytest.mark.parametrize("command", ["adapt", "mask-tuned", "apply", "eval"])
+def test_shard_index_names_only_safetensors_files_in_the_folder(
+    workdir, trained, capsys, monkeypatch, tmp_path, entry, command
+):
+    if entry == "ABSOLUTE":
+        entry = str(tmp_path / "elsewhere.safetensors")
+    bad = _sharded_with(workdir, tmp_path, entry)
+    loads = []
+
+    def record(*a, **k):
+        loads.append(a)
+        raise AssertionError("lota unpickled something")
+
+    monkeypatch.setattr(pickle, "load", record)
+    monkeypatch.setattr(torch, "load", record)
+    capsys.readouterr()
+    assert_refused(
+        *lota(capsys, *_commands(workdir, trained, tmp_path, bad)[command]),
+        "model.safetensors.index.json",
+        Path(entry).name,
+    )
+    assert not loads
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_folder_with_a_peft_adapter_is_refused(workdir, trained, capsys, monkeypatch, tmp_path):
+    """transformers would also load the adapter that adapter_config.json describes, from weights
+    lota never checked, into the model."""
+    bad = _copy(workdir, tmp_path)
+    (bad / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "base_model_name_or_path": str(workdir / "base"),
+                "target_modules": ["q_proj"],
+                "r": 2,
+                "lora_alpha": 2,
+            }
+        )
+    )
+    torch.save({}, str(bad / "adapter_model.bin"))
+    loads = []
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(a) or {})
+    for command in ("eval", "apply", "adapt"):
+        capsys.readouterr()
+        assert_refused(
+            *lota(capsys, *_commands(workdir, trained, tmp_path, bad)[command]),
+            "adapter_config.json",
+        )
+    assert not loads
+    assert not (tmp_path / "o").exists()
+
+
+def test_non_json_config_is_refused(workdir, capsys, tmp_path):
+    bad = _copy(workdir, tmp_path)
+    (bad / "config.json").write_text("{not json")
+    assert main(["eval", str(bad), "--data", str(workdir / "a.jsonl")]) == 2
+    assert_refused(2, *capsys.readouterr(), "config.json")
