@@ -4,15 +4,20 @@ run end with one clear line and leave no partial output."""
 from __future__ import annotations
 
 import errno
+import json
+import math
 import pickle
 import random
 
 import pytest
+import safetensors
+import safetensors.torch
 import torch
 
 from lota import format as fmt
 from lota.cli import main
 from lota.errors import LotaError
+from lota.fileio import tensor_digest
 from lota.selection import select
 
 from .test_cli import ADAPT, assert_refused, lota
@@ -175,7 +180,7 @@ def test_disk_full_leaves_no_partial_output(workdir, capsys, monkeypatch, tmp_pa
 
     monkeypatch.setattr(fmt, "save_file", full)
     code, out, err = lota(
-        capsys, "mask", workdir / "base", workdir / "base", "--out", target, "--quiet"
+        capsys, "mask", workdir / "base", workdir / "base", "--out", target, "--quiet", "--force"
     )
     assert_refused(code, out, err, "No space left", exit_code=1)
     assert target.read_bytes() == before
@@ -513,6 +518,174 @@ def test_hypothesis_fuzz_of_the_reader(tmp_path):
         else:
             for idx in obj.indices.values():
                 assert idx.numel() == 0 or bool((idx[1:] > idx[:-1]).all())
+
+    check()
+
+
+# Values a hostile header may put where lota writes an int, a list of ints or a string.
+_HOSTILE_VALUES = [
+    -1, 0, 1, 2**31, 2**63 - 1, 2**63, 2**64 + 5, 10**30, -(2**63), 3.0, 32.7, -0.0, 1e308,
+    True, False, None, "", "165", "gaps", "full", [], [1], [2.5, 4], ["4", 4], [True, 3],
+    [2**40, 2**40], [-1, 4], {}, {"a": 1}, [[[[1]]]],
+]  # fmt: skip
+
+
+def _deep(depth: int, rng: random.Random):
+    """A JSON value nested ``depth`` levels deep (lists or objects)."""
+    v = rng.choice(_HOSTILE_VALUES)
+    for _ in range(depth):
+        v = [v] if rng.random() < 0.5 else {"k": v}
+    return v
+
+
+def _hostile_header(header: dict, rng: random.Random) -> dict:
+    """One structured edit of a lota header: a field of a tensor entry or the top level set to a
+    wrongly typed, out-of-range or deeply nested value, or a field dropped."""
+    tensors = header.get("tensors")  # an earlier edit may have broken it already
+    entries = (
+        [e for e in tensors.values() if isinstance(e, dict)] if isinstance(tensors, dict) else []
+    )
+    target = rng.choice(entries) if entries and rng.random() < 0.7 else header
+    fields = list(target) + ["shape", "nnz", "encoding", "rice_r", "values_dtype", "extra"]
+    key = rng.choice(fields)
+    roll = rng.random()
+    if roll < 0.1:
+        target.pop(key, None)
+    elif roll < 0.25:
+        target[key] = _deep(rng.choice([2, 50, 70, 500, 900]), rng)
+    elif roll < 0.35 and key == "shape" and isinstance(target.get(key), list) and target[key]:
+        target[key][rng.randrange(len(target[key]))] = rng.choice(_HOSTILE_VALUES)
+    elif roll < 0.45 and key in ("nnz", "numel") and type(target.get(key)) is int:
+        target[key] += rng.choice([-1, 1, 2**62, -(2**62)])
+    else:
+        target[key] = rng.choice(_HOSTILE_VALUES)
+    return header
+
+
+def _hostile_gaps(tensors: dict, header: dict, rng: random.Random) -> None:
+    """Gaps whose running sum wraps int64, for a tensor whose shape is made to allow them."""
+    name = rng.choice(list(header["tensors"]))
+    n = rng.randint(2, 5)
+    gaps = torch.full((n,), rng.choice([2**61, 2**62, 2**63 - 2]), dtype=torch.int64)
+    e = header["tensors"][name]
+    old = e["nnz"]
+    e.update(shape=[2**63 - 1], nnz=n, encoding="gaps")
+    for suffix in ("mask", "gaps", "rice_q", "rice_r"):
+        tensors.pop(f"{name}::{suffix}", None)
+    tensors[f"{name}::gaps"] = gaps
+    header["numel"] = sum(math.prod(t["shape"]) for t in header["tensors"].values())
+    header["nnz"] += n - old
+    if f"{name}::values" in tensors:
+        tensors[f"{name}::values"] = torch.zeros(n)
+    for k, t in tensors.items():
+        header["checksums"][k] = tensor_digest(t)
+
+
+def _check_loads_or_refuses(path) -> str:
+    try:
+        obj = fmt.load(path)
+    except LotaError as e:
+        assert str(path) in e.line()
+        assert "\n" not in e.line()
+        return "refused"
+    with safetensors.safe_open(str(path), "pt") as f:
+        header = json.loads(f.metadata()["header"])
+    exact = lambda x: type(x) is int  # noqa: E731 (no bool, float or str passes for a count)
+    for name, idx in obj.indices.items():  # whatever loads keeps the ticket's invariant
+        assert idx.dtype == torch.int64 and idx.dim() == 1
+        if idx.numel():
+            assert int(idx[0]) >= 0 and int(idx[-1]) < math.prod(obj.shapes[name])
+            assert bool((idx[1:] > idx[:-1]).all())
+        e = header["tensors"][name]  # and is exactly what its header says, nothing coerced
+        assert all(exact(d) for d in e["shape"]) and list(obj.shapes[name]) == e["shape"]
+        assert exact(e["nnz"]) and e["nnz"] == idx.numel()
+    assert exact(header["numel"]) and header["numel"] == obj.numel
+    assert exact(header["nnz"]) and header["nnz"] == obj.nnz
+    return "loaded"
+
+
+def test_fuzzed_header_fields_only_raise_lota_errors(tmp_path):
+    """3,000 structured edits of the header (wrong types, floats and strings for counts, huge or
+    negative sizes, deep nesting, dropped fields, overflowing gap lists): every file is refused
+    with lota's own one-line error naming it, or loads with the ticket's invariant intact."""
+    originals = _sample_files(tmp_path)
+    parsed = []
+    for i, data in enumerate(originals):
+        p = tmp_path / f"orig{i}.safetensors"
+        p.write_bytes(data)
+        with safetensors.safe_open(str(p), "pt") as f:
+            parsed.append((dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}))
+    rng = random.Random(2024)
+    path = tmp_path / "hostile.safetensors"
+    outcomes = {"refused": 0, "loaded": 0}
+    for i in range(3_000):
+        meta, tensors = parsed[i % 2]
+        meta, tensors = dict(meta), dict(tensors)
+        header = json.loads(meta["header"])
+        if rng.random() < 0.1:
+            _hostile_gaps(tensors, header, rng)
+        else:
+            for _ in range(rng.randint(1, 3)):
+                header = _hostile_header(header, rng)
+        meta["header"] = json.dumps(header)
+        safetensors.torch.save_file(tensors, str(path), metadata=meta)
+        outcomes[_check_loads_or_refuses(path)] += 1
+    assert outcomes["refused"] > 2_500, outcomes
+
+
+def test_hypothesis_fuzz_of_header_fields(tmp_path):
+    """Hypothesis puts arbitrary JSON (nested up to any depth it likes) in any header field."""
+    hyp = pytest.importorskip("hypothesis")
+    from hypothesis import HealthCheck, settings
+    from hypothesis import strategies as st
+
+    originals = _sample_files(tmp_path)
+    p = tmp_path / "orig.safetensors"
+    p.write_bytes(originals[0])
+    with safetensors.safe_open(str(p), "pt") as f:
+        meta0, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    path = tmp_path / "hyp.safetensors"
+    scalars = (
+        st.none()
+        | st.booleans()
+        | st.integers(-(2**70), 2**70)
+        | st.floats(allow_nan=True)
+        | st.text(max_size=8)
+    )
+    values = st.recursive(
+        scalars,
+        lambda kids: (
+            st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=4), kids, max_size=3)
+        ),
+        max_leaves=40,
+    )
+    fields = ["shape", "nnz", "encoding", "rice_r", "values_dtype"]
+    top = ["tensors", "numel", "nnz", "checksums", "config", "created_by"]
+
+    @settings(
+        max_examples=2_000,
+        derandomize=True,
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
+    @hyp.given(
+        where=st.sampled_from(["a", "b", "c", "top"]),
+        field=st.integers(0, 5),
+        value=values,
+        depth=st.sampled_from([0, 0, 0, 65, 900]),
+    )
+    def check(where, field, value, depth):
+        header = json.loads(meta0["header"])
+        for _ in range(depth):
+            value = [value]
+        if where == "top":
+            header[top[field]] = value
+        else:
+            header["tensors"][where][fields[field % len(fields)]] = value
+        meta = dict(meta0, header=json.dumps(header))
+        safetensors.torch.save_file(tensors, str(path), metadata=meta)
+        _check_loads_or_refuses(path)
 
     check()
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import InputError
-from .ticket import Ticket
+from .ticket import Ticket, TicketError
 
 
 @dataclass
@@ -24,10 +24,26 @@ class SparseDelta:
     kind = "delta"
 
     def __post_init__(self):
+        self.validate(ticket=False)  # the ticket checked itself when it was built
+
+    def validate(self, ticket: bool = True) -> None:
+        """Check the ticket's invariant (unless ``ticket`` is False) and that every tensor has one
+        floating-point value per entry; ``TicketError`` names the first tensor that does not."""
+        if ticket:
+            self.ticket.validate()
+        fix = "give each tensor a 1-D floating-point tensor with one value per ticket entry"
         for name, idx in self.ticket.indices.items():
             v = self.values.get(name)
-            if v is None or v.dim() != 1 or v.numel() != idx.numel():
-                raise ValueError(f"values for '{name}' do not match its ticket")
+            if not isinstance(v, torch.Tensor):
+                raise TicketError(f"values for '{name}' are missing", fix=fix)
+            if v.dim() != 1 or v.numel() != idx.numel():
+                raise TicketError(
+                    f"values for '{name}' have shape {list(v.shape)}, its ticket has "
+                    f"{idx.numel()} entries",
+                    fix=fix,
+                )
+            if not v.is_floating_point():
+                raise TicketError(f"values for '{name}' are {v.dtype}, not floating point", fix=fix)
 
     # Ticket-like accessors so code can take either kind of file.
     @property

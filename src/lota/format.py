@@ -15,6 +15,7 @@ import contextlib
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,9 +26,9 @@ from safetensors.torch import save_file
 
 from . import __version__
 from .delta import SparseDelta
-from .errors import FormatError, InputError
+from .errors import FormatError, InputError, MismatchError
 from .fileio import atomic_path, tensor_digest
-from .ticket import Ticket
+from .ticket import MAX_TENSOR_NUMEL, Ticket
 
 FORMAT_NAME = "lota"
 # The newest format version this lota reads. Files are written as version 1 unless a tensor uses
@@ -57,6 +58,21 @@ def rice_overhead(name: str = "") -> int:
 
 
 _SIMPLICITY = ("bitmask", "gaps", "rice")  # tie-break order
+_ENCODINGS = frozenset({"empty", "full", *_SIMPLICITY})
+
+# Limits on what a file's header may ask of the reader, all checked before anything is decoded.
+# A header holds about 200 characters per tensor plus the resolved config, so 16 Mi characters
+# is a model of some 80,000 tensors; lota itself nests JSON about 4 levels deep (plus the config).
+MAX_HEADER_CHARS = 16 * 2**20
+MAX_HEADER_DEPTH = 64
+# Every encoding but "full" stores its entries, so what a tensor's indices cost in memory is
+# bounded by the file's own bytes: at most 64 bytes of int64 indices per byte of bitmask (8
+# entries), 8 per byte of gaps, 64 per byte of Rice quotients, and for deltas a value (2 bytes or
+# more) per entry. A ticket's "full" tensor costs no bytes, so nothing in the file vouches for its
+# size: without the model's shapes, ``load`` materialises at most this many such entries in all
+# (2 GiB of indices). A genuine larger ticket loads with ``load(path, shapes=...)``.
+MAX_UNBACKED_ENTRIES = 2**28
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
 
 
 @dataclass(frozen=True)
@@ -316,13 +332,19 @@ def decode_indices(
     if encoding == "gaps":
         if data.dim() != 1 or data.numel() != nnz or data.dtype not in [d for d, _ in _GAP_DTYPES]:
             raise ValueError("gap list has the wrong size or type")
+        if numel > MAX_TENSOR_NUMEL:
+            raise ValueError(f"a tensor of {numel} entries cannot have int64 indices")
         gaps = data.to(torch.long)
         if gaps.numel() and (int(gaps.min()) < 0 or int(gaps.max()) >= numel):
             raise ValueError("gap list has a negative or oversized gap")
-        idx = torch.cumsum(gaps + 1, 0) - 1
-        if idx.numel() and int(idx[-1]) >= numel:
+        # Each step adds gap + 1 in [1, 2**63 - 1], so the running sum wraps past 2**63 exactly
+        # where it stops increasing: checking the increase detects every int64 overflow.
+        ends = torch.cumsum(gaps + 1, 0)
+        if ends.numel() > 1 and not bool((ends[1:] > ends[:-1]).all()):
+            raise ValueError("gap list overflows int64: its positions run past any tensor")
+        if ends.numel() and int(ends[-1]) > numel:
             raise ValueError("gap list points past the end of the tensor")
-        return idx
+        return ends.sub_(1)
     raise ValueError(f"unknown index encoding '{encoding}'")
 
 
@@ -333,8 +355,17 @@ def save(
     config: dict | None = None,
     values_dtype: str | torch.dtype | None = None,
 ) -> int:
-    """Write a ticket or delta atomically; returns the file size in bytes."""
+    """Write a ticket or delta atomically; returns the file size in bytes.
+
+    The object is validated again first (``TicketError`` names the tensor), so a ticket or delta
+    changed after it was built can never be written as a file that reads back differently.
+    """
     is_delta = isinstance(obj, SparseDelta)
+    if not isinstance(obj, (Ticket, SparseDelta)):
+        raise InputError(
+            f"cannot save a {type(obj).__name__}", fix="pass a lota Ticket or SparseDelta"
+        )
+    obj.validate()
     ticket = obj.ticket if is_delta else obj
     tensors: dict[str, torch.Tensor] = {}
     entries = {}
@@ -388,7 +419,8 @@ def save(
 
 # ---------------------------------------------------------------------------- load
 def read_header(path: str | os.PathLike) -> tuple[dict, dict]:
-    """Return ``(metadata, header)`` after checking the file is a lota file of a known version."""
+    """Return ``(metadata, header)`` after checking the file is a lota file of a known version
+    whose header has exactly the fields, types and totals lota writes."""
     path = Path(path)
     if not path.exists():
         raise InputError("file not found", str(path), "check the path")
@@ -413,12 +445,12 @@ def read_header(path: str | os.PathLike) -> tuple[dict, dict]:
             str(path),
             "pass a ticket or delta written by lota",
         )
-    try:
-        version = int(meta.get("format_version", ""))
-    except ValueError:
+    version_text = meta.get("format_version", "")
+    if not re.fullmatch(r"[0-9]{1,6}", version_text):
         raise FormatError(
             "format_version is missing or not a number", str(path), "recreate the file"
-        ) from None
+        )
+    version = int(version_text)
     if version < 1:
         raise FormatError(
             f"format version {version} does not exist", str(path), "recreate the file"
@@ -433,15 +465,93 @@ def read_header(path: str | os.PathLike) -> tuple[dict, dict]:
         raise FormatError(
             f"unknown kind '{meta.get('kind')}'", str(path), "pass a ticket or delta file"
         )
+    header = _parse_header(meta.get("header", ""), str(path))
     try:
-        header = json.loads(meta.get("header", ""))
-        if not isinstance(header, dict) or not isinstance(header.get("tensors"), dict):
-            raise ValueError
-    except ValueError:
+        _check_header(header)
+    except ValueError as e:
         raise FormatError(
-            "the header is missing or is not valid JSON", str(path), "recreate the file"
+            f"inconsistent header ({_short(e)})", str(path), "the file is corrupted; recreate it"
         ) from None
     return meta, header
+
+
+def _parse_header(text: str, where: str) -> dict:
+    """The header's JSON, refused before parsing when it is too large or nested too deeply (so no
+    RecursionError or huge parse can come out of a hostile file)."""
+    if len(text) > MAX_HEADER_CHARS:
+        raise FormatError(
+            f"the header has {len(text):,} characters, more than {MAX_HEADER_CHARS:,}",
+            where,
+            "the file is corrupted; recreate it",
+        )
+    if _nesting(text) > MAX_HEADER_DEPTH:
+        raise FormatError(
+            f"the header is nested more than {MAX_HEADER_DEPTH} levels deep",
+            where,
+            "the file is corrupted; recreate it",
+        )
+    try:
+        header = json.loads(text)
+        if not isinstance(header, dict) or not isinstance(header.get("tensors"), dict):
+            raise ValueError
+    except (ValueError, RecursionError):
+        raise FormatError(
+            "the header is missing or is not valid JSON", where, "recreate the file"
+        ) from None
+    return header
+
+
+def _nesting(text: str) -> int:
+    """Deepest bracket nesting of JSON ``text``, brackets inside strings not counted (an upper
+    bound for malformed text, which the parser refuses anyway)."""
+    bare = _JSON_STRING.sub("", text).encode("utf-8", "surrogatepass")
+    a = np.frombuffer(bare, dtype=np.uint8)
+    step = np.zeros(a.size, dtype=np.int32)
+    step[(a == ord("{")) | (a == ord("["))] = 1
+    step[(a == ord("}")) | (a == ord("]"))] = -1
+    return int(np.cumsum(step).max(initial=0))
+
+
+def _is_int(x) -> bool:
+    return type(x) is int  # JSON true / false load as bool, a subclass of int
+
+
+def _check_header(header: dict) -> None:
+    """Raise ``ValueError`` unless every field has the type lota writes and the totals add up:
+    shapes are lists of non-negative ints, counts are ints, encodings are known strings, and the
+    top-level ``numel`` / ``nnz`` are the sums of the tensors'. Nothing is rounded or coerced."""
+    numel_total = nnz_total = 0
+    for name, e in header["tensors"].items():
+        if not isinstance(e, dict):
+            raise ValueError(f"the entry of tensor '{name}' is not an object")
+        shape = e.get("shape")
+        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+            raise ValueError(f"tensor '{name}' has shape {shape!r}, not non-negative integers")
+        numel, nnz = math.prod(shape), e.get("nnz")
+        if numel > MAX_TENSOR_NUMEL:
+            raise ValueError(f"tensor '{name}' has {numel} entries, too many for int64 indices")
+        if not _is_int(nnz) or not 0 <= nnz <= numel:
+            raise ValueError(f"tensor '{name}' claims {nnz!r} entries of {numel}")
+        encoding = e.get("encoding")
+        if not isinstance(encoding, str) or encoding not in _ENCODINGS:
+            raise ValueError(f"tensor '{name}' has unknown index encoding {encoding!r}")
+        if (encoding == "empty" and nnz != 0) or (encoding == "full" and nnz != numel):
+            raise ValueError(f"tensor '{name}' is '{encoding}' but claims {nnz} of {numel}")
+        if "rice_r" in e and not _is_int(e["rice_r"]):
+            raise ValueError(f"tensor '{name}' has rice parameter {e['rice_r']!r}")
+        if "values_dtype" in e and not isinstance(e["values_dtype"], str):
+            raise ValueError(f"tensor '{name}' has values_dtype {e['values_dtype']!r}")
+        numel_total, nnz_total = numel_total + numel, nnz_total + nnz
+    for key, total in (("numel", numel_total), ("nnz", nnz_total)):
+        if not _is_int(header.get(key)) or header[key] != total:
+            raise ValueError(f"'{key}' is {header.get(key)!r}, its tensors add up to {total}")
+    checksums = header.get("checksums", {})
+    if not isinstance(checksums, dict) or not all(isinstance(v, str) for v in checksums.values()):
+        raise ValueError("'checksums' is not an object of strings")
+    if not isinstance(header.get("config", {}), dict):
+        raise ValueError("'config' is not an object")
+    if not isinstance(header.get("created_by", ""), str):
+        raise ValueError("'created_by' is not a string")
 
 
 class Reader:
@@ -449,10 +559,17 @@ class Reader:
 
     ``kind``, ``base_fingerprint``, ``shapes`` and ``config`` come from the header; ``read(name)``
     returns that tensor's sorted int64 indices and, for deltas, its values, verified like ``load``.
-    Every inconsistency raises ``FormatError`` naming the file.
+    Every inconsistency raises ``FormatError`` naming the file. With ``shapes`` (the model's
+    tensors), every tensor of the file must be one of them with the same shape, checked from the
+    header before any data is read; a "full" tensor's size is then vouched for by the model.
     """
 
-    def __init__(self, path: str | os.PathLike, verify: bool = True):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        verify: bool = True,
+        shapes: dict[str, tuple[int, ...]] | None = None,
+    ):
         self.meta, self.header = read_header(path)
         self.where, self.verify = str(path), verify
         self.kind = self.meta["kind"]
@@ -460,19 +577,43 @@ class Reader:
         self.config = self.header.get("config", {})
         self._version = int(self.meta["format_version"])
         self._checksums = self.header.get("checksums", {})
+        self.shapes = {n: tuple(e["shape"]) for n, e in self.header["tensors"].items()}
+        if shapes is not None:
+            self._check_shapes(shapes)
+        self._vouched = shapes is not None
         with self._errors():
-            self.shapes = {}
-            for name, e in self.header["tensors"].items():
-                shape = tuple(int(d) for d in e["shape"])
-                if any(d < 0 for d in shape):
-                    raise ValueError(f"tensor '{name}' has a negative dimension")
-                self.shapes[name] = shape
             self._file = safe_open(str(path), framework="pt")
             self._keys = set(self._file.keys())
+
+    def _check_shapes(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        for name, shape in self.shapes.items():
+            if name not in shapes:
+                raise MismatchError(
+                    f"tensor '{name}' is not a tensor of the model",
+                    self.where,
+                    "use a file made for this architecture",
+                )
+            if tuple(shapes[name]) != shape:
+                raise MismatchError(
+                    f"tensor '{name}' has shape {list(shape)}, the model has {list(shapes[name])}",
+                    self.where,
+                    "use a file made for this architecture",
+                )
 
     @property
     def names(self) -> list[str]:
         return list(self.shapes)
+
+    def unbacked_entries(self) -> int:
+        """Entries of a ticket's "full" tensors: what loading materialises with no byte of the
+        file behind it (a delta's "full" tensors carry their values, so they count as backed)."""
+        if self.kind != "ticket":
+            return 0
+        return sum(
+            math.prod(self.shapes[n])
+            for n, e in self.header["tensors"].items()
+            if e["encoding"] == "full"
+        )
 
     def __enter__(self) -> Reader:
         return self
@@ -503,60 +644,98 @@ class Reader:
             ) from None
 
     def nnz(self, name: str) -> int:
-        return int(self.header["tensors"][name]["nnz"])
+        return self.header["tensors"][name]["nnz"]
 
     def read(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(indices, values)`` of tensor ``name``; ``values`` is None for a ticket."""
         with self._errors():
-            return self._read(name)
+            idx, v = self._read(name, materialise=True)
+            return idx, v
 
-    def _read(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def check(self, name: str) -> torch.Tensor | None:
+        """Verify tensor ``name`` as ``read`` does, without materialising the indices of a "full"
+        tensor (nothing is stored for them); returns the values of a delta's tensor."""
+        with self._errors():
+            return self._read(name, materialise=False)[1]
+
+    def _too_many_unbacked(self, n: int) -> FormatError:
+        return FormatError(
+            f"the header declares {n:,} entries of 'full' tensors that no data in the file "
+            f"backs, more than the {MAX_UNBACKED_ENTRIES:,} lota loads without the model",
+            self.where,
+            "recreate the file; a genuine one loads with lota.load(path, shapes=<model shapes>)",
+        )
+
+    def _read(
+        self, name: str, materialise: bool
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         f, keys, checksums, verify = self._file, self._keys, self._checksums, self.verify
         e = self.header["tensors"][name]
-        numel, nnz = math.prod(self.shapes[name]), int(e["nnz"])
-        if not 0 <= nnz <= numel:
-            raise ValueError(f"tensor '{name}' claims {nnz} entries of {numel}")
-        data = None
-        if e["encoding"] in _V2_ENCODINGS and self._version < 2:
-            raise ValueError(f"encoding '{e['encoding']}' needs format version 2")
-        if e["encoding"] == "rice":
-            data = RiceCode(
-                q=_get(f, f"{name}{_SEP}rice_q", keys, checksums, verify),
-                rem=_get(f, f"{name}{_SEP}rice_r", keys, checksums, verify),
-                r=e["rice_r"],
-            )
-        elif e["encoding"] in _INDEX_KEYS:
-            key = f"{name}{_SEP}{_INDEX_KEYS[e['encoding']][0]}"
-            data = _get(f, key, keys, checksums, verify)
-        idx = decode_indices(e["encoding"], data, numel, nnz)
-        if idx.numel() != nnz:
-            raise ValueError(f"tensor '{name}' decodes to {idx.numel()} entries, header says {nnz}")
-        if self.kind != "delta":
-            return idx, None
-        if nnz:
+        numel, nnz, encoding = math.prod(self.shapes[name]), e["nnz"], e["encoding"]
+        if encoding in _V2_ENCODINGS and self._version < 2:
+            raise ValueError(f"encoding '{encoding}' needs format version 2")
+        # A delta's values come first: their count, checked against the header, bounds what the
+        # indices may cost before any index is decoded.
+        v = None
+        if self.kind == "delta" and nnz:
             v = _get(f, f"{name}{_SEP}values", keys, checksums, verify)
             if v.dim() != 1 or v.numel() != nnz or not v.is_floating_point():
                 raise ValueError(f"values of '{name}' have the wrong size or type")
-        else:
+        elif self.kind == "delta":
             v = torch.zeros(0, dtype=_VALUE_DTYPES.get(e.get("values_dtype"), torch.float32))
+        if encoding == "full" and not materialise:
+            return None, v
+        if encoding == "full" and self.kind == "ticket" and not self._vouched:
+            if numel > MAX_UNBACKED_ENTRIES:
+                raise self._too_many_unbacked(numel)
+        data = None
+        if encoding == "rice":
+            data = RiceCode(
+                q=_get(f, f"{name}{_SEP}rice_q", keys, checksums, verify),
+                rem=_get(f, f"{name}{_SEP}rice_r", keys, checksums, verify),
+                r=e.get("rice_r"),
+            )
+        elif encoding in _INDEX_KEYS:
+            key = f"{name}{_SEP}{_INDEX_KEYS[encoding][0]}"
+            data = _get(f, key, keys, checksums, verify)
+        try:
+            idx = decode_indices(encoding, data, numel, nnz)
+        except ValueError as err:
+            raise ValueError(f"tensor '{name}': {err}") from None
+        if idx.numel() != nnz:
+            raise ValueError(f"tensor '{name}' decodes to {idx.numel()} entries, header says {nnz}")
         return idx, v
 
 
-def load(path: str | os.PathLike, verify: bool = True) -> Ticket | SparseDelta:
-    """Read a ticket or delta; every inconsistency raises ``FormatError`` naming the file."""
-    with Reader(path, verify) as r:
+def load(
+    path: str | os.PathLike,
+    verify: bool = True,
+    shapes: dict[str, tuple[int, ...]] | None = None,
+) -> Ticket | SparseDelta:
+    """Read a ticket or delta; every inconsistency raises ``FormatError`` naming the file.
+
+    ``shapes`` (the model's ``{name: shape}``) makes the file's tensors match the model's before
+    anything is read, and lifts the bound on "full" tensors (see ``MAX_UNBACKED_ENTRIES``).
+    """
+    with Reader(path, verify, shapes) as r:
+        if not r._vouched and r.unbacked_entries() > MAX_UNBACKED_ENTRIES:
+            raise r._too_many_unbacked(r.unbacked_entries())
         indices, values = {}, {}
         for name in r.names:
             indices[name], v = r.read(name)
             if v is not None:
                 values[name] = v
         meta = {"config": r.config, "path": r.where}
-        ticket = Ticket(
-            shapes=dict(r.shapes), indices=indices, base_fingerprint=r.base_fingerprint, meta=meta
-        )
-        if r.kind == "ticket":
-            return ticket
-        return SparseDelta(ticket=ticket, values=values, meta=dict(meta))
+        with r._errors():  # the invariant is checked again as the objects are built
+            ticket = Ticket(
+                shapes=dict(r.shapes),
+                indices=indices,
+                base_fingerprint=r.base_fingerprint,
+                meta=meta,
+            )
+            if r.kind == "ticket":
+                return ticket
+            return SparseDelta(ticket=ticket, values=values, meta=dict(meta))
 
 
 def _get(f, key: str, keys: set, checksums: dict, verify: bool) -> torch.Tensor:
@@ -576,35 +755,45 @@ def _short(e: Exception) -> str:
 
 
 def describe(path: str | os.PathLike) -> dict:
-    """What ``lota inspect --json`` prints for one file."""
-    obj = load(path)
-    meta, header = read_header(path)
-    per_tensor = {
-        name: {
-            "shape": list(obj.shapes[name]),
-            "nnz": int(obj.indices[name].numel()),
-            "numel": math.prod(obj.shapes[name]),
-            "encoding": header["tensors"][name]["encoding"],
-        }
-        for name in obj.names
-    }
+    """What ``lota inspect --json`` prints for one file.
+
+    Every tensor is verified as ``load`` verifies it, one tensor at a time, and the counts come
+    from the verified header, so no "full" tensor is materialised: describing a file costs
+    memory bounded by its largest stored tensor, whatever sizes its header declares.
+    """
+    with Reader(path) as r:
+        per_tensor, sq_norms, dtypes = {}, [], set()
+        for name in r.names:
+            v = r.check(name)
+            e = r.header["tensors"][name]
+            per_tensor[name] = {
+                "shape": list(r.shapes[name]),
+                "nnz": e["nnz"],
+                "numel": math.prod(r.shapes[name]),
+                "encoding": e["encoding"],
+            }
+            if v is not None:
+                sq_norms.append(float(v.float().norm()) ** 2)
+                if v.numel():
+                    dtypes.add(str(v.dtype).removeprefix("torch."))
+        meta, header = r.meta, r.header
+    numel, nnz = header["numel"], header["nnz"]
+    size = Path(path).stat().st_size
     info = {
         "path": str(path),
         "kind": meta["kind"],
         "format_version": int(meta["format_version"]),
-        "numel": obj.numel,
-        "nnz": obj.nnz,
-        "density": obj.density,
+        "numel": numel,
+        "nnz": nnz,
+        "density": nnz / numel if numel else 0.0,
         "base_fingerprint": meta.get("base_fingerprint", ""),
-        "file_bytes": Path(path).stat().st_size,
-        "bits_per_entry": 8 * Path(path).stat().st_size / obj.numel if obj.numel else None,
+        "file_bytes": size,
+        "bits_per_entry": 8 * size / numel if numel else None,
         "tensors": per_tensor,
         "created_by": header.get("created_by", ""),
         "config": header.get("config", {}),
     }
     if meta["kind"] == "delta":
-        dtypes = {str(v.dtype).removeprefix("torch.") for v in obj.values.values() if v.numel()}
         info["values_dtype"] = sorted(dtypes)
-        norms = [float(v.float().norm()) ** 2 for v in obj.values.values()]
-        info["l2_norm"] = math.sqrt(sum(norms))
+        info["l2_norm"] = math.sqrt(sum(sq_norms))
     return info
