@@ -3,13 +3,23 @@
 Each line is ``{"prompt": str, "completion": str}`` or ``{"messages": [{"role", "content"}, ...]}``
 whose last message is the assistant's answer (the rest goes through the tokenizer's chat
 template). Every problem is reported with the file and line number.
+
+Data and chat templates are untrusted input: a line is refused when it is longer than
+``MAX_LINE_CHARS`` or nested deeper than ``MAX_DEPTH``, and a chat template that fails, or that
+runs longer than ``TEMPLATE_SECONDS`` on one conversation, is bad input, not a lota failure.
+Examples are cut to the model's positions as they are to ``--max-length``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
+import signal
+import sys
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +29,10 @@ import torch
 from .errors import InputError
 
 IGNORE = -100
+MAX_LINE_CHARS = 16 * 2**20  # far beyond any example that fits a model's positions
+MAX_DEPTH = 64  # TRL's formats need 3 levels; tool calls and metadata a few more
+TEMPLATE_SECONDS = 5.0  # a chat template renders one conversation in milliseconds
+DEFAULT_MAX_LENGTH = 512
 
 
 @dataclass
@@ -27,6 +41,7 @@ class Example:
     completion: str
     messages: list | None = None
     line: int = 0
+    source: str = ""  # the data file, for messages that name the line
 
 
 def read_jsonl(path: str | os.PathLike) -> list[Example]:
@@ -50,6 +65,13 @@ def read_jsonl(path: str | os.PathLike) -> list[Example]:
         if not raw.strip():
             continue
         where = f"{path}:{number}"
+        if len(raw) > MAX_LINE_CHARS:
+            raise InputError(
+                f"the line is {len(raw):,} characters long, more than the {MAX_LINE_CHARS:,} "
+                "lota reads as one example",
+                where,
+                "shorten or split the example",
+            )
         try:
             obj = json.loads(raw)
         except json.JSONDecodeError as e:
@@ -58,7 +80,13 @@ def read_jsonl(path: str | os.PathLike) -> list[Example]:
                 where,
                 "each line must be one JSON object",
             ) from None
-        examples.append(_example(obj, where, number))
+        except RecursionError:  # the parser itself gave up, far beyond MAX_DEPTH
+            raise _too_deep(where) from None
+        if _deeper_than(obj, MAX_DEPTH):
+            raise _too_deep(where)
+        example = _example(obj, where, number)
+        example.source = str(path)
+        examples.append(example)
     if not examples:
         raise InputError(
             "data file has no examples",
@@ -66,6 +94,27 @@ def read_jsonl(path: str | os.PathLike) -> list[Example]:
             'add lines like {"prompt": "...", "completion": "..."}',
         )
     return examples
+
+
+def _too_deep(where: str) -> InputError:
+    return InputError(
+        f"the JSON is nested more than {MAX_DEPTH} levels deep",
+        where,
+        "each line must be one example: prompt/completion strings or a messages list",
+    )
+
+
+def _deeper_than(obj, limit: int) -> bool:
+    """Whether lists and objects nest more than ``limit`` levels (iterative: no recursion to
+    exhaust)."""
+    stack = [(obj, 1)] if isinstance(obj, (dict, list)) else []
+    while stack:
+        value, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = value.values() if isinstance(value, dict) else value
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    return False
 
 
 def _example(obj, where: str, number: int) -> Example:
@@ -104,20 +153,132 @@ def _example(obj, where: str, number: int) -> Example:
     return Example(prompt=prompt, completion=completion, line=number)
 
 
+class _TemplateTimeout(Exception):
+    """Raised inside a chat template's render when it runs past ``TEMPLATE_SECONDS``."""
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float):
+    """Interrupt the code inside after ``seconds`` with ``_TemplateTimeout``.
+
+    A worker thread could not stop a render, so the render itself is interrupted: by SIGALRM on
+    the main thread (no cost while it runs), elsewhere by a trace function that checks the clock
+    on every line. A caller's own alarm and handler are restored afterwards. Only Python code is
+    interrupted: a single C call that never returns (a huge integer power) is not.
+    """
+    if threading.current_thread() is not threading.main_thread() or not hasattr(
+        signal, "setitimer"
+    ):
+        deadline = time.monotonic() + seconds
+
+        def trace(frame, event, arg):
+            if time.monotonic() > deadline:
+                raise _TemplateTimeout
+            return trace
+
+        previous_trace = sys.gettrace()
+        sys.settrace(trace)
+        try:
+            yield
+        finally:
+            sys.settrace(previous_trace)
+        return
+    armed = [True]
+
+    def expire(signum, frame):
+        if armed[0]:  # an alarm arriving after the render finished is dropped
+            raise _TemplateTimeout
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    outer_delay, outer_interval = signal.setitimer(signal.ITIMER_REAL, seconds)
+    start = time.monotonic()
+    try:
+        try:
+            yield
+        finally:
+            armed[0] = False
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        if outer_delay:  # the caller's alarm, with the time it has left
+            left = outer_delay - (time.monotonic() - start)
+            signal.setitimer(signal.ITIMER_REAL, max(left, 1e-6), outer_interval)
+
+
+def _where(example: Example) -> str:
+    return f"{example.source}:{example.line}" if example.source else f"line {example.line}"
+
+
+def _render_chat(example: Example, tokenizer) -> str:
+    """The prompt of a conversation through the tokenizer's chat template, which is untrusted:
+    whatever goes wrong inside it is bad input, named by the data line and the template."""
+    where = _where(example)
+    template = f"the chat template of {getattr(tokenizer, 'name_or_path', '') or 'the tokenizer'}"
+    fix = "fix or replace the model's chat template, or use prompt/completion data"
+    try:
+        with _time_limit(TEMPLATE_SECONDS):
+            text = tokenizer.apply_chat_template(
+                example.messages[:-1], tokenize=False, add_generation_prompt=True
+            )
+    except _TemplateTimeout:
+        raise InputError(
+            f"{template} takes longer than {TEMPLATE_SECONDS:g} seconds to render", where, fix
+        ) from None
+    except Exception as e:  # whatever the template raises is the template's fault, not lota's
+        import jinja2
+
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
+        if isinstance(e, jinja2.exceptions.SecurityError):
+            raise InputError(
+                f"{template} did something its sandbox forbids ({reason})", where, fix
+            ) from None
+        raise InputError(f"{template} failed on this conversation ({reason})", where, fix) from None
+    if len(text) > MAX_LINE_CHARS:  # the time limit does not cover tokenizing what it wrote
+        raise InputError(
+            f"{template} renders this conversation as {len(text):,} characters, more than the "
+            f"{MAX_LINE_CHARS:,} lota reads as one example",
+            where,
+            fix,
+        )
+    return text
+
+
 def prompt_ids(example: Example, tokenizer) -> list[int]:
     """Token ids of the prompt, through the chat template for conversations."""
     if example.messages is not None:
         if not getattr(tokenizer, "chat_template", None):
             raise InputError(
                 "conversation data needs a chat template, and the tokenizer has none",
-                f"line {example.line}",
+                _where(example),
                 "use prompt/completion data or a tokenizer with a chat_template",
             )
-        text = tokenizer.apply_chat_template(
-            example.messages[:-1], tokenize=False, add_generation_prompt=True
-        )
+        text = _render_chat(example, tokenizer)
         return tokenizer(text, add_special_tokens=False)["input_ids"]
     return tokenizer(example.prompt)["input_ids"]
+
+
+def model_positions(config) -> int | None:
+    """How many positions the model has (learned or rotary), from its config; None if unbounded."""
+    for name in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def fit_max_length(max_length: int | None, positions: int | None) -> int:
+    """The tokens per example: ``max_length``, or by default 512 or the model's positions if
+    fewer. A ``max_length`` beyond the positions is refused: past them a model with learned
+    positions fails and a rotary one trains on positions it was never made for."""
+    if max_length is None:
+        return min(DEFAULT_MAX_LENGTH, positions) if positions else DEFAULT_MAX_LENGTH
+    if positions is not None and max_length > positions:
+        raise InputError(
+            f"--max-length {max_length} is more than the model's {positions} positions",
+            "--max-length",
+            f"use --max-length {positions} or less",
+        )
+    return max_length
 
 
 @dataclass
@@ -127,10 +288,15 @@ class Tokenized:
 
 
 def tokenize(
-    examples: list[Example], tokenizer, max_length: int, where: str = "data"
+    examples: list[Example],
+    tokenizer,
+    max_length: int,
+    where: str = "data",
+    positions: int | None = None,
 ) -> list[Tokenized]:
     """Prompt + completion + EOS; labels are -100 on the prompt. Long completions are truncated,
-    examples whose prompt alone fills ``max_length`` are dropped; all dropped is an error."""
+    examples whose prompt alone fills ``max_length`` are dropped; all dropped is an error.
+    ``positions`` (the model's) only makes that error say that ``max_length`` cannot grow."""
     out = []
     eos = tokenizer.eos_token_id
     for ex in examples:
@@ -143,6 +309,13 @@ def tokenize(
         c = c[: max_length - len(p)]
         out.append(Tokenized(input_ids=p + c, labels=[IGNORE] * len(p) + c))
     if not out:
+        if positions is not None and max_length >= positions:
+            raise InputError(
+                f"all {len(examples)} examples have prompts of at least {max_length} tokens, "
+                f"and the model has only {positions} positions",
+                where,
+                "shorten the prompts",
+            )
         raise InputError(
             f"all {len(examples)} examples have prompts of at least --max-length {max_length} tokens",
             where,

@@ -74,6 +74,23 @@ def difference_fn(tuned_get, base_get, shapes: dict[str, tuple[int, ...]]):
     return delta_fn
 
 
+def require_trainable(sparsity: str | float, numel: int) -> int:
+    """``k`` for ``sparsity`` of ``numel`` target entries, refusing a sparsity so close to 1 that
+    ``k`` is 0 (a ticket that trains nothing); the fix names the largest sparsity that keeps one
+    entry, ``1 - 1/numel``, rounded down to a decimal a user can type."""
+    k = selection.ticket_size(sparsity, numel)
+    if k == 0 and numel > 0:
+        digits = len(str(numel)) + 2  # close enough to 1 - 1/numel to keep exactly one entry
+        kept = (numel - 1) * 10**digits // numel  # rounded down, so k stays >= 1
+        largest = f"0.{kept:0{digits}d}".rstrip("0").rstrip(".") if kept else "0"
+        raise InputError(
+            f"sparsity {sparsity} leaves 0 of {numel:,} target entries trainable",
+            "--sparsity",
+            f"use at most {largest} (1 entry), or a lower sparsity",
+        )
+    return k
+
+
 def make_ticket(
     base: str,
     tuned: str,
@@ -87,7 +104,7 @@ def make_ticket(
     """The exact global top-k of ``|tuned - base|`` (or another registered selector)."""
     limit_heap_growth()  # per-tensor temporaries must not fragment the heap the ticket grows in
     rb, rt, shapes = _readers(base, tuned, targets)
-    k = selection.ticket_size(sparsity, sum(math.prod(s) for s in shapes.values()))
+    k = require_trainable(sparsity, sum(math.prod(s) for s in shapes.values()))
     excluded = _protected(protect or [], shapes)
     delta_fn = difference_fn(rt.get, rb.get, shapes)
     rb.hash_while_reading()  # the base's fingerprint is computed as pass 1 streams its tensors

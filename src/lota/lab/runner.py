@@ -210,7 +210,7 @@ class Lab:
             protect=protect,
             protect_mode=spec.get("protect_mode", "constrained"),
             ticket=spec.get("tokens"),
-            max_length=256,
+            max_length=_max_length(model),
             save_model=True,
             checkpoint_every=10**9,
             progress=False,
@@ -348,3 +348,11 @@ def _worker_init() -> None:
 
 def _fetch_in_worker(lab: Lab, spec: dict, scores) -> None:
     lab._fetch(spec, scores)
+
+
+def _max_length(model: str) -> int:
+    """256 tokens per example, or the model's positions where it has fewer (the tiny bases of
+    the tests): lota refuses a ``--max-length`` beyond a model's positions."""
+    config = json.loads((Path(model) / "config.json").read_text(encoding="utf-8"))
+    positions = config.get("max_position_embeddings")
+    return min(256, positions) if isinstance(positions, int) and positions > 0 else 256

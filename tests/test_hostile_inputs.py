@@ -1,0 +1,328 @@
+"""Hostile data, chat templates and settings: one line on stderr, exit 2, nothing written.
+
+Deeply nested or huge JSONL lines, chat templates that raise, break out of their sandbox or never
+finish, examples longer than the model's positions, a sparsity that leaves no entry trainable, and
+non-finite or absurd optimizer settings.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import threading
+import time
+from fractions import Fraction
+
+import pytest
+import torch
+
+from lota import data as lota_data
+from lota.adapt import AdaptConfig
+from lota.errors import InputError
+from lota.selection import ticket_size
+from lota.toy import byte_tokenizer, save_toy_model
+
+from .conftest import ADAPT, write_jsonl
+from .test_cli import assert_refused, lota
+
+NESTED_LOOPS = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+
+
+def _adapt(capsys, model, data, out, *extra):
+    return lota(capsys, "adapt", model, "--data", data, "--out", out, *ADAPT, *extra)
+
+
+def _nothing_written(*paths):
+    for p in paths:
+        assert not p.exists(), p
+
+
+# -- data lines ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("depth", [100, 100_000])
+def test_deeply_nested_json_line_is_refused_naming_the_line(workdir, capsys, tmp_path, depth):
+    rows = '{"prompt": "1+1=", "completion": "2"}\n'
+    nested = '{"prompt": "1+1=", "completion": "2", "meta": ' + "[" * depth + "]" * depth + "}\n"
+    data = tmp_path / "deep.jsonl"
+    data.write_text(rows + nested, encoding="utf-8")
+    out = tmp_path / "o"
+    assert_refused(*_adapt(capsys, workdir / "base", data, out), f"{data}:2", "nested")
+    _nothing_written(out)
+    assert_refused(*lota(capsys, "eval", workdir / "base", "--data", data), f"{data}:2", "nested")
+
+
+def test_huge_data_line_is_refused_naming_the_line(workdir, capsys, tmp_path):
+    size = lota_data.MAX_LINE_CHARS if hasattr(lota_data, "MAX_LINE_CHARS") else 16 * 2**20
+    row = '{"prompt": "1+1=", "completion": "2", "pad": "' + "x" * size + '"}\n'
+    data = tmp_path / "huge.jsonl"
+    data.write_text('{"prompt": "1+1=", "completion": "2"}\n' + row, encoding="utf-8")
+    out = tmp_path / "o"
+    assert_refused(*_adapt(capsys, workdir / "base", data, out), f"{data}:2", "characters")
+    _nothing_written(out)
+
+
+# -- chat templates ------------------------------------------------------------------------------
+
+
+def _with_template(workdir, tmp_path, template: str):
+    model = tmp_path / "templated"
+    shutil.copytree(workdir / "base", model)
+    tok = byte_tokenizer()
+    tok.chat_template = template
+    tok.save_pretrained(model)
+    return model
+
+
+@pytest.mark.parametrize(
+    "template, words",
+    [
+        ("{{ raise_exception('system messages are not supported') }}", ["not supported"]),
+        ("{{ ''.__class__.__mro__[1].__subclasses__() }}", ["sandbox", "SecurityError"]),
+        ("{% for m in messages %}{{ m.content | nosuchfilter }}{% endfor %}", ["nosuchfilter"]),
+        ("{{ messages[0]['content'] + 1 }}", ["TypeError"]),
+        ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", ["RecursionError"]),
+        ("{{ 'x' * 20000000 }}", ["20,000,000 characters"]),
+    ],
+    ids=["raises", "escapes-sandbox", "bad-syntax", "type-error", "recursion", "huge-output"],
+)
+def test_failing_chat_template_is_bad_input(workdir, capsys, tmp_path, template, words):
+    model = _with_template(workdir, tmp_path, template)
+    data = workdir / "b.jsonl"  # conversations: the prompt goes through the template
+    out = tmp_path / "o"
+    assert_refused(*_adapt(capsys, model, data, out), "chat template", f"{data}:1", *words)
+    _nothing_written(out)
+    assert_refused(
+        *lota(capsys, "eval", model, "--data", data, "--quiet"), "chat template", f"{data}:1"
+    )
+
+
+def test_endless_chat_template_is_refused_within_seconds(workdir, capsys, tmp_path):
+    model = _with_template(workdir, tmp_path, NESTED_LOOPS)
+    out = tmp_path / "o"
+    start = time.monotonic()
+    code, o, err = _adapt(capsys, model, workdir / "b.jsonl", out)
+    elapsed = time.monotonic() - start
+    assert_refused(code, o, err, "chat template", "longer than", "seconds")
+    assert elapsed < lota_data.TEMPLATE_SECONDS + 20, elapsed
+    _nothing_written(out)
+
+
+def test_endless_chat_template_is_refused_off_the_main_thread(monkeypatch):
+    """Off the main thread there is no SIGALRM: the limit must hold there too."""
+    monkeypatch.setattr(lota_data, "TEMPLATE_SECONDS", 1.0, raising=False)
+    tok = byte_tokenizer()
+    tok.chat_template = NESTED_LOOPS
+    ex = lota_data.Example(
+        prompt="",
+        completion="b",
+        messages=[{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+        line=3,
+    )
+    caught = []
+
+    def render():
+        try:
+            lota_data.prompt_ids(ex, tok)
+        except InputError as e:
+            caught.append(e)
+
+    worker = threading.Thread(target=render, daemon=True)
+    worker.start()
+    worker.join(timeout=30)
+    assert not worker.is_alive(), "the template ran past its limit"
+    assert caught and "longer than" in caught[0].what
+
+
+@pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="needs POSIX interval timers")
+def test_template_time_limit_restores_the_callers_alarm():
+    seen = []
+
+    def handler(signum, frame):
+        seen.append(signum)
+
+    previous = signal.signal(signal.SIGALRM, handler)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 100.0)
+        tok = byte_tokenizer()
+        ex = lota_data.Example(
+            prompt="",
+            completion="b",
+            messages=[{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+        )
+        assert lota_data.prompt_ids(ex, tok)
+        assert signal.getsignal(signal.SIGALRM) is handler
+        left, _ = signal.getitimer(signal.ITIMER_REAL)
+        assert 90 < left <= 100
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert not seen
+
+
+# -- lengths -------------------------------------------------------------------------------------
+
+
+def _gpt2_folder(folder):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=259, n_embd=32, n_layer=2, n_head=2, n_positions=32, bos_token_id=1,
+        eos_token_id=2, pad_token_id=0,
+    )  # fmt: skip
+    GPT2LMHeadModel(config).save_pretrained(folder, safe_serialization=True)
+    byte_tokenizer().save_pretrained(folder)
+    return folder, GPT2LMHeadModel
+
+
+def _llama_folder(folder):
+    from transformers import LlamaForCausalLM
+
+    save_toy_model(folder, seed=0, hidden=32, layers=2, heads=2, max_positions=32)
+    return folder, LlamaForCausalLM
+
+
+@pytest.mark.parametrize("arch", [_gpt2_folder, _llama_folder], ids=["gpt2", "llama"])
+def test_long_examples_are_cut_to_the_models_positions(capsys, tmp_path, monkeypatch, arch):
+    model, cls = arch(tmp_path / "m32")
+    widths = []
+    forward = cls.forward
+
+    def recording(self, *a, **k):
+        widths.append(k["input_ids"].shape[1])
+        return forward(self, *a, **k)
+
+    monkeypatch.setattr(cls, "forward", recording)
+    data = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "x" * 10, "completion": "y" * 60}] * 8)
+    out = tmp_path / "o"
+    code, o, err = _adapt(capsys, model, data, out)
+    assert code == 0, err
+    assert widths and max(widths) == 32  # the completion was truncated at the model's positions
+    assert (out / "summary.json").exists()
+    assert not (out / ".lota-checkpoint").exists()
+
+
+def test_prompts_longer_than_the_models_positions_are_refused(capsys, tmp_path):
+    model, _ = _llama_folder(tmp_path / "m32")
+    data = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "x" * 40, "completion": "y"}] * 4)
+    out = tmp_path / "o"
+    assert_refused(*_adapt(capsys, model, data, out), "32 positions", "shorten the prompts")
+    _nothing_written(out)
+
+
+def test_max_length_above_the_models_positions_is_refused(workdir, capsys, tmp_path):
+    out = tmp_path / "o"
+    code, o, err = _adapt(
+        capsys, workdir / "base", workdir / "a.jsonl", out, "--max-length", "20000"
+    )
+    assert_refused(code, o, err, "--max-length 20000", "256 positions", "--max-length 256")
+    _nothing_written(out)
+
+
+# -- a sparsity that leaves nothing to train -----------------------------------------------------
+
+NUMEL = 20_480  # target entries of the tiny base: 2 layers x (4 x 32 x 32 + 3 x 64 x 32)
+
+
+def test_sparsity_that_leaves_no_entry_is_refused_by_adapt(workdir, capsys, tmp_path):
+    out = tmp_path / "o"
+    code, o, err = _adapt(
+        capsys, workdir / "base", workdir / "a.jsonl", out, "--sparsity", "0.99999999"
+    )
+    assert_refused(code, o, err, "--sparsity", f"leaves 0 of {NUMEL:,}", "use at most 0.9999511 ")
+    _nothing_written(out)
+
+
+def test_sparsity_that_leaves_no_entry_is_refused_by_mask_and_delta(
+    workdir, trained, capsys, tmp_path
+):
+    base, tuned = workdir / "base", trained / "model"
+    t = tmp_path / "t.safetensors"
+    code, o, err = lota(capsys, "mask", base, tuned, "--sparsity", "0.99999999", "--out", t)
+    assert_refused(code, o, err, "--sparsity", f"leaves 0 of {NUMEL:,}", "use at most")
+    d = tmp_path / "d.safetensors"
+    code, o, err = lota(capsys, "delta", base, tuned, "--sparsity", "0.99999999", "--out", d)
+    assert_refused(code, o, err, "--sparsity", "leaves 0 of")
+    _nothing_written(t, d)
+    # the value the message suggests keeps exactly one entry
+    code, o, err = lota(capsys, "mask", base, tuned, "--sparsity", "0.9999511", "--out", t)
+    assert code == 0, err
+    assert ticket_size("0.9999511", NUMEL) == 1
+    assert ticket_size("0.9999512", NUMEL) == 0
+
+
+@pytest.mark.parametrize("numel", [1, 2, 3, 7, 10, 10_240, 20_480, 999_999, 1_769_472, 7 * 10**9])
+def test_suggested_sparsity_keeps_one_entry(numel):
+    from lota.vectors import require_trainable
+
+    with pytest.raises(InputError) as e:
+        require_trainable("0.9999999999999", numel)
+    suggested = e.value.fix.split("use at most ")[1].split()[0]
+    assert ticket_size(suggested, numel) == 1
+    # and it is the largest such value to within 1 % of one entry's share
+    assert 1 - Fraction(suggested) - Fraction(1, numel) < Fraction(1, 100 * numel)
+
+
+# -- optimizer settings --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("--lr", "inf"),
+        ("--lr", "nan"),
+        ("--calibration-lr", "inf"),
+        ("--calibration-lr", "nan"),
+        ("--weight-decay", "inf"),
+        ("--weight-decay", "nan"),
+        ("--momentum", "inf"),
+        ("--momentum", "nan"),
+        ("--max-grad-norm", "nan"),
+        ("--max-grad-norm", "inf"),
+        ("--max-grad-norm", "-1"),
+        ("--epochs", "inf"),
+    ],
+)
+def test_non_finite_settings_are_refused_up_front(workdir, capsys, tmp_path, flag, value):
+    args = list(ADAPT)
+    for drop in (flag, "--steps") if flag == "--epochs" else (flag,):
+        if drop in args:
+            i = args.index(drop)
+            del args[i : i + 2]
+    out = tmp_path / "o"
+    code, o, err = lota(
+        capsys, "adapt", workdir / "base", "--data", workdir / "a.jsonl", "--out", out, *args,
+        flag, value,
+    )  # fmt: skip
+    assert_refused(code, o, err, f"{flag} {value}")
+    _nothing_written(out)
+
+
+@pytest.mark.parametrize("scales", ["inf", "1,nan"])
+def test_non_finite_apply_scales_are_refused(workdir, trained, capsys, tmp_path, scales):
+    delta = trained / "delta.safetensors"
+    deltas = [delta] * len(scales.split(","))
+    out = tmp_path / "m"
+    code, o, err = lota(
+        capsys, "apply", workdir / "base", *deltas, "--scales", scales, "--out", out
+    )
+    assert_refused(code, o, err, "--scales")
+    _nothing_written(out)
+
+
+def test_absurd_learning_rate_warns_but_runs(workdir, capsys, tmp_path):
+    out = tmp_path / "o"
+    args = [a for a in ADAPT if a not in ("--lr", "1e-2")]
+    code, o, err = lota(
+        capsys, "adapt", workdir / "base", "--data", workdir / "a.jsonl", "--out", out, *args,
+        "--lr", "2", "--optimizer", "sgd",
+    )  # fmt: skip
+    assert code == 0, err
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("lota: warning:"), err
+    assert "--lr 2" in lines[0]
+    assert (out / "delta.safetensors").exists()
+    cfg = AdaptConfig(model="m", data="d", out="o", lr=1e-3, calibration_lr=5.0)
+    assert [w for w in cfg.warnings() if "--calibration-lr 5" in w]
+    assert AdaptConfig(model="m", data="d", out="o", lr=1e-3).warnings() == []
