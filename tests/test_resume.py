@@ -196,6 +196,7 @@ def test_kill_during_save_keeps_previous_file(workdir, reference, tmp_path):
         "--out",
         target,
         "--quiet",
+        "--force",
         fault="save:d.safetensors",
     )
     assert killed.returncode == -signal.SIGKILL

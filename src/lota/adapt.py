@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
+import math
+import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -21,11 +24,20 @@ import yaml
 
 from . import dist, selection
 from . import format as fmt
-from .checkpoint import DIRNAME, Checkpointer
-from .data import batches, read_jsonl, steps_for, tokenize
+from .checkpoint import DIRNAME, Checkpointer, config_hash
+from .data import batches, fit_max_length, model_positions, read_jsonl, steps_for, tokenize
 from .delta import SparseDelta, apply_delta_, delta_from_weights
 from .errors import InputError, LotaError
-from .fileio import fault, remove_stale_temporaries, write_json, write_text
+from .fileio import (
+    LOCKNAME,
+    FolderLock,
+    create_folder,
+    fault,
+    remove_folders,
+    remove_stale_temporaries,
+    write_json,
+    write_text,
+)
 from .models import (
     WeightReader,
     load_model,
@@ -48,6 +60,7 @@ from .train import OPTIMIZERS, MetricsLog, TrainSettings, limit_heap_growth, tra
 METHODS = ("lota", "fft", "lora", "random", "bottomk", "embeddings", "ks-lottery")
 PROTECT_MODES = ("constrained", "flip")
 REPORT_TO = ("none", "tensorboard")  # metrics.jsonl is always written
+LARGE_LR = 1.0  # far above any rate that fine-tunes a pretrained model without wrecking it
 
 
 @dataclass
@@ -76,7 +89,7 @@ class AdaptConfig:
     ticket: str | None = None
     protect: list[str] = field(default_factory=list)
     protect_mode: str = "constrained"
-    max_length: int = 512
+    max_length: int | None = None  # None: 512, or the model's positions if it has fewer
     lora_r: int = 16
     lora_alpha: int = 32
     dtype: str = "auto"
@@ -103,8 +116,7 @@ class AdaptConfig:
             selection.parse_sparsity(self.sparsity)
         except InputError as e:
             errors.append(e.what)
-        if not self.lr > 0:
-            errors.append(f"--lr {self.lr} must be > 0")
+        errors += self._float_errors()
         for name, lo in [
             ("batch_size", 1),
             ("max_length", 2),
@@ -112,14 +124,11 @@ class AdaptConfig:
             ("lora_alpha", 1),
             ("grad_accum", 1),
         ]:
-            if getattr(self, name) < lo:
-                errors.append(f"--{name.replace('_', '-')} {getattr(self, name)} must be >= {lo}")
-        if self.calibration_lr is not None and not self.calibration_lr > 0:
-            errors.append(f"--calibration-lr {self.calibration_lr} must be > 0")
+            value = getattr(self, name)
+            if value is not None and value < lo:
+                errors.append(f"--{name.replace('_', '-')} {value} must be >= {lo}")
         if self.steps is not None and self.steps < 1:
             errors.append(f"--steps {self.steps} must be >= 1")
-        if self.epochs is not None and not self.epochs > 0:
-            errors.append(f"--epochs {self.epochs} must be > 0")
         if self.steps is not None and self.epochs is not None:
             errors.append("give --steps or --epochs, not both")
         if self.calibration_steps < 1 and self.method in ("lota", "bottomk") and not self.ticket:
@@ -128,8 +137,6 @@ class AdaptConfig:
             errors.append(f"--checkpoint-every {self.checkpoint_every} must be >= 0")
         if self.resume and self.restart:
             errors.append("give --resume or --restart, not both")
-        if self.weight_decay < 0 or self.momentum < 0:
-            errors.append("--weight-decay and --momentum must be >= 0")
         if self.ticket and self.method not in ("lota",):
             errors.append("--ticket works with --method lota only")
         if self.calibrated and self.method not in ("lota", "bottomk"):
@@ -178,6 +185,43 @@ class AdaptConfig:
         if errors:
             raise InputError("; ".join(errors), "lota adapt", "fix the arguments above")
 
+    def _float_errors(self) -> list[str]:
+        """Non-finite numbers first: inf passes a ``> 0`` check and would only fail (or wreck the
+        model) after training started."""
+        errors = []
+        for name, positive in [
+            ("lr", True),
+            ("calibration_lr", True),
+            ("epochs", True),
+            ("weight_decay", False),
+            ("momentum", False),
+            ("max_grad_norm", False),
+        ]:
+            value, flag = getattr(self, name), "--" + name.replace("_", "-")
+            if value is None:
+                continue
+            if not math.isfinite(value):
+                errors.append(f"{flag} {value} must be a finite number")
+            elif positive and not value > 0:
+                errors.append(f"{flag} {value} must be > 0")
+            elif not positive and value < 0:
+                disable = " (0 disables clipping)" if name == "max_grad_norm" else ""
+                errors.append(f"{flag} {value} must be >= 0{disable}")
+        return errors
+
+    def warnings(self) -> list[str]:
+        """Settings that are valid but very likely a mistake, one line each."""
+        out = []
+        for name in ("lr", "calibration_lr"):
+            value = getattr(self, name)
+            if value is not None and math.isfinite(value) and value > LARGE_LR:
+                out.append(
+                    f"--{name.replace('_', '-')} {value:g} is above {LARGE_LR:g}: a rate this large "
+                    "usually wrecks the model even when the loss stays finite -- check the value "
+                    "(1e-5 to 1e-3 are usual)"
+                )
+        return out
+
     def settings(self, lr: float, steps: int) -> TrainSettings:
         return TrainSettings(
             lr=lr,
@@ -193,12 +237,12 @@ class AdaptConfig:
 def _load_tickets(paths: list[str], targets: dict[str, tuple[int, ...]], what: str) -> list[Ticket]:
     out = []
     for p in paths:
-        obj = fmt.load(p)
+        obj = fmt.load(p, shapes=targets)  # names and shapes checked against the model's targets
         t = obj.ticket if isinstance(obj, SparseDelta) else obj
         try:
             Ticket(
                 shapes=targets,
-                indices={n: t.indices.get(n, torch.zeros(0, dtype=torch.long)) for n in targets},
+                indices={n: torch.zeros(0, dtype=torch.long) for n in targets},
             ).check_compatible(t, what)
         except LotaError as e:
             raise InputError(e.what, p, e.fix) from None
@@ -206,16 +250,39 @@ def _load_tickets(paths: list[str], targets: dict[str, tuple[int, ...]], what: s
     return out
 
 
+# What a run writes into --out. A folder holding only these (and lota's temporaries of them) and
+# marked by a run of the same settings is that run, interrupted, and the same command takes it up.
+RUN_FILES = (
+    DIRNAME,
+    "metrics.jsonl",
+    "config.yaml",
+    "delta.safetensors",
+    "summary.json",
+    "model",
+    "tensorboard",
+    LOCKNAME,
+)
+
+
+def _foreign_files(out: Path) -> list[str]:
+    def own(name: str) -> bool:
+        temporary = name.startswith(".") and name.endswith((".tmp", ".old", ".new"))
+        return name in RUN_FILES or (
+            temporary and any(name.startswith(f".{f}.") for f in RUN_FILES)
+        )
+
+    return sorted(p.name for p in out.iterdir() if not own(p.name))
+
+
 def _checkpointer(cfg: AdaptConfig, out: Path, world: dist.World) -> tuple[Checkpointer, bool]:
     """Decide between a fresh start and resuming; refuse to clobber anything else in ``out``.
-    Every rank decides the same; only the main process writes."""
+    Every rank decides the same, once the main process holds the folder's lock; only the main
+    process writes."""
     ckpt = Checkpointer(out, asdict(cfg), cfg.checkpoint_every, writer=world.main)
-    if out.exists() and not out.is_dir():
-        raise InputError("output path is a file", str(out), "choose a folder for --out")
     if ckpt.dir.exists() and world.main:  # an interrupted run: its half-written temporaries
         remove_stale_temporaries(out)
         remove_stale_temporaries(ckpt.dir)
-    if ckpt.dir.exists() and (cfg.restart or not ckpt.exists()):
+    if ckpt.dir.exists() and cfg.restart:
         return ckpt, False  # the interrupted run's files are replaced
     if ckpt.exists():
         if not ckpt.matches():
@@ -225,17 +292,79 @@ def _checkpointer(cfg: AdaptConfig, out: Path, world: dist.World) -> tuple[Check
                 "rerun the same command to resume it, or pass --restart to discard it",
             )
         return ckpt, True
+    if ckpt.dir.exists() and not cfg.force:  # a run killed before its first checkpoint
+        if ckpt.started_hash() not in (None, ckpt.hash):
+            raise InputError(
+                "the output folder holds a run with other settings, stopped before its first "
+                "checkpoint",
+                str(out),
+                "rerun that run's command, or pass --restart to discard it",
+            )
+        foreign = _foreign_files(out)
+        if foreign:
+            raise InputError(
+                f"output folder holds files lota did not write ({', '.join(foreign[:3])})",
+                str(out),
+                "choose a new --out, or pass --force to replace lota's files in it",
+            )
+        return ckpt, False  # lota's own, with nothing to resume: it starts again
+    if ckpt.dir.exists():
+        return ckpt, False
     if cfg.resume:
         raise InputError(
             "there is no checkpoint to resume", str(out), "run without --resume to start"
         )
-    if out.is_dir() and any(p.name != DIRNAME for p in out.iterdir()) and not cfg.force:
+    if any(p.name != LOCKNAME for p in out.iterdir()) and not cfg.force:
         raise InputError(
             "output folder exists and is not empty",
             str(out),
             "choose a new --out, or pass --force to replace lota's files in it",
         )
     return ckpt, False
+
+
+@dataclass
+class _Hold:
+    """The main process's hold on ``--out`` while a run writes there: the folder's lock, the
+    folders this run created, and whether it has begun writing. A run refused for bad input
+    leaves nothing behind; any other failure (a kill, a full disk, divergence) keeps what the
+    same command resumes from."""
+
+    out: Path
+    lock: FolderLock | None = None
+    created: list[Path] = field(default_factory=list)
+    started: bool = False
+
+    @classmethod
+    def take(cls, out: Path, world: dist.World) -> _Hold:
+        """Lock ``out`` (creating it if needed) before anything there is read or written. Only
+        the main process locks: the ranks of one run share its folder, and its lock."""
+        hold, error = cls(out), None
+        if world.main:
+            try:
+                hold.created = create_folder(out)
+                hold.lock = FolderLock(out).acquire()
+            except LotaError as e:
+                error = e
+                remove_folders(hold.created)
+        if world.any(error is not None):
+            raise error or InputError(
+                "the main process could not lock the output folder", str(out), "see its message"
+            )
+        fault("locked")
+        return hold
+
+    def close(self, error: BaseException | None) -> None:
+        if self.lock is None:
+            return
+        bad_input = isinstance(error, InputError)
+        if bad_input and self.started and not self.created:
+            shutil.rmtree(self.out / DIRNAME, ignore_errors=True)
+            shutil.rmtree(self.out / "tensorboard", ignore_errors=True)
+            (self.out / "metrics.jsonl").unlink(missing_ok=True)
+        self.lock.release()
+        if error is not None and self.created and (bad_input or not self.started):
+            remove_folders(self.created)
 
 
 @dataclass
@@ -363,22 +492,66 @@ def _embedding_methods(cfg: AdaptConfig) -> AdaptConfig:
 def adapt(cfg: AdaptConfig) -> dict:
     """Run one adaptation; returns a summary (also written to ``summary.json`` beside the outputs).
 
-    A run killed at any moment continues from its last checkpoint when the same command is run
-    again, and ends with the same outputs as an uninterrupted run.
+    A run killed at any moment, before its first checkpoint too, is taken up by the same command
+    run again and ends with the same outputs as an uninterrupted run. While it runs, the output
+    folder is locked: a second run into it is refused.
     """
     cfg = _embedding_methods(cfg)
     if dist.accelerate_plugin() == "fsdp2" and not cfg.fsdp:  # an accelerate FSDP2 config
         cfg = dataclasses.replace(cfg, fsdp=True)
     cfg.validate()
     world = dist.world()
-    t_start = time.perf_counter()
     out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise InputError("output path is a file", str(out), "choose a folder for --out")
+    hold = _Hold.take(out, world)
+    try:
+        info = _adapt(cfg, world, out, hold)
+    except BaseException as e:
+        hold.close(e)
+        raise
+    hold.close(None)
+    return info
+
+
+def _finished(cfg: AdaptConfig, out: Path) -> dict | None:
+    """The summary of a run of these settings that already finished in ``out``, or None.
+
+    A run killed after its last write (or simply run twice) is complete: the same command then
+    reports it and changes nothing, as resuming it would end with the same bits."""
+    if cfg.force or cfg.restart or (out / DIRNAME).exists():
+        return None
+    try:
+        summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+        written = yaml.safe_load((out / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+    outputs = [out / "delta.safetensors"] + ([out / "model"] if cfg.save_model else [])
+    if (
+        not isinstance(written, dict)
+        or not isinstance(summary, dict)
+        or summary.get("kind") != "summary"
+        or config_hash(written) != config_hash(asdict(cfg))
+        or not all(p.exists() for p in outputs)
+        or _foreign_files(out)
+    ):
+        return None
+    return {k: v for k, v in summary.items() if k not in ("format", "kind", "format_version")}
+
+
+def _adapt(cfg: AdaptConfig, world: dist.World, out: Path, hold: _Hold) -> dict:
+    t_start = time.perf_counter()
+    done = _finished(cfg, out)
+    if done is not None:
+        return {**done, "already_finished": True}
     ckpt, resuming = _checkpointer(cfg, out, world)
     # Everything that can be wrong with the inputs is checked before anything is written.
     examples = read_jsonl(cfg.data)
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model, cfg.dtype).to(world.device)
-    data = tokenize(examples, tokenizer, cfg.max_length, where=cfg.data)
+    positions = model_positions(model.config)
+    max_length = fit_max_length(cfg.max_length, positions)
+    data = tokenize(examples, tokenizer, max_length, where=cfg.data, positions=positions)
     targets = resolve_targets(model, cfg.targets)
     base_fp = model_fingerprint(model)
     protected = (
@@ -399,6 +572,10 @@ def adapt(cfg: AdaptConfig) -> dict:
         )
     numel = sum(selection.math.prod(s) for s in targets.values())
     k = selection.ticket_size(cfg.sparsity, numel)
+    if cfg.method in ("lota", "random", "bottomk") and not cfg.ticket:
+        from .vectors import require_trainable
+
+        k = require_trainable(cfg.sparsity, numel)  # a ticket of 0 entries would train nothing
     if protected is not None and cfg.protect_mode == "constrained" and k > numel - protected.nnz:
         raise InputError(
             f"the ticket needs {k:,} entries but only {numel - protected.nnz:,} are not protected",
@@ -407,7 +584,7 @@ def adapt(cfg: AdaptConfig) -> dict:
         )
     steps = steps_for(len(data), cfg.batch_size, cfg.steps, cfg.epochs)
     ckpt.base_fingerprint = base_fp
-    state = ckpt.load() if resuming else None
+    state = ckpt.load(targets) if resuming else None
     if state is not None and state["base_fingerprint"] != base_fp:
         raise InputError(
             "the model changed since the interrupted run started (its fingerprint differs)",
@@ -415,16 +592,19 @@ def adapt(cfg: AdaptConfig) -> dict:
             "restore the original model, or pass --restart to start over",
         )
     world.barrier()  # every rank has read the inputs and the checkpoint before anything is written
+    hold.started = True
     if not resuming:
         ckpt.clear()
 
     if world.main:
         out.mkdir(parents=True, exist_ok=True)
+    ckpt.mark_started()  # first, so a kill from here on leaves a folder known to be this run's
     log = MetricsLog(
         out / "metrics.jsonl" if world.main else None,
         keep=state["metric_lines"] if state else 0,
         tensorboard=out / "tensorboard" if world.main and cfg.report_to == "tensorboard" else None,
     )
+    fault("started")
     # No in-memory copy of the starting weights: they are re-read from the model's files when needed,
     # so the sparse phase holds one dense copy of the model and O(k) more.
     w0 = WeightReader(cfg.model)

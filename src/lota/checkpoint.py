@@ -3,7 +3,9 @@
 A checkpoint is one safetensors file, ``OUT/.lota-checkpoint/state.safetensors``, written
 atomically: the phase and step, the trainable tensors by name, the optimizer state, the torch RNG
 state and how many batches the data stream has served; the ticket of the sparse phase sits beside
-it as a lota ticket file. Invariant: resuming from a checkpoint and running to the end gives the
+it as a lota ticket file, and ``run.json`` marks the folder as a run of these settings from its
+very first write, so a run killed before its first checkpoint is still recognised as lota's own and
+simply starts again. Invariant: resuming from a checkpoint and running to the end gives the
 same bits as a run that was never interrupted (on the same machine, same seed), because every
 input of the remaining steps is restored exactly. Nothing is pickled: optimizer state is split
 into tensors (safetensors) and plain values (JSON).
@@ -22,7 +24,7 @@ from safetensors.torch import save_file
 
 from . import format as fmt
 from .errors import FormatError
-from .fileio import atomic_path, fault, tensor_digest
+from .fileio import atomic_path, fault, tensor_digest, write_json
 from .ticket import Ticket
 
 DIRNAME = ".lota-checkpoint"
@@ -54,8 +56,29 @@ class Checkpointer:
     def ticket_path(self) -> Path:
         return self.dir / "ticket.safetensors"
 
+    @property
+    def started_path(self) -> Path:
+        return self.dir / "run.json"
+
     def exists(self) -> bool:
         return self.state_path.exists()
+
+    def mark_started(self) -> None:
+        """Mark the folder as holding a run of these settings, before anything else is written."""
+        if not self.writer:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        write_json(
+            self.started_path,
+            {"format": "lota", "kind": "run", "format_version": 1, "config_hash": self.hash},
+        )
+
+    def started_hash(self) -> str | None:
+        """The settings hash of the run that marked this folder; None without a readable mark."""
+        try:
+            return json.loads(self.started_path.read_text(encoding="utf-8"))["config_hash"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
 
     def matches(self) -> bool:
         try:
@@ -123,7 +146,7 @@ class Checkpointer:
             self.save(phase, step, **kw)
 
     # -- reading ---------------------------------------------------------------------------------
-    def load(self) -> dict:
+    def load(self, shapes: dict | None = None) -> dict:
         try:
             with safe_open(str(self.state_path), framework="pt") as f:
                 meta = f.metadata() or {}
@@ -151,7 +174,8 @@ class Checkpointer:
                 str(self.state_path),
                 "delete the folder to start over, or pass --restart",
             ) from None
-        state["ticket"] = fmt.load(self.ticket_path) if self.ticket_path.exists() else None
+        ticket = self.ticket_path
+        state["ticket"] = fmt.load(ticket, shapes=shapes) if ticket.exists() else None
         return state
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import warnings
@@ -103,7 +104,13 @@ def _add_adapt(sub):
     p.add_argument(
         "--protect-mode", default="constrained", help="constrained | flip (default constrained)"
     )
-    p.add_argument("--max-length", type=int, default=512, help="tokens per example (default 512)")
+    p.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        help="tokens per example, at most the model's positions (default 512, or the positions "
+        "if fewer)",
+    )
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--lora-alpha", type=int, default=32)
     p.add_argument(
@@ -186,7 +193,11 @@ def _run_adapt(a):
         f"adapt ({info['method']}): trained {info['k']:,} of {info['numel']:,} target entries "
         f"({100 * info['density']:.3g} %) for {info['steps']} steps, final loss {info['final_loss']:.4f}; "
         f"delta {info['delta_bytes']:,} bytes -> {a.out}"
+        + (" (already finished: nothing to do)" if info.get("already_finished") else "")
     )
+    # After the run, not before: a run that then fails must still end with its one error line.
+    for warning in cfg.warnings():
+        print(f"lota: warning: {warning}", file=sys.stderr)
 
 
 def _add_mask(sub):
@@ -199,6 +210,7 @@ def _add_mask(sub):
     p.add_argument("--protect", nargs="+", default=[], metavar="FILE")
     p.add_argument("--selector", default="magnitude", help="magnitude | bottomk | random")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="replace an existing --out file")
     p.set_defaults(run=_run_mask)
 
 
@@ -208,7 +220,7 @@ def _run_mask(a):
     from .vectors import make_ticket
 
     parse_sparsity(a.sparsity)
-    _check_new_file(a.out)
+    _check_new_file(a.out, a.force)
     t = make_ticket(
         a.base,
         a.tuned,
@@ -246,6 +258,7 @@ def _add_delta(sub):
     p.add_argument("--targets", default=None)
     p.add_argument("--protect", nargs="+", default=[], metavar="FILE")
     p.add_argument("--values-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--force", action="store_true", help="replace an existing --out file")
     p.set_defaults(run=_run_delta)
 
 
@@ -257,7 +270,7 @@ def _run_delta(a):
 
     if a.sparsity is not None:
         parse_sparsity(a.sparsity)
-    _check_new_file(a.out)
+    _check_new_file(a.out, a.force)
     ticket = None
     if a.ticket:
         ticket = fmt.load(a.ticket)
@@ -315,6 +328,12 @@ def _run_apply(a):
                 "--scales",
                 "e.g. --scales 1,0.5",
             ) from None
+        if not all(math.isfinite(x) for x in scales):
+            raise InputError(
+                f"'{a.scales}' holds a non-finite scale; the model would be NaN or inf",
+                "--scales",
+                "give finite numbers, e.g. --scales 1,0.5",
+            )
     info = apply_deltas(
         a.base, a.deltas, a.out, allow_mismatch=a.allow_mismatch, scales=scales, force=a.force
     )
@@ -339,7 +358,9 @@ def _add_merge(sub):
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--out", help="merged delta file")
     g.add_argument("--out-model", help="write base + merged delta as a model folder")
-    p.add_argument("--force", action="store_true", help="replace an existing --out-model folder")
+    p.add_argument(
+        "--force", action="store_true", help="replace an existing --out file or --out-model folder"
+    )
     p.set_defaults(run=_run_merge)
 
 
@@ -365,7 +386,7 @@ def _run_merge(a):
     if a.out_model and not a.base:
         raise InputError("--out-model needs the base model", "--out-model", "pass --base BASE")
     if a.out:
-        _check_new_file(a.out)
+        _check_new_file(a.out, a.force)
     else:
         from .fileio import check_new_folder
 
@@ -451,6 +472,7 @@ def _add_import_mask(sub):
     p.add_argument(
         "--base", default=None, help="base model: check names and shapes, record its fingerprint"
     )
+    p.add_argument("--force", action="store_true", help="replace an existing --out file")
     p.set_defaults(run=_run_import_mask)
 
 
@@ -458,7 +480,7 @@ def _run_import_mask(a):
     from . import format as fmt
     from .official import import_official
 
-    _check_new_file(a.out)
+    _check_new_file(a.out, a.force)
     t = import_official(a.mask, a.base)
     size = fmt.save(t, a.out, config={"command": "import-mask", "mask": a.mask, "base": a.base})
     _summary(f"import-mask: ticket of {t.summary()}; {size:,} bytes -> {a.out}")
@@ -468,6 +490,7 @@ def _add_export_mask(sub):
     p = sub.add_parser("export-mask", help="write a ticket as an official LoTA mask file (.pt)")
     p.add_argument("ticket", help="lota ticket or delta")
     p.add_argument("--out", required=True, help="mask file to write (torch.save, True = frozen)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out file")
     p.set_defaults(run=_run_export_mask)
 
 
@@ -476,7 +499,7 @@ def _run_export_mask(a):
     from .delta import SparseDelta
     from .official import export_official
 
-    _check_new_file(a.out)
+    _check_new_file(a.out, a.force)
     t = fmt.load(a.ticket)
     t = t.ticket if isinstance(t, SparseDelta) else t
     size = export_official(t, a.out)
@@ -492,6 +515,7 @@ def _add_import_lora(sub):
     )
     p.add_argument("--values-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--out", required=True)
+    p.add_argument("--force", action="store_true", help="replace an existing --out file")
     p.set_defaults(run=_run_import_lora)
 
 
@@ -502,7 +526,7 @@ def _run_import_lora(a):
 
     if a.sparsity is not None:
         parse_sparsity(a.sparsity)
-    _check_new_file(a.out)
+    _check_new_file(a.out, a.force)
     d = import_lora(a.adapter, a.base, a.sparsity)
     config = {
         "command": "import-lora",
@@ -746,9 +770,17 @@ def _run_demo(a):
     run_demo(a.out, seed=a.seed, base=a.base, scale=a.scale, jobs=a.jobs, show_progress=not a.quiet)
 
 
-def _check_new_file(path: str) -> None:
-    if os.path.isdir(path):
-        raise InputError("output path is a folder", path, "give a file name ending in .safetensors")
+def _check_new_file(path: str, force: bool) -> None:
+    from .fileio import check_new_file
+
+    check_new_file(path, force)
+
+
+def _write_error(e: BaseException, where):
+    """A write failure lota's writers did not already name (a log line appended mid-run, say)."""
+    from .fileio import write_error
+
+    return write_error(e, str(where) if where else None)
 
 
 def _summary(line: str) -> None:
@@ -830,6 +862,10 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         if args.debug:
             raise
+        mapped = _write_error(e, getattr(e, "filename", None))
+        if mapped is not None:
+            print(f"lota: error: {mapped.line()}", file=sys.stderr)
+            return mapped.exit_code
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
         print(
             f"lota: error: {where}{e.strerror or e} -- check the path, free space and permissions",
@@ -839,6 +875,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # an unexpected failure: still one line, the traceback only on request
         if args.debug:
             raise
+        mapped = _write_error(e, None)  # e.g. safetensors' own error for a full disk
+        if mapped is not None:
+            print(f"lota: error: {mapped.line()}", file=sys.stderr)
+            return mapped.exit_code
         print(
             f"lota: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
             "-- rerun with --debug for the traceback and report it",

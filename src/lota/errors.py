@@ -39,3 +39,16 @@ class MismatchError(InputError):
 
 class TrainingError(LotaError):
     """A run failed while training (non-finite loss, out of memory)."""
+
+
+class OutputError(LotaError):
+    """An output could not be written: the disk is full, read-only, or not ours to write.
+
+    ``exit_code`` is 1 when the machine failed a valid run (a full disk: free space and rerun)
+    and 2 when the output location itself cannot be used (read-only, no permission)."""
+
+    def __init__(
+        self, what: str, where: str | None = None, fix: str | None = None, exit_code: int = 1
+    ):
+        super().__init__(what, where, fix)
+        self.exit_code = exit_code

@@ -92,6 +92,7 @@ def import_official(path: str, base: str | None = None) -> Ticket:
 def export_official(ticket: Ticket, path: str | os.PathLike) -> int:
     """Write ``{name: bool mask, True = frozen}`` with ``torch.save``; returns the file size."""
     masks = {name: ~m for name, m in ticket.dense_masks().items()}
-    with atomic_path(path) as tmp:
-        torch.save(masks, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        # through a Python file, so that a failed write (a full disk) surfaces as its OSError
+        torch.save(masks, f)
     return Path(path).stat().st_size
