@@ -9,6 +9,7 @@ the tensors. The API cases build tickets and deltas that break their invariants.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -392,3 +393,20 @@ def test_int64_indices_are_kept_not_copied():
     idx = torch.arange(0, 4_000_000, 4)
     t = Ticket(shapes={"w": (4_000_000,)}, indices={"w": idx})
     assert t.indices["w"] is idx
+
+
+def test_commands_with_a_model_vouch_for_a_ticket_of_whole_tensors(
+    workdir, trained, capsys, tmp_path, monkeypatch
+):
+    from lota.models import WeightReader
+
+    targets = WeightReader(str(workdir / "base")).targets()
+    ticket = lota.select("random", targets, sum(math.prod(s) for s in targets.values()), seed=0)
+    lota.save(ticket, tmp_path / "all.safetensors")  # every tensor whole: stored as "full"
+    monkeypatch.setattr(fmt, "MAX_UNBACKED_ENTRIES", 1000)  # as a big model's ticket would be
+    with pytest.raises(lota.FormatError, match="full"):
+        lota.load(tmp_path / "all.safetensors")
+    args = ["delta", workdir / "base", trained / "model", "--ticket", tmp_path / "all.safetensors"]
+    code, _, err = run_lota(capsys, *args, "--out", tmp_path / "d.safetensors", "--quiet")
+    assert code == 0, err
+    assert lota.load(tmp_path / "d.safetensors").nnz == ticket.nnz

@@ -351,3 +351,16 @@ def test_non_json_config_is_refused(workdir, capsys, tmp_path):
     (bad / "config.json").write_text("{not json")
     assert main(["eval", str(bad), "--data", str(workdir / "a.jsonl")]) == 2
     assert_refused(2, *capsys.readouterr(), "config.json")
+
+
+def test_fifo_in_an_adapter_folder_is_refused_without_blocking(workdir, tmp_path, capsys):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 2, "lora_alpha": 4}')
+    fifo, flag = adapter / "adapter_model.safetensors", tmp_path / "blocked"
+    os.mkfifo(fifo)
+    with _watch_fifo(fifo, flag):
+        got = lota(capsys, "import-lora", adapter, "--base", workdir / "base", "--out",
+                   tmp_path / "d.safetensors")  # fmt: skip
+    assert not flag.exists(), "lota blocked opening the FIFO"
+    assert_refused(*got, "adapter_model.safetensors", "not a regular file")

@@ -7,6 +7,7 @@ non-finite or absurd optimizer settings.
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import threading
@@ -326,3 +327,33 @@ def test_absurd_learning_rate_warns_but_runs(workdir, capsys, tmp_path):
     cfg = AdaptConfig(model="m", data="d", out="o", lr=1e-3, calibration_lr=5.0)
     assert [w for w in cfg.warnings() if "--calibration-lr 5" in w]
     assert AdaptConfig(model="m", data="d", out="o", lr=1e-3).warnings() == []
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_eval_past_the_models_positions_is_refused(tmp_path, capsys, arch):
+    from lota.toy import byte_tokenizer
+
+    if arch == "gpt2":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        model = GPT2LMHeadModel(
+            GPT2Config(vocab_size=259, n_embd=32, n_layer=1, n_head=2, n_positions=32)
+        )
+    else:
+        from lota.toy import tiny_llama
+
+        model = tiny_llama(hidden=32, layers=1, heads=2, max_positions=32)
+    model.save_pretrained(tmp_path / "m")
+    byte_tokenizer().save_pretrained(tmp_path / "m")
+    data = tmp_path / "d.jsonl"
+    data.write_text(
+        json.dumps({"prompt": "short", "completion": "x"})
+        + "\n"
+        + json.dumps({"prompt": "p" * 30, "completion": "x"})
+        + "\n"
+    )
+    args = ["eval", tmp_path / "m", "--data", data, "--quiet"]
+    assert_refused(*lota(capsys, *args, "--max-new-tokens", "8"), "d.jsonl:2", "32 positions")
+    assert_refused(*lota(capsys, *args, "--max-new-tokens", "40"), "--max-new-tokens")
+    code, _, err = lota(capsys, *args, "--limit", "1", "--max-new-tokens", "8")
+    assert code == 0, err

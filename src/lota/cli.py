@@ -273,7 +273,10 @@ def _run_delta(a):
     _check_new_file(a.out, a.force)
     ticket = None
     if a.ticket:
-        ticket = fmt.load(a.ticket)
+        from .models import WeightReader
+
+        # checked against the base's tensors, which also vouch for a ticket of whole tensors
+        ticket = fmt.load(a.ticket, shapes=WeightReader(a.base, "base").shapes)
         ticket = ticket.ticket if isinstance(ticket, SparseDelta) else ticket
     d = make_delta(
         a.base,

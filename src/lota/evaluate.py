@@ -146,6 +146,33 @@ def evaluate_model(
     return score(preds, examples, metric_name)
 
 
+def _check_positions(model, tokenizer, examples, max_new_tokens: int, where: str) -> None:
+    """Refuse a prompt that, with the tokens to generate, runs past the model's positions: past
+    them a model with learned positions fails and a rotary one generates from positions it was
+    never trained on."""
+    from .data import model_positions
+
+    positions = model_positions(model.config)
+    if positions is None:
+        return
+    if max_new_tokens >= positions:
+        raise InputError(
+            f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the model's "
+            f"{positions} positions",
+            "--max-new-tokens",
+            f"use --max-new-tokens {positions // 4} or less",
+        )
+    for e in examples:
+        n = len(prompt_ids(e, tokenizer))
+        if n + max_new_tokens > positions:
+            raise InputError(
+                f"the prompt of {n} tokens plus --max-new-tokens {max_new_tokens} is more than "
+                f"the model's {positions} positions",
+                f"{where}:{e.line}",
+                f"shorten the prompt or use --max-new-tokens {max(1, positions - n)} or less",
+            )
+
+
 def evaluate(
     model_path: str,
     data_path: str,
@@ -182,6 +209,7 @@ def evaluate(
     examples = read_jsonl(data_path)[:limit]
     tokenizer = load_tokenizer(model_path)
     model = load_model(model_path)
+    _check_positions(model, tokenizer, examples, max_new_tokens, data_path)
     bank = None
     if deltas:
         from .hotswap import DeltaBank

@@ -47,6 +47,9 @@ def lora_deltas(adapter: str, shapes: dict[str, tuple[int, ...]]) -> dict[str, t
             adapter,
             "save the adapter with safe_serialization=True (lota reads no pickles)",
         )
+    from .models import _refuse_special_files
+
+    _refuse_special_files(folder, "adapter")  # a FIFO would block the open below
     try:
         cfg = json.loads(cfg_path.read_text())
         if cfg.get("peft_type", "LORA") != "LORA":
