@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from .errors import InputError
+from .format import json_nesting
 
 IGNORE = -100
 MAX_LINE_CHARS = 16 * 2**20  # far beyond any example that fits a model's positions
@@ -72,6 +73,8 @@ def read_jsonl(path: str | os.PathLike) -> list[Example]:
                 where,
                 "shorten or split the example",
             )
+        if json_nesting(raw) > MAX_DEPTH:  # before parsing: no recursion to exhaust
+            raise _too_deep(where)
         try:
             obj = json.loads(raw)
         except json.JSONDecodeError as e:
@@ -80,10 +83,6 @@ def read_jsonl(path: str | os.PathLike) -> list[Example]:
                 where,
                 "each line must be one JSON object",
             ) from None
-        except RecursionError:  # the parser itself gave up, far beyond MAX_DEPTH
-            raise _too_deep(where) from None
-        if _deeper_than(obj, MAX_DEPTH):
-            raise _too_deep(where)
         example = _example(obj, where, number)
         example.source = str(path)
         examples.append(example)
@@ -102,19 +101,6 @@ def _too_deep(where: str) -> InputError:
         where,
         "each line must be one example: prompt/completion strings or a messages list",
     )
-
-
-def _deeper_than(obj, limit: int) -> bool:
-    """Whether lists and objects nest more than ``limit`` levels (iterative: no recursion to
-    exhaust)."""
-    stack = [(obj, 1)] if isinstance(obj, (dict, list)) else []
-    while stack:
-        value, depth = stack.pop()
-        if depth > limit:
-            return True
-        children = value.values() if isinstance(value, dict) else value
-        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
-    return False
 
 
 def _example(obj, where: str, number: int) -> Example:

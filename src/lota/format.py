@@ -484,7 +484,7 @@ def _parse_header(text: str, where: str) -> dict:
             where,
             "the file is corrupted; recreate it",
         )
-    if _nesting(text) > MAX_HEADER_DEPTH:
+    if json_nesting(text) > MAX_HEADER_DEPTH:
         raise FormatError(
             f"the header is nested more than {MAX_HEADER_DEPTH} levels deep",
             where,
@@ -501,9 +501,10 @@ def _parse_header(text: str, where: str) -> dict:
     return header
 
 
-def _nesting(text: str) -> int:
+def json_nesting(text: str) -> int:
     """Deepest bracket nesting of JSON ``text``, brackets inside strings not counted (an upper
-    bound for malformed text, which the parser refuses anyway)."""
+    bound for malformed text, which the parser refuses anyway). Read before parsing, so that a
+    hostile text can never exhaust the parser's recursion (headers here, data lines in ``data``)."""
     bare = _JSON_STRING.sub("", text).encode("utf-8", "surrogatepass")
     a = np.frombuffer(bare, dtype=np.uint8)
     step = np.zeros(a.size, dtype=np.int32)
