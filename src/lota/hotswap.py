@@ -27,6 +27,7 @@ from torch.nn.utils import parametrize
 
 from .delta import SparseDelta
 from .errors import InputError, MismatchError
+from .ticket import TicketError, check_indices
 
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -227,15 +228,15 @@ class DeltaBank:
                 label,
                 "switch deltas on a model whose weights are whole tensors on one device",
             )
-        n = weight.numel()
-        if idx.numel() and (
-            int(idx[0]) < 0 or int(idx[-1]) >= n or not bool((idx[1:] > idx[:-1]).all())
-        ):
+        try:  # the ticket's own invariant, again: a delta may have been changed since it was made
+            check_indices(name, idx, weight.numel())
+        except TicketError:
             raise InputError(
-                f"indices of '{name}' are not sorted, unique and inside its {n:,} entries",
+                f"indices of '{name}' are not sorted, unique and inside its "
+                f"{weight.numel():,} entries",
                 label,
                 "recreate the delta with lota",
-            )
+            ) from None
         return _Part(
             name,
             module,
