@@ -232,12 +232,7 @@ SHAPES = {
 def test_weight_shapes_that_disagree_with_the_config_are_refused(
     workdir, trained, capsys, tmp_path, case, command
 ):
-    bad = _copy(workdir, tmp_path)
-    edit, words = SHAPES[case]
-    edit(bad)
-    capsys.readouterr()
-    assert_refused(*lota(capsys, *_commands(workdir, trained, tmp_path, bad)[command]), *words)
-    assert not (tmp_path / "o").exists()
+    _assert_edit_refused(workdir, trained, capsys, tmp_path, SHAPES[case], command)
 
 
 DTYPES = {
@@ -251,8 +246,14 @@ DTYPES = {
 def test_integer_weights_for_float_parameters_are_refused(
     workdir, trained, capsys, tmp_path, case, command
 ):
+    _assert_edit_refused(workdir, trained, capsys, tmp_path, DTYPES[case], command)
+
+
+def _assert_edit_refused(workdir, trained, capsys, tmp_path, case, command) -> None:
+    """``command`` on a copy of the base with the weights edited by ``case`` (edit, words) is
+    refused in one line holding the words, and writes nothing."""
     bad = _copy(workdir, tmp_path)
-    edit, words = DTYPES[case]
+    edit, words = case
     edit(bad)
     capsys.readouterr()
     assert_refused(*lota(capsys, *_commands(workdir, trained, tmp_path, bad)[command]), *words)
