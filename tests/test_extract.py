@@ -11,8 +11,8 @@ from safetensors.torch import save_file
 
 from lota.models import load_model
 from lota.selection import ticket_size
+from lota.task_vectors import make_ticket
 from lota.toy import save_toy_model
-from lota.vectors import make_ticket
 
 
 def _write_sharded(folder, model_dir, weights: dict[str, torch.Tensor], per_shard: int) -> None:

@@ -10,11 +10,13 @@ import safetensors
 import safetensors.torch
 import torch
 
+import lota.codecs
 import lota.format
+from lota.codecs import RiceCode, decode_indices, encode_indices
 from lota.delta import SparseDelta
 from lota.errors import FormatError, InputError
 from lota.fileio import tensor_digest
-from lota.format import RiceCode, decode_indices, describe, encode_indices, load, save
+from lota.format import describe, load, save
 from lota.ticket import Ticket
 
 DATA = Path(__file__).parent / "data"
@@ -202,7 +204,7 @@ def test_encode_decode_property():
                 costs = {
                     "bitmask": mask_bytes,
                     "gaps": gap_bytes,
-                    "rice": rice_bytes + lota.format.rice_overhead(""),
+                    "rice": rice_bytes + lota.codecs.rice_overhead(""),
                 }
                 assert enc == min(costs, key=lambda e: (costs[e], list(costs).index(e)))
                 assert _stored_bytes(data) == {**costs, "rice": rice_bytes}[enc]
@@ -650,7 +652,7 @@ def _random_indices(rng, numel, nnz, style):
 
 def test_rice_bit_layout_matches_the_documentation():
     # gaps 3, 0, 5, 19 with r = 2: quotients 0, 0, 1, 4 and remainders 3, 0, 1, 3
-    code = lota.format.rice_encode(np.array([3, 0, 5, 19], dtype=np.int64), 2)
+    code = lota.codecs.rice_encode(np.array([3, 0, 5, 19], dtype=np.int64), 2)
     assert code.r == 2
     assert code.q.tolist() == [0b11110100, 0b11111110]
     assert code.rem.tolist() == [0b11010011]
@@ -666,7 +668,7 @@ def test_rice_round_trip_every_r(density, r):
     numel = 20_011
     nnz = max(1, round(density * numel))
     idx = _random_indices(rng, numel, nnz, "uniform")
-    code = lota.format.rice_encode(lota.format._gaps_of(idx), r)
+    code = lota.codecs.rice_encode(lota.codecs._gaps_of(idx), r)
     assert code.q.dtype == code.rem.dtype == torch.uint8
     assert code.rem.numel() == (nnz * r + 7) // 8
     assert _stored_bytes(code) == _reference_rice(idx, r)[0]
@@ -685,7 +687,7 @@ def test_rice_large_gaps_and_large_r():
         if r < 30:  # r = 0 would need 2**45 quotient bits: only check the size formula
             assert _reference_rice(idx, r)[0] > 2**20
             continue
-        code = lota.format.rice_encode(lota.format._gaps_of(idx), r)
+        code = lota.codecs.rice_encode(lota.codecs._gaps_of(idx), r)
         assert torch.equal(decode_indices("rice", code, numel, idx.numel()), idx)
     enc, data = encode_indices(idx, numel, "rice")
     assert data.r == 40 and _stored_bytes(data) == _reference_rice(idx)[0]
@@ -703,12 +705,12 @@ def test_rice_property_over_seeds():
         )
         idx = _random_indices(rng, numel, nnz, rng.choice(styles))
         nnz = idx.numel()
-        g = lota.format._gaps_of(idx)
+        g = lota.codecs._gaps_of(idx)
         r = rng.randint(0, 40) if seed % 2 else rng.randint(0, 12)
-        code = lota.format.rice_encode(g, r)
+        code = lota.codecs.rice_encode(g, r)
         assert torch.equal(decode_indices("rice", code, numel, nnz), idx), seed
         assert _stored_bytes(code) == _reference_rice(idx, r)[0], seed
-        best_r, best_bytes = lota.format.rice_parameter(g)
+        best_r, best_bytes = lota.codecs.rice_parameter(g)
         assert (best_bytes, best_r) == _reference_rice(idx), seed
         enc, data = encode_indices(idx, numel)
         assert torch.equal(decode_indices(enc, data, numel, nnz), idx), seed
@@ -728,9 +730,9 @@ def test_chosen_encoding_is_the_byte_smallest():
                     for e in ["bitmask", "gaps", "rice"]
                 }
                 assert sizes == {
-                    k: v for k, v in lota.format.index_sizes(idx, numel).items() if k != "rice_r"
+                    k: v for k, v in lota.codecs.index_sizes(idx, numel).items() if k != "rice_r"
                 }
-                costs = {**sizes, "rice": sizes["rice"] + lota.format.rice_overhead(name)}
+                costs = {**sizes, "rice": sizes["rice"] + lota.codecs.rice_overhead(name)}
                 best = min(costs.values())
                 assert costs[enc] == best
                 # ties go to the simpler encoding
@@ -801,7 +803,7 @@ def test_rice_files_round_trip_and_are_version_2(tmp_path, density):
             header = json.loads(f.metadata()["header"])
             entry = header["tensors"]["a.weight"]
             assert (
-                entry["rice_r"] == lota.format.index_sizes(indices["a.weight"], 210_000)["rice_r"]
+                entry["rice_r"] == lota.codecs.index_sizes(indices["a.weight"], 210_000)["rice_r"]
             )
             assert f.get_tensor("a.weight::rice_q").dtype == torch.uint8
             assert f.get_tensor("a.weight::rice_r").dtype == torch.uint8

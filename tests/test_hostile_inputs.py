@@ -255,7 +255,7 @@ def test_sparsity_that_leaves_no_entry_is_refused_by_mask_and_delta(
 
 @pytest.mark.parametrize("numel", [1, 2, 3, 7, 10, 10_240, 20_480, 999_999, 1_769_472, 7 * 10**9])
 def test_suggested_sparsity_keeps_one_entry(numel):
-    from lota.vectors import require_trainable
+    from lota.selection import require_trainable
 
     with pytest.raises(InputError) as e:
         require_trainable("0.9999999999999", numel)

@@ -307,8 +307,8 @@ def test_apply_a_ticket_is_refused(workdir, capsys, tmp_path):
 
 
 def test_mask_is_deterministic(workdir, tmp_path):
+    from lota.task_vectors import make_ticket
     from lota.toy import save_toy_model
-    from lota.vectors import make_ticket
 
     save_toy_model(tmp_path / "tuned", seed=5, hidden=32, layers=2, heads=2)
     a = make_ticket(str(workdir / "base"), str(tmp_path / "tuned"), "0.9", show_progress=False)

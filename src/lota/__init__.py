@@ -5,21 +5,32 @@ plus values), both plain safetensors files. ``load`` reads either; ``prepare`` m
 train only a ticket's entries in any training loop.
 """
 
-__version__ = "0.1.0"
+from ._version import __version__ as __version__
 
-from .delta import SparseDelta, apply_delta_  # noqa: E402
-from .errors import FormatError, InputError, LotaError, MismatchError, TrainingError  # noqa: E402
-from .format import load, save  # noqa: E402
-from .selection import select, ticket_size  # noqa: E402
-from .sparse_model import extract_delta, prepare, trainable_parameters, unprepare  # noqa: E402
-from .ticket import Ticket  # noqa: E402
-
+# Every public name loads on first use, so ``import lota`` (and the CLI's ``--help``) imports
+# neither torch nor transformers: {name: (module, attribute)}.
 _LAZY = {
-    "AdaptConfig": ("adapt", "AdaptConfig"),
+    "SparseDelta": ("delta", "SparseDelta"),
+    "Ticket": ("ticket", "Ticket"),
+    "load": ("format", "load"),
+    "save": ("format", "save"),
+    "select": ("selection", "select"),
+    "ticket_size": ("selection", "ticket_size"),
+    "prepare": ("sparse_model", "prepare"),
+    "extract_delta": ("sparse_model", "extract_delta"),
+    "unprepare": ("sparse_model", "unprepare"),
+    "trainable_parameters": ("sparse_model", "trainable_parameters"),
+    "apply_delta_": ("delta", "apply_delta_"),
+    "LotaError": ("errors", "LotaError"),
+    "InputError": ("errors", "InputError"),
+    "FormatError": ("errors", "FormatError"),
+    "MismatchError": ("errors", "MismatchError"),
+    "TrainingError": ("errors", "TrainingError"),
+    "AdaptConfig": ("settings", "AdaptConfig"),
     "adapt": ("adapt", "adapt"),
-    "make_ticket": ("vectors", "make_ticket"),
-    "make_delta": ("vectors", "make_delta"),
-    "apply_deltas": ("vectors", "apply_deltas"),
+    "make_ticket": ("task_vectors", "make_ticket"),
+    "make_delta": ("task_vectors", "make_delta"),
+    "apply_deltas": ("task_vectors", "apply_deltas"),
     "merge_deltas": ("merge", "merge"),
     "MergeSettings": ("merge", "MergeSettings"),
     "merge_method": ("merge", "merge_method"),
@@ -31,31 +42,25 @@ _LAZY = {
 }
 
 
-def __getattr__(name):  # heavy modules (transformers, peft) load on first use
-    if name in _LAZY:
-        import importlib
+def __getattr__(name):
+    import importlib
 
+    if name in _LAZY:
         module, attr = _LAZY[name]
         return getattr(importlib.import_module(f".{module}", __name__), attr)
+    if name in _submodules():  # ``lota.format`` and the like, after a bare ``import lota``
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'lota' has no attribute '{name}'")
 
 
-__all__ = [
-    "SparseDelta",
-    "Ticket",
-    "load",
-    "save",
-    "select",
-    "ticket_size",
-    "prepare",
-    "extract_delta",
-    "unprepare",
-    "trainable_parameters",
-    "apply_delta_",
-    "LotaError",
-    "InputError",
-    "FormatError",
-    "MismatchError",
-    "TrainingError",
-    *_LAZY,
-]
+def __dir__():
+    return sorted({*globals(), *__all__})
+
+
+def _submodules() -> set[str]:
+    import pkgutil
+
+    return {m.name for m in pkgutil.iter_modules(__path__)}
+
+
+__all__ = list(_LAZY)

@@ -4,6 +4,7 @@ Phases for ``method="lota"``: calibration (dense training of the targets for a f
 global top-k extraction of the task vector (disjoint from protected tickets), reset to the
 starting weights, then sparse training of the ticket's entries only. Baselines: ``fft`` (dense
 training of the targets), ``lora`` (PEFT), ``random`` and ``bottomk`` (tickets of the same size).
+What each ``--method`` trains and where its ticket comes from is the table in ``lota.sources``.
 Invariant, checked at the end of every sparse run: every entry outside the ticket, and every
 protected entry, is bit-identical to the starting model.
 """
@@ -11,18 +12,17 @@ protected entry, is bit-identical to the starting model.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import yaml
 
-from . import dist, selection
+from . import dist, selection, sources
 from . import format as fmt
 from .checkpoint import DIRNAME, Checkpointer, config_hash
 from .data import batches, fit_max_length, model_positions, read_jsonl, steps_for, tokenize
@@ -47,6 +47,7 @@ from .models import (
     resolve_targets,
     save_model,
 )
+from .settings import AdaptConfig as AdaptConfig  # declared beside its command-line options
 from .sparse_model import (
     delta_parameters,
     extract_delta,
@@ -55,200 +56,7 @@ from .sparse_model import (
     unprepare,
 )
 from .ticket import Ticket
-from .train import OPTIMIZERS, MetricsLog, TrainSettings, limit_heap_growth, train
-
-METHODS = ("lota", "fft", "lora", "random", "bottomk", "embeddings", "ks-lottery")
-PROTECT_MODES = ("constrained", "flip")
-REPORT_TO = ("none", "tensorboard")  # metrics.jsonl is always written
-LARGE_LR = 1.0  # far above any rate that fine-tunes a pretrained model without wrecking it
-
-
-@dataclass
-class AdaptConfig:
-    model: str
-    data: str
-    out: str
-    method: str = "lota"
-    sparsity: str = "0.9"
-    calibration_steps: int = 8
-    calibrated: str | None = None
-    calibration_lr: float | None = None
-    steps: int | None = None
-    epochs: float | None = None
-    lr: float = 1e-5
-    batch_size: int = 8
-    optimizer: str = "adamw"
-    weight_decay: float = 0.0
-    momentum: float = 0.0
-    max_grad_norm: float | None = 1.0
-    grad_accum: int = 1
-    fsdp: bool = False
-    report_to: str = "none"
-    seed: int = 0
-    targets: str | None = None
-    ticket: str | None = None
-    protect: list[str] = field(default_factory=list)
-    protect_mode: str = "constrained"
-    max_length: int | None = None  # None: 512, or the model's positions if it has fewer
-    lora_r: int = 16
-    lora_alpha: int = 32
-    dtype: str = "auto"
-    values_dtype: str = "float32"
-    save_model: bool = False
-    checkpoint_every: int = 100
-    force: bool = False
-    resume: bool = False
-    restart: bool = False
-    progress: bool = True
-
-    def validate(self) -> None:
-        """Check every setting, reporting all problems at once."""
-        errors = []
-        if self.method not in METHODS:
-            errors.append(f"--method '{self.method}' is not one of {', '.join(METHODS)}")
-        if self.optimizer not in OPTIMIZERS:
-            errors.append(f"--optimizer '{self.optimizer}' is not one of {', '.join(OPTIMIZERS)}")
-        if self.protect_mode not in PROTECT_MODES:
-            errors.append(
-                f"--protect-mode '{self.protect_mode}' is not one of {', '.join(PROTECT_MODES)}"
-            )
-        try:
-            selection.parse_sparsity(self.sparsity)
-        except InputError as e:
-            errors.append(e.what)
-        errors += self._float_errors()
-        for name, lo in [
-            ("batch_size", 1),
-            ("max_length", 2),
-            ("lora_r", 1),
-            ("lora_alpha", 1),
-            ("grad_accum", 1),
-        ]:
-            value = getattr(self, name)
-            if value is not None and value < lo:
-                errors.append(f"--{name.replace('_', '-')} {value} must be >= {lo}")
-        if self.steps is not None and self.steps < 1:
-            errors.append(f"--steps {self.steps} must be >= 1")
-        if self.steps is not None and self.epochs is not None:
-            errors.append("give --steps or --epochs, not both")
-        if self.calibration_steps < 1 and self.method in ("lota", "bottomk") and not self.ticket:
-            errors.append(f"--calibration-steps {self.calibration_steps} must be >= 1")
-        if self.checkpoint_every < 0:
-            errors.append(f"--checkpoint-every {self.checkpoint_every} must be >= 0")
-        if self.resume and self.restart:
-            errors.append("give --resume or --restart, not both")
-        if self.ticket and self.method not in ("lota",):
-            errors.append("--ticket works with --method lota only")
-        if self.calibrated and self.method not in ("lota", "bottomk"):
-            errors.append("--calibrated works with --method lota or bottomk only")
-        if self.calibrated and self.ticket:
-            errors.append("give --calibrated or --ticket, not both")
-        if self.protect and self.method in ("fft", "lora"):
-            errors.append(
-                f"--protect needs a sparse method; --method {self.method} trains every target entry"
-            )
-        if self.protect_mode == "flip" and not self.protect:
-            errors.append("--protect-mode flip needs --protect FILE")
-        w = dist.world()
-        parts = w.size * self.grad_accum
-        if self.batch_size >= 1 and self.grad_accum >= 1 and self.batch_size % parts:
-            errors.append(
-                f"--batch-size {self.batch_size} does not split into {w.size} process(es) x "
-                f"--grad-accum {self.grad_accum} equal micro-batches; make it a multiple of {parts}"
-            )
-        if self.report_to not in REPORT_TO:
-            errors.append(f"--report-to '{self.report_to}' is not one of {', '.join(REPORT_TO)}")
-        if self.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
-            errors.append("--report-to tensorboard needs the tensorboard package (pip install it)")
-        plugin = dist.accelerate_plugin()
-        if plugin == "deepspeed":
-            errors.append(
-                "lota adapt does not run under DeepSpeed; launch with torchrun or accelerate "
-                "without a DeepSpeed config (add --fsdp to shard)"
-            )
-        if plugin == "fsdp1":
-            errors.append(
-                "lota shards with FSDP2 only; set fsdp_version: 2 in the accelerate config"
-            )
-        if self.fsdp and not w.distributed:
-            errors.append(
-                "--fsdp needs several processes: start lota with torchrun or accelerate launch"
-            )
-        if self.fsdp and self.method == "lora":
-            errors.append(
-                "--fsdp does not shard PEFT LoRA models; run --method lora without --fsdp"
-            )
-        if self.fsdp and self.protect_mode == "flip":
-            errors.append(
-                "--protect-mode flip does not run under --fsdp; use constrained or drop --fsdp"
-            )
-        if errors:
-            raise InputError("; ".join(errors), "lota adapt", "fix the arguments above")
-
-    def _float_errors(self) -> list[str]:
-        """Non-finite numbers first: inf passes a ``> 0`` check and would only fail (or wreck the
-        model) after training started."""
-        errors = []
-        for name, positive in [
-            ("lr", True),
-            ("calibration_lr", True),
-            ("epochs", True),
-            ("weight_decay", False),
-            ("momentum", False),
-            ("max_grad_norm", False),
-        ]:
-            value, flag = getattr(self, name), "--" + name.replace("_", "-")
-            if value is None:
-                continue
-            if not math.isfinite(value):
-                errors.append(f"{flag} {value} must be a finite number")
-            elif positive and not value > 0:
-                errors.append(f"{flag} {value} must be > 0")
-            elif not positive and value < 0:
-                disable = " (0 disables clipping)" if name == "max_grad_norm" else ""
-                errors.append(f"{flag} {value} must be >= 0{disable}")
-        return errors
-
-    def warnings(self) -> list[str]:
-        """Settings that are valid but very likely a mistake, one line each."""
-        out = []
-        for name in ("lr", "calibration_lr"):
-            value = getattr(self, name)
-            if value is not None and math.isfinite(value) and value > LARGE_LR:
-                out.append(
-                    f"--{name.replace('_', '-')} {value:g} is above {LARGE_LR:g}: a rate this large "
-                    "usually wrecks the model even when the loss stays finite -- check the value "
-                    "(1e-5 to 1e-3 are usual)"
-                )
-        return out
-
-    def settings(self, lr: float, steps: int) -> TrainSettings:
-        return TrainSettings(
-            lr=lr,
-            steps=steps,
-            optimizer=self.optimizer,
-            weight_decay=self.weight_decay,
-            momentum=self.momentum,
-            max_grad_norm=self.max_grad_norm,
-            seed=self.seed,
-        )
-
-
-def _load_tickets(paths: list[str], targets: dict[str, tuple[int, ...]], what: str) -> list[Ticket]:
-    out = []
-    for p in paths:
-        obj = fmt.load(p, shapes=targets)  # names and shapes checked against the model's targets
-        t = obj.ticket if isinstance(obj, SparseDelta) else obj
-        try:
-            Ticket(
-                shapes=targets,
-                indices={n: torch.zeros(0, dtype=torch.long) for n in targets},
-            ).check_compatible(t, what)
-        except LotaError as e:
-            raise InputError(e.what, p, e.fix) from None
-        out.append(t)
-    return out
-
+from .train import MetricsLog, limit_heap_growth, train
 
 # What a run writes into --out. A folder holding only these (and lota's temporaries of them) and
 # marked by a run of the same settings is that run, interrupted, and the same command takes it up.
@@ -409,7 +217,9 @@ class _Run:
             self.state = None
 
         def on_step(step, opt):
-            if self.sharded and (name != "train" or self.cfg.method == "fft"):
+            if self.sharded and (
+                name != "train" or sources.METHODS[self.cfg.method].trainer == "dense"
+            ):
                 return  # a sharded dense phase would gather the whole model: phase starts only
             self.ckpt.maybe_save(
                 name,
@@ -455,40 +265,6 @@ def _counted(stream, box: list[int]):
         yield batch
 
 
-def _embedding_methods(cfg: AdaptConfig) -> AdaptConfig:
-    """``embeddings`` is dense training of the input embedding alone; ``ks-lottery`` trains only
-    the rows of a ``lota ks`` ticket (``--tokens``, its folder or ticket file). Tied input and
-    output embeddings are refused rather than letting the output head change too."""
-    if cfg.method not in ("embeddings", "ks-lottery"):
-        return cfg
-    import dataclasses
-    import re
-
-    from .ks import input_embedding
-    from .models import WeightReader
-
-    if cfg.targets is not None:
-        raise InputError(
-            f"--method {cfg.method} chooses its own target (the input embedding)",
-            "--targets",
-            "drop --targets",
-        )
-    name = input_embedding(WeightReader(cfg.model, "model"))
-    targets = "^" + re.escape(name) + "$"
-    if cfg.method == "embeddings":
-        return dataclasses.replace(cfg, method="fft", targets=targets)
-    if not cfg.ticket:
-        raise InputError(
-            "--method ks-lottery needs the selected tokens",
-            "--tokens",
-            "pass the folder written by 'lota ks'",
-        )
-    ticket = Path(cfg.ticket)
-    if ticket.is_dir():
-        ticket = ticket / "ticket.safetensors"
-    return dataclasses.replace(cfg, method="lota", targets=targets, ticket=str(ticket))
-
-
 def adapt(cfg: AdaptConfig) -> dict:
     """Run one adaptation; returns a summary (also written to ``summary.json`` beside the outputs).
 
@@ -496,7 +272,7 @@ def adapt(cfg: AdaptConfig) -> dict:
     run again and ends with the same outputs as an uninterrupted run. While it runs, the output
     folder is locked: a second run into it is refused.
     """
-    cfg = _embedding_methods(cfg)
+    cfg = sources.resolve(cfg)  # a method of the input embedding, as it runs
     if dist.accelerate_plugin() == "fsdp2" and not cfg.fsdp:  # an accelerate FSDP2 config
         cfg = dataclasses.replace(cfg, fsdp=True)
     cfg.validate()
@@ -554,28 +330,25 @@ def _adapt(cfg: AdaptConfig, world: dist.World, out: Path, hold: _Hold) -> dict:
     data = tokenize(examples, tokenizer, max_length, where=cfg.data, positions=positions)
     targets = resolve_targets(model, cfg.targets)
     base_fp = model_fingerprint(model)
-    protected = (
-        Ticket.union(_load_tickets(cfg.protect, targets, "protect file"), targets)
-        if cfg.protect
-        else None
-    )
-    given = _load_tickets([cfg.ticket], targets, "ticket") if cfg.ticket else []
-    if cfg.calibrated:  # the fine-tuned model exists and has the base's target tensors
-        from .vectors import _readers
-
-        _readers(cfg.model, cfg.calibrated, cfg.targets)
+    protected = sources.protected_ticket(cfg.protect, targets)
+    given = sources.load_tickets([cfg.ticket], targets) if cfg.ticket else []
+    for source in sources.chosen(cfg):
+        if source.check is not None:
+            source.check(cfg)
     if given and protected is not None and given[0].overlap(protected):
         raise InputError(
             f"the ticket shares {given[0].overlap(protected):,} entries with the protected tickets",
             cfg.ticket,
             "extract a ticket with --protect, or drop --protect",
         )
-    numel = sum(selection.math.prod(s) for s in targets.values())
-    k = selection.ticket_size(cfg.sparsity, numel)
-    if cfg.method in ("lota", "random", "bottomk") and not cfg.ticket:
-        from .vectors import require_trainable
-
-        k = require_trainable(cfg.sparsity, numel)  # a ticket of 0 entries would train nothing
+    numel = selection.numel_of(targets)
+    sparsity = selection.Sparsity.of(cfg.sparsity)  # checked by validate
+    method = sources.METHODS[cfg.method]
+    source = sources.source_for(cfg) if method.sparse else None
+    if source is not None and source.sized:  # a ticket of 0 entries would train nothing
+        k = selection.require_trainable(sparsity, numel)
+    else:
+        k = sparsity.size(numel)
     if protected is not None and cfg.protect_mode == "constrained" and k > numel - protected.nnz:
         raise InputError(
             f"the ticket needs {k:,} entries but only {numel - protected.nnz:,} are not protected",
@@ -626,10 +399,11 @@ def _adapt(cfg: AdaptConfig, world: dist.World, out: Path, hold: _Hold) -> dict:
         "fsdp": cfg.fsdp,
     }
 
-    if cfg.method in ("fft", "lora"):
+    if source is None:
         delta = _dense_run(run, steps)
     else:
-        delta = _sparse_run(run, steps, k, protected, given, info)
+        ctx = sources.Context(cfg, targets, k, protected, given, run, info, source)
+        delta = _sparse_run(ctx, steps)
     delta.ticket.base_fingerprint = base_fp
     delta.check_finite("trained delta")
     model = run.model
@@ -682,7 +456,7 @@ def _finish(info: dict, log: MetricsLog, t_start: float) -> dict:
 
 def _dense_run(run: _Run, steps: int) -> SparseDelta:
     cfg, model, targets = run.cfg, run.model, run.targets
-    if cfg.method == "fft":
+    if sources.METHODS[cfg.method].trainer == "dense":
         _train_only(model, targets)
         if cfg.fsdp:
             _shard(run)
@@ -696,8 +470,7 @@ def _dense_run(run: _Run, steps: int) -> SparseDelta:
         model = _train_lora(run, steps)
         run.model = model
     full = Ticket(
-        shapes=targets,
-        indices={n: torch.arange(selection.math.prod(s)) for n, s in targets.items()},
+        shapes=targets, indices={n: torch.arange(math.prod(s)) for n, s in targets.items()}
     )
     weights = named_weights(model)
     return delta_from_weights(full, run.w0, {n: dist.full_tensor(weights[n]) for n in targets})
@@ -742,38 +515,15 @@ def _train_lora(run: _Run, steps: int):
     return merged
 
 
-def _sparse_run(
-    run: _Run, steps: int, k: int, protected: Ticket | None, given: list[Ticket], info: dict
-) -> SparseDelta:
-    cfg, model, targets, w0 = run.cfg, run.model, run.targets, run.w0
-    flip = protected is not None and cfg.protect_mode == "flip"
+def _sparse_run(ctx: sources.Context, steps: int) -> SparseDelta:
+    """Build the ticket from its source (or take it from the checkpoint), train only its entries,
+    and verify that every other entry is bit-identical to the start."""
+    run, protected, given, info = ctx.run, ctx.protected, ctx.given, ctx.info
+    cfg, model, w0 = run.cfg, run.model, run.w0
     if run.resumed_phase == "train":
         ticket = run.state["ticket"]  # extracted before the interruption
-    elif given:
-        ticket = Ticket(
-            shapes=targets,
-            indices={n: given[0].indices.get(n, torch.zeros(0, dtype=torch.long)) for n in targets},
-        )
-    elif flip:
-        ticket = protected.complement()
-    elif cfg.method == "random":
-        ticket = selection.select("random", targets, k, exclude=protected, seed=cfg.seed)
-    elif cfg.calibrated:  # the task vector of a model already fine-tuned from the base
-        from .vectors import make_ticket
-
-        ticket = make_ticket(
-            cfg.model,
-            cfg.calibrated,
-            cfg.sparsity,
-            cfg.targets,
-            protect=cfg.protect,
-            method="bottomk" if cfg.method == "bottomk" else "magnitude",
-            show_progress=False,
-        )
-        info["calibrated_from"] = cfg.calibrated
     else:
-        ticket = _calibrate_and_select(run, k, protected, info)
-    if run.resumed_phase != "train":
+        ticket = ctx.source.build(ctx)
         run.ckpt.save_ticket(ticket)
     info["ticket_nnz"] = ticket.nnz
     if run.sharded:  # calibration sharded the model; the sparse phase starts from a fresh copy
@@ -797,24 +547,18 @@ def _sparse_run(
         )
         return delta
     unprepare(model)
-    if flip:
-        # "Flip": the run trained the whole complement; the task's own ticket is the top-k of that change.
-        trained = delta.to_dense()
-        own = selection.select(
-            "magnitude", targets, k, delta_fn=trained.__getitem__, exclude=protected
-        )
-        delta = delta_from_weights(own, w0, named_weights(model))
-        weights = named_weights(model)
-        with torch.no_grad():
-            for n in targets:
-                weights[n].copy_(w0[n])
-        apply_delta_(weights, delta)
+    if ctx.source.finish is not None:
+        delta = ctx.source.finish(ctx, delta, model)
     info["frozen_verified"] = _verify_frozen(named_weights(model), w0, delta.ticket, protected)
     info["frozen_verified_ranks"] = run.world.size
     return delta
 
 
-def _calibrate_and_select(run: _Run, k: int, protected: Ticket | None, info: dict) -> Ticket:
+def calibrate_and_select(
+    run: _Run, k: int, protected: Ticket | None, info: dict, selector: str
+) -> Ticket:
+    """Train the targets densely for the calibration steps, select the ticket of ``k`` entries
+    from the change with ``selector``, and reset the targets to the starting weights."""
     cfg, targets, w0 = run.cfg, run.targets, run.w0
     _train_only(run.model, targets)
     if cfg.fsdp:
@@ -823,7 +567,6 @@ def _calibrate_and_select(run: _Run, k: int, protected: Ticket | None, info: dic
     params = {n: weights[n] for n in targets}
     lr = cfg.calibration_lr if cfg.calibration_lr is not None else cfg.lr
     run.phase("calibration", params, lr, cfg.calibration_steps)
-    selector = "bottomk" if cfg.method == "bottomk" else "magnitude"
     with torch.no_grad():
         if run.sharded:
             ticket = _select_sharded(run, selector, weights, k, protected)
@@ -853,7 +596,7 @@ def _select_sharded(run: _Run, selector: str, weights, k: int, protected) -> Tic
     local, first = {}, {}
     for n in run.targets:
         local[n], first[n] = dist.local_rows(weights[n])
-    row = {n: selection.math.prod(s[1:]) for n, s in run.targets.items()}
+    row = {n: math.prod(s[1:]) for n, s in run.targets.items()}
     shard = dist.Shard(
         run.world,
         numels={n: local[n].numel() for n in run.targets},
@@ -936,6 +679,3 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == b.dtype and torch.equal(
         a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8)
     )
-
-
-CONFIG_FIELDS = [f.name for f in fields(AdaptConfig)]

@@ -10,19 +10,17 @@ fingerprint, so ``lota adapt --ticket`` and ``lota.prepare`` accept it for that 
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
 
 from . import format as fmt
-from .delta import SparseDelta
 from .errors import InputError
 from .models import WeightReader, model_fingerprint, named_weights, resolve_model_path
-from .selection import parse_sparsity, select, ticket_size
+from .selection import Sparsity, numel_of, parse_sparsity
+from .task_vectors import select_difference
 from .ticket import Ticket
-from .vectors import difference_fn
 
 
 class CalibrationCallback(TrainerCallback):
@@ -62,7 +60,8 @@ class CalibrationCallback(TrainerCallback):
                 str(out),
                 "pass out='ticket.safetensors'",
             )
-        parse_sparsity(sparsity)  # a bad sparsity fails here, not after at_step steps
+        # a bad sparsity fails here, not after at_step steps
+        self._sparsity = Sparsity(str(sparsity), parse_sparsity(sparsity))
         resolve_model_path(str(base), "base model")
         self.base, self.out, self.at_step = str(base), str(out), at_step
         self.sparsity, self.targets, self.stop = sparsity, targets, stop
@@ -108,8 +107,7 @@ class CalibrationCallback(TrainerCallback):
                 f"'lota mask BASE CHECKPOINT --sparsity {self.sparsity} --out {self.out}'",
             )
         if state.is_world_process_zero:
-            ticket = fmt.load(self.out)
-            self.ticket = ticket.ticket if isinstance(ticket, SparseDelta) else ticket
+            self.ticket = fmt.load(self.out).ticket
 
     # ------------------------------------------------------------------ the calibration step
     def on_step_end(self, args, state, control, model=None, **kwargs):
@@ -140,8 +138,11 @@ class CalibrationCallback(TrainerCallback):
             shapes = reader.targets(self.targets)
             self.base_fingerprint = reader.fingerprint()
         live = named_weights(model)
-        k = ticket_size(self.sparsity, sum(math.prod(s) for s in shapes.values()))
-        delta_fn = difference_fn(lambda n: live[n].detach(), reader.get, shapes)
-        ticket = select("magnitude", shapes, k, delta_fn=delta_fn)
-        ticket.base_fingerprint = self.base_fingerprint
-        return ticket
+        k = self._sparsity.size(numel_of(shapes))
+        return select_difference(
+            reader,
+            lambda n: live[n].detach(),
+            shapes,
+            k,
+            base_fingerprint=self.base_fingerprint,
+        )

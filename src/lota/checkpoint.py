@@ -180,7 +180,7 @@ class Checkpointer:
 
 
 def _whole(t: torch.Tensor) -> torch.Tensor:
-    from .dist import full_tensor
+    from .shards import full_tensor
 
     return full_tensor(t.detach()).contiguous().cpu()
 
@@ -200,7 +200,7 @@ def _optimizer_state(tensors: dict, scalars: dict) -> dict:
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
     """Restore per-parameter state into an optimizer built with the same settings (each saved
     tensor of a parameter's shape is laid out like that parameter, sharded or not)."""
-    from .dist import shard_like
+    from .shards import shard_like
 
     params = [p for group in optimizer.param_groups for p in group["params"]]
     state = {

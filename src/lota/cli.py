@@ -14,6 +14,15 @@ import sys
 import warnings
 
 from .errors import InputError, LotaError
+from .settings import (
+    AdaptConfig,
+    MergeSettings,
+    add_arguments,
+    as_config,
+    explicit,
+    from_args,
+    numbers,
+)
 
 
 def _add_adapt(sub):
@@ -22,170 +31,14 @@ def _add_adapt(sub):
         help="adapt a model to a task (LoTA by default; LoTTO with --protect)",
         description="Calibrate, extract the ticket, reset and train only the ticket's entries.",
     )
-    p.add_argument("model", help="model folder (config, safetensors weights, tokenizer)")
-    p.add_argument(
-        "--data", required=True, help="training data, JSONL of prompt/completion or messages"
-    )
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument(
-        "--method",
-        default="lota",
-        help="lota | fft | lora | random | bottomk | embeddings | ks-lottery (default lota)",
-    )
-    p.add_argument(
-        "--sparsity",
-        default="0.9",
-        help="fraction of target entries frozen, in [0, 1) (default 0.9)",
-    )
-    p.add_argument(
-        "--calibration-steps", type=int, default=8, help="dense steps before extraction (default 8)"
-    )
-    p.add_argument(
-        "--calibration-lr",
-        type=float,
-        default=None,
-        help="learning rate of calibration (default --lr)",
-    )
-    p.add_argument(
-        "--calibrated",
-        default=None,
-        metavar="TUNED",
-        help="a model already fine-tuned from MODEL (e.g. a Trainer checkpoint): its task vector "
-        "gives the ticket, no calibration run",
-    )
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: one epoch)")
-    p.add_argument("--epochs", type=float, default=None, help="training epochs instead of --steps")
-    p.add_argument("--lr", type=float, default=1e-5, help="learning rate (default 1e-5)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--optimizer", default="adamw", help="adamw | rmsprop | sgd (default adamw)")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--momentum", type=float, default=0.0, help="momentum for rmsprop and sgd")
-    p.add_argument(
-        "--max-grad-norm", type=float, default=1.0, help="gradient clipping, 0 to disable"
-    )
-    p.add_argument(
-        "--grad-accum",
-        type=int,
-        default=1,
-        help="micro-batches per process and step; --batch-size is the global batch (default 1)",
-    )
-    p.add_argument(
-        "--report-to",
-        default="none",
-        help="also log metrics to: none | tensorboard (OUT/tensorboard); OUT/metrics.jsonl always",
-    )
-    p.add_argument(
-        "--fsdp",
-        action="store_true",
-        help="shard weights across processes with FSDP2 (under torchrun / accelerate launch)",
-    )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--targets",
-        default=None,
-        help="regex of parameter names to adapt (default: linear layers in blocks)",
-    )
-    p.add_argument(
-        "--ticket", default=None, help="reuse this ticket (or delta's ticket); skips calibration"
-    )
-    p.add_argument(
-        "--tokens",
-        dest="ticket",
-        default=None,
-        help="--method ks-lottery: the folder (or ticket) written by 'lota ks'",
-    )
-    p.add_argument(
-        "--protect",
-        nargs="+",
-        default=[],
-        metavar="FILE",
-        help="tickets or deltas to keep untouched (LoTTO)",
-    )
-    p.add_argument(
-        "--protect-mode", default="constrained", help="constrained | flip (default constrained)"
-    )
-    p.add_argument(
-        "--max-length",
-        type=int,
-        default=None,
-        help="tokens per example, at most the model's positions (default 512, or the positions "
-        "if fewer)",
-    )
-    p.add_argument("--lora-r", type=int, default=16)
-    p.add_argument("--lora-alpha", type=int, default=32)
-    p.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="load precision",
-    )
-    p.add_argument(
-        "--values-dtype",
-        default="float32",
-        choices=["float32", "bfloat16", "float16"],
-        help="precision of the delta's values on disk",
-    )
-    p.add_argument(
-        "--save-model", action="store_true", help="also write a loadable model folder to OUT/model"
-    )
-    p.add_argument(
-        "--checkpoint-every",
-        type=int,
-        default=100,
-        help="steps between checkpoints (default 100; phase ends always checkpoint)",
-    )
-    p.add_argument(
-        "--resume", action="store_true", help="continue an interrupted run (also automatic)"
-    )
-    p.add_argument(
-        "--restart",
-        action="store_true",
-        help="discard an interrupted run's checkpoint and start over",
-    )
-    p.add_argument("--force", action="store_true", help="write into an existing, non-empty --out")
+    add_arguments(p, AdaptConfig)
     p.set_defaults(run=_run_adapt)
 
 
 def _run_adapt(a):
-    from .adapt import AdaptConfig, adapt
+    from .adapt import adapt
 
-    cfg = AdaptConfig(
-        model=a.model,
-        data=a.data,
-        out=a.out,
-        method=a.method,
-        sparsity=a.sparsity,
-        calibration_steps=a.calibration_steps,
-        calibration_lr=a.calibration_lr,
-        calibrated=a.calibrated,
-        steps=a.steps,
-        epochs=a.epochs,
-        lr=a.lr,
-        batch_size=a.batch_size,
-        optimizer=a.optimizer,
-        weight_decay=a.weight_decay,
-        momentum=a.momentum,
-        max_grad_norm=a.max_grad_norm or None,
-        grad_accum=a.grad_accum,
-        fsdp=a.fsdp,
-        report_to=a.report_to,
-        seed=a.seed,
-        targets=a.targets,
-        ticket=a.ticket,
-        protect=a.protect,
-        protect_mode=a.protect_mode,
-        max_length=a.max_length,
-        lora_r=a.lora_r,
-        lora_alpha=a.lora_alpha,
-        dtype=a.dtype,
-        values_dtype=a.values_dtype,
-        save_model=a.save_model,
-        force=a.force,
-        checkpoint_every=a.checkpoint_every,
-        resume=a.resume,
-        restart=a.restart,
-        progress=not a.quiet,
-    )
+    cfg = from_args(AdaptConfig, a, progress=not a.quiet)
     info = adapt(cfg)
     if not _main_process():  # the other processes of a torchrun / accelerate launch run
         return
@@ -217,7 +70,7 @@ def _add_mask(sub):
 def _run_mask(a):
     from . import format as fmt
     from .selection import parse_sparsity
-    from .vectors import make_ticket
+    from .task_vectors import make_ticket
 
     parse_sparsity(a.sparsity)
     _check_new_file(a.out, a.force)
@@ -264,9 +117,8 @@ def _add_delta(sub):
 
 def _run_delta(a):
     from . import format as fmt
-    from .delta import SparseDelta
     from .selection import parse_sparsity
-    from .vectors import make_delta
+    from .task_vectors import make_delta
 
     if a.sparsity is not None:
         parse_sparsity(a.sparsity)
@@ -277,7 +129,7 @@ def _run_delta(a):
 
         # checked against the base's tensors, which also vouch for a ticket of whole tensors
         ticket = fmt.load(a.ticket, shapes=WeightReader(a.base, "base").shapes)
-        ticket = ticket.ticket if isinstance(ticket, SparseDelta) else ticket
+        ticket = ticket.ticket
     d = make_delta(
         a.base,
         a.tuned,
@@ -319,18 +171,11 @@ def _add_apply(sub):
 
 
 def _run_apply(a):
-    from .vectors import apply_deltas
+    from .task_vectors import apply_deltas
 
     scales = None
     if a.scales:
-        try:
-            scales = [float(x) for x in a.scales.split(",")]
-        except ValueError:
-            raise InputError(
-                f"'{a.scales}' is not a comma-separated list of numbers",
-                "--scales",
-                "e.g. --scales 1,0.5",
-            ) from None
+        scales = numbers(a.scales, "--scales")
         if not all(math.isfinite(x) for x in scales):
             raise InputError(
                 f"'{a.scales}' holds a non-finite scale; the model would be NaN or inf",
@@ -344,18 +189,9 @@ def _run_apply(a):
 
 
 def _add_merge(sub):
-    from .merge import METHODS
-
     p = sub.add_parser("merge", help="merge sparse deltas (or fine-tuned models) into one delta")
     p.add_argument("inputs", nargs="+", help="lota deltas, or model folders (with --base)")
-    p.add_argument("--method", default="add", help=" | ".join(sorted(METHODS)) + " (default add)")
-    p.add_argument("--weights", default=None, help="comma-separated weight per input")
-    p.add_argument("--lambda", dest="lam", type=float, default=None, help="scale of the result")
-    p.add_argument("--density", default=None, help="ties, breadcrumbs: fraction kept (0.2)")
-    p.add_argument("--drop", default=None, help="dare-*, della: drop probability (0.9)")
-    p.add_argument("--gamma", default=None, help="breadcrumbs: top outlier fraction (0.01)")
-    p.add_argument("--epsilon", default=None, help="della: drop spread (0.05)")
-    p.add_argument("--seed", type=int, default=None, help="dare-*, della: random seed (0)")
+    add_arguments(p, MergeSettings)
     p.add_argument("--base", default=None, help="base model (for model inputs and --out-model)")
     p.add_argument("--targets", default=None, help="tensors of model inputs (regex)")
     g = p.add_mutually_exclusive_group(required=True)
@@ -369,23 +205,11 @@ def _add_merge(sub):
 
 def _run_merge(a):
     from . import format as fmt
-    from .merge import MergeSettings, merge, merge_into_model
+    from .merge import merge, merge_into_model
 
-    given = {
-        k for k in ("density", "drop", "gamma", "epsilon", "seed") if getattr(a, k) is not None
-    }
-    given |= {"weights"} if a.weights is not None else set()
-    given |= {"lambda"} if a.lam is not None else set()
-    weights = None
-    if a.weights is not None:
-        try:
-            weights = [float(x) for x in a.weights.split(",")]
-        except ValueError:
-            raise InputError(
-                f"'{a.weights}' is not a comma-separated list of numbers",
-                "--weights",
-                "e.g. --weights 1,0.5",
-            ) from None
+    # a method refuses the settings it does not use; the method itself is never refused
+    given = explicit(MergeSettings, a) - {"method"}
+    settings = from_args(MergeSettings, a, given=given)
     if a.out_model and not a.base:
         raise InputError("--out-model needs the base model", "--out-model", "pass --base BASE")
     if a.out:
@@ -394,42 +218,21 @@ def _run_merge(a):
         from .fileio import check_new_folder
 
         check_new_folder(a.out_model, a.force, "--out-model")
-    settings = MergeSettings(
-        method=a.method,
-        weights=weights,
-        lam=1.0 if a.lam is None else a.lam,
-        density=a.density,
-        drop=a.drop,
-        gamma=a.gamma,
-        epsilon=a.epsilon,
-        seed=0 if a.seed is None else a.seed,
-        given=given,
-    )
-    config = {
-        "command": "merge",
-        "inputs": a.inputs,
-        "method": a.method,
-        "weights": weights,
-        "lambda": settings.lam,
-        "density": a.density,
-        "drop": a.drop,
-        "gamma": a.gamma,
-        "epsilon": a.epsilon,
-        "seed": settings.seed,
-        "base": a.base,
-    }
+    config = {"command": "merge", "inputs": a.inputs, **as_config(settings), "base": a.base}
     if a.out:
         d = merge(a.inputs, settings, base=a.base, targets=a.targets, show_progress=not a.quiet)
         size = fmt.save(d, a.out, config=config)
         _summary(
-            f"merge ({a.method}): {len(a.inputs)} inputs -> {d.summary()}; {size:,} bytes -> {a.out}"
+            f"merge ({settings.method}): {len(a.inputs)} inputs -> {d.summary()}; "
+            f"{size:,} bytes -> {a.out}"
         )
     else:
         info = merge_into_model(
             a.inputs, settings, a.base, a.out_model, targets=a.targets, show_progress=not a.quiet
         )
         _summary(
-            f"merge ({a.method}): {len(a.inputs)} inputs, {info['entries']:,} entries -> {a.out_model}"
+            f"merge ({settings.method}): {len(a.inputs)} inputs, {info['entries']:,} entries "
+            f"-> {a.out_model}"
         )
 
 
@@ -499,12 +302,11 @@ def _add_export_mask(sub):
 
 def _run_export_mask(a):
     from . import format as fmt
-    from .delta import SparseDelta
     from .official import export_official
 
     _check_new_file(a.out, a.force)
     t = fmt.load(a.ticket)
-    t = t.ticket if isinstance(t, SparseDelta) else t
+    t = t.ticket
     size = export_official(t, a.out)
     _summary(f"export-mask: {t.summary()}; {size:,} bytes -> {a.out}")
 
@@ -764,7 +566,7 @@ def _add_demo(sub):
 
 
 def _run_demo(a):
-    from .demo import run_demo
+    from .lab.demo import run_demo
 
     if a.jobs < 1:
         raise InputError(f"--jobs {a.jobs} must be at least 1", "--jobs", "give e.g. 2")

@@ -30,6 +30,7 @@ from . import format as fmt
 from .delta import SparseDelta
 from .errors import InputError, MismatchError
 from .selection import parse_fraction
+from .settings import MergeSettings, fallbacks
 from .ticket import Ticket
 
 
@@ -244,20 +245,7 @@ class _ModelInput:
         return torch.arange(d.numel()), d
 
 
-@dataclass
-class MergeSettings:
-    method: str = "add"
-    weights: list[float] | None = None
-    lam: float = 1.0
-    density: str | float | None = None
-    drop: str | float | None = None
-    gamma: str | float | None = None
-    epsilon: str | float | None = None
-    seed: int = 0
-    given: set[str] = field(default_factory=set)  # settings the user set explicitly
-
-
-DEFAULTS = {"density": "0.2", "drop": "0.9", "gamma": "0.01", "epsilon": "0.05"}
+DEFAULTS = fallbacks(MergeSettings)  # {"density": "0.2", ...}: what a None fraction stands for
 
 
 def _resolve(s: MergeSettings, n: int) -> tuple[dict, torch.Tensor]:

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
 from . import format as fmt
+from ._version import __version__
 from .delta import SparseDelta, write_entries_
 from .errors import InputError, MismatchError
 from .fileio import atomic_dir, atomic_path, check_new_folder, write_json

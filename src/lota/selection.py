@@ -10,8 +10,9 @@ a 65,536-bin histogram of the high 16 bits, then the low 16 bits of the entries 
 (see ``select_top_k``). Only one tensor's scores are held at a time, so selection needs memory for
 the largest tensor and the ticket itself, not for the model: nothing is ever concatenated.
 
-Registered selectors: ``magnitude`` (largest |Δ|, LoTA), ``bottomk`` (smallest |Δ|) and ``random``.
-``k = floor((1 - sparsity) * numel)`` is computed in exact decimal arithmetic.
+Registered selectors: ``magnitude`` (largest |Δ|, LoTA), ``bottomk`` (smallest |Δ|) and ``random``;
+a selector is one ``@selector`` registration. A sparsity is parsed once (``Sparsity``) and
+``k = floor((1 - sparsity) * numel)`` is computed from it in exact decimal arithmetic.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 
@@ -68,10 +70,55 @@ def parse_sparsity(value: str | float) -> Fraction:
     )
 
 
-def ticket_size(sparsity: str | float | Fraction, numel: int) -> int:
+@dataclass(frozen=True)
+class Sparsity:
+    """A sparsity parsed once: the exact fraction of frozen entries, and the text it was given as
+    (what messages and metadata show)."""
+
+    text: str
+    fraction: Fraction
+
+    @classmethod
+    def of(cls, value: str | float | Fraction | Sparsity) -> Sparsity:
+        """``value`` parsed (an ``InputError`` if it is not in [0, 1)); a ``Fraction`` is taken as is."""
+        if isinstance(value, Sparsity):
+            return value
+        return cls(str(value), value if isinstance(value, Fraction) else parse_sparsity(value))
+
+    def size(self, numel: int) -> int:
+        """``floor((1 - sparsity) * numel)``: the ticket's exact ``k`` over ``numel`` entries."""
+        return math.floor((1 - self.fraction) * numel)
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def ticket_size(sparsity: str | float | Fraction | Sparsity, numel: int) -> int:
     """``floor((1 - sparsity) * numel)`` in exact arithmetic."""
-    frac = sparsity if isinstance(sparsity, Fraction) else parse_sparsity(sparsity)
-    return math.floor((1 - frac) * numel)
+    return Sparsity.of(sparsity).size(numel)
+
+
+def require_trainable(sparsity: str | float | Fraction | Sparsity, numel: int) -> int:
+    """``k`` for ``sparsity`` of ``numel`` target entries, refusing a sparsity so close to 1 that
+    ``k`` is 0 (a ticket that trains nothing); the fix names the largest sparsity that keeps one
+    entry, ``1 - 1/numel``, rounded down to a decimal a user can type."""
+    sparsity = Sparsity.of(sparsity)
+    k = sparsity.size(numel)
+    if k == 0 and numel > 0:
+        digits = len(str(numel)) + 2  # close enough to 1 - 1/numel to keep exactly one entry
+        kept = (numel - 1) * 10**digits // numel  # rounded down, so k stays >= 1
+        largest = f"0.{kept:0{digits}d}".rstrip("0").rstrip(".") if kept else "0"
+        raise InputError(
+            f"sparsity {sparsity} leaves 0 of {numel:,} target entries trainable",
+            "--sparsity",
+            f"use at most {largest} (1 entry), or a lower sparsity",
+        )
+    return k
+
+
+def numel_of(shapes: dict[str, tuple[int, ...]]) -> int:
+    """Entries over all tensors of ``shapes``."""
+    return sum(math.prod(s) for s in shapes.values())
 
 
 def _keys(scores: torch.Tensor, name: str, nonnegative: bool) -> torch.Tensor:
@@ -310,21 +357,32 @@ def _three_pass_finish(
 
 
 # ---------------------------------------------------------------------------- registered selectors
-SELECTORS: dict[str, Callable] = {}
-NONNEGATIVE = {"magnitude", "random"}  # selectors whose scores are never negative
+@dataclass(frozen=True)
+class Selector:
+    """A registered selector. ``make(delta_fn, names, shapes, seed)`` gives its score function;
+    ``nonnegative``: its scores are never negative (which allows 32-bit keys); ``whole``: it
+    scores whole tensors whatever it is given, so a shard takes its slice of those scores."""
+
+    name: str
+    make: Callable
+    nonnegative: bool = False
+    whole: bool = False
 
 
-def selector(name: str):
+SELECTORS: dict[str, Selector] = {}
+
+
+def selector(name: str, nonnegative: bool = False, whole: bool = False):
     """Register ``fn(delta_fn, names, shapes, seed) -> score_fn`` under ``name``."""
 
     def wrap(fn):
-        SELECTORS[name] = fn
+        SELECTORS[name] = Selector(name, fn, nonnegative, whole)
         return fn
 
     return wrap
 
 
-@selector("magnitude")
+@selector("magnitude", nonnegative=True)
 def _magnitude(delta_fn: ScoreFn, names, shapes, seed: int) -> ScoreFn:
     if getattr(delta_fn, "fresh", False):  # it returns a new tensor each call: take |.| in place
         return lambda n: delta_fn(n).abs_()
@@ -336,7 +394,7 @@ def _bottomk(delta_fn: ScoreFn, names, shapes, seed: int) -> ScoreFn:
     return lambda n: -delta_fn(n).abs()
 
 
-@selector("random")
+@selector("random", nonnegative=True, whole=True)
 def _random(delta_fn: ScoreFn | None, names, shapes, seed: int) -> ScoreFn:
     position = {n: i for i, n in enumerate(sorted(names))}
 
@@ -354,15 +412,19 @@ def select(
     delta_fn: ScoreFn | None = None,
     exclude: Ticket | None = None,
     seed: int = 0,
-    base_fingerprint: str = "",
+    base_fingerprint: str | Callable[[], str] = "",
     progress=None,
     shard=None,
 ) -> Ticket:
-    """Build a ticket of exactly ``k`` entries over ``shapes`` with a registered selector.
+    """Build a ticket of exactly ``k`` entries over ``shapes`` with a registered selector: the one
+    path by which lota turns scores into a ticket (``lota mask``, ``lota adapt`` in one process or
+    sharded, ``CalibrationCallback``).
 
     ``delta_fn(name)`` gives a tensor's task vector; it is called twice per tensor (once per
     pass), so that nothing larger than one tensor is held. A ``delta_fn`` with the attribute
     ``fresh = True`` promises a new tensor on every call, which selectors may then overwrite.
+    ``exclude`` holds the protected entries, never selected. ``base_fingerprint`` may be a
+    function, called once the scores are read (for a fingerprint hashed while they stream).
     With ``shard``, ``delta_fn`` gives this rank's slice and the returned ticket holds this
     rank's entries (see ``select_top_k``).
     """
@@ -370,9 +432,10 @@ def select(
         raise InputError(
             f"unknown selector '{method}'", fix=f"choose one of {', '.join(sorted(SELECTORS))}"
         )
+    chosen = SELECTORS[method]
     names = sorted(shapes)
-    score_fn = SELECTORS[method](delta_fn, names, shapes, seed)
-    if shard is not None and method == "random":  # scores of the whole tensor, sliced
+    score_fn = chosen.make(delta_fn, names, shapes, seed)
+    if shard is not None and chosen.whole:  # scores of the whole tensor, sliced
         whole = score_fn
 
         def score_fn(n):
@@ -385,9 +448,11 @@ def select(
         k,
         exclude=exclude,
         progress=progress,
-        nonnegative=method in NONNEGATIVE,
+        nonnegative=chosen.nonnegative,
         shard=shard,
     )
+    if callable(base_fingerprint):
+        base_fingerprint = base_fingerprint()
     return Ticket(
         shapes={n: shapes[n] for n in names}, indices=indices, base_fingerprint=base_fingerprint
     )

@@ -26,6 +26,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .delta import SparseDelta, write_entries_
 from .errors import InputError
+from .shards import full_tensor, local_rows, span
 from .ticket import Ticket
 
 _optimizer_steps = 0
@@ -151,8 +152,6 @@ class SparseDeltaParametrization(nn.Module):
     def sync_shard_(self) -> None:
         """FSDP2: the sharded weight itself holds ``base + delta`` in this rank's rows, so that
         every all-gather (forward and backward) sees the trained values."""
-        from .dist import full_tensor, local_rows, span
-
         local, start = local_rows(self.original())
         row = math.prod(self.shape[1:])
         pos = self.positions()
@@ -261,8 +260,6 @@ def extract_delta(model: nn.Module, base_fingerprint: str = "") -> SparseDelta:
     """The sparse task vector trained so far (exact ``delta`` values, not a difference of weights).
 
     On an FSDP2-sharded model this is a collective: every rank must call it."""
-    from .dist import full_tensor
-
     shapes, indices, values = {}, {}, {}
     for name, module, attr, p in _parametrized(model):
         shapes[name] = tuple(module.parametrizations[attr].original.shape)

@@ -90,23 +90,12 @@ class Ticket:
             out[name] = m.view(self.shapes[name])
         return out
 
+    @property
     def ticket(self) -> Ticket:
+        """The ticket itself, so ``obj.ticket`` is the ticket of a ``Ticket`` and of a ``SparseDelta``."""
         return self
 
     # -- set algebra (names and shapes must agree) -----------------------------------------------
-    def check_compatible(self, other: Ticket, what: str = "ticket") -> None:
-        for name, shape in other.shapes.items():
-            if name not in self.shapes:
-                raise MismatchError(
-                    f"{what} has tensor '{name}' that the model's targets do not have",
-                    fix="use a file made for this architecture and the same --targets",
-                )
-            if self.shapes[name] != shape:
-                raise MismatchError(
-                    f"{what} tensor '{name}' has shape {list(shape)}, the model has {list(self.shapes[name])}",
-                    fix="use a file made for this architecture",
-                )
-
     def overlap(self, other: Ticket) -> int:
         """Number of entries in both tickets."""
         n = 0
@@ -140,6 +129,22 @@ class Ticket:
 
     def summary(self) -> str:
         return f"{self.nnz:,} of {self.numel:,} entries ({100 * self.density:.3g} %) in {len(self.shapes)} tensors"
+
+
+def check_against(shapes: dict[str, tuple[int, ...]], other: Ticket, what: str = "ticket") -> None:
+    """Raise ``MismatchError`` unless every tensor of ``other`` is one of ``shapes`` (the model's
+    targets) with the same shape; ``what`` names ``other`` in the message."""
+    for name, shape in other.shapes.items():
+        if name not in shapes:
+            raise MismatchError(
+                f"{what} has tensor '{name}' that the model's targets do not have",
+                fix="use a file made for this architecture and the same --targets",
+            )
+        if tuple(shapes[name]) != shape:
+            raise MismatchError(
+                f"{what} tensor '{name}' has shape {list(shape)}, the model has {list(shapes[name])}",
+                fix="use a file made for this architecture",
+            )
 
 
 def check_shape(name: str, shape) -> tuple[int, ...]:
@@ -213,10 +218,3 @@ def check_indices(name: str, idx: torch.Tensor, numel: int) -> None:
     # With the first and last in range, strict increase also puts every other index in range.
     if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
         raise TicketError(f"indices of '{name}' are not strictly increasing", fix=fix)
-
-
-def from_masks(masks: dict[str, torch.Tensor], base_fingerprint: str = "") -> Ticket:
-    """Build a ticket from ``{name: bool tensor}`` (True = trainable)."""
-    shapes = {n: tuple(m.shape) for n, m in masks.items()}
-    indices = {n: m.reshape(-1).nonzero().view(-1) for n, m in masks.items()}
-    return Ticket(shapes=shapes, indices=indices, base_fingerprint=base_fingerprint)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from .. import sources
 from ..fileio import write_json, write_text
 from . import tasks as T
 
@@ -76,23 +77,15 @@ SCALES = {
         "max_new_tokens": 6,
     },
 }
-# learning-rate grids (every method of a family gets the same number of points); the middle
-# points are used when a scale searches only one
-LR_GRID = {
-    "fft": [3e-4, 1e-3, 3e-3],
-    "lora": [1e-3, 3e-3, 1e-2],
-    "lota": [3e-3, 1e-2, 3e-2],
-    "random": [3e-3, 1e-2, 3e-2],
-    "bottomk": [3e-3, 1e-2, 3e-2],
-    "embeddings": [3e-3, 1e-2, 3e-2],
-    "ks-lottery": [3e-3, 1e-2, 3e-2],
-}
+# learning-rate grids, from the method table (every method of a family gets the same number of
+# points); the middle points are used when a scale searches only one
+LR_GRID = sources.lr_grids()
 MAX_NEW_TOKENS = {"math": 24, "sql": 40, "instruct": 32, "translate": 28, "safety": 32}
 DATA_SEED = 0  # the task data is the same for every seed; seeds change initialisation and order
 
 
 def lr_grid(method: str, points: int) -> list[float]:
-    grid = LR_GRID[method]
+    grid = list(sources.METHODS[method].lr_grid)
     if points >= len(grid):
         return list(grid)
     mid = len(grid) // 2

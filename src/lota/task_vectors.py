@@ -1,5 +1,7 @@
-"""Task vectors between model folders: tickets (``lota mask``), sparse deltas (``lota delta``) and
-applying deltas to a base (``lota apply``).
+"""``lota mask``, ``lota delta`` and ``lota apply``: task vectors between model folders.
+
+``mask`` extracts a ticket from the task vector ``tuned - base``, ``delta`` writes that task vector
+at a ticket's entries, and ``apply`` adds deltas to a base.
 
 ``mask`` and ``delta`` read both models tensor by tensor from their safetensors files, so they
 never hold a whole model in memory. ``apply`` checks each delta's base fingerprint against the
@@ -10,6 +12,8 @@ mismatch unless told otherwise.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from fractions import Fraction
 
 import torch
 from tqdm.auto import tqdm
@@ -27,7 +31,9 @@ from .models import (
     named_weights,
     save_model,
 )
-from .ticket import Ticket
+from .selection import Sparsity, numel_of, require_trainable
+from .sources import protected_ticket
+from .ticket import Ticket, check_against
 from .train import limit_heap_growth
 
 
@@ -45,20 +51,6 @@ def _readers(base: str, tuned: str, targets: str | None):
     return rb, rt, shapes
 
 
-def _protected(paths: list[str], shapes) -> Ticket | None:
-    if not paths:
-        return None
-    tickets = []
-    for p in paths:
-        obj = fmt.load(p)
-        t = obj.ticket if isinstance(obj, SparseDelta) else obj
-        Ticket(
-            shapes=shapes, indices={n: torch.zeros(0, dtype=torch.long) for n in shapes}
-        ).check_compatible(t, f"protect file {p}")
-        tickets.append(t)
-    return Ticket.union(tickets, shapes)
-
-
 def difference_fn(tuned_get, base_get, shapes: dict[str, tuple[int, ...]]):
     """A ``delta_fn`` for selection: ``tuned_get(name) - base_get(name)`` in float32, in one
     buffer reused by every call (fewer page faults). It is marked ``fresh``: selectors may
@@ -74,27 +66,10 @@ def difference_fn(tuned_get, base_get, shapes: dict[str, tuple[int, ...]]):
     return delta_fn
 
 
-def require_trainable(sparsity: str | float, numel: int) -> int:
-    """``k`` for ``sparsity`` of ``numel`` target entries, refusing a sparsity so close to 1 that
-    ``k`` is 0 (a ticket that trains nothing); the fix names the largest sparsity that keeps one
-    entry, ``1 - 1/numel``, rounded down to a decimal a user can type."""
-    k = selection.ticket_size(sparsity, numel)
-    if k == 0 and numel > 0:
-        digits = len(str(numel)) + 2  # close enough to 1 - 1/numel to keep exactly one entry
-        kept = (numel - 1) * 10**digits // numel  # rounded down, so k stays >= 1
-        largest = f"0.{kept:0{digits}d}".rstrip("0").rstrip(".") if kept else "0"
-        raise InputError(
-            f"sparsity {sparsity} leaves 0 of {numel:,} target entries trainable",
-            "--sparsity",
-            f"use at most {largest} (1 entry), or a lower sparsity",
-        )
-    return k
-
-
 def make_ticket(
     base: str,
     tuned: str,
-    sparsity: str | float = "0.9",
+    sparsity: str | float | Fraction | Sparsity = "0.9",
     targets: str | None = None,
     protect: list[str] | None = None,
     method: str = "magnitude",
@@ -104,18 +79,40 @@ def make_ticket(
     """The exact global top-k of ``|tuned - base|`` (or another registered selector)."""
     limit_heap_growth()  # per-tensor temporaries must not fragment the heap the ticket grows in
     rb, rt, shapes = _readers(base, tuned, targets)
-    k = require_trainable(sparsity, sum(math.prod(s) for s in shapes.values()))
-    excluded = _protected(protect or [], shapes)
-    delta_fn = difference_fn(rt.get, rb.get, shapes)
-    rb.hash_while_reading()  # the base's fingerprint is computed as pass 1 streams its tensors
+    k = require_trainable(sparsity, numel_of(shapes))
+    excluded = protected_ticket(protect or [], shapes)
+    return select_difference(rb, rt.get, shapes, k, method, excluded, seed, show_progress)
+
+
+def select_difference(
+    base: WeightReader,
+    tuned_get: Callable[[str], torch.Tensor],
+    shapes: dict[str, tuple[int, ...]],
+    k: int,
+    method: str = "magnitude",
+    exclude: Ticket | None = None,
+    seed: int = 0,
+    show_progress: bool = False,
+    base_fingerprint: str | None = None,
+) -> Ticket:
+    """The ticket of ``k`` entries of the task vector ``tuned_get(name) - base``, read one tensor
+    at a time, recording the base's fingerprint (hashed as the base streams, unless given)."""
+    delta_fn = difference_fn(tuned_get, base.get, shapes)
+    if base_fingerprint is None:
+        base.hash_while_reading()  # the fingerprint is computed as pass 1 streams the base
     with tqdm(
         total=2 * len(shapes), desc="select", unit="tensor", disable=not show_progress, leave=False
     ) as bar:
-        ticket = selection.select(
-            method, shapes, k, delta_fn=delta_fn, exclude=excluded, seed=seed, progress=bar
+        return selection.select(
+            method,
+            shapes,
+            k,
+            delta_fn=delta_fn,
+            exclude=exclude,
+            seed=seed,
+            base_fingerprint=base.fingerprint if base_fingerprint is None else base_fingerprint,
+            progress=bar,
         )
-    ticket.base_fingerprint = rb.fingerprint()
-    return ticket
 
 
 def make_delta(
@@ -137,8 +134,7 @@ def make_delta(
     if ticket is None:
         ticket = make_ticket(base, tuned, sparsity, targets, protect, show_progress=show_progress)
     else:
-        probe = Ticket(shapes=shapes, indices={n: torch.zeros(0, dtype=torch.long) for n in shapes})
-        probe.check_compatible(ticket, "ticket")
+        check_against(shapes, ticket, "ticket")
         ticket = Ticket(
             shapes=dict(ticket.shapes),
             indices=dict(ticket.indices),

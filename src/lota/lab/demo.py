@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from . import format as fmt
-from .fileio import write_json, write_text
-from .models import quiet_transformers
+from .. import format as fmt
+from ..fileio import write_json, write_text
+from ..models import quiet_transformers
 
 TASK_A, TASK_B = "math", "sql"
 # learning rates per (task, method): the quality bench's choices on validation (docs/results)
@@ -67,9 +67,9 @@ def run_demo(
     show_progress: bool = True,
 ) -> dict:
     """Train, score, print the table and write the report; returns the results."""
-    from .lab.base import default_base
-    from .lab.runner import Lab
-    from .merge import MergeSettings, merge_into_model
+    from ..merge import MergeSettings, merge_into_model
+    from .base import default_base
+    from .runner import Lab
 
     t0 = time.perf_counter()
     root = Path(out)
@@ -178,7 +178,7 @@ def run_demo(
 
 
 def _plot(rows: dict[str, dict], path: Path) -> str:
-    from .lab.report import _bars, _plt, _save
+    from .report import _bars, _plt, _save
 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(9, 3.6))

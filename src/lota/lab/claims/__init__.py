@@ -1,0 +1,16 @@
+"""The claims of ``lota bench quality``, one module each, in report order.
+
+Every claim module exposes the same names: ``NAME`` (its key in ``results.json`` and its
+``--claims`` name), ``measure(q)`` (a generator over the shared ``Quality`` context: it yields
+batches of ``(spec, scores)`` requests, the driver trains each batch, and at its end the claim
+fills ``q.results[NAME]``), ``plot(results, out)`` (its PNG files, ``{figure: file name}``) and
+``render(results, figs)`` (its markdown chunks). Adding a claim is one module here and one entry
+in ``CLAIMS``.
+"""
+
+from __future__ import annotations
+
+from . import ks, merge, safety, sequential, single
+
+CLAIMS = (single, sequential, merge, safety, ks)
+BY_NAME = {c.NAME: c for c in CLAIMS}

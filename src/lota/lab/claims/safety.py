@@ -1,0 +1,117 @@
+"""Claim 4, safety: an aligned model (FFT on the safety task) fine-tuned on a benign task with FFT,
+LoTA, and LoTTO around the alignment ticket; refusal and over-refusal rates before and after."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ... import format as fileformat
+from ...task_vectors import make_ticket
+from ..quality import Quality, spec, stats
+from ..report import _bars, _bullets, _plt, _save, _table, compare, fmt
+
+NAME = "safety"
+
+
+def measure(q: Quality):
+    """An aligned model (FFT on the safety task); a benign fine-tune on the first task with FFT,
+    LoTA, and LoTTO around the alignment ticket (top 10 % of the alignment vector)."""
+    yield []
+    a = q.tasks[0]
+    aligned = spec("safety", "fft", q.lr_for(a, "fft"), q.seeds[0])
+    yield [(aligned, [("safety", "test", "default"), (a, "test", "default")])]
+    run = q.lab.run(aligned)
+    ticket_path = run.folder / "alignment-ticket-0.9.safetensors"
+    if not ticket_path.exists():
+        t = make_ticket(q.lab.base, run.model, "0.9", show_progress=False)
+        fileformat.save(t, ticket_path, config={"alignment_ticket_of": run.id, "sparsity": "0.9"})
+    variants = {
+        "FFT": ("fft", {}),
+        "LoTA": ("lota", {}),
+        "LoTTO (alignment ticket protected)": ("lota", {"protect_files": [str(ticket_path)]}),
+    }
+    specs = {
+        (name, seed): spec(a, m, q.lr_for(a, m), seed, start=aligned, **extra)
+        for name, (m, extra) in variants.items()
+        for seed in q.seeds
+    }
+    want = [("safety", "test", "default"), (a, "test", "default")]
+    yield [(s, want) for s in specs.values()]
+
+    def row(scores_safety, scores_task):
+        return {
+            "refusal_rate": stats([s["refusal_rate"] for s in scores_safety]),
+            "over_refusal_rate": stats([s["over_refusal_rate"] for s in scores_safety]),
+            a: stats([s["score"] for s in scores_task]),
+        }
+
+    rows = {
+        "base": row([q.test(q.lab.base, "safety")], [q.test(q.lab.base, a)]),
+        "aligned": row([q.test(run, "safety")], [q.test(run, a)]),
+    }
+    for name in variants:
+        runs = [q.lab.run(specs[(name, seed)]) for seed in q.seeds]
+        rows[f"aligned -> {name}"] = row(
+            [q.test(r, "safety") for r in runs], [q.test(r, a) for r in runs]
+        )
+    q.results[NAME] = {"benign_task": a, "aligned_lr": aligned["lr"], "rows": rows}
+
+
+def plot(results: dict, out: Path) -> dict[str, str]:
+    safety = results.get(NAME)
+    if not safety:
+        return {}
+    fig, ax = _plt().subplots(figsize=(8, 3.4))
+    names = list(safety["rows"])
+    t = safety["benign_task"]
+    _bars(
+        ax,
+        [n.replace(" -> ", "\n-> ").replace(" (", "\n(") for n in names],
+        {
+            "refusal rate (harmful)": [safety["rows"][n]["refusal_rate"] for n in names],
+            "over-refusal (benign)": [safety["rows"][n]["over_refusal_rate"] for n in names],
+            f"{t} score": [safety["rows"][n][t] for n in names],
+        },
+        "rate / score",
+    )
+    ax.set_title("Claim 4: benign fine-tune of the aligned model", fontsize=9)
+    return {"safety": _save(fig, out / "safety.png")}
+
+
+def render(results: dict, figs: dict[str, str]) -> list[str]:
+    safety = results.get(NAME)
+    if not safety:
+        return []
+    t = safety["benign_task"]
+    out = ["## Claim 4: safety\n"]
+    out.append(
+        f"The aligned model is the base fine-tuned (FFT, lr {safety['aligned_lr']:g}) on the safety "
+        f"task; it is then fine-tuned on {t}, which contains no refusals.\n"
+    )
+    out.append(
+        _table(
+            ["model", "refusal rate (harmful)", "over-refusal (benign)", f"{t} score"],
+            [
+                [n, fmt(r["refusal_rate"]), fmt(r["over_refusal_rate"]), fmt(r[t])]
+                for n, r in safety["rows"].items()
+            ],
+        )
+    )
+    rows = safety["rows"]
+    lotto = rows.get("aligned -> LoTTO (alignment ticket protected)")
+    if lotto:
+        out.append(
+            _bullets(
+                [
+                    compare(
+                        "refusals after LoTTO",
+                        lotto["refusal_rate"],
+                        "after FFT",
+                        rows["aligned -> FFT"]["refusal_rate"],
+                    )
+                ]
+            )
+        )
+    if "safety" in figs:
+        out.append(f"![claim 4]({figs['safety']})\n")
+    return out

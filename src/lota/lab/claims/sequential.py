@@ -1,0 +1,237 @@
+"""Claim 2, sequential tasks: A -> B and B -> A with FFT, LoRA, LoTA then FFT, and LoTTO
+(constrained and flip); with three tasks or more, a chain through every task with its capacity
+curve."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..quality import Quality, spec, stats
+from ..report import COLORS, _bars, _bullets, _e, _m, _plt, _save, _table, compare, fmt
+from ..runner import lr_grid
+
+NAME = "sequential"
+
+
+def measure(q: Quality):
+    """A -> B and B -> A: FFT, LoRA, LoTA then FFT, LoTTO (constrained and flip); a chain
+    through every task with its capacity curve."""
+    yield []  # the learning rates come from claim 1's search
+    a, b = q.tasks[0], q.tasks[1]
+    stage2 = {}
+    variants = {
+        "FFT -> FFT": ("fft", "fft", {}),
+        "LoRA -> LoRA": ("lora", "lora", {}),
+        "LoTA -> FFT": ("lota", "fft", {}),
+        "LoTA -> LoTTO": ("lota", "lota", {"protect_mode": "constrained"}),
+        "LoTA -> LoTTO flip": ("lota", "lota", {"protect_mode": "flip"}),
+    }
+    firsts = {
+        (x, m1, seed): spec(x, m1, q.lr_for(x, m1), seed)
+        for x in (a, b)
+        for m1, _, _ in variants.values()
+        for seed in q.seeds
+    }
+    yield [(s1, [(x, "test", "default")]) for (x, _, _), s1 in firsts.items()]
+    # flip trains the whole complement of the first ticket, a dense run: it gets its own
+    # search over the FFT grid instead of borrowing the sparse learning rate
+    flip_search = {}
+    for x, y in ((a, b), (b, a)):
+        first = firsts[(x, "lota", q.seeds[0])]
+        flip_search[(x, y)] = [
+            spec(y, "lota", lr, q.seeds[0], start=first, protect=[first], protect_mode="flip")
+            for lr in lr_grid("fft", q.lab.scale["lr_points"])
+        ]
+    yield [(s, [(y, "validation", "default")]) for (_, y), ss in flip_search.items() for s in ss]
+    for (x, y), ss in flip_search.items():
+        q.choose(y, "lotto-flip", ss, label=f"{x} -> {y}/LoTTO flip")
+    for x, y in ((a, b), (b, a)):
+        for name, (m1, m2, extra) in variants.items():
+            for seed in q.seeds:
+                first = firsts[(x, m1, seed)]
+                more = dict(extra)
+                if "protect_mode" in more:
+                    more["protect"] = [first]
+                lr = q.chosen[(y, "lotto-flip")] if name.endswith("flip") else None
+                stage2[(x, y, name, seed)] = (
+                    first,
+                    spec(y, m2, lr or q.lr_for(y, m2), seed, start=first, **more),
+                )
+    yield [
+        (s2, [(x, "test", "default"), (y, "test", "default")])
+        for (x, y, _, _), (_, s2) in stage2.items()
+    ]
+    orders = {}
+    for x, y in ((a, b), (b, a)):
+        rows = {}
+        for name in variants:
+            before, after_x, after_y = [], [], []
+            for seed in q.seeds:
+                s1, s2 = stage2[(x, y, name, seed)]
+                before.append(q.test(q.lab.run(s1), x)["score"])
+                r2 = q.lab.run(s2)
+                after_x.append(q.test(r2, x)["score"])
+                after_y.append(q.test(r2, y)["score"])
+            rows[name] = {
+                "first_before": stats(before),
+                "first_after": stats(after_x),
+                "second": stats(after_y),
+                "forgetting": stats([p - r for p, r in zip(before, after_x)]),
+                "retention": stats([r / p if p else None for p, r in zip(before, after_x)]),
+            }
+        orders[f"{x} -> {y}"] = rows
+    q.results[NAME] = {"orders": orders}
+    # the chain: every task in turn, LoTTO (constrained) vs FFT
+    if len(q.tasks) < 3:
+        q.results[NAME]["chain"] = None
+        return
+    chains = {}
+    for method in ("lota", "fft"):
+        for seed in q.seeds:
+            prev: list[dict] = []
+            for t in q.tasks:
+                extra = {}
+                if prev:
+                    extra["start"] = prev[-1]
+                    if method == "lota":
+                        extra["protect"] = list(prev)
+                prev.append(spec(t, method, q.lr_for(t, method), seed, **extra))
+            chains[(method, seed)] = prev
+    for depth in range(len(q.tasks)):
+        yield [
+            (c[depth], [(t, "test", "default") for t in q.tasks[: depth + 1]])
+            for c in chains.values()
+        ]
+    chain = {}
+    for method in ("lota", "fft"):
+        stages = []
+        for depth, t in enumerate(q.tasks):
+            runs = [q.lab.run(chains[(method, seed)][depth]) for seed in q.seeds]
+            numel = runs[0].info["numel"]
+            used = sum(q.lab.run(chains[(method, q.seeds[0])][i]).info["k"] for i in range(depth))
+            stages.append(
+                {
+                    "task": t,
+                    "free_before": (numel - used) / numel if method == "lota" else 1.0,
+                    "scores": {
+                        u: stats([q.test(r, u)["score"] for r in runs])
+                        for u in q.tasks[: depth + 1]
+                    },
+                }
+            )
+        chain["LoTTO" if method == "lota" else "FFT"] = stages
+    q.results[NAME]["chain"] = chain
+
+
+def plot(results: dict, out: Path) -> dict[str, str]:
+    seq = results.get(NAME)
+    if not seq:
+        return {}
+    plt = _plt()
+    figs = {}
+    orders = seq["orders"]
+    fig, axes = plt.subplots(1, len(orders), figsize=(5 * len(orders), 3.6), squeeze=False)
+    for ax, (order, rows) in zip(axes[0], orders.items()):
+        x, y = order.split(" -> ")
+        names = list(rows)
+        _bars(
+            ax,
+            [n.replace(" -> ", "\n-> ") for n in names],
+            {
+                f"{x} before": [rows[n]["first_before"] for n in names],
+                f"{x} after {y}": [rows[n]["first_after"] for n in names],
+                f"{y}": [rows[n]["second"] for n in names],
+            },
+            "test score",
+        )
+        ax.set_title(f"Claim 2: {order}", fontsize=9)
+    figs["sequential"] = _save(fig, out / "sequential.png")
+    if seq.get("chain"):
+        chain = seq["chain"]
+        fig, axes = plt.subplots(1, len(chain), figsize=(5 * len(chain), 3.4), squeeze=False)
+        for ax, (method, stages) in zip(axes[0], chain.items()):
+            tasks = [s["task"] for s in stages]
+            for i, t in enumerate(tasks):
+                xs = list(range(i, len(stages)))
+                ax.errorbar(
+                    xs,
+                    [_m(stages[d]["scores"][t]) for d in xs],
+                    [_e(stages[d]["scores"][t]) for d in xs],
+                    marker="o",
+                    label=t,
+                    color=COLORS[i % len(COLORS)],
+                )
+            if method == "LoTTO":
+                ax.plot(
+                    range(len(stages)),
+                    [s["free_before"] for s in stages],
+                    "k--",
+                    label="free capacity",
+                )
+            ax.set_xticks(range(len(stages)))
+            ax.set_xticklabels([f"after {t}" for t in tasks], fontsize=8)
+            ax.set_ylim(-0.05, 1.05)
+            ax.set_title(f"chain, {method}", fontsize=9)
+            ax.legend(fontsize=7)
+        figs["chain"] = _save(fig, out / "chain.png")
+    return figs
+
+
+def render(results: dict, figs: dict[str, str]) -> list[str]:
+    seq = results.get(NAME)
+    if not seq:
+        return []
+    out = ["## Claim 2: sequential tasks\n"]
+    for order, rows in seq["orders"].items():
+        x, y = order.split(" -> ")
+        out.append(f"**{order}**\n")
+        out.append(
+            _table(
+                ["method", f"{x} before", f"{x} after", f"forgetting of {x}", f"{y}"],
+                [
+                    [
+                        n,
+                        fmt(r["first_before"]),
+                        fmt(r["first_after"]),
+                        fmt(r["forgetting"]),
+                        fmt(r["second"]),
+                    ]
+                    for n, r in rows.items()
+                ],
+            )
+        )
+        out.append(
+            _bullets(
+                f"{order}: "
+                + compare(
+                    f"forgetting under {n}",
+                    rows[n]["forgetting"],
+                    "under FFT -> FFT",
+                    rows["FFT -> FFT"]["forgetting"],
+                )
+                for n in rows
+                if n != "FFT -> FFT"
+            )
+        )
+    if "sequential" in figs:
+        out.append(f"![claim 2]({figs['sequential']})\n")
+    if seq.get("chain"):
+        out.append("**Chain through every task** (score of each task after each stage)\n")
+        for method, stages in seq["chain"].items():
+            tasks = [s["task"] for s in stages]
+            out.append(
+                _table(
+                    [f"{method}: after", "free capacity", *tasks],
+                    [
+                        [
+                            st["task"],
+                            f"{st['free_before']:.2f}",
+                            *[fmt(st["scores"].get(t)) for t in tasks],
+                        ]
+                        for st in stages
+                    ],
+                )
+            )
+        if "chain" in figs:
+            out.append(f"![chain]({figs['chain']})\n")
+    return out

@@ -1,0 +1,213 @@
+"""Claim 1, a single task: LoTA against FFT, LoRA, and random and bottom-k masks of the same size;
+the calibration length; a sparsity sweep."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ... import sources
+from .. import tasks as T
+from ..quality import Quality, spec, stats
+from ..report import _bars, _bullets, _e, _m, _plt, _save, _table, compare, fmt
+
+NAME = "single"
+METHODS = sources.lab_methods()  # fft, lora, lota, random, bottomk
+SPARSITIES = ("0.5", "0.9", "0.99", "0.999")
+# how the verdicts name each baseline
+LABELS = {
+    "fft": "FFT",
+    "lora": "LoRA",
+    "random": "a random mask",
+    "bottomk": "a bottom-k mask",
+}
+
+
+def measure(q: Quality):
+    """LoTA vs FFT, LoRA, random and bottom-k masks of the same size; calibration length;
+    sparsity sweep."""
+    a, b = q.tasks[0], q.tasks[1]
+    plan = {(t, m): q.searches(t, m) for t in (a, b) for m in METHODS}
+    yield [(s, [(t, "validation", "default")]) for (t, _), ss in plan.items() for s in ss]
+    for (t, m), ss in plan.items():
+        q.choose(t, m, ss)
+    main = {
+        (t, m, seed): spec(t, m, q.chosen[(t, m)], seed)
+        for t in (a, b)
+        for m in METHODS
+        for seed in q.seeds
+    }
+    real = T.real_sql("test", limit=1) is not None
+    calib = {
+        (c, seed): spec(a, "lota", q.chosen[(a, "lota")], seed, calibration=c)
+        for c in (1, q.lab.scale["long_calibration"])
+        for seed in q.seeds
+    }
+    sweep = {
+        (sp, seed): spec(a, "lota", q.chosen[(a, "lota")], seed, sparsity=sp)
+        for sp in SPARSITIES
+        if sp != "0.9"
+        for seed in q.seeds
+    }
+
+    def wanted(t):
+        out = [(x, "test", "default") for x in (a, b)]
+        return out + ([("sql-real", "test", "default")] if t == "sql" and real else [])
+
+    yield (
+        [(s, wanted(t)) for (t, _, _), s in main.items()]
+        + [(s, [(a, "test", "default")]) for s in calib.values()]
+        + [(s, [(a, "test", "default")]) for s in sweep.values()]
+    )
+    base = {t: q.test(q.lab.base, t)["score"] for t in (a, b)}
+    table = {}
+    for t in (a, b):
+        for m in METHODS:
+            runs = [q.lab.run(main[(t, m, seed)]) for seed in q.seeds]
+            row = {
+                "lr": q.chosen[(t, m)],
+                "score": stats([q.test(r, t)["score"] for r in runs]),
+                "trained_entries": runs[0].info["k"],
+                "delta_bytes": runs[0].info["delta_bytes"],
+                "seconds": stats([r.info["seconds"] for r in runs]),
+            }
+            if t == "sql" and real:
+                row["sql_real"] = stats([q.test(r, "sql-real")["score"] for r in runs])
+            table[f"{t}/{m}"] = row
+    cal = {}
+    for c in (1, q.lab.scale["calibration"], q.lab.scale["long_calibration"]):
+        specs = [calib[(c, s)] if (c, s) in calib else main[(a, "lota", s)] for s in q.seeds]
+        cal[str(c)] = stats([q.test(q.lab.run(s), a)["score"] for s in specs])
+    cal["random mask"] = table[f"{a}/random"]["score"]
+    sw = {}
+    for sp in SPARSITIES:
+        specs = [sweep[(sp, s)] if (sp, s) in sweep else main[(a, "lota", s)] for s in q.seeds]
+        runs = [q.lab.run(s) for s in specs]
+        sw[sp] = {
+            "score": stats([q.test(r, a)["score"] for r in runs]),
+            "trained_entries": runs[0].info["k"],
+            "delta_bytes": runs[0].info["delta_bytes"],
+        }
+    q.results[NAME] = {
+        "tasks": [a, b],
+        "base": base,
+        "methods": table,
+        "calibration_steps": cal,
+        "sparsity": sw,
+        "sparsity_task": a,
+        "real_sql_available": real,
+    }
+
+
+def _method_order(m: str) -> int:
+    order = ["lota", "fft", "lora", "random", "bottomk"]
+    return order.index(m) if m in order else len(order)
+
+
+def _methods(single: dict) -> list[str]:
+    return sorted({k.split("/", 1)[1] for k in single["methods"]}, key=_method_order)
+
+
+def plot(results: dict, out: Path) -> dict[str, str]:
+    single = results.get(NAME)
+    if not single:
+        return {}
+    plt = _plt()
+    figs = {}
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    methods = _methods(single)
+    _bars(
+        ax,
+        single["tasks"],
+        {m: [single["methods"][f"{t}/{m}"]["score"] for t in single["tasks"]] for m in methods},
+        "test score",
+    )
+    ax.set_title("Claim 1: single task, same number of trained entries for the masks")
+    figs["single"] = _save(fig, out / "single.png")
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(8, 3.2))
+    cal = {k: v for k, v in single["calibration_steps"].items() if k != "random mask"}
+    xs = list(cal)
+    a1.errorbar(range(len(xs)), [_m(cal[x]) for x in xs], [_e(cal[x]) for x in xs], marker="o")
+    rnd = single["calibration_steps"]["random mask"]
+    a1.axhline(_m(rnd), color="gray", ls="--", label="random mask")
+    a1.set_xticks(range(len(xs)))
+    a1.set_xticklabels(xs)
+    a1.set_xlabel("calibration steps")
+    a1.set_ylabel(f"{single['tasks'][0]} test score")
+    a1.legend(fontsize=7)
+    sw = single["sparsity"]
+    sp = list(sw)
+    a2.errorbar(
+        [1 - float(s) for s in sp],
+        [_m(sw[s]["score"]) for s in sp],
+        [_e(sw[s]["score"]) for s in sp],
+        marker="o",
+    )
+    a2.set_xscale("log")
+    a2.set_xlabel("trainable fraction (1 - sparsity)")
+    a2.set_title("LoTA sparsity sweep", fontsize=9)
+    a1.set_title("LoTA calibration length", fontsize=9)
+    figs["calibration_sparsity"] = _save(fig, out / "calibration_sparsity.png")
+    return figs
+
+
+def render(results: dict, figs: dict[str, str]) -> list[str]:
+    single = results.get(NAME)
+    if not single:
+        return []
+    meta = results["meta"]
+    a = single["tasks"][0]
+    out = ["## Claim 1: LoTA vs FFT, LoRA, random and bottom-k masks\n"]
+    head = ["method", *single["tasks"], "trained entries", "delta bytes"]
+    rows = []
+    methods = _methods(single)
+    for m in methods:
+        r = [single["methods"][f"{t}/{m}"] for t in single["tasks"]]
+        rows.append(
+            [m]
+            + [fmt(x["score"]) for x in r]
+            + [f"{r[0]['trained_entries']:,}", f"{r[0]['delta_bytes']:,}"]
+        )
+    rows.append(
+        ["base (no training)"] + [f"{single['base'][t]:.3f}" for t in single["tasks"]] + ["-", "-"]
+    )
+    out.append(_table(head, rows))
+    if single.get("real_sql_available") and "sql/fft" in single["methods"]:
+        out.append(
+            "Real sql-create-context test (first "
+            f"{meta['settings']['real_sql']} questions), models trained on the generated sql "
+            "task: "
+            + "; ".join(
+                f"{m} {fmt(single['methods'][f'sql/{m}'].get('sql_real'))}" for m in methods
+            )
+            + ".\n"
+        )
+    verdicts = []
+    for t in single["tasks"]:
+        lota = single["methods"][f"{t}/lota"]["score"]
+        for m in ("fft", "lora", "random", "bottomk"):
+            verdicts.append(
+                f"{t}: " + compare("LoTA", lota, LABELS[m], single["methods"][f"{t}/{m}"]["score"])
+            )
+    cal = single["calibration_steps"]
+    verdicts.append(
+        f"{a}: "
+        + compare("LoTA after 1 calibration step", cal["1"], "a random mask", cal["random mask"])
+    )
+    out.append(_bullets(verdicts))
+    if "single" in figs:
+        out.append(f"![claim 1]({figs['single']})\n")
+    out.append(f"Calibration length and sparsity on {a}:\n")
+    out.append(_table(["calibration steps", "score"], [[k, fmt(v)] for k, v in cal.items()]))
+    out.append(
+        _table(
+            ["sparsity", "trained entries", "delta bytes", "score"],
+            [
+                [k, f"{v['trained_entries']:,}", f"{v['delta_bytes']:,}", fmt(v["score"])]
+                for k, v in single["sparsity"].items()
+            ],
+        )
+    )
+    if "calibration_sparsity" in figs:
+        out.append(f"![calibration and sparsity]({figs['calibration_sparsity']})\n")
+    return out
