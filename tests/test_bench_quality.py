@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from lota.cli import main
 from lota.lab.base import pretrain
 from lota.lab.quality import stats
 from lota.lab.report import compare
-from lota.lab.runner import Lab, lr_grid
+from lota.lab.runner import CALIBRATOR_KEYS, Lab, lr_grid
 from lota.merge import overlap
 
 
@@ -39,12 +40,13 @@ def _results(out: Path) -> dict:
 def test_smoke_bench_reports_every_claim_with_plots(smoke):
     r = _results(smoke)
     assert r["kind"] == "quality-bench" and r["meta"]["scale"] == "smoke"
-    for claim in ("single", "sequential", "merge", "safety", "ks"):
+    for claim in ("single", "sequential", "merge", "safety", "ks", "calibration"):
         assert r[claim], claim
     report = (smoke / "report.md").read_text()
-    for title in ("Claim 1", "Claim 2", "Claim 3", "Claim 4", "KS-Lottery"):
+    for title in ("Claim 1", "Claim 2", "Claim 3", "Claim 4", "KS-Lottery", "## Calibration"):
         assert title in report
-    for png in ("single", "calibration_sparsity", "sequential", "chain", "merge", "safety", "ks"):
+    pngs = ("single", "calibration_sparsity", "sequential", "chain", "merge", "safety", "ks")
+    for png in (*pngs, "calibration"):
         data = (smoke / f"{png}.png").read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n", png
         assert f"({png}.png)" in report
@@ -95,7 +97,7 @@ def test_rerun_reuses_every_cached_run(smoke):
     after = {p: p.stat().st_mtime_ns for p in (smoke / "cache").rglob("result.json")}
     assert after == before  # nothing trained again
     second = _results(smoke)
-    for key in ("single", "sequential", "merge", "safety", "ks", "learning_rates"):
+    for key in ("single", "sequential", "merge", "safety", "ks", "calibration", "learning_rates"):
         assert second[key] == first[key]
 
 
@@ -167,3 +169,80 @@ def test_demo_prints_the_table_and_writes_the_report(tiny_base, tmp_path, capsys
     folder = out
     assert (folder / "demo.png").read_bytes()[:4] == b"\x89PNG"
     assert "demo.png" in (folder / "report.md").read_text()
+
+
+def test_calibration_claim_compares_every_calibration_on_tickets_of_one_size(
+    smoke, tiny_base, tmp_path
+):
+    # the full smoke bench trained the claim's runs; the claim alone finds every one in the cache
+    out = tmp_path / "calibration"
+    shutil.copytree(smoke / "cache", out / "cache")
+    before = set((out / "cache").rglob("result.json"))
+    args = ["bench", "quality", "--scale", "smoke", "--claims", "calibration", "--base", tiny_base]
+    assert main([*args, "--out", str(out), "--quiet"]) == 0
+    assert set((out / "cache").rglob("result.json")) == before
+    r = _results(out)
+    assert r["meta"]["claims"] == ["calibration"] and "single" not in r
+    cal = r["calibration"]
+    assert cal["tasks"] == ["math", "sql"]
+    variants = ("adamw", "sgd", "fisher", "lora-change", "lora-gradient", "random")
+    assert set(cal["variants"]) == {f"{t}/{v}" for t in cal["tasks"] for v in variants}
+    lab = Lab(out, tiny_base, "smoke")
+    for t in cal["tasks"]:
+        rows = {v: cal["variants"][f"{t}/{v}"] for v in variants}
+        assert len({row["trained_entries"] for row in rows.values()}) == 1  # same ticket size
+        assert rows["adamw"]["shared_with_adamw"]["mean"] == 1.0
+        assert rows["random"]["shared_with_adamw"]["mean"] < 0.5
+        # LoTA's own calibration and the random ticket are the single claim's specs, unchanged
+        assert rows["adamw"]["spec_keys"] == rows["random"]["spec_keys"] == {}
+        assert lab.done({"task": t, "method": "lota", "lr": rows["adamw"]["lr"], "seed": 0})
+        assert rows["sgd"]["spec_keys"] == {"calibration_method": "sgd"}
+        assert rows["lora-gradient"]["spec_keys"]["lora_calibration_score"] == "gradient"
+        for v in variants:
+            assert rows[v]["score"]["n"] == 1
+            assert rows[v]["lr"] in lr_grid("lota", 3)
+        for v in variants[1:]:
+            assert cal["vs_adamw"][f"{t}/{v}"]["within_noise"] is None  # one seed: no test
+    # each of its lota runs calibrated the way its spec names
+    seen, plain = set(), {"task", "method", "lr", "seed"}
+    for f in (out / "cache" / "runs").glob("*/result.json"):
+        res = json.loads(f.read_text())
+        spec, info = res["spec"], res["info"]
+        if spec["method"] == "lota" and set(spec) <= plain | set(CALIBRATOR_KEYS):
+            assert info["frozen_verified"] is True
+            assert info["calibration"] == spec.get("calibration_method", "adamw")
+            lora = info["calibration"] == "lora"
+            score = spec.get("lora_calibration_score", "change") if lora else None
+            assert info.get("lora_calibration_score") == score
+            seen.add((info["calibration"], score))
+    assert seen == {
+        ("adamw", None),
+        ("sgd", None),
+        ("fisher", None),
+        ("lora", "change"),
+        ("lora", "gradient"),
+    }
+    report = (out / "report.md").read_text()
+    assert "## Calibration" in report and "Welch" in report and "(calibration.png)" in report
+    assert "math/lota, sgd calibration" in report  # its own learning-rate search
+    assert (out / "calibration.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_welch_test_equals_scipy():
+    from scipy import stats as st
+
+    from lota.lab.claims.calibration import welch
+
+    a, b = [0.41, 0.405, 0.41], [0.4, 0.345, 0.41]
+    w = welch(a, b)
+    ref = st.ttest_ind(a, b, equal_var=False)
+    assert w["t"] == pytest.approx(ref.statistic) and w["p"] == pytest.approx(ref.pvalue)
+    lo, hi = ref.confidence_interval(0.95)
+    assert w["ci"] == pytest.approx([lo, hi])
+    assert w["within_noise"] is bool(ref.pvalue >= 0.05) is True
+    far = welch([0.9, 0.91, 0.92], [0.1, 0.12, 0.11])
+    assert far["within_noise"] is False and far["diff"] > 0 and far["ci"][0] > 0
+    # every seed equal on both sides: equal means are within noise, different ones are not
+    assert welch([0.5, 0.5], [0.5, 0.5])["within_noise"] is True
+    assert welch([0.6, 0.6], [0.5, 0.5])["within_noise"] is False
+    assert welch([0.6], [0.5, 0.4])["within_noise"] is None

@@ -156,6 +156,19 @@ def test_adapt_under_torchrun_equals_one_process(workdir, single, tmp_path, mode
     assert not list(out.glob("*.tmp*")) and not (out / ".lota-checkpoint").exists()
 
 
+@pytest.mark.parametrize("calibration", ["sgd", "fisher"])
+def test_light_calibrations_under_torchrun_equal_one_process(workdir, tmp_path, calibration):
+    """Two DDP processes select the ticket one process selects from the same micro-batches, and
+    train the same delta."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    _adapt(None, workdir, one, "--grad-accum", "2", "--calibration", calibration)
+    _adapt(TORCHRUN, workdir, two, "--calibration", calibration)
+    _assert_same_run(one, two)
+    summary = json.loads((two / "summary.json").read_text())
+    assert (summary["calibration"], summary["processes"]) == (calibration, 2)
+    assert summary["frozen_verified"] is True
+
+
 def test_adapt_under_accelerate_launch_equals_one_process(workdir, single, tmp_path):
     _adapt(ACCELERATE, workdir, tmp_path / "acc")
     _assert_same_run(single, tmp_path / "acc")
@@ -216,6 +229,8 @@ def test_bad_distributed_settings_are_one_line_errors(workdir, tmp_path, monkeyp
     monkeypatch.setattr(dist, "_WORLD", dist.World(rank=0, size=2))
     code, err = adapt("d", "--method", "lora", "--fsdp")
     assert code == 2 and "does not shard PEFT LoRA" in err
+    code, err = adapt("f", "--calibration", "fisher", "--fsdp")
+    assert code == 2 and "--calibration fisher does not run under --fsdp" in err
     code, err = adapt("e", "--batch-size", "6", "--grad-accum", "2")
     assert code == 2 and "2 process(es) x --grad-accum 2" in err
 

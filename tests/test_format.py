@@ -436,7 +436,7 @@ def test_missing_file_and_folder_are_refused(tmp_path):
     "change, match",
     [
         ({"format_version": "99"}, "newer"),
-        ({"format_version": "3"}, "newer"),
+        ({"format_version": "4"}, "newer"),
         ({"format_version": "one"}, "format_version"),
         ({"format_version": ""}, "format_version"),
         ({"kind": "banana"}, "kind"),
@@ -918,13 +918,13 @@ def test_corrupted_rice_files_are_refused(tmp_path):
         b[_tensor_byte(b, key)] ^= 0x10
         p.write_bytes(bytes(b))
         _refused(p)
-    # rice needs version 2: a file that claims version 1 is refused, version 3 is too new
+    # rice needs version 2: a file that claims version 1 is refused, version 4 is too new
     p = tmp_path / "v1.safetensors"
     p.write_bytes(path.read_bytes())
     _rewrite(p, meta={"format_version": "1"})
     _refused(p, match="version 2")
     p.write_bytes(path.read_bytes())
-    _rewrite(p, meta={"format_version": "3"})
+    _rewrite(p, meta={"format_version": "4"})
     _refused(p, match="newer")
     # the same content with verification off still decodes
     assert torch.equal(load(path, verify=False).indices["w"], idx)

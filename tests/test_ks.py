@@ -241,3 +241,67 @@ def test_tied_embeddings_are_refused(tmp_path, capsys, workdir):
     )
     assert code == 2 and "tied" in err
     assert not (tmp_path / "t").exists() and not (tmp_path / "e").exists()
+
+
+def test_an_empty_selection_is_refused(workdir, tmp_path, capsys):
+    from lota import format as fmt
+    from lota.ticket import Ticket
+
+    base = workdir / "base"
+    code, _, err = _lota(capsys, "ks", base, base, "--out", tmp_path / "none")
+    assert code == 2 and err.count("\n") == 1
+    assert "no token row" in err and "--alpha" in err and "--top" in err
+    assert not (tmp_path / "none").exists()
+
+    name = "model.embed_tokens.weight"
+    empty = Ticket({name: (259, 32)}, {name: torch.zeros(0, dtype=torch.long)})
+    fmt.save(empty, tmp_path / "empty.safetensors")
+    code, _, err = _lota(
+        capsys,
+        "adapt",
+        base,
+        "--data",
+        workdir / "a.jsonl",
+        "--method",
+        "ks-lottery",
+        "--tokens",
+        tmp_path / "empty.safetensors",
+        "--out",
+        tmp_path / "run",
+        *SMALL,
+    )
+    assert code == 2 and err.count("\n") == 1 and "selects no entry" in err and "--top" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_summaries_name_the_method_that_ran(workdir, tmp_path, capsys):
+    base, data = workdir / "base", workdir / "a.jsonl"
+    run = ["--data", data, "--steps", "1", "--batch-size", "4", "--quiet"]
+    code, out, err = _lota(
+        capsys, "adapt", base, *run, "--method", "embeddings", "--out", tmp_path / "e"
+    )
+    assert code == 0 and "adapt (embeddings):" in out, err
+    code, _, err = _lota(
+        capsys,
+        "ks",
+        base,
+        base,
+        "--top",
+        "2",
+        "--out",
+        tmp_path / "ks",
+    )
+    assert code == 0, err
+    code, out, err = _lota(
+        capsys,
+        "adapt",
+        base,
+        *run,
+        "--method",
+        "ks-lottery",
+        "--tokens",
+        tmp_path / "ks",
+        "--out",
+        tmp_path / "k",
+    )
+    assert code == 0 and "adapt (ks-lottery):" in out, err

@@ -222,3 +222,108 @@ def test_the_weight_reader_refuses_a_tensor_the_files_lack(tmp_path):
     with pytest.raises(InputError, match="'lm_head.bias' is not in the weight files") as e:
         reader.get("lm_head.bias")
     assert e.value.where == str(tmp_path)
+
+
+# ---------------------------------------------------------------------------- checkpoint keys
+def _saved(tmp_path, arch: str):
+    from .test_architectures import ROWS, _build
+
+    model = _build(ROWS[arch], 0)
+    model.save_pretrained(tmp_path / arch, safe_serialization=True)
+    return model, tmp_path / arch
+
+
+def _file_tensors(folder) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2-moe", "qwen3-moe", "deepseek-v3", "gpt-neox"])
+def test_the_weight_reader_reads_parameters_stored_under_other_keys(tmp_path, arch):
+    model, folder = _saved(tmp_path, arch)
+    files = _file_tensors(folder)
+    weights = named_weights(model)
+    assert set(weights) - set(files)  # the files do not hold these parameters by their names
+    reader = WeightReader(str(folder))
+    assert reader.shapes == {n: tuple(t.shape) for n, t in weights.items()}
+    for name, t in weights.items():
+        assert torch.equal(reader.get(name), t.detach()), name
+    assert reader.fingerprint() == model_fingerprint(model)
+    flip_one_bit_(next(p for n, p in model.named_parameters() if n not in files))
+    assert reader.fingerprint() != model_fingerprint(model)
+
+
+def test_fused_experts_are_stacked_in_expert_order_gate_before_up(tmp_path):
+    model, folder = _saved(tmp_path, "qwen3-moe")
+    files, reader = _file_tensors(folder), WeightReader(str(folder))
+    experts = model.config.num_experts
+    for layer in range(model.config.num_hidden_layers):
+        p = f"model.layers.{layer}.mlp.experts."
+        gate_up, down = reader.get(p + "gate_up_proj"), reader.get(p + "down_proj")
+        for e in range(experts):
+            stored = [files[f"{p}{e}.{w}_proj.weight"] for w in ("gate", "up", "down")]
+            assert torch.equal(gate_up[e], torch.cat(stored[:2]))
+            assert torch.equal(down[e], stored[2])
+
+
+def test_the_weight_reader_refuses_experts_of_another_config(tmp_path):
+    import json
+
+    from lota.errors import MismatchError
+
+    _, folder = _saved(tmp_path, "mixtral")
+    config = json.loads((folder / "config.json").read_text())
+    config["num_local_experts"] = 3
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        MismatchError,
+        match=r"'model\.layers\.0\.mlp\.experts\.gate_up_proj' \(stored as .*block_sparse_moe.*\[4, 128, 32\]",
+    ):
+        WeightReader(str(folder))
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2-moe", "qwen3-moe", "deepseek-v3"])
+def test_default_targets_hold_every_expert_and_no_router(arch):
+    from .test_architectures import ROWS, _build
+
+    model = _build(ROWS[arch], 0)
+    targets = default_targets(model)
+    for layer, block in enumerate(model.model.layers):
+        experts = getattr(block.mlp, "experts", None)
+        if experts is None:
+            continue
+        for attr in ("gate_up_proj", "down_proj"):
+            name = f"model.layers.{layer}.mlp.experts.{attr}"
+            assert targets[name] == tuple(getattr(experts, attr).shape)
+    routers = [n for n in named_weights(model) if n.endswith(("mlp.gate.weight", "_gate.weight"))]
+    assert routers and not set(routers) & set(targets)
+    assert set(resolve_targets(model, r"mlp\.gate\.")) == {n for n in routers if "mlp.gate." in n}
+    assert all(len(s) == 3 for s in resolve_targets(model, r"mlp\.experts\.[a-z_]+$").values())
+
+
+def test_prepare_trains_only_the_ticket_of_fused_expert_weights():
+    from .test_architectures import ROWS, _build
+
+    model = _build(ROWS["mixtral"], 0)
+    names = [n for n, s in default_targets(model).items() if len(s) == 3]
+    before = {n: p.detach().clone() for n, p in named_weights(model).items()}
+    g = torch.Generator().manual_seed(0)
+    indices = {n: torch.randperm(before[n].numel(), generator=g)[:50].sort().values for n in names}
+    ticket = Ticket({n: tuple(before[n].shape) for n in names}, indices)
+    lota.prepare(model, ticket)
+    opt = torch.optim.AdamW(lota.trainable_parameters(model), lr=1e-2, weight_decay=0.1)
+    ids = torch.randint(3, 259, (2, 12), generator=g)
+    for _ in range(3):
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    delta = lota.extract_delta(model)
+    assert delta.nnz == 50 * len(names)
+    lota.unprepare(model)
+    for n, w in named_weights(model).items():
+        changed = (w.detach() != before[n]).reshape(-1).nonzero().view(-1)
+        if n in indices:
+            assert set(changed.tolist()) <= set(indices[n].tolist()) and changed.numel() > 0, n
+        else:
+            assert changed.numel() == 0, n

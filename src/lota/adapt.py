@@ -56,7 +56,7 @@ from .sparse_model import (
     unprepare,
 )
 from .ticket import Ticket
-from .train import MetricsLog, limit_heap_growth, train
+from .train import MetricsLog, TrainSettings, limit_heap_growth, train
 
 # What a run writes into --out. A folder holding only these (and lota's temporaries of them) and
 # marked by a run of the same settings is that run, interrupted, and the same command takes it up.
@@ -202,12 +202,21 @@ class _Run:
         lr: float,
         steps: int,
         model: torch.nn.Module | None = None,
+        settings: TrainSettings | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        held: dict[str, torch.Tensor] | None = None,
     ) -> None:
-        """Train ``params`` for one phase, continuing from the checkpoint when it is of this phase."""
+        """Train ``params`` for one phase, continuing from the checkpoint when it is of this phase.
+
+        ``settings`` and ``optimizer`` replace the run's (``--optimizer`` at rate ``lr``).
+        ``held``: the tensors the phase's checkpoints keep and a resume restores, if not
+        ``params`` (none for a phase that changes no weight; an earlier phase's result it starts
+        from is held from its first checkpoint on)."""
         start, opt_state = 0, None
+        kept = params if held is None else held
         if self.state is not None and self.state["phase"] == name:
             with torch.no_grad():
-                for n, p in params.items():
+                for n, p in kept.items():
                     if n in self.state["params"]:
                         p.copy_(dist.shard_like(self.state["params"][n], p))
                 if self.sharded:
@@ -225,7 +234,7 @@ class _Run:
                 name,
                 step,
                 steps,
-                params=params,
+                params=kept,
                 optimizer=opt,
                 batches=self.served[0],
                 metric_lines=len(self.log.records),
@@ -237,7 +246,7 @@ class _Run:
             self.ckpt.save(
                 name,
                 0,
-                params={},
+                params={} if held is None else held,
                 optimizer=None,
                 batches=self.served[0],
                 metric_lines=len(self.log.records),
@@ -246,7 +255,7 @@ class _Run:
             model or self.model,
             list(params.values()),
             self.stream,
-            self.cfg.settings(lr, steps),
+            settings or self.cfg.settings(lr, steps),
             name,
             self.log,
             self.cfg.progress,
@@ -256,6 +265,7 @@ class _Run:
             world=self.world,
             grad_accum=self.cfg.grad_accum,
             sharded=self.sharded,
+            optimizer=optimizer,
         )
 
 
@@ -272,6 +282,7 @@ def adapt(cfg: AdaptConfig) -> dict:
     run again and ends with the same outputs as an uninterrupted run. While it runs, the output
     folder is locked: a second run into it is refused.
     """
+    requested = cfg.method  # the summary names it, not the method it runs as
     cfg = sources.resolve(cfg)  # a method of the input embedding, as it runs
     if dist.accelerate_plugin() == "fsdp2" and not cfg.fsdp:  # an accelerate FSDP2 config
         cfg = dataclasses.replace(cfg, fsdp=True)
@@ -282,7 +293,7 @@ def adapt(cfg: AdaptConfig) -> dict:
         raise InputError("output path is a file", str(out), "choose a folder for --out")
     hold = _Hold.take(out, world)
     try:
-        info = _adapt(cfg, world, out, hold)
+        info = _adapt(cfg, world, out, hold, requested)
     except BaseException as e:
         hold.close(e)
         raise
@@ -315,7 +326,9 @@ def _finished(cfg: AdaptConfig, out: Path) -> dict | None:
     return {k: v for k, v in summary.items() if k not in ("format", "kind", "format_version")}
 
 
-def _adapt(cfg: AdaptConfig, world: dist.World, out: Path, hold: _Hold) -> dict:
+def _adapt(
+    cfg: AdaptConfig, world: dist.World, out: Path, hold: _Hold, requested: str | None = None
+) -> dict:
     t_start = time.perf_counter()
     done = _finished(cfg, out)
     if done is not None:
@@ -332,9 +345,18 @@ def _adapt(cfg: AdaptConfig, world: dist.World, out: Path, hold: _Hold) -> dict:
     base_fp = model_fingerprint(model)
     protected = sources.protected_ticket(cfg.protect, targets)
     given = sources.load_tickets([cfg.ticket], targets) if cfg.ticket else []
+    if given and given[0].nnz == 0:
+        raise InputError(
+            "the ticket selects no entry, so the run would train nothing",
+            cfg.ticket,
+            "give a ticket with entries (for 'lota ks', select rows with a larger --alpha or --top N)",
+        )
     for source in sources.chosen(cfg):
         if source.check is not None:
             source.check(cfg)
+    calibration = sources.CALIBRATIONS[cfg.calibration]
+    if sources.calibration_runs(cfg) and calibration.check is not None:
+        calibration.check(targets)
     if given and protected is not None and given[0].overlap(protected):
         raise InputError(
             f"the ticket shares {given[0].overlap(protected):,} entries with the protected tickets",
@@ -388,7 +410,7 @@ def _adapt(cfg: AdaptConfig, world: dist.World, out: Path, hold: _Hold) -> dict:
     )
     run = _Run(cfg, model, targets, w0, log, ckpt, stream, state, served, world)
     info: dict = {
-        "method": cfg.method,
+        "method": requested or cfg.method,
         "numel": numel,
         "base_fingerprint": base_fp,
         "examples": len(data),
@@ -489,26 +511,11 @@ def _shard(run: _Run) -> None:
 
 
 def _train_lora(run: _Run, steps: int):
-    from peft import LoraConfig, get_peft_model
+    from .calibration import lora_model
 
-    cfg = run.cfg
-    modules = sorted({n.rsplit(".", 1)[0] for n in run.targets if n.endswith(".weight")})
-    if len(modules) != len(run.targets):
-        raise InputError(
-            "LoRA needs targets that are weights of linear layers",
-            "--targets",
-            "match '.weight' parameters of linear layers, or use another --method",
-        )
-    lcfg = LoraConfig(
-        r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        target_modules=modules,
-        lora_dropout=0.0,
-        bias="none",
-    )
-    peft_model = get_peft_model(run.model, lcfg)
+    peft_model = lora_model(run)
     params = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
-    run.phase("train", params, cfg.lr, steps, model=peft_model)
+    run.phase("train", params, run.cfg.lr, steps, model=peft_model)
     merged = peft_model.merge_and_unload()
     for p in merged.parameters():
         p.requires_grad_(False)
@@ -525,6 +532,7 @@ def _sparse_run(ctx: sources.Context, steps: int) -> SparseDelta:
     else:
         ticket = ctx.source.build(ctx)
         run.ckpt.save_ticket(ticket)
+        model = run.model  # a calibration may hand back another module (LoRA's, unloaded)
     info["ticket_nnz"] = ticket.nnz
     if run.sharded:  # calibration sharded the model; the sparse phase starts from a fresh copy
         run.model = model = load_model(cfg.model, cfg.dtype).to(run.world.device)
@@ -557,8 +565,25 @@ def _sparse_run(ctx: sources.Context, steps: int) -> SparseDelta:
 def calibrate_and_select(
     run: _Run, k: int, protected: Ticket | None, info: dict, selector: str
 ) -> Ticket:
-    """Train the targets densely for the calibration steps, select the ticket of ``k`` entries
-    from the change with ``selector``, and reset the targets to the starting weights."""
+    """Run the ``--calibration`` of ``lota.sources.CALIBRATIONS``: it selects the ticket of ``k``
+    entries from its scores with ``selector`` and leaves the targets at the starting weights."""
+    cfg = run.cfg
+    ticket = sources.CALIBRATIONS[cfg.calibration].select(run, k, protected, selector)
+    info["calibration"] = cfg.calibration
+    info["calibration_steps"] = cfg.calibration_steps
+    if cfg.calibration == "fisher":
+        info["fisher_dtype"] = cfg.fisher_dtype
+    if cfg.calibration == "lora":
+        info["lora_calibration_score"] = cfg.lora_calibration_score
+    return ticket
+
+
+def dense_calibration(
+    run: _Run, k: int, protected: Ticket | None, selector: str, optimizer: str | None = None
+) -> Ticket:
+    """Train the targets densely for the calibration steps (with ``optimizer`` without momentum
+    or weight decay, else the run's ``--optimizer``), select the ticket of ``k`` entries from the
+    change with ``selector``, and reset the targets to the starting weights."""
     cfg, targets, w0 = run.cfg, run.targets, run.w0
     _train_only(run.model, targets)
     if cfg.fsdp:
@@ -566,7 +591,12 @@ def calibrate_and_select(
     weights = named_weights(run.model)
     params = {n: weights[n] for n in targets}
     lr = cfg.calibration_lr if cfg.calibration_lr is not None else cfg.lr
-    run.phase("calibration", params, lr, cfg.calibration_steps)
+    settings = cfg.settings(lr, cfg.calibration_steps)
+    if optimizer is not None:
+        settings = dataclasses.replace(
+            settings, optimizer=optimizer, momentum=0.0, weight_decay=0.0
+        )
+    run.phase("calibration", params, lr, cfg.calibration_steps, settings=settings)
     with torch.no_grad():
         if run.sharded:
             ticket = _select_sharded(run, selector, weights, k, protected)
@@ -586,7 +616,6 @@ def calibrate_and_select(
             p.requires_grad_(False)
             if not run.sharded:
                 p.copy_(w0[n])  # reset: the sparse phase starts from the original weights
-    info["calibration_steps"] = cfg.calibration_steps
     return ticket
 
 

@@ -110,7 +110,13 @@ def _add_delta(sub):
     p.add_argument("--out", required=True)
     p.add_argument("--targets", default=None)
     p.add_argument("--protect", nargs="+", default=[], metavar="FILE")
-    p.add_argument("--values-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument(
+        "--values-dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="auto (default): 16 bits wherever they hold the float32 difference exactly, float32 "
+        "elsewhere; bfloat16 / float16 round every value",
+    )
     p.add_argument("--force", action="store_true", help="replace an existing --out file")
     p.set_defaults(run=_run_delta)
 
@@ -150,6 +156,7 @@ def _run_delta(a):
             "ticket": a.ticket,
             "sparsity": a.sparsity,
             "targets": a.targets,
+            "values_dtype": a.values_dtype,
         },
     )
     _summary(f"delta: {d.summary()}; {size:,} bytes -> {a.out}")
@@ -318,7 +325,9 @@ def _add_import_lora(sub):
     p.add_argument(
         "--sparsity", default=None, help="keep only the top-k of the change at this sparsity"
     )
-    p.add_argument("--values-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument(
+        "--values-dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"]
+    )
     p.add_argument("--out", required=True)
     p.add_argument("--force", action="store_true", help="replace an existing --out file")
     p.set_defaults(run=_run_import_lora)
@@ -338,6 +347,7 @@ def _run_import_lora(a):
         "adapter": a.adapter,
         "base": a.base,
         "sparsity": a.sparsity,
+        "values_dtype": a.values_dtype,
     }
     size = fmt.save(d, a.out, values_dtype=a.values_dtype, config=config)
     _summary(f"import-lora: {d.summary()}; {size:,} bytes -> {a.out}")
@@ -417,7 +427,7 @@ def _add_bench(sub):
     q.add_argument(
         "--claims",
         default=None,
-        help="comma-separated subset of single,sequential,merge,safety,ks (default all)",
+        help="comma-separated claims: single,sequential,merge,safety,ks,calibration (default all)",
     )
     q.add_argument("--scale", default="full", help="full (the committed results) or smoke")
     q.add_argument("--base", default=None, help="base model folder (default: the lab's base)")
@@ -543,7 +553,8 @@ def _run_inspect(a):
             )
         width = max((len(n) for n in info["tensors"]), default=0)
         for name, t in info["tensors"].items():
-            print(f"  {name:<{width}}  {t['nnz']:>10,} / {t['numel']:<10,} {t['encoding']}")
+            dtype = f"  {t['values_dtype']}" if "values_dtype" in t else ""
+            print(f"  {name:<{width}}  {t['nnz']:>10,} / {t['numel']:<10,} {t['encoding']}{dtype}")
     for pair in shared or []:
         conflicts = pair["sign_conflicts"]
         print(

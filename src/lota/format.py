@@ -4,8 +4,10 @@ A lota file is a plain safetensors file. Per eligible tensor ``P`` it holds the 
 the smallest of four index encodings (``P::mask`` packed bits, ``P::gaps`` gap-coded indices in
 the narrowest unsigned integer type, ``P::rice_q`` + ``P::rice_r`` Golomb-Rice coded gaps, or
 nothing when the ticket is empty or full; the codecs are in ``lota.codecs``) and, for deltas,
-``P::values``. Files using ``rice`` are format version 2; all others are still written as version
-1. The safetensors metadata carries ``format = "lota"``, ``kind``, ``format_version``,
+``P::values``, optionally split (``values_dtype="auto"``) into 16-bit values plus the float32
+values of the entries that 16 bits do not hold exactly (``P::fix_values`` at positions coded like
+the indices, ``P::fix_*``). Files using ``rice`` are format version 2, files with split values
+version 3; all others are still written as version 1. The safetensors metadata carries ``format = "lota"``, ``kind``, ``format_version``,
 ``base_fingerprint`` and a JSON ``header`` (shapes, encodings, counts, per-tensor checksums and the
 resolved config). Invariant: ``load(save(x))`` gives back the same indices and bit-identical values.
 """
@@ -34,11 +36,16 @@ from .ticket import MAX_TENSOR_NUMEL, Ticket
 FORMAT_NAME = "lota"
 # The newest format version this lota reads. Files are written as version 1 unless a tensor uses
 # an encoding that version 1 lacks ("rice"), so that older readers can still open them.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 _V2_ENCODINGS = frozenset({"rice"})
+_V3_SPLIT = 3  # the version a file with split values ("fix" entries) is written as
 _SEP = "::"
 _VALUE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _INDEX_KEYS = {"bitmask": ("mask",), "gaps": ("gaps",), "rice": ("rice_q", "rice_r")}
+_HALF_DTYPES = (torch.bfloat16, torch.float16)
+# What a split adds to the file beside its data: up to three more safetensors entries and their
+# checksums, and the "fix" object in the header, about 150 bytes each plus twice the name's length.
+SPLIT_OVERHEAD_BYTES = 450
 
 # Limits on what a file's header may ask of the reader, all checked before anything is decoded.
 # A header holds about 200 characters per tensor plus the resolved config, so 16 Mi characters
@@ -96,10 +103,11 @@ def save(
             version = 2
         if is_delta:
             v = obj.values[name]
-            if values_dtype is not None:
-                v = v.to(
-                    _VALUE_DTYPES[values_dtype] if isinstance(values_dtype, str) else values_dtype
-                )
+            if values_dtype == "auto":
+                v = _split_values(name, v, tensors, entry)
+                version = max(version, _V3_SPLIT if "fix" in entry else 1)
+            elif values_dtype is not None:
+                v = v.to(_value_dtype(values_dtype))
             if v.numel():
                 tensors[f"{name}{_SEP}values"] = v.contiguous()
             entry["values_dtype"] = str(v.dtype).removeprefix("torch.")
@@ -122,6 +130,63 @@ def save(
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     return Path(path).stat().st_size
+
+
+def _value_dtype(values_dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(values_dtype, torch.dtype):
+        return values_dtype
+    if values_dtype not in _VALUE_DTYPES:
+        raise InputError(
+            f"unknown values dtype '{values_dtype}'",
+            fix=f"use auto or one of {', '.join(_VALUE_DTYPES)}",
+        )
+    return _VALUE_DTYPES[values_dtype]
+
+
+def _split_values(name: str, v: torch.Tensor, tensors: dict, entry: dict) -> torch.Tensor:
+    """``values_dtype="auto"`` for one tensor: the values to store as ``P::values``.
+
+    Float32 values are stored in bfloat16 or float16 where that is smaller, with the float32
+    values of the entries that 16 bits do not hold bit for bit kept beside them (``P::fix_*``,
+    recorded in ``entry["fix"]``), so the file reads back exactly the values it was given. Values
+    already in 16 bits, or in another dtype, are stored as they are.
+    """
+    nnz = v.numel()
+    if v.dtype != torch.float32 or not nnz:
+        return v
+    bits = v.view(torch.int32)
+    best, best_size = None, 4 * nnz
+    for dt in _HALF_DTYPES:
+        half = v.to(dt)
+        off = torch.nonzero(half.float().view(torch.int32) != bits).view(-1)
+        if off.numel() == 0:
+            return half  # every value is exactly a 16-bit number: nothing to fix
+        if off.numel() == nnz:
+            continue
+        encoding, data = encode_indices(off, nnz, name=name)
+        size = 2 * nnz + 4 * off.numel() + _stored_bytes(data) + SPLIT_OVERHEAD_BYTES
+        size += 2 * len(name)
+        if size < best_size:
+            best, best_size = (half, off, encoding, data), size
+    if best is None:
+        return v
+    half, off, encoding, data = best
+    fix = {"nnz": int(off.numel()), "encoding": encoding}
+    if isinstance(data, RiceCode):
+        fix["rice_r"] = data.r
+        tensors[f"{name}{_SEP}fix_rice_q"] = data.q.contiguous()
+        tensors[f"{name}{_SEP}fix_rice_r"] = data.rem.contiguous()
+    else:
+        tensors[f"{name}{_SEP}fix_{_INDEX_KEYS[encoding][0]}"] = data.contiguous()
+    tensors[f"{name}{_SEP}fix_values"] = v[off].contiguous()
+    entry["fix"] = fix
+    return half
+
+
+def _stored_bytes(data) -> int:
+    if isinstance(data, RiceCode):
+        return data.q.numel() + data.rem.numel()
+    return data.numel() * data.element_size()
 
 
 # ---------------------------------------------------------------------------- load
@@ -249,6 +314,8 @@ def _check_header(header: dict) -> None:
             raise ValueError(f"tensor '{name}' has rice parameter {e['rice_r']!r}")
         if "values_dtype" in e and not isinstance(e["values_dtype"], str):
             raise ValueError(f"tensor '{name}' has values_dtype {e['values_dtype']!r}")
+        if "fix" in e:
+            _check_fix(name, e["fix"], nnz)
         numel_total, nnz_total = numel_total + numel, nnz_total + nnz
     for key, total in (("numel", numel_total), ("nnz", nnz_total)):
         if not _is_int(header.get(key)) or header[key] != total:
@@ -260,6 +327,17 @@ def _check_header(header: dict) -> None:
         raise ValueError("'config' is not an object")
     if not isinstance(header.get("created_by", ""), str):
         raise ValueError("'created_by' is not a string")
+
+
+def _check_fix(name: str, fix, nnz: int) -> None:
+    """A split tensor's ``fix`` object: how many of its ``nnz`` values are float32, and how their
+    positions among the values are coded (never "empty" or "full": those are not split)."""
+    if not isinstance(fix, dict) or not _is_int(fix.get("nnz")) or not 0 < fix["nnz"] < nnz:
+        raise ValueError(f"tensor '{name}' has a fix entry {fix!r} for {nnz} values")
+    if fix.get("encoding") not in _INDEX_KEYS:
+        raise ValueError(f"tensor '{name}' has fix encoding {fix.get('encoding')!r}")
+    if "rice_r" in fix and not _is_int(fix["rice_r"]):
+        raise ValueError(f"tensor '{name}' has fix rice parameter {fix['rice_r']!r}")
 
 
 class Reader:
@@ -391,6 +469,10 @@ class Reader:
                 raise ValueError(f"values of '{name}' have the wrong size or type")
         elif self.kind == "delta":
             v = torch.zeros(0, dtype=_VALUE_DTYPES.get(e.get("values_dtype"), torch.float32))
+        if v is not None and "fix" in e:
+            if self._version < _V3_SPLIT:
+                raise ValueError(f"split values need format version {_V3_SPLIT}")
+            v = self._fixed(name, e["fix"], v)
         if encoding == "full" and not materialise:
             return None, v
         if encoding == "full" and self.kind == "ticket" and not self._vouched:
@@ -413,6 +495,35 @@ class Reader:
         if idx.numel() != nnz:
             raise ValueError(f"tensor '{name}' decodes to {idx.numel()} entries, header says {nnz}")
         return idx, v
+
+    def _fixed(self, name: str, fix: dict, v: torch.Tensor) -> torch.Tensor:
+        """The float32 values of a split tensor: its 16-bit values, widened exactly, with the
+        stored float32 values written at their positions."""
+        dtype = str(v.dtype).removeprefix("torch.")
+        if v.dtype not in _HALF_DTYPES or dtype != self.header["tensors"][name]["values_dtype"]:
+            raise ValueError(f"split values of '{name}' are {dtype}, not the 16-bit dtype it says")
+        f, keys, checksums, verify = self._file, self._keys, self._checksums, self.verify
+        prefix = f"{name}{_SEP}fix_"
+        exact = _get(f, prefix + "values", keys, checksums, verify)
+        if exact.dtype != torch.float32 or exact.dim() != 1 or exact.numel() != fix["nnz"]:
+            raise ValueError(f"fixed values of '{name}' have the wrong size or type")
+        if fix["encoding"] == "rice":
+            data = RiceCode(
+                q=_get(f, prefix + "rice_q", keys, checksums, verify),
+                rem=_get(f, prefix + "rice_r", keys, checksums, verify),
+                r=fix.get("rice_r"),
+            )
+        else:
+            data = _get(f, prefix + _INDEX_KEYS[fix["encoding"]][0], keys, checksums, verify)
+        try:
+            pos = decode_indices(fix["encoding"], data, v.numel(), fix["nnz"])
+        except ValueError as err:
+            raise ValueError(f"fixed values of '{name}': {err}") from None
+        if pos.numel() != fix["nnz"]:
+            raise ValueError(f"fixed values of '{name}' decode to {pos.numel()} positions")
+        out = v.float()
+        out[pos] = exact
+        return out
 
 
 def load(
@@ -462,6 +573,14 @@ def _short(e: Exception) -> str:
     return s[:200]
 
 
+def _stored_dtypes(entry: dict, v: torch.Tensor) -> list[str]:
+    """The dtypes a delta tensor's values are stored in: one, or a 16-bit one plus float32 (the
+    reader checked a split tensor's ``values_dtype`` against its stored values)."""
+    if "fix" in entry:
+        return [entry["values_dtype"], "float32"]
+    return [str(v.dtype).removeprefix("torch.")]
+
+
 def describe(path: str | os.PathLike) -> dict:
     """What ``lota inspect --json`` prints for one file.
 
@@ -482,8 +601,10 @@ def describe(path: str | os.PathLike) -> dict:
             }
             if v is not None:
                 sq_norms.append(float(v.float().norm()) ** 2)
-                if v.numel():
-                    dtypes.add(str(v.dtype).removeprefix("torch."))
+                stored = _stored_dtypes(e, v) if v.numel() else []
+                dtypes.update(stored)
+                per_tensor[name]["values_dtype"] = "+".join(stored) or e.get("values_dtype")
+                per_tensor[name]["float32_fixes"] = e.get("fix", {}).get("nnz", 0)
         meta, header = r.meta, r.header
     numel, nnz = header["numel"], header["nnz"]
     size = Path(path).stat().st_size

@@ -264,6 +264,13 @@ def run_ks(
     counts = token_counts(data, tokenizer, vocab) if data else None  # bad data fails early
     before, after = rb.get(name), rt.get(name)
     sel = select_tokens(before, after, alpha, correction, top, mode)
+    if not sel.token_ids:
+        raise InputError(
+            f"no token row of {name} passes the test at alpha {alpha} (correction {correction}), "
+            "so the ticket would be empty",
+            tuned,
+            "select rows with a larger --alpha (e.g. 0.5) or a fixed number with --top N",
+        )
     rows = torch.tensor(sel.token_ids, dtype=torch.long)
     ticket = row_ticket(name, (vocab, dim), rows, rb.fingerprint())
     values = (after.to(torch.float32) - before.to(torch.float32))[rows].reshape(-1)

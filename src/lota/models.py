@@ -6,7 +6,9 @@ in it, and loads no file its shard index names outside it; the weights' headers 
 architecture the config builds, in shape and in kind (floats for float parameters).
 
 Default targets are the weight matrices of every linear layer inside the transformer blocks (q, k,
-v, o, gate, up, down on Llama); embeddings, the output head, norms and biases are frozen entirely.
+v, o, gate, up, down on Llama) and every expert's weights of a mixture of experts (the fused 3-D
+``mlp.experts.gate_up_proj`` and ``down_proj``); routers and gates, embeddings, the output head,
+norms and biases are frozen entirely.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from torch import nn
 
 from .errors import InputError, MismatchError
 from .fileio import atomic_dir, fingerprint, weight_digest
+from .keymap import KeyMap, KeyMapError
 
 _DTYPES = {
     "auto": "auto",
@@ -243,49 +246,69 @@ def _skeleton(folder: Path) -> nn.Module:
         ) from None
 
 
-def _read_headers(folder: Path, skeleton: nn.Module) -> dict[str, Path]:
-    """``{tensor name: file}`` of a folder's weights, from the safetensors headers alone. A tensor
-    the architecture has is refused when its shape differs from the config's (the weights belong
-    to another config) or when it holds integers or bools for a floating-point parameter (used as
-    weights, they would compute nonsense without any error)."""
+def _read_headers(folder: Path, skeleton: nn.Module) -> tuple[dict[str, Path], KeyMap]:
+    """``{checkpoint key: file}`` of a folder's weights and the ``KeyMap`` from those keys to the
+    model's parameters, from the safetensors headers alone. A parameter is refused when the shape
+    its keys convert to differs from the config's (the weights belong to another config) or when
+    a key it comes from holds integers or bools for a floating-point parameter (used as weights,
+    they would compute nonsense without any error)."""
     from safetensors import safe_open
 
     expected = skeleton.state_dict()
     where: dict[str, Path] = {}
+    headers: dict[str, tuple[list[int], str]] = {}
     for f in weight_files(folder):
         try:
             with safe_open(str(f), framework="pt") as h:
-                headers = {
-                    k: (h.get_slice(k).get_shape(), h.get_slice(k).get_dtype()) for k in h.keys()
-                }
+                for k in h.keys():
+                    headers[k] = (h.get_slice(k).get_shape(), h.get_slice(k).get_dtype())
+                    where[k] = f
         except Exception as e:
             raise InputError(
                 f"unreadable safetensors file ({_first_line(e)})",
                 str(f),
                 "the weights are corrupted; re-save the model",
             ) from None
-        for name, (shape, dtype) in headers.items():
-            where[name] = f
-            want = expected.get(name)
-            if want is None:
-                continue
-            if list(shape) != list(want.shape):
-                raise MismatchError(
-                    f"tensor '{name}' has shape {list(shape)} in the weights but "
-                    f"{list(want.shape)} in the architecture config.json describes",
-                    str(f),
-                    "the weights and config.json belong to different models; put the weights' own "
-                    "config.json beside them, or re-save the model with save_pretrained",
-                )
-            if want.is_floating_point() and not dtype.startswith(("F", "BF")):
-                raise InputError(
-                    f"tensor '{name}' is stored as {dtype}, but the model's parameter is "
-                    "floating point",
-                    str(f),
-                    "lota reads float weights (F32, BF16, F16); save the model unquantized "
-                    "with save_pretrained",
-                )
-    return where
+    keymap = KeyMap(skeleton, headers)
+    for name in keymap.names:
+        want, keys = expected[name], keymap.sources(name)
+        if want.is_floating_point():
+            for k in keys:
+                if not headers[k][1].startswith(("F", "BF")):
+                    raise InputError(
+                        f"tensor '{k}' is stored as {headers[k][1]}, but the model's parameter "
+                        f"'{name}' is floating point",
+                        str(where[k]),
+                        "lota reads float weights (F32, BF16, F16); save the model unquantized "
+                        "with save_pretrained",
+                    )
+    try:
+        shapes = keymap.shapes(headers)
+    except KeyMapError as e:
+        raise MismatchError(
+            f"tensors {_keys_label(e.keys)} do not convert into parameter '{e.name}' ({e.reason})",
+            str(where[e.keys[0]]),
+            "the weights and config.json belong to different models; put the weights' own "
+            "config.json beside them, or re-save the model with save_pretrained",
+        ) from None
+    for name, shape in shapes.items():
+        want = expected.get(name)
+        if want is not None and list(shape) != list(want.shape):
+            keys = keymap.sources(name)
+            label = f"'{name}'" if keys == [name] else f"'{name}' (stored as {_keys_label(keys)})"
+            raise MismatchError(
+                f"tensor {label} has shape {list(shape)} in the weights but "
+                f"{list(want.shape)} in the architecture config.json describes",
+                str(where[keys[0]]),
+                "the weights and config.json belong to different models; put the weights' own "
+                "config.json beside them, or re-save the model with save_pretrained",
+            )
+    return where, keymap
+
+
+def _keys_label(keys: list[str]) -> str:
+    more = f" and {len(keys) - 1} more" if len(keys) > 1 else ""
+    return f"'{keys[0]}'{more}"
 
 
 # ---------------------------------------------------------------------------- loading
@@ -351,16 +374,35 @@ def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
 
+def _is_router(module_name: str) -> bool:
+    """A mixture-of-experts router or gate (``mlp.gate``, ``router``, ``shared_expert_gate``):
+    it picks experts rather than computing features, so it is not a default target."""
+    last = module_name.rpartition(".")[2]
+    return last == "gate" or last.endswith("_gate") or "router" in last
+
+
+def _is_experts(module_name: str, module: nn.Module) -> bool:
+    """A block's fused experts (``mlp.experts``): one 3-D parameter per projection."""
+    return module_name.endswith(".experts") or type(module).__name__.endswith("Experts")
+
+
 def default_targets(model: nn.Module) -> dict[str, tuple[int, ...]]:
-    """Weights of linear layers inside the repeated transformer blocks."""
+    """Weights of linear layers inside the repeated transformer blocks, routers and gates
+    excepted, and every fused expert weight (the 3-D parameters of a mixture of experts)."""
     out = {}
     for module_name, module in model.named_modules():
+        if not _BLOCK.search(module_name + "."):
+            continue
         if (
             _is_linear(module)
-            and _BLOCK.search(module_name + ".")
+            and not _is_router(module_name)
             and isinstance(getattr(module, "weight", None), nn.Parameter)
         ):
             out[f"{module_name}.weight"] = tuple(module.weight.shape)
+        elif _is_experts(module_name, module) and not _is_linear(module):
+            for attr, p in module.named_parameters(recurse=False):
+                if p.dim() >= 3 and p.is_floating_point():
+                    out[f"{module_name}.{attr}"] = tuple(p.shape)
     return out
 
 
@@ -412,13 +454,15 @@ def model_fingerprint(model: nn.Module) -> str:
 
 # ---------------------------------------------------------------------------- lazy weights
 class WeightReader:
-    """Read a model folder's tensors one at a time from (sharded) safetensors files, the files
-    transformers would load, after their headers were checked against the config."""
+    """Read a model folder's parameters one at a time, by their in-memory names, from the
+    (sharded) safetensors files transformers would load, after their headers were checked against
+    the config. A parameter stored under another key, or fused from several (experts), is read
+    through transformers' own conversion (``KeyMap``)."""
 
     def __init__(self, path: str, what: str = "model"):
         self.folder = resolve_model_path(path, what)
         self.skeleton = _skeleton(self.folder)
-        self.where = _read_headers(self.folder, self.skeleton)
+        self.where, self.keymap = _read_headers(self.folder, self.skeleton)
         self.shapes = {n: tuple(p.shape) for n, p in named_weights(self.skeleton).items()}
         self._digests: dict = {}  # name -> hex digest, or a future of one
         self._pool = None
@@ -426,14 +470,23 @@ class WeightReader:
     def get(self, name: str) -> torch.Tensor:
         from safetensors import safe_open
 
-        if name not in self.where:
+        if not self.keymap.sources(name):
             raise InputError(
                 f"tensor '{name}' is not in the weight files",
                 str(self.folder),
                 "the weights do not match the config's architecture",
             )
-        with safe_open(str(self.where[name]), framework="pt") as h:
-            t = h.get_tensor(name)
+
+        with contextlib.ExitStack() as stack:
+            handles: dict[Path, object] = {}  # each file opened once for a fused parameter's keys
+
+            def read_key(key: str) -> torch.Tensor:
+                f = self.where[key]
+                if f not in handles:
+                    handles[f] = stack.enter_context(safe_open(str(f), framework="pt"))
+                return handles[f].get_tensor(key)
+
+            t = self.keymap.read(name, read_key)
         if self._pool is not None and name not in self._digests:
             self._bound_pending()
             self._digests[name] = self._pool.submit(weight_digest, t)

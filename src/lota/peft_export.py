@@ -13,7 +13,8 @@ The values are chosen so that PEFT's arithmetic (``w + value`` in float32, round
 dtype) writes what ``lota apply`` writes: the delta's values themselves when they are float32
 (bit-exact), otherwise ``applied - w`` per entry (bit-exact on half-precision bases, within two
 float32 roundings on a float32 base; the result says which). Embeddings, norms, biases, tied
-weights and ``Conv1D`` layers cannot be held by SHiRA; a delta touching them is refused
+weights, ``Conv1D`` layers and fused mixture-of-experts tensors (3-D ``mlp.experts.*``
+parameters) cannot be held by SHiRA; a delta touching them is refused
 (``lota apply`` writes a full model folder instead). See docs/peft.md. Nothing is unpickled.
 """
 
@@ -64,6 +65,15 @@ def adapter_layers(delta: SparseDelta, skeleton: torch.nn.Module, where: str) ->
             continue
         module_name = name.removesuffix(".weight")
         module = modules.get(module_name) if name.endswith(".weight") else None
+        if module is None and len(delta.ticket.shapes[name]) == 3:
+            raise InputError(
+                f"the delta changes '{name}', a fused mixture-of-experts tensor "
+                f"{list(delta.ticket.shapes[name])}; PEFT's SHiRA adapts only linear layers (PEFT "
+                "reaches fused expert parameters only through LoRA's target_parameters, which "
+                "cannot hold sparse entries exactly)",
+                where,
+                _APPLY,
+            )
         if not isinstance(module, torch.nn.Linear):
             kind = type(module).__name__ if module is not None else "not a layer's weight"
             raise InputError(

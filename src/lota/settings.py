@@ -215,6 +215,22 @@ class AdaptConfig:
     calibration_lr: float | None = setting(
         None, type=float, help="learning rate of calibration (default --lr)"
     )
+    calibration: str = setting(
+        sources.DEFAULT_CALIBRATION,
+        names=sources.calibration_names(),
+        help="how --method lota and bottomk calibrate: {names} (default {default})",
+    )
+    fisher_dtype: str = setting(
+        "float32",
+        names=sources.FISHER_DTYPES,
+        help="--calibration fisher: precision of the score buffer, {names} (default {default})",
+    )
+    lora_calibration_score: str = setting(
+        "change",
+        names=sources.LORA_CALIBRATION_SCORES,
+        help="--calibration lora: the ticket from the adapter's merged change or the full "
+        "weights' squared gradients, {names} (default {default})",
+    )
     steps: int | None = setting(None, type=int, help="training steps (default: one epoch)")
     epochs: float | None = setting(None, type=float, help="training epochs instead of --steps")
     lr: float = setting(1e-5, help="learning rate (default 1e-5)")
@@ -323,6 +339,7 @@ class AdaptConfig:
                 f"--protect needs a sparse method; --method {self.method} trains every target entry"
             )
         errors += sources.requirement_errors(self)
+        errors += sources.calibration_errors(self)
         w = dist.world()
         parts = w.size * self.grad_accum
         if self.batch_size >= 1 and self.grad_accum >= 1 and self.batch_size % parts:

@@ -6,7 +6,9 @@ one ``Source`` entry here: its name, what it needs, the settings it reads and th
 builds the ticket. A source is the method's own, or chosen by a setting (``--ticket``,
 ``--calibrated``, ``--protect-mode flip``), the first such in table order winning.
 ``AdaptConfig.validate``, ``lota adapt``'s dispatch, the ``--method`` help and the lab's lists read
-this table and nothing else, so a new source is one entry in this file.
+this table and nothing else, so a new source is one entry in this file. How the calibrating
+sources (``lota``, ``bottomk``) score the entries is the sub-table ``CALIBRATIONS``
+(``--calibration``): a new calibration is one entry there.
 
 Invariant: importing this module loads neither torch nor transformers (the CLI builds its parser
 from it); implementations import what they need when they run.
@@ -168,6 +170,112 @@ def _calibration(ctx: Context) -> Ticket:
     return calibrate_and_select(ctx.run, ctx.k, ctx.protected, ctx.info, ctx.source.selector)
 
 
+# ---------------------------------------------------------------------------- calibrations
+@dataclass(frozen=True)
+class Calibration:
+    """How a calibrating source (``lota``, ``bottomk``) scores the target entries before
+    selecting its ticket (``--calibration``).
+
+    ``memory``: what it holds besides activations, in words. ``settings``: the ``AdaptConfig``
+    fields it reads besides the calibration steps and rate. ``select(run, k, protected,
+    selector)``: runs the calibration on ``lota.adapt``'s run, returns the exact top-k ticket of
+    its scores (disjoint from ``protected``) and leaves the targets at their starting weights,
+    frozen. ``check(targets)``: refuses targets it cannot calibrate, before anything is written.
+    ``fsdp_refusal``: why it cannot run under ``--fsdp``, if it cannot.
+    """
+
+    name: str
+    help: str
+    memory: str
+    settings: tuple[str, ...]
+    select: Callable[[Any, int, Any, str], Ticket]
+    check: Callable[[dict], None] | None = None
+    fsdp_refusal: str | None = None
+
+
+def _dense_calibration(optimizer: str | None):
+    def select(run, k, protected, selector):
+        from .adapt import dense_calibration
+
+        return dense_calibration(run, k, protected, selector, optimizer)
+
+    return select
+
+
+def _fisher(run, k, protected, selector):
+    from .calibration import fisher
+
+    return fisher(run, k, protected, selector)
+
+
+def _lora_warmup(run, k, protected, selector):
+    from .calibration import lora
+
+    return lora(run, k, protected, selector)
+
+
+def _lora_targets(targets: dict) -> None:
+    from .calibration import lora_modules
+
+    lora_modules(targets, "--calibration")
+
+
+CALIBRATIONS: dict[str, Calibration] = {
+    c.name: c
+    for c in (
+        Calibration(
+            "adamw",
+            "dense training of the targets with --optimizer (AdamW by default), then the top-k "
+            "of |task vector| and a reset",
+            "the weights, their gradients and the optimizer's state (two buffers for AdamW)",
+            ("optimizer", "weight_decay", "momentum", "max_grad_norm"),
+            _dense_calibration(None),
+        ),
+        Calibration(
+            "sgd",
+            "dense training of the targets with plain SGD (no momentum, no weight decay), then "
+            "the top-k of |task vector| and a reset",
+            "the weights and their gradients (no optimizer state)",
+            ("max_grad_norm",),
+            _dense_calibration("sgd"),
+            # its tickets often leave a tensor without entries, which the sharded sparse phase
+            # cannot train
+            fsdp_refusal="--calibration sgd does not run under --fsdp; use --calibration adamw "
+            "or drop --fsdp",
+        ),
+        Calibration(
+            "fisher",
+            "the squared gradients of the calibration batches summed per entry (diagonal "
+            "Fisher); no weight changes",
+            "the weights, their gradients and one score buffer (--fisher-dtype)",
+            ("fisher_dtype",),
+            _fisher,
+            fsdp_refusal="--calibration fisher does not run under --fsdp; use --calibration adamw "
+            "or drop --fsdp",
+        ),
+        Calibration(
+            "lora",
+            "a PEFT LoRA warm-up, then the top-k of its merged change or of the full weights' "
+            "squared gradients (--lora-calibration-score); the adapter is then removed",
+            "about what LoRA training needs (gradient score: plus one gradient step of the "
+            "targets)",
+            ("lora_r", "lora_alpha", "lora_calibration_score"),
+            _lora_warmup,
+            check=_lora_targets,
+            fsdp_refusal="--calibration lora does not run under --fsdp; use --calibration adamw "
+            "or drop --fsdp",
+        ),
+    )
+}
+DEFAULT_CALIBRATION = "adamw"
+FISHER_DTYPES = ("float32", "bfloat16")
+LORA_CALIBRATION_SCORES = ("change", "gradient")
+
+
+def calibration_names() -> tuple[str, ...]:
+    return tuple(CALIBRATIONS)
+
+
 def _check_calibrated(cfg) -> None:
     """The fine-tuned model exists and has the base's target tensors."""
     from .task_vectors import _readers
@@ -202,6 +310,14 @@ def _ks_tokens(cfg) -> dict:
     return {"ticket": str(ticket)}
 
 
+_CALIBRATING = (
+    "calibration_steps",
+    "calibration_lr",
+    "lr",
+    "seed",
+    "calibration",
+    *sorted({f for c in CALIBRATIONS.values() for f in c.settings}),
+)
 # Setting-chosen sources come first, in the order they win: --ticket, then flip, then --calibrated.
 register(
     Source(
@@ -251,7 +367,7 @@ register(
         "calibration",
         "dense calibration steps, then the exact top-k of |task vector|",
         needs="calibration",
-        settings=("calibration_steps", "calibration_lr", "lr", "seed"),
+        settings=_CALIBRATING,
         build=_calibration,
         selector="magnitude",
     )
@@ -261,7 +377,7 @@ register(
         "bottomk",
         "the same calibration, then the k entries of smallest |task vector|",
         needs="calibration",
-        settings=("calibration_steps", "calibration_lr", "lr", "seed"),
+        settings=_CALIBRATING,
         build=_calibration,
         selector="bottomk",
     )
@@ -433,10 +549,47 @@ def requirement_errors(cfg) -> list[str]:
 
 
 def fsdp_errors(cfg) -> list[str]:
-    """Why ``cfg``'s trainer or chosen sources cannot run under ``--fsdp``."""
+    """Why ``cfg``'s trainer, chosen sources or calibration cannot run under ``--fsdp``."""
     m = METHODS.get(cfg.method)
     refusals = [TRAINERS[m.trainer].fsdp_refusal] if m is not None else []
-    return [r for r in refusals + [s.fsdp_refusal for s in chosen(cfg)] if r]
+    refusals += [s.fsdp_refusal for s in chosen(cfg)]
+    if calibration_runs(cfg) and cfg.calibration in CALIBRATIONS:
+        refusals.append(CALIBRATIONS[cfg.calibration].fsdp_refusal)
+    return [r for r in refusals if r]
+
+
+def calibration_runs(cfg) -> bool:
+    """Whether ``cfg``'s ticket comes from a calibration run (its sparse method's own source
+    calibrates and no setting picks another source)."""
+    m = METHODS.get(cfg.method)
+    return m is not None and m.sparse and source_for(cfg).needs == "calibration"
+
+
+def calibration_errors(cfg) -> list[str]:
+    """An unknown ``--calibration`` or its settings' values, and a calibration other than the
+    default where no calibration runs."""
+    errors = []
+    if cfg.calibration not in CALIBRATIONS:
+        errors.append(f"--calibration '{cfg.calibration}' is not one of {', '.join(CALIBRATIONS)}")
+    if cfg.fisher_dtype not in FISHER_DTYPES:
+        errors.append(
+            f"--fisher-dtype '{cfg.fisher_dtype}' is not one of {', '.join(FISHER_DTYPES)}"
+        )
+    if cfg.lora_calibration_score not in LORA_CALIBRATION_SCORES:
+        errors.append(
+            f"--lora-calibration-score '{cfg.lora_calibration_score}' is not one of "
+            + ", ".join(LORA_CALIBRATION_SCORES)
+        )
+    m = METHODS.get(cfg.method)
+    if cfg.calibration != DEFAULT_CALIBRATION and m is not None and not calibration_runs(cfg):
+        calibrating = [
+            n for n, x in METHODS.items() if x.source and SOURCES[x.source].needs == "calibration"
+        ]
+        errors.append(
+            f"--calibration {cfg.calibration} needs a run that calibrates (--method "
+            f"{' or '.join(calibrating)}, without --ticket, --calibrated or --protect-mode flip)"
+        )
+    return errors
 
 
 # ---------------------------------------------------------------------------- tickets from files

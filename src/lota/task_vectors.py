@@ -125,7 +125,13 @@ def make_delta(
     values_dtype=torch.float32,
     show_progress: bool = True,
 ) -> SparseDelta:
-    """``tuned - base`` at a ticket's entries; with ``sparsity`` instead, the ticket is extracted first."""
+    """``tuned - base`` at a ticket's entries; with ``sparsity`` instead, the ticket is extracted first.
+
+    The difference is computed in float32 and kept in ``values_dtype``; ``"auto"`` keeps float32,
+    which ``format.save(..., values_dtype="auto")`` then stores in 16 bits wherever that is exact.
+    """
+    if values_dtype == "auto":
+        values_dtype = torch.float32
     if (ticket is None) == (sparsity is None):
         raise InputError(
             "give either a ticket or a sparsity", "lota delta", "pass --ticket FILE or --sparsity S"

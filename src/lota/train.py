@@ -182,6 +182,7 @@ def train(
     world: World | None = None,
     grad_accum: int = 1,
     sharded: bool = False,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> list[float]:
     """Run optimizer steps ``start_step + 1 .. s.steps`` on ``params``; returns their losses.
 
@@ -189,13 +190,14 @@ def train(
     after every step, which is where checkpoints are written. Each step averages the gradients of
     ``grad_accum`` micro-batches per process; with several processes the model is wrapped in
     ``DistributedDataParallel`` for the phase, unless it is ``sharded`` (FSDP2) already.
+    ``optimizer``: one built over ``params`` already, instead of the one ``s`` names.
     """
     world = world or World()
     if not params:
         raise InputError(
             "nothing to train: no trainable parameters", fix="check --targets and the ticket"
         )
-    opt = make_optimizer(params, s)
+    opt = optimizer if optimizer is not None else make_optimizer(params, s)
     if optimizer_state:
         load_optimizer_state(opt, optimizer_state)
     model.train()

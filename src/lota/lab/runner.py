@@ -207,6 +207,7 @@ class Lab:
             save_model=True,
             checkpoint_every=10**9,
             progress=False,
+            **_calibrator(spec),
         )
         info = adapt(cfg)
         write_json(folder / "result.json", {"spec": spec, "info": info})
@@ -341,6 +342,22 @@ def _worker_init() -> None:
 
 def _fetch_in_worker(lab: Lab, spec: dict, scores) -> None:
     lab._fetch(spec, scores)
+
+
+# spec key -> AdaptConfig field of the calibration method. The spec's ``calibration`` is the
+# number of calibration steps, so the method goes by another key.
+CALIBRATOR_KEYS = {
+    "calibration_method": "calibration",
+    "fisher_dtype": "fisher_dtype",
+    "lora_calibration_score": "lora_calibration_score",
+}
+
+
+def _calibrator(spec: dict) -> dict:
+    """The calibration settings a spec names, as AdaptConfig keywords. Specs without them (every
+    spec that does not ask for another calibration) leave the config's defaults, so their
+    configs and cache keys are what they were."""
+    return {field: spec[key] for key, field in CALIBRATOR_KEYS.items() if key in spec}
 
 
 def _max_length(model: str) -> int:

@@ -10,7 +10,7 @@ in ``CLAIMS``.
 
 from __future__ import annotations
 
-from . import ks, merge, safety, sequential, single
+from . import calibration, ks, merge, safety, sequential, single
 
-CLAIMS = (single, sequential, merge, safety, ks)
+CLAIMS = (single, sequential, merge, safety, ks, calibration)
 BY_NAME = {c.NAME: c for c in CLAIMS}

@@ -1,0 +1,262 @@
+"""The calibration claim: do memory-light calibrations (plain SGD, squared gradients, a LoRA
+warm-up) give tickets as good as LoTA's dense AdamW calibration?
+
+On the first two tasks, LoTA is trained with each calibration and the same sparse phase, and a
+random ticket of the same size is the floor. Each variant gets its own learning-rate search over
+the LoTA grid on validation (first seed), then every seed is scored on test.
+
+"Within noise of AdamW's" is a Welch t-test on the per-seed test scores at ``ALPHA``: a variant
+is within noise when the test does not reject equal means. With 3 seeds the test has little
+power, so the report also gives the difference of means with its 95 % Welch interval (what the
+seeds cannot exclude) and the random ticket's own verdict against AdamW's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+from pathlib import Path
+
+from ..quality import Quality, spec, stats
+from ..report import _bars, _bullets, _plt, _save, _table, fmt
+from ..runner import CALIBRATOR_KEYS
+
+NAME = "calibration"
+ALPHA = 0.05
+# variant -> (method, calibration settings as AdaptConfig fields). A setting equal to the config's
+# default is left out of the spec, so "adamw" and "random" are the single claim's lota and random
+# runs, shared through the cache.
+VARIANTS = {
+    "adamw": ("lota", {"calibration": "adamw"}),
+    "sgd": ("lota", {"calibration": "sgd"}),
+    "fisher": ("lota", {"calibration": "fisher", "fisher_dtype": "float32"}),
+    "lora-change": ("lota", {"calibration": "lora", "lora_calibration_score": "change"}),
+    "lora-gradient": ("lota", {"calibration": "lora", "lora_calibration_score": "gradient"}),
+    "random": ("random", {}),
+}
+LABELS = {
+    "adamw": "AdamW (LoTA's own)",
+    "sgd": "SGD",
+    "fisher": "Fisher (squared gradients, fp32)",
+    "lora-change": "LoRA warm-up, merged change",
+    "lora-gradient": "LoRA warm-up, squared gradients",
+    "random": "random ticket",
+}
+
+
+def spec_keys(settings: dict) -> dict:
+    """The spec keys of a variant's calibration settings: only those that differ from
+    ``AdaptConfig``'s defaults."""
+    from ...adapt import AdaptConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(AdaptConfig)}
+    by_field = {field: key for key, field in CALIBRATOR_KEYS.items()}
+    return {
+        by_field[f]: v for f, v in settings.items() if defaults.get(f, dataclasses.MISSING) != v
+    }
+
+
+def welch(a: list[float], b: list[float], alpha: float = ALPHA) -> dict:
+    """Welch's t-test of mean(a) = mean(b), with the difference of means and its ``1 - alpha``
+    interval. ``within_noise``: the test does not reject at ``alpha`` (None: fewer than 2 values
+    on a side, nothing to test)."""
+    from scipy import stats as st
+
+    diff = statistics.fmean(a) - statistics.fmean(b)
+    out = {"diff": diff, "ci": None, "t": None, "df": None, "p": None, "within_noise": None}
+    if len(a) < 2 or len(b) < 2:
+        return out
+    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    se2 = va + vb
+    if se2 == 0:  # every seed gave the same score on both sides
+        p = 1.0 if diff == 0 else 0.0
+        out.update(ci=[diff, diff], p=p, within_noise=p >= alpha)
+        return out
+    df = se2**2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    t = diff / math.sqrt(se2)
+    half = float(st.t.ppf(1 - alpha / 2, df)) * math.sqrt(se2)
+    p = float(2 * st.t.sf(abs(t), df))
+    out.update(ci=[diff - half, diff + half], t=t, df=df, p=p, within_noise=p >= alpha)
+    return out
+
+
+def measure(q: Quality):
+    """Each calibration's ticket against AdamW's and a random one, on the first two tasks."""
+    tasks = q.tasks[:2]
+    keys = {v: spec_keys(settings) for v, (_, settings) in VARIANTS.items()}
+    plan = {
+        (t, v): q.searches(t, method, **keys[v])
+        for t in tasks
+        for v, (method, _) in VARIANTS.items()
+    }
+    yield [(s, [(t, "validation", "default")]) for (t, _), ss in plan.items() for s in ss]
+    lrs = {}
+    for (t, v), ss in plan.items():
+        if keys[v]:
+            lrs[(t, v)] = q.choose(t, f"lota/{v}", ss, label=f"{t}/lota, {v} calibration")
+        else:  # LoTA's own and the random ticket: the single claim's searches
+            lrs[(t, v)] = q.choose(t, VARIANTS[v][0], ss)
+    main = {
+        (t, v, seed): spec(t, VARIANTS[v][0], lrs[(t, v)], seed, **keys[v])
+        for t in tasks
+        for v in VARIANTS
+        for seed in q.seeds
+    }
+    yield [(s, [(t, "test", "default")]) for (t, _, _), s in main.items()]
+    table = {}
+    for t in tasks:
+        adamw = [q.lab.run(main[(t, "adamw", seed)]) for seed in q.seeds]
+        for v in VARIANTS:
+            runs = [q.lab.run(main[(t, v, seed)]) for seed in q.seeds]
+            table[f"{t}/{v}"] = {
+                "lr": lrs[(t, v)],
+                "spec_keys": keys[v],
+                "score": stats([q.test(r, t)["score"] for r in runs]),
+                "trained_entries": runs[0].info["k"],
+                "seconds": stats([r.info["seconds"] for r in runs]),
+                "shared_with_adamw": stats([_shared(r, a) for r, a in zip(runs, adamw)]),
+            }
+    q.results[NAME] = {"tasks": tasks, "alpha": ALPHA, "variants": table, **verdicts(table, tasks)}
+
+
+def _shared(run, other) -> float:
+    """The fraction of ``other``'s ticket that ``run``'s ticket also holds."""
+    from ...merge import overlap
+
+    pair = overlap([other.delta, run.delta])["pairs"][0]
+    return pair["shared"] / max(1, pair["nnz_a"])
+
+
+def verdicts(table: dict, tasks: list[str]) -> dict:
+    """Every variant against AdamW's ticket, and LoRA's two scores against each other."""
+
+    def values(t, v):
+        return table[f"{t}/{v}"]["score"]["values"]
+
+    vs_adamw = {
+        f"{t}/{v}": welch(values(t, v), values(t, "adamw"))
+        for t in tasks
+        for v in VARIANTS
+        if v != "adamw" and values(t, v) and values(t, "adamw")
+    }
+    lora = {
+        t: welch(values(t, "lora-gradient"), values(t, "lora-change"))
+        for t in tasks
+        if values(t, "lora-gradient") and values(t, "lora-change")
+    }
+    signs = {(w["diff"] > 0) - (w["diff"] < 0) for w in lora.values()}
+    names = {1: "lora-gradient", -1: "lora-change", 0: "neither"}
+    higher = names[signs.pop()] if len(signs) == 1 else "split" if signs else "not measured"
+    return {"vs_adamw": vs_adamw, "lora_gradient_vs_change": lora, "lora_higher_mean": higher}
+
+
+# ---------------------------------------------------------------------------- plot and report
+def plot(results: dict, out: Path) -> dict[str, str]:
+    cal = results.get(NAME)
+    if not cal:
+        return {}
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.5, 3.6))
+    _bars(
+        ax,
+        cal["tasks"],
+        {v: [cal["variants"][f"{t}/{v}"]["score"] for t in cal["tasks"]] for v in VARIANTS},
+        "test score",
+    )
+    ax.set_title("Calibration: tickets from each calibration, sparsity 0.9 (dots: seeds)")
+    return {"calibration": _save(fig, out / "calibration.png")}
+
+
+def _verdict(w: dict | None) -> str:
+    if not w or w["within_noise"] is None:
+        return "not tested (1 seed)"
+    if w["within_noise"]:
+        return "within noise"
+    return "above" if w["diff"] > 0 else "below"
+
+
+def _ci(w: dict) -> str:
+    return "-" if not w["ci"] else f"[{w['ci'][0]:+.3f}, {w['ci'][1]:+.3f}]"
+
+
+def _p(w: dict) -> str:
+    return "-" if w["p"] is None else f"{w['p']:.3f}"
+
+
+def render(results: dict, figs: dict[str, str]) -> list[str]:
+    cal = results.get(NAME)
+    if not cal:
+        return []
+    tasks, table = cal["tasks"], cal["variants"]
+    out = ["## Calibration: memory-light calibrations vs AdamW's\n"]
+    out.append(
+        "LoTA with each calibration (same calibration steps and learning rate, same sparse "
+        "phase, sparsity 0.9), and a random ticket of the same size. Each variant has its own "
+        "learning-rate search over the LoTA grid on validation. *Within noise* means a Welch "
+        f"t-test on the per-seed test scores does not reject equal means at alpha {cal['alpha']}; "
+        f"the interval is the {100 * (1 - cal['alpha']):.0f} % Welch interval of the difference "
+        "of means, with no correction for the five comparisons per task. Few seeds make the test "
+        "weak: within noise is not the same as equal.\n"
+    )
+    head = ["calibration", *tasks, *(f"lr {t}" for t in tasks)]
+    head += [f"shared with AdamW's ticket ({t})" for t in tasks] + [f"run seconds ({tasks[0]})"]
+    rows = []
+    for v in VARIANTS:
+        r = [table[f"{t}/{v}"] for t in tasks]
+        rows.append(
+            [LABELS[v]]
+            + [fmt(x["score"]) for x in r]
+            + [f"{x['lr']:g}" for x in r]
+            + [fmt(x["shared_with_adamw"], 2) for x in r]
+            + [fmt(r[0]["seconds"], 1)]
+        )
+    out.append(_table(head, rows))
+    rows = []
+    for v in VARIANTS:
+        for t in tasks:
+            w = cal["vs_adamw"].get(f"{t}/{v}")
+            if w:
+                rows.append([LABELS[v], t, f"{w['diff']:+.3f}", _ci(w), _p(w), _verdict(w)])
+    out.append(
+        _table(
+            ["calibration", "task", "mean - AdamW's", "95 % interval", "Welch p", "verdict"], rows
+        )
+    )
+    out.append(_bullets(_sentences(cal)))
+    if "calibration" in figs:
+        out.append(f"![calibration]({figs['calibration']})\n")
+    return out
+
+
+def _sentences(cal: dict) -> list[str]:
+    tasks, lines = cal["tasks"], []
+    for v in VARIANTS:
+        if v == "adamw":
+            continue
+        per = [(t, cal["vs_adamw"].get(f"{t}/{v}")) for t in tasks]
+        words = [f"{_verdict(w)} on {t}" for t, w in per]
+        lines.append(f"{LABELS[v]} vs AdamW's ticket: " + ", ".join(words) + ".")
+    weak = [t for t in tasks if (cal["vs_adamw"].get(f"{t}/random") or {}).get("within_noise")]
+    if weak:
+        lines.append(
+            f"The random ticket is itself within noise of AdamW's on {' and '.join(weak)}: there "
+            "the test cannot tell a calibrated ticket from an uncalibrated one, so a within-noise "
+            "verdict on that task says little."
+        )
+    lora, higher = cal["lora_gradient_vs_change"], cal["lora_higher_mean"]
+    detail = "; ".join(
+        f"{t}: gradient - change {w['diff']:+.3f}, Welch p {_p(w)}" for t, w in lora.items()
+    )
+    if higher in ("lora-gradient", "lora-change"):
+        other = "change" if higher == "lora-gradient" else "gradient"
+        sig = [t for t, w in lora.items() if w["within_noise"] is False]
+        lines.append(
+            f"LoRA scores: {higher.split('-')[1]} has a higher mean than {other} on every task "
+            f"({detail}); Welch's test separates them on "
+            + (" and ".join(sig) if sig else "no task")
+            + "."
+        )
+    elif lora:
+        lines.append(f"LoRA scores: neither is higher on every task ({detail}).")
+    return lines

@@ -1,0 +1,228 @@
+"""``--values-dtype auto``: 16-bit values wherever they hold the float32 difference exactly.
+
+The invariant: an auto file loads to the very float32 values of the float32 file, so ``apply``,
+``merge`` and ``export-peft`` of the two give identical outputs, while the file is smaller.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from lota import format as fmt
+from lota.cli import main
+from lota.delta import SparseDelta
+from lota.errors import FormatError
+from lota.ticket import Ticket
+from lota.toy import byte_tokenizer, tiny_llama
+
+TINY = {"hidden": 32, "layers": 2, "heads": 2}
+
+
+def lota(capsys, *args):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return out
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.uint8)
+
+
+def save_pair(folder, dtype: torch.dtype, sigma: float = 1e-3):
+    """A base of ``dtype`` and a tuned model: every weight moved by ``N(0, sigma)``, rounded."""
+    model = tiny_llama(seed=0, **TINY).to(dtype)
+    model.save_pretrained(folder / "base", safe_serialization=True)
+    byte_tokenizer().save_pretrained(folder / "base")
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_((p.float() + torch.randn(p.shape, generator=g) * sigma).to(dtype))
+    model.save_pretrained(folder / "tuned", safe_serialization=True)
+    byte_tokenizer().save_pretrained(folder / "tuned")
+    return folder / "base", folder / "tuned"
+
+
+@pytest.fixture(scope="module", params=["bfloat16", "float16"])
+def half(request, tmp_path_factory):
+    """Base, tuned, and the delta between them as an auto and as a float32 file."""
+    folder = tmp_path_factory.mktemp(f"half_{request.param}")
+    base, tuned = save_pair(folder, getattr(torch, request.param))
+    files = {}
+    for vd in ("auto", "float32"):
+        files[vd] = folder / f"{vd}.safetensors"
+        argv = ["delta", base, tuned, "--sparsity", "0.5", "--out", files[vd], "--quiet"]
+        assert main([str(a) for a in argv + ["--values-dtype", vd]]) == 0
+    return folder, base, tuned, files
+
+
+def test_auto_is_the_default_of_lota_delta(half, tmp_path):
+    _, base, tuned, files = half
+    out = tmp_path / "d.safetensors"
+    assert main([str(a) for a in ["delta", base, tuned, "--sparsity", "0.5", "--out", out]]) == 0
+    assert fmt.read_header(out)[1]["config"]["values_dtype"] == "auto"
+    assert fmt.read_header(out)[1]["tensors"] == fmt.read_header(files["auto"])[1]["tensors"]
+    a, b = load_file(str(out)), load_file(str(files["auto"]))
+    assert a.keys() == b.keys() and all(torch.equal(bits(a[k]), bits(b[k])) for k in a)
+
+
+def test_auto_loads_to_the_float32_values_bit_for_bit(half):
+    _, _, _, files = half
+    auto, f32 = fmt.load(files["auto"]), fmt.load(files["float32"])
+    for name, idx in f32.indices.items():
+        assert torch.equal(auto.indices[name], idx), name
+        assert auto.values[name].dtype == torch.float32, name
+        assert torch.equal(bits(auto.values[name]), bits(f32.values[name])), name
+    assert files["auto"].stat().st_size < files["float32"].stat().st_size
+
+
+def test_auto_stores_16_bits_where_exact_and_float32_elsewhere(half):
+    _, _, _, files = half
+    f32 = fmt.load(files["float32"])
+    _, header = fmt.read_header(files["auto"])
+    split = 0
+    with safe_open(str(files["auto"]), framework="pt") as f:
+        for name, e in header["tensors"].items():
+            want = f32.values[name]
+            if not want.numel():
+                continue
+            stored = f.get_tensor(f"{name}::values")
+            assert str(stored.dtype).removeprefix("torch.") == e["values_dtype"], name
+            if e["values_dtype"] == "float32":
+                assert "fix" not in e, name
+                continue
+            assert stored.dtype in (torch.bfloat16, torch.float16), name
+            # exactly the entries that 16 bits do not hold are kept as float32
+            inexact = torch.nonzero(
+                bits(stored.float()).view(torch.int32) != bits(want).view(torch.int32)
+            ).view(-1)
+            nfix = e.get("fix", {}).get("nnz", 0)
+            assert nfix == inexact.numel(), name
+            if nfix:
+                split += 1
+                assert torch.equal(bits(f.get_tensor(f"{name}::fix_values")), bits(want[inexact]))
+    assert split > 0  # a perturbed model has entries that need float32
+    assert fmt.read_header(files["auto"])[0]["format_version"] == "3"
+
+
+def test_apply_of_auto_is_the_tuned_model_bit_for_bit(half, capsys):
+    folder, base, tuned, files = half
+    for vd in ("auto", "float32"):
+        lota(capsys, "apply", base, files[vd], "--out", folder / f"applied_{vd}", "--quiet")
+    a = load_file(str(folder / "applied_auto" / "model.safetensors"))
+    b = load_file(str(folder / "applied_float32" / "model.safetensors"))
+    t = load_file(str(tuned / "model.safetensors"))
+    delta = fmt.load(files["auto"])
+    for key in b:
+        assert torch.equal(bits(a[key]), bits(b[key])), key
+    for name, idx in delta.indices.items():  # the ticket's entries are the tuned weights
+        assert torch.equal(bits(a[name].reshape(-1)[idx]), bits(t[name].reshape(-1)[idx])), name
+
+
+def test_merge_add_of_auto_equals_merge_of_float32(half, capsys):
+    folder, _, _, files = half
+    merged = {}
+    for vd in ("auto", "float32"):
+        out = folder / f"merged_{vd}.safetensors"
+        lota(capsys, "merge", files[vd], files[vd], "--method", "add", "--out", out, "--quiet")
+        merged[vd] = fmt.load(out)
+    for name, v in merged["float32"].values.items():
+        assert torch.equal(merged["auto"].indices[name], merged["float32"].indices[name])
+        assert torch.equal(bits(merged["auto"].values[name].float()), bits(v.float())), name
+
+
+def test_export_peft_of_auto_equals_export_of_float32(half, capsys):
+    folder, base, _, files = half
+    adapters = {}
+    for vd in ("auto", "float32"):
+        out = folder / f"adapter_{vd}"
+        text = lota(capsys, "export-peft", files[vd], "--base", base, "--out", out)
+        assert "merge exact" in text, text
+        adapters[vd] = load_file(str(out / "adapter_model.safetensors"))
+    assert adapters["auto"].keys() == adapters["float32"].keys()
+    for key, t in adapters["float32"].items():
+        assert torch.equal(bits(adapters["auto"][key]), bits(t)), key
+
+
+def test_inspect_shows_the_per_tensor_dtypes(half, capsys):
+    _, _, _, files = half
+    text = lota(capsys, "inspect", files["auto"])
+    assert "+float32" in text, text
+    info = json.loads(lota(capsys, "inspect", files["auto"], "--json"))
+    info = info[0] if isinstance(info, list) else info
+    _, header = fmt.read_header(files["auto"])
+    for name, t in info["tensors"].items():
+        e = header["tensors"][name]
+        want = e["values_dtype"] + ("+float32" if "fix" in e else "")
+        assert t["values_dtype"] == want, name
+        assert t["float32_fixes"] == e.get("fix", {}).get("nnz", 0), name
+    assert "float32" in info["values_dtype"] and len(info["values_dtype"]) >= 2
+
+
+def test_explicit_dtypes_keep_their_meaning(half, tmp_path):
+    _, base, tuned, files = half
+    f32 = fmt.load(files["float32"])
+    for vd in ("bfloat16", "float16"):
+        out = tmp_path / f"{vd}.safetensors"
+        argv = ["delta", base, tuned, "--sparsity", "0.5", "--out", out, "--values-dtype", vd]
+        assert main([str(a) for a in argv + ["--quiet"]]) == 0
+        got = fmt.load(out)
+        assert fmt.read_header(out)[0]["format_version"] == "1"
+        for name, v in f32.values.items():
+            assert got.values[name].dtype == getattr(torch, vd), name
+            assert torch.equal(bits(got.values[name]), bits(v.to(getattr(torch, vd)))), name
+
+
+def test_fp32_base_gives_the_float32_file(tmp_path):
+    base, tuned = save_pair(tmp_path, torch.float32)
+    paths = {}
+    for vd in ("auto", "float32"):
+        paths[vd] = tmp_path / f"{vd}.safetensors"
+        argv = ["delta", base, tuned, "--sparsity", "0.5", "--out", paths[vd], "--values-dtype", vd]
+        assert main([str(a) for a in argv + ["--quiet"]]) == 0
+    (meta_a, head_a), (meta_f, head_f) = map(fmt.read_header, paths.values())
+    assert head_a["tensors"] == head_f["tensors"] and head_a["checksums"] == head_f["checksums"]
+    assert meta_a["format_version"] == meta_f["format_version"] == "1"
+    a, f = load_file(str(paths["auto"])), load_file(str(paths["float32"]))
+    assert a.keys() == f.keys() and all(torch.equal(bits(a[k]), bits(f[k])) for k in f)
+    assert all(e["values_dtype"] == "float32" for e in head_a["tensors"].values())
+
+
+def test_auto_keeps_values_already_in_16_bits_and_all_exact_tensors_stay_v1(tmp_path):
+    ticket = Ticket(
+        shapes={"a": (64,), "b": (64,)}, indices={"a": torch.arange(8), "b": torch.arange(4)}
+    )
+    values = {"a": torch.randn(8).to(torch.bfloat16), "b": torch.tensor([0.5, -0.25, 0.0, 2.0])}
+    path = tmp_path / "d.safetensors"
+    fmt.save(SparseDelta(ticket, values), path, values_dtype="auto")
+    meta, header = fmt.read_header(path)
+    assert meta["format_version"] == "1" and "fix" not in str(header["tensors"])
+    assert header["tensors"]["a"]["values_dtype"] == "bfloat16"
+    assert header["tensors"]["b"]["values_dtype"] in ("bfloat16", "float16")
+    got = fmt.load(path)
+    assert torch.equal(bits(got.values["a"]), bits(values["a"]))
+    assert torch.equal(got.values["b"].float(), values["b"])
+
+
+def test_split_file_refused_when_it_claims_an_older_version_or_fixes_are_corrupt(half, tmp_path):
+    _, _, _, files = half
+    tensors = load_file(str(files["auto"]))
+    with safe_open(str(files["auto"]), framework="pt") as f:
+        meta = f.metadata()
+    old = tmp_path / "old.safetensors"
+    save_file(tensors, str(old), metadata={**meta, "format_version": "2"})
+    with pytest.raises(FormatError, match="version 3"):
+        fmt.load(old)
+    key = next(k for k in tensors if k.endswith("::fix_values"))
+    bad = dict(tensors, **{key: tensors[key][:-1]})
+    corrupt = tmp_path / "corrupt.safetensors"
+    save_file(bad, str(corrupt), metadata=meta)
+    with pytest.raises(FormatError):
+        fmt.load(corrupt)
+    with pytest.raises(FormatError):
+        fmt.load(corrupt, verify=False)
