@@ -568,13 +568,11 @@ def calibrate_and_select(
     """Run the ``--calibration`` of ``lota.sources.CALIBRATIONS``: it selects the ticket of ``k``
     entries from its scores with ``selector`` and leaves the targets at the starting weights."""
     cfg = run.cfg
-    ticket = sources.CALIBRATIONS[cfg.calibration].select(run, k, protected, selector)
+    calibration = sources.CALIBRATIONS[cfg.calibration]
+    ticket = calibration.select(run, k, protected, selector)
     info["calibration"] = cfg.calibration
     info["calibration_steps"] = cfg.calibration_steps
-    if cfg.calibration == "fisher":
-        info["fisher_dtype"] = cfg.fisher_dtype
-    if cfg.calibration == "lora":
-        info["lora_calibration_score"] = cfg.lora_calibration_score
+    info.update({name: getattr(cfg, name) for name in calibration.recorded})
     return ticket
 
 

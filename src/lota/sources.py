@@ -181,7 +181,8 @@ class Calibration:
     selector)``: runs the calibration on ``lota.adapt``'s run, returns the exact top-k ticket of
     its scores (disjoint from ``protected``) and leaves the targets at their starting weights,
     frozen. ``check(targets)``: refuses targets it cannot calibrate, before anything is written.
-    ``fsdp_refusal``: why it cannot run under ``--fsdp``, if it cannot.
+    ``fsdp_refusal``: why it cannot run under ``--fsdp``, if it cannot. ``recorded``: the
+    settings the run's summary records beside the calibration's name.
     """
 
     name: str
@@ -191,6 +192,7 @@ class Calibration:
     select: Callable[[Any, int, Any, str], Ticket]
     check: Callable[[dict], None] | None = None
     fsdp_refusal: str | None = None
+    recorded: tuple[str, ...] = ()
 
 
 def _dense_calibration(optimizer: str | None):
@@ -252,6 +254,7 @@ CALIBRATIONS: dict[str, Calibration] = {
             _fisher,
             fsdp_refusal="--calibration fisher does not run under --fsdp; use --calibration adamw "
             "or drop --fsdp",
+            recorded=("fisher_dtype",),
         ),
         Calibration(
             "lora",
@@ -264,6 +267,7 @@ CALIBRATIONS: dict[str, Calibration] = {
             check=_lora_targets,
             fsdp_refusal="--calibration lora does not run under --fsdp; use --calibration adamw "
             "or drop --fsdp",
+            recorded=("lora_calibration_score",),
         ),
     )
 }
