@@ -210,3 +210,36 @@ def test_bf16_base_trains_fp32_values_and_keeps_frozen_bits(workdir, tmp_path, v
         apply_delta_(again, delta)
         for n in tuned:
             assert torch.equal(bits(again[n]), bits(tuned[n])), n
+
+
+def test_lora_writes_its_peft_adapter_and_reports_its_own_size(workdir):
+    """``--method lora``: the adapter, loadable by PEFT onto the base, gives the merged model's
+    logits; the summary counts the adapter's r x (in + out) parameters, not the merged entries."""
+    from peft import PeftModel
+
+    from lota.models import load_model
+
+    info, out = run(workdir, "lora_adapter", method="lora", save_model=True, lora_r=4)
+    base = load_model(str(workdir / "base"))
+    want = sum(
+        4 * (m.in_features + m.out_features)
+        for n, m in base.named_modules()
+        if isinstance(m, torch.nn.Linear)
+        and f"{n}.weight" in fmt.load(out / "delta.safetensors").indices
+    )
+    assert info["trained_parameters"] == want and info["lora_r"] == 4
+    assert info["lora_layers"] == 2 * 7 and info["k"] == info["numel"]
+    adapter = out / "adapter" / "adapter_model.safetensors"
+    assert info["adapter_bytes"] == adapter.stat().st_size < info["delta_bytes"]
+    peft = PeftModel.from_pretrained(base, str(out / "adapter")).merge_and_unload()
+    merged = load_model(str(out / "model"))
+    ids = torch.tensor([[5, 9, 17, 33, 2]])
+    with torch.no_grad():
+        torch.testing.assert_close(peft(ids).logits, merged(ids).logits, rtol=1e-5, atol=1e-5)
+    from safetensors import safe_open
+
+    with safe_open(str(adapter), "pt") as f:
+        meta = f.metadata()
+    assert (
+        meta["lota_kind"] == "lora-adapter" and meta["base_fingerprint"] == info["base_fingerprint"]
+    )

@@ -169,6 +169,22 @@ def test_light_calibrations_under_torchrun_equal_one_process(workdir, tmp_path, 
     assert summary["frozen_verified"] is True
 
 
+@pytest.mark.parametrize("mode", ["fsdp"])
+def test_bf16_autocast_and_checkpointing_under_torchrun_equal_one_process(workdir, tmp_path, mode):
+    """``--mixed-precision bf16 --gradient-checkpointing`` with two processes under FSDP2 (whose
+    hooks must stay outside the checkpointed blocks) trains what one process trains from the same
+    micro-batches, frozen entries included. (DDP gives the same bits; it adds no path of its own.)"""
+    flags = ["--mixed-precision", "bf16", "--gradient-checkpointing"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    _adapt(None, workdir, one, "--grad-accum", "2", *flags)
+    _adapt(TORCHRUN, workdir, two, *flags, *(["--fsdp"] if mode == "fsdp" else []))
+    _assert_same_run(one, two, exact=mode == "ddp")
+    summary = json.loads((two / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["frozen_verified"] is True
+    config = (two / "config.yaml").read_text()
+    assert "mixed_precision: bf16" in config and "gradient_checkpointing: true" in config
+
+
 def test_adapt_under_accelerate_launch_equals_one_process(workdir, single, tmp_path):
     _adapt(ACCELERATE, workdir, tmp_path / "acc")
     _assert_same_run(single, tmp_path / "acc")

@@ -40,6 +40,7 @@ from .fileio import (
 )
 from .models import (
     WeightReader,
+    enable_gradient_checkpointing,
     load_model,
     load_tokenizer,
     model_fingerprint,
@@ -47,6 +48,7 @@ from .models import (
     resolve_targets,
     save_model,
 )
+from .precision import HALF, Precision, hold_float32_, restore_dtype_, weights_dtype
 from .settings import AdaptConfig as AdaptConfig  # declared beside its command-line options
 from .sparse_model import (
     delta_parameters,
@@ -56,7 +58,7 @@ from .sparse_model import (
     unprepare,
 )
 from .ticket import Ticket
-from .train import MetricsLog, TrainSettings, limit_heap_growth, train
+from .train import MetricsLog, TrainSettings, limit_heap_growth, release_freed_memory, train
 
 # What a run writes into --out. A folder holding only these (and lota's temporaries of them) and
 # marked by a run of the same settings is that run, interrupted, and the same command takes it up.
@@ -67,6 +69,7 @@ RUN_FILES = (
     "delta.safetensors",
     "summary.json",
     "model",
+    "adapter",
     "tensorboard",
     LOCKNAME,
 )
@@ -190,6 +193,8 @@ class _Run:
     served: list[int]  # batches served so far, boxed so the stream can count
     world: dist.World = field(default_factory=dist.World)
     sharded: bool = False  # the model is FSDP2-sharded now
+    adapter: dict | None = None  # --method lora: the trained adapter, in PEFT's layout
+    stored_dtype: torch.dtype = torch.float32  # the weights' dtype as loaded (and saved)
 
     @property
     def resumed_phase(self) -> str | None:
@@ -205,14 +210,16 @@ class _Run:
         settings: TrainSettings | None = None,
         optimizer: torch.optim.Optimizer | None = None,
         held: dict[str, torch.Tensor] | None = None,
+        masters: bool = False,
     ) -> None:
         """Train ``params`` for one phase, continuing from the checkpoint when it is of this phase.
 
         ``settings`` and ``optimizer`` replace the run's (``--optimizer`` at rate ``lr``).
         ``held``: the tensors the phase's checkpoints keep and a resume restores, if not
         ``params`` (none for a phase that changes no weight; an earlier phase's result it starts
-        from is held from its first checkpoint on)."""
-        start, opt_state = 0, None
+        from is held from its first checkpoint on). ``masters``: ``params`` are float32 copies of
+        16-bit weights (``lota.precision``)."""
+        start, opt_state, scaler_state = 0, None, None
         kept = params if held is None else held
         if self.state is not None and self.state["phase"] == name:
             with torch.no_grad():
@@ -222,8 +229,18 @@ class _Run:
                 if self.sharded:
                     sync_shards_(self.model)
             torch.set_rng_state(self.state["rng"])
+            if self.state.get("cuda_rng") is not None and self.world.device.type == "cuda":
+                torch.cuda.set_rng_state(self.state["cuda_rng"], self.world.device)
             start, opt_state = self.state["step"], self.state["optimizer"]
+            scaler_state = self.state.get("scaler")
             self.state = None
+        precision = Precision.of(
+            self.cfg.mixed_precision,
+            self.world.device,
+            list(params.values()),
+            self.stored_dtype,
+            masters,
+        )
 
         def on_step(step, opt):
             if self.sharded and (
@@ -238,6 +255,7 @@ class _Run:
                 optimizer=opt,
                 batches=self.served[0],
                 metric_lines=len(self.log.records),
+                scaler=precision.state(),
             )
 
         if (
@@ -266,6 +284,8 @@ class _Run:
             grad_accum=self.cfg.grad_accum,
             sharded=self.sharded,
             optimizer=optimizer,
+            precision=precision,
+            scaler_state=scaler_state,
         )
 
 
@@ -286,8 +306,8 @@ def adapt(cfg: AdaptConfig) -> dict:
     cfg = sources.resolve(cfg)  # a method of the input embedding, as it runs
     if dist.accelerate_plugin() == "fsdp2" and not cfg.fsdp:  # an accelerate FSDP2 config
         cfg = dataclasses.replace(cfg, fsdp=True)
+    world = dist.world(cfg.device)  # a device that is not there is refused first
     cfg.validate()
-    world = dist.world()
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise InputError("output path is a file", str(out), "choose a folder for --out")
@@ -337,7 +357,9 @@ def _adapt(
     # Everything that can be wrong with the inputs is checked before anything is written.
     examples = read_jsonl(cfg.data)
     tokenizer = load_tokenizer(cfg.model)
-    model = load_model(cfg.model, cfg.dtype).to(world.device)
+    model = _load(cfg, world)
+    stored_dtype = weights_dtype(model)
+    _check_precision(cfg, stored_dtype)
     positions = model_positions(model.config)
     max_length = fit_max_length(cfg.max_length, positions)
     data = tokenize(examples, tokenizer, max_length, where=cfg.data, positions=positions)
@@ -406,9 +428,18 @@ def _adapt(
     torch.manual_seed(cfg.seed)
     served = [state["batches"] if state else 0]
     stream = _counted(
-        batches(data, cfg.batch_size, cfg.seed, tokenizer.pad_token_id, skip=served[0]), served
+        batches(
+            data,
+            cfg.batch_size,
+            cfg.seed,
+            tokenizer.pad_token_id,
+            skip=served[0],
+            group_by_length=cfg.group_by_length,
+        ),
+        served,
     )
     run = _Run(cfg, model, targets, w0, log, ckpt, stream, state, served, world)
+    run.stored_dtype = stored_dtype
     info: dict = {
         "method": requested or cfg.method,
         "numel": numel,
@@ -419,6 +450,8 @@ def _adapt(
         "processes": world.size,
         "grad_accum": cfg.grad_accum,
         "fsdp": cfg.fsdp,
+        "device": str(world.device),
+        "weights_dtype": str(stored_dtype).removeprefix("torch."),
     }
 
     if source is None:
@@ -433,7 +466,13 @@ def _adapt(
         model = load_model(cfg.model, cfg.dtype) if cfg.save_model and world.main else None
         if model is not None:
             apply_delta_(named_weights(model), delta)
-    info.update(k=delta.nnz, density=delta.density)
+    info.update(k=delta.nnz, density=delta.density, trained_parameters=delta.nnz)
+    if run.adapter is not None:  # LoRA trains its adapter; the delta is its merged change
+        info.update(
+            trained_parameters=run.adapter["parameters"],
+            lora_r=cfg.lora_r,
+            lora_layers=run.adapter["layers"],
+        )
     if not world.main:
         world.barrier()  # the main process writes the outputs
         return _finish(info, log, t_start)
@@ -443,6 +482,8 @@ def _adapt(
         delta, out / "delta.safetensors", config=resolved, values_dtype=cfg.values_dtype
     )
     fault("after-delta")
+    if run.adapter is not None:
+        info["adapter_bytes"] = _save_adapter(run.adapter, out / "adapter", base_fp)
     write_text(out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
     if cfg.save_model:
         save_model(
@@ -468,6 +509,48 @@ def _adapt(
     return info
 
 
+def _load(cfg: AdaptConfig, world: dist.World) -> torch.nn.Module:
+    """The run's model on its device (read straight onto a GPU), checkpointing if asked."""
+    model = load_model(cfg.model, cfg.dtype, world.device).to(world.device)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    return model
+
+
+def _dense_optimizers(cfg: AdaptConfig) -> list[str]:
+    """The optimizers of the run's phases that update whole weights (fft, dense calibration)."""
+    out = []
+    if sources.METHODS[cfg.method].trainer == "dense":
+        out.append(cfg.optimizer)
+    if sources.calibration_runs(cfg) and cfg.calibration in ("adamw", "sgd"):
+        out.append(cfg.optimizer if cfg.calibration == "adamw" else "sgd")
+    return out
+
+
+def _check_precision(cfg: AdaptConfig, stored: torch.dtype) -> None:
+    """Refuse the precision settings that cannot train these weights, before anything is written."""
+    dense = _dense_optimizers(cfg)
+    if not dense or stored not in HALF:
+        return
+    name = str(stored).removeprefix("torch.")
+    if cfg.master_weights == "float32" and cfg.fsdp:
+        raise InputError(
+            f"--fsdp cannot hold float32 master copies of {name} weights (FSDP2 shards one "
+            "dtype per block)",
+            "--master-weights",
+            "pass --master-weights none, or load with --dtype float32 and add "
+            "--mixed-precision bf16",
+        )
+    if cfg.master_weights == "none" and stored == torch.float16 and set(dense) - {"sgd"}:
+        raise InputError(
+            f"--master-weights none would run {' and '.join(sorted(set(dense) - {'sgd'}))} on "
+            "float16 weights, whose epsilon (1e-8) is 0 in float16: the first step divides by zero",
+            "--master-weights",
+            "keep --master-weights float32 (the default), or use bfloat16 weights "
+            "(--dtype bfloat16)",
+        )
+
+
 def _finish(info: dict, log: MetricsLog, t_start: float) -> dict:
     losses = [r["loss"] for r in log.records if r["phase"] == "train"]
     info.update(
@@ -484,18 +567,27 @@ def _dense_run(run: _Run, steps: int) -> SparseDelta:
             _shard(run)
         weights = named_weights(run.model)
         params = {n: weights[n] for n in targets}
-        run.phase("train", params, cfg.lr, steps)
+        stored = _masters(run, params)
+        run.phase("train", params, cfg.lr, steps, masters=bool(stored))
         for p in params.values():
             p.requires_grad_(False)
         model = run.model
     else:
-        model = _train_lora(run, steps)
+        model, stored, params = _train_lora(run, steps), {}, {}
         run.model = model
     full = Ticket(
         shapes=targets, indices={n: torch.arange(math.prod(s)) for n, s in targets.items()}
     )
     weights = named_weights(model)
-    return delta_from_weights(full, run.w0, {n: dist.full_tensor(weights[n]) for n in targets})
+    # the exact change of the float32 masters; then the model holds its weights' dtype again
+    delta = delta_from_weights(full, run.w0, {n: dist.full_tensor(weights[n]) for n in targets})
+    restore_dtype_(params, stored)
+    return delta
+
+
+def _masters(run: _Run, params: dict[str, torch.nn.Parameter]) -> dict[str, torch.dtype]:
+    """Float32 master copies of 16-bit ``params`` for a dense phase (``--master-weights``)."""
+    return hold_float32_(params) if run.cfg.master_weights == "float32" else {}
 
 
 def _train_only(model: torch.nn.Module, targets) -> None:
@@ -516,10 +608,51 @@ def _train_lora(run: _Run, steps: int):
     peft_model = lora_model(run)
     params = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
     run.phase("train", params, run.cfg.lr, steps, model=peft_model)
+    run.adapter = _adapter(peft_model)
     merged = peft_model.merge_and_unload()
     for p in merged.parameters():
         p.requires_grad_(False)
     return merged
+
+
+def _adapter(peft_model) -> dict:
+    """The trained LoRA adapter as PEFT saves it (tensors by PEFT's keys, its config), and its
+    own size: r x (in + out) parameters per adapted layer."""
+    from peft import get_peft_model_state_dict
+
+    tensors = {
+        k: dist.full_tensor(v.detach()).cpu().clone()
+        for k, v in get_peft_model_state_dict(peft_model).items()
+    }
+    config = peft_model.peft_config["default"]
+    return {
+        "tensors": tensors,
+        "config": config,
+        "parameters": sum(t.numel() for t in tensors.values()),
+        "layers": len({k.rsplit(".lora_", 1)[0] for k in tensors}),
+    }
+
+
+def _save_adapter(adapter: dict, folder: Path, base_fp: str) -> int:
+    """Write the adapter as a PEFT adapter folder (loadable with ``PeftModel.from_pretrained``)
+    atomically; returns the size of its weights file."""
+    from safetensors.torch import save_file
+
+    from .fileio import atomic_dir
+
+    with atomic_dir(folder) as tmp:
+        save_file(
+            adapter["tensors"],
+            str(tmp / "adapter_model.safetensors"),
+            metadata={
+                "format": "pt",  # what PEFT reads; the rest says what it is to lota
+                "lota_kind": "lora-adapter",
+                "lota_format_version": "1",
+                "base_fingerprint": base_fp,
+            },
+        )
+        adapter["config"].save_pretrained(str(tmp))
+    return (folder / "adapter_model.safetensors").stat().st_size
 
 
 def _sparse_run(ctx: sources.Context, steps: int) -> SparseDelta:
@@ -535,7 +668,7 @@ def _sparse_run(ctx: sources.Context, steps: int) -> SparseDelta:
         model = run.model  # a calibration may hand back another module (LoRA's, unloaded)
     info["ticket_nnz"] = ticket.nnz
     if run.sharded:  # calibration sharded the model; the sparse phase starts from a fresh copy
-        run.model = model = load_model(cfg.model, cfg.dtype).to(run.world.device)
+        run.model = model = _load(cfg, run.world)
         run.sharded = False
     prepare(model, ticket)
     if cfg.fsdp:
@@ -546,6 +679,7 @@ def _sparse_run(ctx: sources.Context, steps: int) -> SparseDelta:
     given.clear()
     if run.state is not None:
         run.state["ticket"] = None
+    release_freed_memory(run.world.device)  # what the calibration freed
     limit_heap_growth()
     run.phase("train", delta_parameters(model), cfg.lr, steps)
     delta = extract_delta(model)
@@ -588,13 +722,16 @@ def dense_calibration(
         _shard(run)
     weights = named_weights(run.model)
     params = {n: weights[n] for n in targets}
+    stored = _masters(run, params)
     lr = cfg.calibration_lr if cfg.calibration_lr is not None else cfg.lr
     settings = cfg.settings(lr, cfg.calibration_steps)
     if optimizer is not None:
         settings = dataclasses.replace(
             settings, optimizer=optimizer, momentum=0.0, weight_decay=0.0
         )
-    run.phase("calibration", params, lr, cfg.calibration_steps, settings=settings)
+    run.phase(
+        "calibration", params, lr, cfg.calibration_steps, settings=settings, masters=bool(stored)
+    )
     with torch.no_grad():
         if run.sharded:
             ticket = _select_sharded(run, selector, weights, k, protected)
@@ -610,6 +747,7 @@ def dense_calibration(
                 seed=cfg.seed,
             )
         fault("extraction")
+        restore_dtype_(params, stored)
         for n, p in params.items():
             p.requires_grad_(False)
             if not run.sharded:

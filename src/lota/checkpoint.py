@@ -1,8 +1,8 @@
 """Crash-safe checkpoints of ``lota adapt``, so a killed run continues where it stopped.
 
 A checkpoint is one safetensors file, ``OUT/.lota-checkpoint/state.safetensors``, written
-atomically: the phase and step, the trainable tensors by name, the optimizer state, the torch RNG
-state and how many batches the data stream has served; the ticket of the sparse phase sits beside
+atomically: the phase and step, the trainable tensors by name, the optimizer state, the loss scale
+of float16 training, the torch RNG states (CPU, and the current GPU's) and how many batches the data stream has served; the ticket of the sparse phase sits beside
 it as a lota ticket file, and ``run.json`` marks the folder as a run of these settings from its
 very first write, so a run killed before its first checkpoint is still recognised as lota's own and
 simply starts again. Invariant: resuming from a checkpoint and running to the end gives the
@@ -107,6 +107,7 @@ class Checkpointer:
         optimizer,
         batches: int,
         metric_lines: int,
+        scaler: dict | None = None,
     ) -> None:
         # Sharded (FSDP2) tensors are gathered first, by every rank in the same order.
         tensors = {f"param/{n}": _whole(p) for n, p in params.items()}
@@ -121,6 +122,8 @@ class Checkpointer:
         if not self.writer:
             return
         tensors["rng/torch"] = torch.get_rng_state()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            tensors["rng/cuda"] = torch.cuda.get_rng_state()  # dropout on the GPU draws from it
         scalars_json = json.dumps(scalars)
         checksums = json.dumps({k: tensor_digest(t) for k, t in tensors.items()})
         meta = {
@@ -134,6 +137,7 @@ class Checkpointer:
             "batches": str(batches),
             "metric_lines": str(metric_lines),
             "optimizer_scalars": scalars_json,
+            "loss_scaler": json.dumps(scaler),
             "checksums": checksums,
         }
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -166,7 +170,9 @@ class Checkpointer:
                     k[len("param/") :]: v for k, v in tensors.items() if k.startswith("param/")
                 },
                 "rng": tensors["rng/torch"],
+                "cuda_rng": tensors.get("rng/cuda"),
                 "optimizer": _optimizer_state(tensors, json.loads(meta["optimizer_scalars"])),
+                "scaler": json.loads(meta.get("loss_scaler", "null")),
             }
         except (KeyError, ValueError, OSError, RuntimeError) as e:
             raise FormatError(

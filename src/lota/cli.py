@@ -42,10 +42,23 @@ def _run_adapt(a):
     info = adapt(cfg)
     if not _main_process():  # the other processes of a torchrun / accelerate launch run
         return
+    if "adapter_bytes" in info:  # LoRA: its own parameters, and its merged change as the delta
+        trained = (
+            f"trained a rank-{info['lora_r']} LoRA adapter of {info['trained_parameters']:,} "
+            f"parameters on {info['lora_layers']} layers ({info['numel']:,} target entries)"
+        )
+        files = (
+            f"adapter {info['adapter_bytes']:,} bytes, merged delta {info['delta_bytes']:,} bytes"
+        )
+    else:
+        trained = (
+            f"trained {info['k']:,} of {info['numel']:,} target entries "
+            f"({100 * info['density']:.3g} %)"
+        )
+        files = f"delta {info['delta_bytes']:,} bytes"
     _summary(
-        f"adapt ({info['method']}): trained {info['k']:,} of {info['numel']:,} target entries "
-        f"({100 * info['density']:.3g} %) for {info['steps']} steps, final loss {info['final_loss']:.4f}; "
-        f"delta {info['delta_bytes']:,} bytes -> {a.out}"
+        f"adapt ({info['method']}): {trained} for {info['steps']} steps, final loss "
+        f"{info['final_loss']:.4f}; {files} -> {a.out}"
         + (" (already finished: nothing to do)" if info.get("already_finished") else "")
     )
     # After the run, not before: a run that then fails must still end with its one error line.
@@ -257,7 +270,17 @@ def _add_ks(sub):
     p.add_argument("--out", required=True, help="folder for ticket, transfer delta and listing")
     p.add_argument("--force", action="store_true", help="replace an existing --out folder")
     p.add_argument("--json", action="store_true", help="print the selection as JSON")
+    _add_device(p, "compute the row statistics on")
     p.set_defaults(run=_run_ks)
+
+
+def _add_device(p, what: str) -> None:
+    p.add_argument(
+        "--device",
+        default="auto",
+        help=f"where to {what}: auto (cuda when torch sees a GPU, else cpu), cpu, cuda, cuda:N "
+        "(default auto)",
+    )
 
 
 def _run_ks(a):
@@ -265,7 +288,9 @@ def _run_ks(a):
     from .ks import run_ks
 
     check_new_folder(a.out, a.force)
-    report = run_ks(a.model, a.tuned, a.out, a.alpha, a.correction, a.top, a.mode, a.data)
+    report = run_ks(
+        a.model, a.tuned, a.out, a.alpha, a.correction, a.top, a.mode, a.data, device=a.device
+    )
     if a.json:
         print(json.dumps(report, indent=2))
         return
@@ -491,6 +516,7 @@ def _add_eval(sub):
     p.add_argument(
         "--json", action="store_true", help="print the score and per-example results as JSON"
     )
+    _add_device(p, "generate")
     p.set_defaults(run=_run_eval)
 
 
@@ -509,6 +535,7 @@ def _run_eval(a):
         each=a.each,
         allow_mismatch=a.allow_mismatch,
         allow_overlap=a.allow_overlap,
+        device=a.device,
     )
     if a.json:
         print(json.dumps(r, indent=2))

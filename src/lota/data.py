@@ -323,26 +323,50 @@ def collate(batch: list[Tokenized], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+GROUP_WINDOW = 64  # batches whose examples are sorted by length together, with --group-by-length
+
+
 def batches(
-    data: list[Tokenized], batch_size: int, seed: int, pad_id: int, skip: int = 0
+    data: list[Tokenized],
+    batch_size: int,
+    seed: int,
+    pad_id: int,
+    skip: int = 0,
+    group_by_length: bool = False,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Endless shuffled epochs of padded batches; the order depends only on ``seed``.
 
     ``skip`` batches are passed over first (without building them), so a resumed run sees exactly
-    the batches an uninterrupted run would have seen next.
+    the batches an uninterrupted run would have seen next. ``group_by_length``: each window of
+    ``GROUP_WINDOW`` batches of the shuffled epoch is sorted by length, cut into batches, and
+    those batches are shuffled, so a batch pads to a length near its own examples' (each epoch
+    still visits every example once, and batches still come in a random order).
     """
     rng = random.Random(seed)
     while True:
         order = list(range(len(data)))
         rng.shuffle(order)
-        for i in range(0, len(order), batch_size):
+        chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        if len(chunks[-1]) < batch_size and len(order) >= batch_size:
+            chunks[-1] = chunks[-1] + order[: batch_size - len(chunks[-1])]
+        if group_by_length:
+            chunks = _grouped(chunks, data, batch_size, rng)
+        for chunk in chunks:
             if skip:
                 skip -= 1
                 continue
-            chunk = order[i : i + batch_size]
-            if len(chunk) < batch_size and len(order) >= batch_size:
-                chunk = chunk + order[: batch_size - len(chunk)]
             yield collate([data[j] for j in chunk], pad_id)
+
+
+def _grouped(chunks: list[list[int]], data, batch_size: int, rng: random.Random) -> list[list[int]]:
+    out = []
+    for w in range(0, len(chunks), GROUP_WINDOW):
+        window = [j for chunk in chunks[w : w + GROUP_WINDOW] for j in chunk]
+        window.sort(key=lambda j: -len(data[j].input_ids))  # stable: ties keep the shuffled order
+        group = [window[i : i + batch_size] for i in range(0, len(window), batch_size)]
+        rng.shuffle(group)
+        out += group
+    return out
 
 
 def steps_for(n_examples: int, batch_size: int, steps: int | None, epochs: float | None) -> int:

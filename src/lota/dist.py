@@ -19,9 +19,12 @@ exactly as in one process.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 
 import torch
+
+from .errors import InputError
 
 # The row layout of sharded tensors is part of this module's API too.
 from .shards import full_tensor, local_rows, row_range, shard_like, span  # noqa: F401
@@ -104,22 +107,79 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def world() -> World:
-    """This process's world, joining the process group on first use when launched."""
+DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
+
+
+def resolve_device(spec: str = "auto", option: str = "--device") -> torch.device:
+    """The device ``spec`` names for this process: ``auto`` is CUDA when torch sees a GPU, else the
+    CPU; ``cuda`` is ``cuda:0`` in one process and ``cuda:LOCAL_RANK`` under a launcher; ``cuda:N``
+    (one process only) is that GPU. A GPU that is not there is refused in one line."""
+    text = (spec or "auto").strip().lower()
+    if text == "auto":
+        text = "cuda" if torch.cuda.is_available() else "cpu"
+    if text == "cpu":
+        return torch.device("cpu")
+    m = re.fullmatch(r"cuda(?::(\d+))?", text)
+    if m is None:
+        raise InputError(
+            f"'{spec}' is not a device", option, f"give {DEVICE_CHOICES} (e.g. cuda:1)"
+        )
+    if not torch.cuda.is_available():
+        build = " (this torch is a CPU-only build)" if torch.version.cuda is None else ""
+        raise InputError(
+            f"{spec} was asked for but torch sees no CUDA GPU{build}",
+            option,
+            "use --device cpu (or auto), or install the CUDA build of torch first",
+        )
+    count = torch.cuda.device_count()
+    if m.group(1) is not None:
+        index = int(m.group(1))
+        if launched():
+            raise InputError(
+                f"{spec}: under a launcher each process takes the GPU of its LOCAL_RANK",
+                option,
+                "pass --device cuda (or auto); choose the GPUs with CUDA_VISIBLE_DEVICES",
+            )
+        if index >= count:
+            raise InputError(
+                f"{spec}: torch sees {count} GPU(s), cuda:0 to cuda:{count - 1}",
+                option,
+                f"choose an index below {count}, or check CUDA_VISIBLE_DEVICES",
+            )
+        return torch.device("cuda", index)
+    index = int(os.environ.get("LOCAL_RANK", "0")) if launched() else 0
+    if index >= count:
+        raise InputError(
+            f"process with LOCAL_RANK {index} has no GPU of its own (torch sees {count})",
+            option,
+            f"start at most {count} processes per node, or pass --device cpu",
+        )
+    return torch.device("cuda", index)
+
+
+def world(device: str | None = None) -> World:
+    """This process's world, joining the process group on first use when launched.
+
+    ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``; see ``resolve_device``) chooses where this
+    process computes; None keeps the world's device (``auto`` on first use). Under a launcher the
+    device is fixed when the process group is joined."""
     global _WORLD
-    if _WORLD is not None:
+    if _WORLD is not None and (device is None or _WORLD.distributed):
         return _WORLD
+    where = resolve_device(device or "auto")
+    if where.type == "cuda":
+        torch.cuda.set_device(where)  # its RNG and default allocations are this process's
     if not launched():
-        _WORLD = World()
+        _WORLD = World(device=where)
         return _WORLD
     from accelerate import PartialState
 
-    state = PartialState(cpu=not torch.cuda.is_available())
+    state = PartialState(cpu=where.type == "cpu")
     _WORLD = World(
         rank=state.process_index,
         size=state.num_processes,
         local_rank=state.local_process_index,
-        device=state.device,
+        device=where,
     )
     return _WORLD
 

@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import Example, prompt_ids, read_jsonl
+from .dist import resolve_device
 from .errors import InputError
 from .models import load_model, load_tokenizer
 
@@ -65,6 +66,16 @@ def _contains(pred: str, ref: str) -> float:
     return float(_norm(ref) in _norm(pred))
 
 
+def _device_of(model) -> torch.device:
+    """Where the model's weights are (the CPU for a model without parameters)."""
+    device = getattr(model, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    params = model.parameters() if hasattr(model, "parameters") else iter(())
+    first = next(iter(params), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -78,6 +89,7 @@ def generate(
     """Greedy completions, batched with left padding; stops at EOS. With ``ended``, appends for
     each completion whether it stopped at EOS (rather than at ``max_new_tokens``)."""
     model.eval()
+    device = _device_of(model)
     pad = tokenizer.pad_token_id
     outs: list[str] = []
     bar = tqdm(
@@ -97,14 +109,14 @@ def generate(
             ids[j, width - len(c) :] = torch.tensor(c, dtype=torch.long)
             mask[j, width - len(c) :] = 1
         gen = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=pad,
             eos_token_id=tokenizer.eos_token_id,
         )
-        for row in gen[:, width:]:
+        for row in gen[:, width:].cpu():
             outs.append(tokenizer.decode(row, skip_special_tokens=True))
             if ended is not None:
                 ended.append(bool((row == tokenizer.eos_token_id).any()))
@@ -185,8 +197,9 @@ def evaluate(
     each: bool = False,
     allow_mismatch: bool = False,
     allow_overlap: bool = False,
+    device: str = "auto",
 ) -> dict:
-    """Score ``model_path`` on ``data_path``. With ``deltas``, the deltas are switched into the
+    """Score ``model_path`` on ``data_path``, generating on ``device`` (``lota.dist.resolve_device``). With ``deltas``, the deltas are switched into the
     loaded base in place (``DeltaBank``), no model folder is written: all of them together, or
     with ``each`` one after another on the same loaded base, giving ``{"results": [...]}``."""
     if metric_name not in METRICS:
@@ -206,9 +219,10 @@ def evaluate(
         raise InputError("--each needs deltas to score", "--each", "add --delta FILE (repeatable)")
     if len(set(deltas)) != len(deltas):
         raise InputError("a delta is given twice", "--delta", "give each file once")
+    where = resolve_device(device)
     examples = read_jsonl(data_path)[:limit]
     tokenizer = load_tokenizer(model_path)
-    model = load_model(model_path)
+    model = load_model(model_path, device=where).to(where)
     _check_positions(model, tokenizer, examples, max_new_tokens, data_path)
     bank = None
     if deltas:

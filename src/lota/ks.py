@@ -34,7 +34,11 @@ def _exact_mode(n1: int, n2: int, mode: str) -> bool:
 
 
 def ks_statistics(
-    a: torch.Tensor, b: torch.Tensor, mode: str = "auto", chunk: int = 1024
+    a: torch.Tensor,
+    b: torch.Tensor,
+    mode: str = "auto",
+    chunk: int = 1024,
+    device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """Two-sided KS statistic per row of ``a`` (R x n1) against ``b`` (R x n2), float64.
 
@@ -42,22 +46,26 @@ def ks_statistics(
     with ``cx``, ``cy`` the counts of values ``<=`` that value, computed in float64 exactly as
     scipy does. Where scipy computes an exact p-value (``mode``), it reports the statistic as
     ``round(D * lcm) / lcm`` (``lcm`` of the sample sizes); so does this function, so the
-    statistic equals scipy's bit for bit.
+    statistic equals scipy's bit for bit. ``device``: where the rows are sorted, a chunk at a
+    time (the CPU by default); the result is on the CPU.
     """
+    device = torch.device(device) if device is not None else torch.device("cpu")
     if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[0]:
         raise ValueError("ks_statistics needs two matrices with the same number of rows")
     rows, n1 = a.shape
     n2 = b.shape[1]
     if _exact_mode(n1, n2, mode):
-        return _exact_statistics(a, b, chunk)
+        if device.type == "cpu":
+            return _exact_statistics(a, b, chunk)
+        return _exact_statistics_torch(a, b, chunk, device)
     out = torch.empty(rows, dtype=torch.float64)
     for start in range(0, rows, chunk):
-        x = a[start : start + chunk].to(torch.float64)
-        y = b[start : start + chunk].to(torch.float64)
+        x = a[start : start + chunk].to(device, torch.float64)
+        y = b[start : start + chunk].to(device, torch.float64)
         values, order = torch.sort(torch.cat([x, y], 1), dim=1, stable=True)
         from_x = (order < n1).to(torch.int64)
         cx = torch.cumsum(from_x, 1)
-        cy = torch.arange(1, n1 + n2 + 1).expand_as(cx) - cx
+        cy = torch.arange(1, n1 + n2 + 1, device=device).expand_as(cx) - cx
         # evaluate only at the last of each run of equal values (right-continuous CDFs)
         last = torch.ones_like(values, dtype=torch.bool)
         last[:, :-1] = values[:, 1:] != values[:, :-1]
@@ -65,7 +73,7 @@ def ks_statistics(
         diff = torch.where(last, diff, torch.zeros((), dtype=torch.float64))
         d_plus = diff.max(1).values
         d_minus = (-diff.min(1).values).clamp(0, 1)
-        out[start : start + chunk] = torch.maximum(d_minus, d_plus)
+        out[start : start + chunk] = torch.maximum(d_minus, d_plus).cpu()
     return out
 
 
@@ -105,6 +113,42 @@ def _exact_statistics(a: torch.Tensor, b: torch.Tensor, chunk: int) -> torch.Ten
         key *= last
         h[start : start + chunk] = np.maximum(key.max(1), -key.min(1))
     return torch.from_numpy(h).to(torch.float64) / lcm
+
+
+def _exact_statistics_torch(
+    a: torch.Tensor, b: torch.Tensor, chunk: int, device: torch.device
+) -> torch.Tensor:
+    """``_exact_statistics`` in torch on ``device`` (a GPU): the same integer keys and the same
+    integer arithmetic, so the same statistic bit for bit."""
+    rows, n1 = a.shape
+    n2 = b.shape[1]
+    g = math.gcd(n1, n2)
+    wa, wb = n1 // g, n2 // g
+    lcm = wa * n2
+    h = torch.empty(rows, dtype=torch.int64)
+    pos = torch.arange(1, n1 + n2 + 1, dtype=torch.int64, device=device) * wb
+    narrow = a.dtype != torch.float64 and b.dtype != torch.float64
+    for start in range(0, rows, chunk):
+        x = a[start : start + chunk].to(device)
+        y = b[start : start + chunk].to(device)
+        if narrow:
+            c = torch.cat([x.to(torch.float32), y.to(torch.float32)], 1) + 0.0
+            bits = c.view(torch.int32)
+            k = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(torch.int64) << 1
+            k[:, n1:] |= 1
+            k = torch.sort(k, dim=1).values
+            from_y = k & 1
+            values = k >> 1
+        else:
+            values, order = torch.sort(torch.cat([x.double(), y.double()], 1), dim=1)
+            from_y = (order >= n1).to(torch.int64)
+        cy = torch.cumsum(from_y, dim=1)
+        key = pos - cy * (wa + wb)
+        last = torch.ones_like(key, dtype=torch.bool)
+        last[:, :-1] = values[:, 1:] != values[:, :-1]
+        key = key * last
+        h[start : start + chunk] = torch.maximum(key.max(1).values, -key.min(1).values).cpu()
+    return h.to(torch.float64) / lcm
 
 
 def ks_pvalues(d: torch.Tensor, n1: int, n2: int, mode: str = "auto") -> torch.Tensor:
@@ -148,6 +192,7 @@ def select_tokens(
     correction: str = "none",
     top: int | None = None,
     mode: str = "auto",
+    device: torch.device | str | None = None,
 ) -> Selection:
     """Rows whose values changed distribution: KS test per row at level ``alpha`` with the
     ``correction`` for multiple testing (none, bonferroni, bh = Benjamini-Hochberg); with ``top``,
@@ -164,7 +209,7 @@ def select_tokens(
         raise InputError(
             f"unknown correction '{correction}'", "--correction", f"choose {', '.join(CORRECTIONS)}"
         )
-    d = ks_statistics(before, after, mode)
+    d = ks_statistics(before, after, mode, device=device)
     p = ks_pvalues(d, before.shape[1], after.shape[1], mode)
     shift = torch.cat(
         [
@@ -244,13 +289,17 @@ def run_ks(
     top: int | None = None,
     mode: str = "auto",
     data: str | None = None,
+    device: str = "auto",
 ) -> dict:
-    """``lota ks``: select token rows, write the ticket, the listing and the transfer delta."""
+    """``lota ks``: select token rows, write the ticket, the listing and the transfer delta. The
+    rows are sorted for their statistic on ``device`` (``lota.dist.resolve_device``)."""
     from . import format as fmt
     from .delta import SparseDelta
+    from .dist import resolve_device
     from .fileio import atomic_dir, write_json
     from .models import WeightReader, load_tokenizer
 
+    where = resolve_device(device)
     rb, rt = WeightReader(model, "base model"), WeightReader(tuned, "tuned model")
     name = input_embedding(rb)
     if input_embedding(rt) != name or rb.shapes[name] != rt.shapes[name]:
@@ -263,7 +312,7 @@ def run_ks(
     tokenizer = load_tokenizer(model)
     counts = token_counts(data, tokenizer, vocab) if data else None  # bad data fails early
     before, after = rb.get(name), rt.get(name)
-    sel = select_tokens(before, after, alpha, correction, top, mode)
+    sel = select_tokens(before, after, alpha, correction, top, mode, device=where)
     if not sel.token_ids:
         raise InputError(
             f"no token row of {name} passes the test at alpha {alpha} (correction {correction}), "

@@ -312,17 +312,28 @@ def _keys_label(keys: list[str]) -> str:
 
 
 # ---------------------------------------------------------------------------- loading
-def load_model(path: str, dtype: str = "auto") -> nn.Module:
-    """A checked folder's model, read from its safetensors files only (no code from it runs)."""
+def load_model(
+    path: str, dtype: str = "auto", device: torch.device | str | None = None
+) -> nn.Module:
+    """A checked folder's model, read from its safetensors files only (no code from it runs).
+
+    ``dtype`` ``auto`` keeps the checkpoint's dtype. With a GPU ``device`` the weights are read
+    straight onto it, shard by shard (no whole copy in host memory first)."""
     from transformers import AutoModelForCausalLM
 
     folder = resolve_model_path(path)
     _read_headers(folder, _skeleton(folder))
     quiet_transformers()
+    device = torch.device(device) if device is not None else None
+    onto = {"device_map": {"": device}} if device is not None and device.type != "cpu" else {}
     try:
         with contextlib.redirect_stderr(io.StringIO()):
             model = AutoModelForCausalLM.from_pretrained(
-                str(folder), dtype=_DTYPES[dtype], use_safetensors=True, trust_remote_code=False
+                str(folder),
+                dtype=_DTYPES[dtype],
+                use_safetensors=True,
+                trust_remote_code=False,
+                **onto,
             )
     except Exception as e:
         raise InputError(
@@ -332,6 +343,22 @@ def load_model(path: str, dtype: str = "auto") -> nn.Module:
         ) from None
     model.lota_source = str(folder)
     return model
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """transformers' own non-reentrant activation checkpointing of each block; the KV cache is off
+    in training anyway. A model that does not support it is refused in one line."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise InputError(
+            f"{type(model).__name__} does not support gradient checkpointing",
+            "--gradient-checkpointing",
+            "drop --gradient-checkpointing (or lower --batch-size / --max-length)",
+        )
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def load_tokenizer(path: str):

@@ -225,7 +225,8 @@ def select_top_k(
         return {n: torch.zeros(0, dtype=torch.long) for n in order}
 
     def keys_of(n):
-        key = _keys(score_fn(n), n, nonnegative)
+        # keys and histograms live on the CPU: a GPU's scores come over one tensor at a time
+        key = _keys(score_fn(n).cpu(), n, nonnegative)
         if key.numel() != numels[n]:
             raise InputError(f"scores of '{n}' have {key.numel()} entries, expected {numels[n]}")
         return key, _allowed(n, numels[n], exclude)

@@ -182,6 +182,8 @@ PROTECT_MODES = ("constrained", "flip")
 REPORT_TO = ("none", "tensorboard")  # metrics.jsonl is always written
 LOAD_DTYPES = ("auto", "float32", "bfloat16", "float16")
 VALUE_DTYPES = ("float32", "bfloat16", "float16")
+MIXED_PRECISION = ("no", "bf16", "fp16")
+MASTER_WEIGHTS = ("float32", "none")
 LARGE_LR = 1.0  # far above any rate that fine-tunes a pretrained model without wrecking it
 
 
@@ -235,6 +237,11 @@ class AdaptConfig:
     epochs: float | None = setting(None, type=float, help="training epochs instead of --steps")
     lr: float = setting(1e-5, help="learning rate (default 1e-5)")
     batch_size: int = setting(8)
+    group_by_length: bool = setting(
+        False,
+        help="batch examples of similar length together, so that less of each batch is padding "
+        "(batches keep a random order)",
+    )
     optimizer: str = setting("adamw", help="{names} (default {default})", names=OPTIMIZERS)
     weight_decay: float = setting(0.0)
     momentum: float = setting(0.0, help="momentum for rmsprop and sgd")
@@ -278,7 +285,29 @@ class AdaptConfig:
     )
     lora_r: int = setting(16)
     lora_alpha: int = setting(32)
+    device: str = setting(
+        "auto",
+        help="where to train: auto (cuda when torch sees a GPU, else cpu), cpu, cuda, cuda:N "
+        "(default {default})",
+    )
     dtype: str = setting("auto", choices=LOAD_DTYPES, help="load precision")
+    mixed_precision: str = setting(
+        "no",
+        names=MIXED_PRECISION,
+        help="compute precision of the forward and backward passes (torch autocast): {names} "
+        "(default {default}: the weights' own)",
+    )
+    master_weights: str = setting(
+        "float32",
+        names=MASTER_WEIGHTS,
+        help="dense phases (calibration, fft) on 16-bit weights: the optimizer updates float32 "
+        "copies of the targets, or the 16-bit weights themselves: {names} (default {default})",
+    )
+    gradient_checkpointing: bool = setting(
+        False,
+        help="recompute each block's activations in the backward pass (transformers' "
+        "non-reentrant checkpointing): less memory, about a third more compute",
+    )
     values_dtype: str = setting(
         "float32", choices=VALUE_DTYPES, help="precision of the delta's values on disk"
     )
@@ -347,6 +376,15 @@ class AdaptConfig:
                 f"--batch-size {self.batch_size} does not split into {w.size} process(es) x "
                 f"--grad-accum {self.grad_accum} equal micro-batches; make it a multiple of {parts}"
             )
+        for name, names in [
+            ("mixed_precision", MIXED_PRECISION),
+            ("master_weights", MASTER_WEIGHTS),
+        ]:
+            if getattr(self, name) not in names:
+                errors.append(
+                    f"--{name.replace('_', '-')} '{getattr(self, name)}' is not one of "
+                    f"{', '.join(names)}"
+                )
         if self.report_to not in REPORT_TO:
             errors.append(f"--report-to '{self.report_to}' is not one of {', '.join(REPORT_TO)}")
         if self.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:

@@ -24,6 +24,7 @@ from .checkpoint import load_optimizer_state
 from .dist import World
 from .errors import InputError, TrainingError
 from .fileio import fault, write_text
+from .precision import Precision
 
 OPTIMIZERS = ("adamw", "rmsprop", "sgd")
 
@@ -72,6 +73,22 @@ def limit_heap_growth(threshold: int = 1 << 20) -> bool:
         return bool(libc.mallopt(-3, threshold))  # -3 is M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         return False
+
+
+def release_freed_memory(device: torch.device | None = None) -> None:
+    """Hand memory freed by an earlier phase back to the system (glibc's ``malloc_trim``; on a GPU,
+    the caching allocator's unused blocks), so the next phase starts from its true working set."""
+    import gc
+
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    if device is not None and device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def reset_peak_rss() -> bool:
@@ -183,6 +200,8 @@ def train(
     grad_accum: int = 1,
     sharded: bool = False,
     optimizer: torch.optim.Optimizer | None = None,
+    precision: Precision | None = None,
+    scaler_state: dict | None = None,
 ) -> list[float]:
     """Run optimizer steps ``start_step + 1 .. s.steps`` on ``params``; returns their losses.
 
@@ -191,8 +210,12 @@ def train(
     ``grad_accum`` micro-batches per process; with several processes the model is wrapped in
     ``DistributedDataParallel`` for the phase, unless it is ``sharded`` (FSDP2) already.
     ``optimizer``: one built over ``params`` already, instead of the one ``s`` names.
+    ``precision``: autocast and loss scaling (``lota.precision``); ``scaler_state`` restores the
+    loss scale of a checkpoint. Peak GPU memory and real (non-pad) tokens per second are logged.
     """
     world = world or World()
+    precision = precision or Precision(world.device.type)
+    precision.load_state(scaler_state)
     if not params:
         raise InputError(
             "nothing to train: no trainable parameters", fix="check --targets and the ticket"
@@ -210,6 +233,8 @@ def train(
         forward = DistributedDataParallel(
             model, device_ids=_device_ids(world), init_sync=False, broadcast_buffers=False
         )
+    # training never reads a KV cache: building one would only cost memory
+    no_cache = {"use_cache": False} if hasattr(getattr(model, "config", None), "use_cache") else {}
     losses = []
     bar = tqdm(
         range(start_step, s.steps),
@@ -222,6 +247,9 @@ def train(
         total=s.steps,
     )
     reset_peak_rss()
+    cuda = world.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(world.device)
     start = time.perf_counter()
     tokens = 0
     for step in bar:
@@ -234,8 +262,9 @@ def train(
             for a, mb in enumerate(micro):
                 last = a == len(micro) - 1
                 with contextlib.nullcontext() if last or forward is model else forward.no_sync():
-                    loss = forward(**mb).loss
-                    (loss / grad_accum).backward()
+                    with precision.autocast():
+                        loss = forward(**mb, **no_cache).loss
+                    precision.backward(loss / grad_accum)
                 totals += torch.tensor(
                     [
                         loss.item(),
@@ -253,32 +282,38 @@ def train(
                     "the last checkpoint is kept",
                 )
             if s.max_grad_norm:
+                precision.unscale_(opt)
                 torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
-            opt.step()
+            stepped = precision.step(opt)
             opt.zero_grad(set_to_none=True)
         except (torch.OutOfMemoryError, MemoryError):
             raise TrainingError(
                 f"out of memory at step {step + 1} of {phase}",
-                fix="lower --batch-size or --max-length (or use a smaller --dtype)",
+                fix="lower --batch-size or --max-length, or add --gradient-checkpointing "
+                "(or use a smaller --dtype)",
             ) from None
         tokens += int(totals[1])
         elapsed = time.perf_counter() - start
         losses.append(mean_loss)
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
-        log.write(
-            {
-                "phase": phase,
-                "step": step + 1,
-                "loss": losses[-1],
-                "lr": s.lr,
-                "completion_tokens": int(totals[2]),
-                "tokens_per_s": tokens / elapsed if elapsed > 0 else math.nan,
-                "step_s": round(time.perf_counter() - t_step, 6),
-                "peak_rss_mb": round(peak_rss_mb(), 1),
-                "phase_peak_rss_mb": round(current_peak_rss_mb(), 1),
-                "elapsed_s": round(elapsed, 3),
-            }
-        )
+        record = {
+            "phase": phase,
+            "step": step + 1,
+            "loss": losses[-1],
+            "lr": s.lr,
+            "completion_tokens": int(totals[2]),
+            "tokens_per_s": tokens / elapsed if elapsed > 0 else math.nan,
+            "step_s": round(time.perf_counter() - t_step, 6),
+            "peak_rss_mb": round(peak_rss_mb(), 1),
+            "phase_peak_rss_mb": round(current_peak_rss_mb(), 1),
+            "elapsed_s": round(elapsed, 3),
+        }
+        if cuda:
+            record["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated(world.device) / 2**20, 1)
+        if precision.scaler is not None:
+            record["loss_scale"] = precision.scaler.get_scale()
+            record["skipped"] = not stepped
+        log.write(record)
         if on_step is not None:
             on_step(step + 1, opt)
         fault(f"{phase}:{step + 1}")
