@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -37,14 +38,30 @@ def _results(out: Path) -> dict:
     return json.loads((out / "results.json").read_text())
 
 
+def assert_versions(recorded: dict, report: str) -> None:
+    """The results name the installed versions they were computed with, as does the report."""
+    from importlib import metadata
+
+    for name in ("torch", "transformers", "peft", "tokenizers", "numpy"):
+        assert recorded[name] == metadata.version(name), name
+        assert f"{name} {recorded[name]}" in report, name
+
+
 def test_smoke_bench_reports_every_claim_with_plots(smoke):
     r = _results(smoke)
     assert r["kind"] == "quality-bench" and r["meta"]["scale"] == "smoke"
+    assert_versions(r["meta"]["versions"], (smoke / "report.md").read_text())
     for claim in ("single", "sequential", "merge", "safety", "ks", "calibration"):
         assert r[claim], claim
     report = (smoke / "report.md").read_text()
     for title in ("Claim 1", "Claim 2", "Claim 3", "Claim 4", "KS-Lottery", "## Calibration"):
         assert title in report
+    # general-ability forgetting of every single-task run, and the claim about it, with its test
+    for key, row in r["single"]["methods"].items():
+        assert row["forgetting"]["n"] == r["meta"]["seeds"], key
+        assert all(math.isfinite(x) for x in row["forgetting"]["values"]), key
+    assert "General forgetting" in report and "Welch p" in report
+    assert "LoTA forgets less general ability than FFT and LoRA: **" in report
     pngs = ("single", "calibration_sparsity", "sequential", "chain", "merge", "safety", "ks")
     for png in (*pngs, "calibration"):
         data = (smoke / f"{png}.png").read_bytes()
@@ -163,9 +180,19 @@ def test_demo_prints_the_table_and_writes_the_report(tiny_base, tmp_path, capsys
         assert name in printed and name in "".join(r["rows"])
     assert r["lotto_protected"]["bit_identical"] and r["lotto_protected"]["entries"] > 0
     assert r["fft_chain"]["changed"] > 0
+    assert_versions(r["versions"], (out / "report.md").read_text())
     lota = r["rows"]["LoTA A"]
     assert lota["trained_entries"] * 5 < r["rows"]["FFT A"]["trained_entries"]
     assert lota["delta_bytes"] < r["rows"]["FFT A"]["delta_bytes"]
+    lora = r["rows"]["LoRA A"]  # reported as LoRA: its adapter, beside its merged delta
+    assert lora["lora_r"] and lora["trained_parameters"] < lora["trained_entries"]
+    assert lora["adapter_bytes"] < lora["delta_bytes"]
+    assert f"(LoRA r={lora['lora_r']})" in printed and "adapter bytes" in printed
+    # general-ability forgetting: every trained model's held-out text loss moved from the base's
+    assert r["rows"]["base"]["forgetting_general"] is None and "general forgetting" in printed
+    for name, row in r["rows"].items():
+        if name != "base":
+            assert math.isfinite(row["forgetting_general"]) and row["forgetting_general"] != 0
     folder = out
     assert (folder / "demo.png").read_bytes()[:4] == b"\x89PNG"
     assert "demo.png" in (folder / "report.md").read_text()

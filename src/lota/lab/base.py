@@ -9,6 +9,7 @@ than learning from scratch. Everything is deterministic by the recipe's seed.
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import time
@@ -132,6 +133,50 @@ def corpus(n_docs: int, seed: int) -> list[str]:
         parts = [rng.choice(makers)(rng) for _ in range(rng.randint(2, 5))]
         docs.append("\n".join(parts))
     return docs
+
+
+HELD_OUT_DOCS = 256  # documents of the general-text loss (the lab's forgetting measure)
+
+
+def held_out(recipe: dict, n: int = HELD_OUT_DOCS) -> list[str]:
+    """``n`` documents of the base's pretraining distribution that its pretraining never saw: the
+    same generator with another seed, every document of the pretraining corpus dropped."""
+    return list(_held_out(recipe["docs"], recipe["seed"], n))
+
+
+@functools.lru_cache(maxsize=4)
+def _held_out(n_docs: int, seed: int, n: int) -> tuple[str, ...]:
+    recipe = {"docs": n_docs, "seed": seed}
+    seen = set(corpus(recipe["docs"], recipe["seed"]))
+    fresh = [d for d in corpus(2 * n, f"held-out:{recipe['seed']}") if d not in seen]
+    if len(fresh) < n:
+        raise RuntimeError(f"only {len(fresh)} held-out documents differ from the corpus")
+    return tuple(fresh[:n])
+
+
+@torch.no_grad()
+def general_loss(model, tokenizer, docs: list[str], seq: int, batch: int = 32) -> dict:
+    """Mean per-token cross-entropy of ``model`` on ``docs`` (each cut to ``seq`` tokens, EOS
+    appended as in pretraining): the sum over all predicted tokens over their count."""
+    model.eval()
+    total, count = 0.0, 0
+    encoded = [(tokenizer(d)["input_ids"] + [tokenizer.eos_token_id])[:seq] for d in docs]
+    for i in range(0, len(encoded), batch):
+        chunk = encoded[i : i + batch]
+        width = max(len(c) for c in chunk)
+        ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for j, c in enumerate(chunk):
+            ids[j, : len(c)] = torch.tensor(c)
+            mask[j, : len(c)] = 1
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        target = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"
+        )
+        total += float(loss)
+        count += int((target != -100).sum())
+    return {"score": total / count, "n": len(docs), "tokens": count}
 
 
 # ---------------------------------------------------------------------------- tokenizer and model

@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from .. import format as fmt
 from ..fileio import write_json, write_text
 from ..models import quiet_transformers
+from .report import versions, versions_line
 
 TASK_A, TASK_B = "math", "sql"
 # learning rates per (task, method): the quality bench's choices on validation (docs/results)
@@ -108,7 +109,11 @@ def run_demo(
             "task": s["task"],
             "lr": s["lr"],
             "trained_entries": r.info["k"],
+            # LoRA trains its adapter (r x (in + out) per layer); its delta is the merged change
+            "trained_parameters": r.info.get("trained_parameters", r.info["k"]),
+            "lora_r": r.info.get("lora_r"),
             "delta_bytes": r.info["delta_bytes"],
+            "adapter_bytes": r.info.get("adapter_bytes"),
             "seconds": r.info["seconds"],
         }
     deltas = [lab.run(lota_a).delta, lab.run(lota_b).delta]
@@ -122,11 +127,16 @@ def run_demo(
         "model": merged,
         "method": "add",
         "trained_entries": sum(lab.run(x).info["k"] for x in (lota_a, lota_b)),
+        "trained_parameters": sum(lab.run(x).info["k"] for x in (lota_a, lota_b)),
         "delta_bytes": sum(Path(d).stat().st_size for d in deltas),
         "seconds": round(time.perf_counter() - t, 2),
     }
     for row in rows.values():
         row["score_A"] = lab.score(row["model"], TASK_A)["score"]
+        # general ability: held-out pretraining-style text, loss after minus before
+        row["forgetting_general"] = (
+            lab.forgetting(row["model"]) if row is not rows["base"] else None
+        )
         row["score_B"] = lab.score(row["model"], TASK_B)["score"]
     for name, after in (("FFT A -> FFT B", "FFT A"), ("LoTA A -> LoTTO B", "LoTA A")):
         rows[name]["forgetting_A"] = rows[after]["score_A"] - rows[name]["score_A"]
@@ -146,6 +156,7 @@ def run_demo(
         "tasks": {"A": TASK_A, "B": TASK_B},
         "base": lab.base,
         "base_fingerprint": lab.base_fp,
+        "versions": versions(),
         "rows": rows,
         "lotto_protected": {"entries": total, "changed": changed, "bit_identical": changed == 0},
         "fft_chain": {"entries": fft_total, "changed": fft_changed},
@@ -161,6 +172,7 @@ def run_demo(
         ),
         f"FFT on B changed {fft_changed:,} of the {fft_total:,} target entries trained on A",
         f"total {results['seconds']} s (runs already in {root / 'cache'} are reused)",
+        versions_line(results["versions"]),
     ]
     print(table.replace("|", " ").rstrip())
     print("\n".join(lines))
@@ -206,8 +218,10 @@ def _table(rows: dict[str, dict]) -> str:
         "score A",
         "score B",
         "forgetting A",
-        "trained entries",
+        "general forgetting",
+        "trained parameters",
         "delta bytes",
+        "adapter bytes",
         "seconds",
     ]
     body = [
@@ -216,8 +230,12 @@ def _table(rows: dict[str, dict]) -> str:
             num(r["score_A"]),
             num(r["score_B"]),
             num(r.get("forgetting_A"), "{:+.3f}"),
-            num(r.get("trained_entries"), "{:,}"),
-            num(r.get("delta_bytes"), "{:,}"),
+            num(r.get("forgetting_general"), "{:+.4f}"),
+            num(r.get("trained_parameters"), "{:,}")
+            + (f" (LoRA r={r['lora_r']})" if r.get("lora_r") else ""),
+            num(r.get("delta_bytes"), "{:,}")
+            + (" (merged)" if r.get("adapter_bytes") is not None else ""),
+            num(r.get("adapter_bytes"), "{:,}"),
             num(r.get("seconds"), "{:.1f}"),
         ]
         for name, r in rows.items()

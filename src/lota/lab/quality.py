@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from . import tasks as T
+from .report import versions
 from .runner import Lab, lr_grid
 
 
@@ -156,6 +157,7 @@ def run_quality(
         "meta": {
             "commit": commit,
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "versions": versions(),
             "scale": scale,
             "settings": SCALES[scale],
             "seeds": seeds,

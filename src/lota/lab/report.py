@@ -14,6 +14,29 @@ from pathlib import Path
 COLORS = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3"]
 
 
+VERSIONED = ("torch", "transformers", "peft", "tokenizers", "numpy", "safetensors", "accelerate")
+
+
+def versions() -> dict[str, str]:
+    """The versions results depend on: Python, lota and the packages it computes with."""
+    import platform
+    from importlib import metadata
+
+    from .._version import __version__
+
+    out = {"python": platform.python_version(), "lota": __version__}
+    for name in VERSIONED:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def versions_line(v: dict[str, str]) -> str:
+    return "Versions: " + ", ".join(f"{k} {v[k]}" for k in v) + "."
+
+
 def _plt():
     import matplotlib
 
@@ -115,7 +138,9 @@ def render(results: dict, figs: dict[str, str]) -> str:
         "# lota quality bench\n",
         f"Commit `{meta['commit']}`, {meta['date']}; scale `{meta['scale']}`, {meta['seeds']} "
         f"seed(s), tasks {', '.join(meta['tasks'])}; base fingerprint `{meta['base_fingerprint'][:16]}`. "
-        f"Training time summed over all cached runs: {meta['train_seconds_total']:.0f} s.\n",
+        f"Training time summed over all cached runs: {meta['train_seconds_total']:.0f} s. "
+        + (versions_line(meta["versions"]) if "versions" in meta else "")
+        + "\n",
         "Scores are test-set means ± sample standard deviation over seeds. Learning rates were "
         "searched on the validation split with the first seed, with the same grid size for every "
         "method. A difference is called one only when it exceeds both spreads.\n",

@@ -44,6 +44,7 @@ SCALES = {
         "seeds": 3,
         "eval_batch": 100,
         "real_sql": 200,
+        "general_docs": 256,  # held-out documents of the general-text loss (forgetting)
     },
     # ``lota demo``: one seed, fixed learning rates, small test sets, inside five minutes
     "demo": {
@@ -59,6 +60,7 @@ SCALES = {
         "seeds": 1,
         "eval_batch": 100,
         "real_sql": 0,
+        "general_docs": 256,
     },
     # a quick pass through every claim (tests, ``--scale smoke``)
     "smoke": {
@@ -75,12 +77,14 @@ SCALES = {
         "eval_batch": 8,
         "real_sql": 4,
         "max_new_tokens": 6,
+        "general_docs": 16,
     },
 }
 # learning-rate grids, from the method table (every method of a family gets the same number of
 # points); the middle points are used when a scale searches only one
 LR_GRID = sources.lr_grids()
 MAX_NEW_TOKENS = {"math": 24, "sql": 40, "instruct": 32, "translate": 28, "safety": 32}
+GENERAL = "general"  # the pseudo-task of the general-text loss (forgetting), scored like a task
 DATA_SEED = 0  # the task data is the same for every seed; seeds change initialisation and order
 
 
@@ -233,10 +237,18 @@ class Lab:
         # a model outside the cache (the base): its scores are kept in the cache, not beside it
         return self.cache / "external" / _digest([str(Path(model).resolve())]) / "scores.json"
 
+    def forgetting(self, model: str) -> float:
+        """General-ability forgetting: the model's mean per-token cross-entropy on held-out
+        pretraining-style text minus the base's (positive: the model forgot)."""
+        return self.score(model, GENERAL)["score"] - self.score(self.base, GENERAL)["score"]
+
     def _evaluate(self, model_path: str, task: str, split: str, template: str) -> dict:
         from ..data import Example
         from ..evaluate import generate
         from ..models import load_model, load_tokenizer
+
+        if task == GENERAL:
+            return self._general(model_path)
 
         kind = "sql" if task == "sql-real" else task  # real questions are scored as the sql task
         rows = self.rows(task, split, template)
@@ -266,6 +278,14 @@ class Lab:
             :3
         ]
         return result
+
+    def _general(self, model_path: str) -> dict:
+        from ..models import load_model, load_tokenizer
+        from .base import general_loss, held_out
+
+        recipe = json.loads((Path(self.base) / "lab_recipe.json").read_text())["recipe"]
+        docs = held_out(recipe, self.scale.get("general_docs", 256))
+        return general_loss(load_model(model_path), load_tokenizer(model_path), docs, recipe["seq"])
 
     # ------------------------------------------------------------------------ derived models
     def derived(self, label: str, recipe: dict, build) -> str:

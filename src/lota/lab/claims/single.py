@@ -9,6 +9,8 @@ from ... import sources
 from .. import tasks as T
 from ..quality import Quality, spec, stats
 from ..report import _bars, _bullets, _e, _m, _plt, _save, _table, compare, fmt
+from ..runner import GENERAL
+from .calibration import ALPHA, welch
 
 NAME = "single"
 METHODS = sources.lab_methods()  # fft, lora, lota, random, bottomk
@@ -50,7 +52,7 @@ def measure(q: Quality):
     }
 
     def wanted(t):
-        out = [(x, "test", "default") for x in (a, b)]
+        out = [(x, "test", "default") for x in (a, b, GENERAL)]
         return out + ([("sql-real", "test", "default")] if t == "sql" and real else [])
 
     yield (
@@ -67,8 +69,14 @@ def measure(q: Quality):
                 "lr": q.chosen[(t, m)],
                 "score": stats([q.test(r, t)["score"] for r in runs]),
                 "trained_entries": runs[0].info["k"],
+                # LoRA trains r x (in + out) per layer; its delta is the merged dense change
+                "trained_parameters": runs[0].info.get("trained_parameters", runs[0].info["k"]),
+                "lora_r": runs[0].info.get("lora_r"),
                 "delta_bytes": runs[0].info["delta_bytes"],
+                "adapter_bytes": runs[0].info.get("adapter_bytes"),
                 "seconds": stats([r.info["seconds"] for r in runs]),
+                # general ability: held-out pretraining-style text, loss after minus before
+                "forgetting": stats([q.lab.forgetting(r.model) for r in runs]),
             }
             if t == "sql" and real:
                 row["sql_real"] = stats([q.test(r, "sql-real")["score"] for r in runs])
@@ -90,6 +98,7 @@ def measure(q: Quality):
     q.results[NAME] = {
         "tasks": [a, b],
         "base": base,
+        "base_general_loss": q.lab.score(q.lab.base, GENERAL)["score"],
         "methods": table,
         "calibration_steps": cal,
         "sparsity": sw,
@@ -151,6 +160,37 @@ def plot(results: dict, out: Path) -> dict[str, str]:
     return figs
 
 
+def forgetting_verdicts(single: dict) -> list[str]:
+    """ "LoTA forgets less general ability than FFT and LoRA": per task and baseline, Welch's test
+    of LoTA's forgetting against the baseline's; the claim holds where every test says less."""
+    lines, holds = [], True
+    for t in single["tasks"]:
+        lota = single["methods"][f"{t}/lota"]["forgetting"]
+        for m in ("fft", "lora"):
+            other = single["methods"][f"{t}/{m}"]["forgetting"]
+            w = welch(lota["values"], other["values"])
+            less = w["p"] is not None and w["p"] < ALPHA and w["diff"] < 0
+            holds &= less
+            p = "n/a" if w["p"] is None else f"{w['p']:.3f}"
+            lines.append(
+                f"{t}: LoTA's general forgetting {fmt(lota, 4)} vs {LABELS[m]}'s {fmt(other, 4)}: "
+                f"difference {w['diff']:+.4f}, Welch p {p} -> "
+                + (
+                    "less"
+                    if less
+                    else "more"
+                    if w["diff"] > 0 and not w["within_noise"]
+                    else "not less"
+                )
+            )
+    lines.append(
+        "LoTA forgets less general ability than FFT and LoRA: "
+        + ("**holds**" if holds else "**does not hold**")
+        + " on these tasks."
+    )
+    return lines
+
+
 def render(results: dict, figs: dict[str, str]) -> list[str]:
     single = results.get(NAME)
     if not single:
@@ -158,20 +198,41 @@ def render(results: dict, figs: dict[str, str]) -> list[str]:
     meta = results["meta"]
     a = single["tasks"][0]
     out = ["## Claim 1: LoTA vs FFT, LoRA, random and bottom-k masks\n"]
-    head = ["method", *single["tasks"], "trained entries", "delta bytes"]
+    general = "forgetting" in next(iter(single["methods"].values()))
+    head = ["method", *single["tasks"]]
+    head += [f"general forgetting ({t})" for t in single["tasks"]] if general else []
+    head += ["trained parameters", "delta bytes", "adapter bytes"]
     rows = []
     methods = _methods(single)
     for m in methods:
         r = [single["methods"][f"{t}/{m}"] for t in single["tasks"]]
+        lora = f" (LoRA r={r[0]['lora_r']})" if r[0].get("lora_r") else ""
+        adapter = r[0].get("adapter_bytes")
         rows.append(
             [m]
             + [fmt(x["score"]) for x in r]
-            + [f"{r[0]['trained_entries']:,}", f"{r[0]['delta_bytes']:,}"]
+            + ([fmt(x["forgetting"], 4) for x in r] if general else [])
+            + [
+                f"{r[0].get('trained_parameters', r[0]['trained_entries']):,}{lora}",
+                f"{r[0]['delta_bytes']:,}" + (" (merged)" if adapter is not None else ""),
+                f"{adapter:,}" if adapter is not None else "-",
+            ]
         )
     rows.append(
-        ["base (no training)"] + [f"{single['base'][t]:.3f}" for t in single["tasks"]] + ["-", "-"]
+        ["base (no training)"]
+        + [f"{single['base'][t]:.3f}" for t in single["tasks"]]
+        + (["0"] * len(single["tasks"]) if general else [])
+        + ["-", "-", "-"]
     )
     out.append(_table(head, rows))
+    if general:
+        out.append(
+            "General forgetting: the mean per-token cross-entropy on held-out text of the base's "
+            "pretraining distribution (documents its pretraining never saw), after training minus "
+            f"the base's ({single['base_general_loss']:.4f}); positive means the model forgot. "
+            f"Welch's t-test over seeds at alpha {ALPHA}.\n"
+        )
+        out.append(_bullets(forgetting_verdicts(single)))
     if single.get("real_sql_available") and "sql/fft" in single["methods"]:
         out.append(
             "Real sql-create-context test (first "
