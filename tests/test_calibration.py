@@ -366,6 +366,38 @@ def test_sigkill_in_fisher_calibration_resumes_to_the_same_bits(bases, protect, 
     assert_same_delta(reference, tmp_path / "killed")
 
 
+def test_squares_taken_in_the_backward_pass_equal_the_steps_and_free_each_gradient():
+    """``in_backward`` sums the same squares, bit for bit, with at most one gradient alive."""
+    from lota.toy import tiny_llama
+
+    sums = []
+    for in_backward in (False, True):
+        model = tiny_llama(hidden=32, layers=2, heads=2, seed=0)
+        params = [p for n, p in model.named_parameters() if n.endswith("proj.weight")]
+        for p in model.parameters():
+            p.requires_grad_(any(p is q for q in params))
+        acc = cal_module.SquaredGradients(params, torch.float32, in_backward=in_backward)
+        alive = []
+        if in_backward:  # count the gradients alive whenever one is taken
+            for p in params:
+                p.register_post_accumulate_grad_hook(
+                    lambda _: alive.append(sum(q.grad is not None for q in params))
+                )
+        g = torch.Generator().manual_seed(1)
+        for _ in range(2):
+            ids = torch.randint(3, 250, (2, 12), generator=g)
+            model(input_ids=ids, labels=ids).loss.backward()
+            acc.step()
+            acc.zero_grad(set_to_none=True)
+        acc.close()
+        sums.append(acc.scores())
+        if in_backward:
+            assert alive and max(alive) <= 1
+            assert all(p.grad is None for p in params)
+    assert all(torch.equal(bits(a), bits(b)) for a, b in zip(*sums))
+    assert all(bool(s.abs().sum() > 0) for s in sums[1])
+
+
 def test_the_squared_gradient_buffer_changes_no_weight_and_keeps_its_precision():
     w = torch.nn.Parameter(torch.randn(3, 4, dtype=torch.bfloat16))
     before = w.detach().clone()

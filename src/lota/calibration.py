@@ -28,22 +28,46 @@ from .ticket import Ticket
 class SquaredGradients(torch.optim.Optimizer):
     """An optimizer that changes no parameter: each step adds every parameter's squared gradient
     into its score buffer of ``dtype``, so the training loop's batches, gradient averaging and
-    checkpoints carry the score, and ``zero_grad`` frees the gradients after each step."""
+    checkpoints carry the score, and ``zero_grad`` frees the gradients after each step.
 
-    def __init__(self, params: list[torch.nn.Parameter], dtype: torch.dtype):
+    ``in_backward``: add each parameter's square as soon as the backward pass has its gradient,
+    and free that gradient there, so no more than one dense gradient is alive at a time (the same
+    sums, bit for bit, where a step's gradient is one backward pass's: one process, one
+    micro-batch, no loss scaling). ``close`` removes the hooks."""
+
+    def __init__(
+        self, params: list[torch.nn.Parameter], dtype: torch.dtype, in_backward: bool = False
+    ):
         super().__init__(params, {})
         self.dtype = dtype
+        self.hooks = []
+        if in_backward:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    self.hooks.append(p.register_post_accumulate_grad_hook(self._take))
+
+    @torch.no_grad()
+    def _take(self, p: torch.nn.Parameter) -> None:
+        self._add(p)
+        p.grad = None
+
+    def _add(self, p: torch.nn.Parameter) -> None:
+        state = self.state[p]
+        if "score" not in state:
+            state["score"] = torch.zeros(p.shape, dtype=self.dtype, device=p.device)
+        state["score"].addcmul_(p.grad, p.grad)
 
     @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "score" not in state:
-                    state["score"] = torch.zeros(p.shape, dtype=self.dtype, device=p.device)
-                state["score"].addcmul_(p.grad, p.grad)
+                if p.grad is not None:
+                    self._add(p)
+
+    def close(self) -> None:
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []
 
     def load_state_dict(self, state_dict: dict) -> None:
         """The saved buffers as they were (``Optimizer``'s own would cast them to the weights'
@@ -81,9 +105,21 @@ def _squared_gradients(run, name: str, params: dict, steps: int, model=None, hel
     one phase of the run; nothing is updated."""
     cfg = run.cfg
     dtype = getattr(torch, cfg.fisher_dtype) if name == "calibration" else torch.float32
-    acc = SquaredGradients(list(params.values()), dtype)
+    # one backward pass per step and no loss scale: square each gradient as it comes, free it
+    in_backward = (
+        run.world.size == 1
+        and cfg.grad_accum == 1
+        and cfg.mixed_precision != "fp16"
+        and run.stored_dtype != torch.float16
+    )
+    acc = SquaredGradients(list(params.values()), dtype, in_backward=in_backward)
     settings = dataclasses.replace(cfg.settings(0.0, steps), max_grad_norm=None)
-    run.phase(name, params, 0.0, steps, model=model, settings=settings, optimizer=acc, held=held)
+    try:
+        run.phase(
+            name, params, 0.0, steps, model=model, settings=settings, optimizer=acc, held=held
+        )
+    finally:
+        acc.close()
     return dict(zip(params, acc.scores()))
 
 
