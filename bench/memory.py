@@ -1,6 +1,6 @@
 """Training memory and step time against full fine-tuning, the official LoTA approach and PEFT
 LoRA, on a Llama config of about 200M parameters (batch 1, short sequences, AdamW for lota and
-FFT). Two parts (``--parts``):
+FFT). Three parts (``--parts``):
 
 ``sparse`` (the default): the sparse phase alone, fp32. Each method runs in its own process,
 interleaved over ``--repeats`` rounds:
@@ -15,7 +15,11 @@ over steps after the first.
 
 ``pipeline``: the whole ``lota adapt`` run, calibration included, for each ``--calibration``
 (adamw, sgd, fisher with fp32 and bf16 sums, lora) against FFT and LoRA, with fp32 and with bf16
-weights (a bf16 copy of the model, loaded with ``--dtype bfloat16``). ``lota adapt`` runs in
+weights (a bf16 copy of the model, loaded with ``--dtype bfloat16``). On bf16 weights the methods
+with a dense phase (``fft``, ``lota-adamw``, ``lota-sgd``) run with lota's default float32 master
+copies of the targets and, as the rows ``NAME:masters-none``, once more with ``--master-weights
+none`` (pure bf16 training; ``--no-masters-none`` leaves those rows out); the other methods hold
+no master copies, so the setting does not change them. ``lota adapt`` runs in
 process in a child that wraps lota's high-water-mark reset: the mark starts once the model is
 loaded (its weights read, so that pages mapped from the file are resident), and every reset (one
 at each phase start) first records the peak of the segment that ends there, so the whole run's
@@ -25,12 +29,27 @@ after it (delta extraction, the frozen check, the outputs). Per phase, the bytes
 model per target parameter; the time of each run relative to the adamw calibration in the same
 repeat; and a projection of those bytes onto Llama-3.1-8B's shapes on one GPU (computed, not
 measured; activations are an assumption, ``--activations-gib``). Each run is also appended to
-``WORKDIR/pipeline_runs.jsonl``; ``--from-runs`` reports such a file without running.
+``WORKDIR/pipeline_runs.jsonl``; ``--from-runs`` reports such a file without running. Ratios and
+time ratios pair the runs of the same repeat.
+
+``checkpointing``: the same whole-run measurement with and without ``--gradient-checkpointing``
+for ``--gc-methods`` (default fft, lora, lota-adamw, lota-sgd), fp32 and bf16 weights (bf16 with
+the default float32 masters), at a batch where activations matter: ``--gc-batch-size`` examples
+of ``--gc-max-length`` tokens each (every example fills its sequence, so no batch is padded),
+``--gc-calibration-steps`` and ``--gc-steps`` steps. A model with fewer positions than
+``--gc-max-length`` is given a copy whose config has that many (rotary positions: the weights are
+the same). Each pair (with, without) runs back to back, its order alternating between repeats.
+Reported per phase: the peak without and with checkpointing, their ratio and difference (the
+activation memory that checkpointing saves), and the time with over without, for the whole run
+and for the training steps alone (their ``step_s`` in ``metrics.jsonl``, which leaves out
+checkpoint writes and delta extraction). Each run is appended to
+``WORKDIR/checkpointing_runs.jsonl``; ``--checkpointing-from-runs`` reports such a file.
 
 Prints tables to stderr and one JSON line last on stdout.
 
     python bench/memory.py [--layers 14] [--hidden 1024] [--steps 6] [--repeats 2]
     python bench/memory.py --parts pipeline --calibration-steps 2 --steps 3 --repeats 2
+    python bench/memory.py --parts checkpointing --gc-batch-size 4 --gc-max-length 128
 """
 
 from __future__ import annotations
@@ -250,6 +269,34 @@ PIPELINE_METHODS = {
     ),
 }
 LIGHT = ("lota-sgd", "lota-fisher-fp32", "lota-fisher-bf16", "lota-lora")
+# the methods with a dense phase (fft; the adamw and sgd calibrations): on 16-bit weights they hold
+# float32 master copies of the targets unless --master-weights none
+DENSE = ("fft", "lota-adamw", "lota-sgd")
+NO_MASTERS = ":masters-none"  # the row of a DENSE method run with --master-weights none
+GC_METHODS = ("fft", "lora", "lota-adamw", "lota-sgd")
+
+
+def base_method(row: str) -> str:
+    return row.removesuffix(NO_MASTERS)
+
+
+def method_args(row: str) -> list[str]:
+    """The ``lota adapt`` arguments of a table row (a method, or a DENSE method without masters)."""
+    extra = ["--master-weights", "none"] if row.endswith(NO_MASTERS) else []
+    return [*PIPELINE_METHODS[base_method(row)][1], *extra]
+
+
+def pipeline_rows(methods: list[str], dtype: str, masters_none: bool) -> list[str]:
+    """The rows of one dtype: every method, and on 16-bit weights each DENSE one without masters
+    right after it."""
+    rows = []
+    for m in methods:
+        rows.append(m)
+        if masters_none and dtype != "float32" and m in DENSE:
+            rows.append(m + NO_MASTERS)
+    return rows
+
+
 # Llama-3.1-8B's shapes, for the projection (a meta-device model: nothing is downloaded)
 LLAMA_8B = dict(
     hidden_size=4096,
@@ -268,7 +315,7 @@ def bf16_copy(model_dir: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out = model_dir.parent / "model-bf16"
+    out = model_dir.parent / f"{model_dir.name}-bf16"
     if not out.exists():
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
         model.save_pretrained(out, safe_serialization=True)
@@ -276,22 +323,88 @@ def bf16_copy(model_dir: Path) -> Path:
     return out
 
 
-def run_pipeline(model_dir, data, out: Path, method: str, dtype: str, args) -> dict:
+def long_model(model_dir: Path, positions: int) -> Path:
+    """``model_dir`` itself if it has ``positions`` positions, else a copy whose config has them
+    (rotary positions have no weights, so the weights are the same; the weight file is linked)."""
+    import os
+    import shutil
+
+    config = json.loads((model_dir / "config.json").read_text())
+    if config.get("max_position_embeddings", 0) >= positions:
+        return model_dir
+    out = model_dir.parent / f"{model_dir.name}-p{positions}"
+    if not out.exists():
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        for f in model_dir.iterdir():
+            if f.name == "config.json":
+                continue
+            try:
+                os.link(f, tmp / f.name)
+            except OSError:
+                shutil.copy2(f, tmp / f.name)
+        config["max_position_embeddings"] = positions
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        tmp.rename(out)
+    return out
+
+
+def long_data(work: Path, length: int) -> Path:
+    """Examples whose completion fills ``length`` tokens (it is cut there), so every batch is
+    ``length`` tokens long and the loss covers almost all of them."""
+    path = work / f"data-{length}.jsonl"
+    if not path.exists():
+        rows = [
+            {
+                "prompt": f"Q{i}: count on from {i}.",
+                "completion": " " + " ".join(str(i + j) for j in range(length)),
+            }
+            for i in range(64)
+        ]
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def step_seconds(out: Path) -> dict:
+    """Summed ``step_s`` per phase of a finished run (its ``metrics.jsonl``)."""
+    s: dict = {}
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if "step_s" in r:
+            s[r["phase"]] = s.get(r["phase"], 0.0) + r["step_s"]
+    return s
+
+
+def run_pipeline(
+    model_dir,
+    data,
+    out: Path,
+    row: str,
+    dtype: str,
+    args,
+    batch_size: int = 1,
+    steps: int | None = None,
+    calibration_steps: int | None = None,
+    extra: tuple[str, ...] = (),
+) -> dict:
     """One whole ``lota adapt`` run in a child; the peak of each segment between phase starts."""
+    steps = args.steps if steps is None else steps
+    calibration_steps = args.calibration_steps if calibration_steps is None else calibration_steps
     cmd = [sys.executable, "-c", PIPELINE, "--quiet", "adapt", str(model_dir)]
-    cmd += ["--data", str(data), "--out", str(out), "--steps", str(args.steps)]
-    cmd += ["--calibration-steps", str(args.calibration_steps), "--batch-size", "1"]
+    cmd += ["--data", str(data), "--out", str(out), "--steps", str(steps)]
+    cmd += ["--calibration-steps", str(calibration_steps), "--batch-size", str(batch_size)]
     cmd += ["--lr", "1e-5", "--optimizer", "adamw", "--checkpoint-every", "0", "--dtype", dtype]
-    cmd += ["--force", "--restart", *PIPELINE_METHODS[method][1]]
+    cmd += ["--force", "--restart", *method_args(row), *extra]
     r = subprocess.run(cmd, capture_output=True, text=True)
     lines = r.stdout.strip().splitlines()
     child = json.loads(lines[-1]) if r.returncode == 0 and lines else None
     if child is None or child["code"]:
-        raise SystemExit(f"{method} ({dtype}) failed: {r.stderr.strip()[-500:]}")
+        raise SystemExit(f"{row} ({dtype}) failed: {r.stderr.strip()[-500:]}")
     groups = {g: {"peak_mb": 0.0, "s": 0.0} for g in GROUPS}
     labels = [s[0] for s in child["segments"]]
     if "train" not in labels:
-        raise SystemExit(f"{method} ({dtype}): no training phase was seen ({labels})")
+        raise SystemExit(f"{row} ({dtype}): no training phase was seen ({labels})")
     first, last = labels.index("train"), len(labels) - 1 - labels[::-1].index("train")
     for i, (_, peak, secs) in enumerate(child["segments"]):
         g = groups[GROUPS[0] if i < first else GROUPS[1] if i <= last else GROUPS[2]]
@@ -300,12 +413,23 @@ def run_pipeline(model_dir, data, out: Path, method: str, dtype: str, args) -> d
         "peak_mb": max(g["peak_mb"] for g in groups.values()),
         "loaded_mb": child["loaded_mb"],
         "seconds": child["seconds"],
+        "step_seconds": step_seconds(out),
         "phases": groups,
     }
 
 
 def _med(xs: list[float]) -> dict:
+    if not xs:
+        return {"median": float("nan"), "range": [float("nan"), float("nan")]}
     return {"median": statistics.median(xs), "range": [min(xs), max(xs)]}
+
+
+def paired(a: list[dict], b: list[dict]) -> list[tuple[dict, dict]]:
+    """The runs of ``a`` and ``b`` from the same repeat (by their ``repeat``; else by position)."""
+    if all("repeat" in r for r in [*a, *b]):
+        by = {r["repeat"]: r for r in b}
+        return [(r, by[r["repeat"]]) for r in a if r["repeat"] in by]
+    return list(zip(a, b))
 
 
 def summarize_pipeline(runs: list[dict], n_targets: int, n_lora: int) -> dict:
@@ -368,7 +492,7 @@ def project(summary: dict, shapes: dict, gpu_gib: float, act_gib: float) -> dict
             phases = {}
             for g in GROUPS:
                 ph = s["phases"][g]
-                if m == "lora" and g == "train":
+                if base_method(m) == "lora" and g == "train":
                     extra = ph["bytes_per_lora_param"]["median"] * shapes["lora_params"]
                 else:
                     extra = ph["bytes_per_target_param"]["median"] * shapes["targets"]
@@ -395,7 +519,8 @@ def pipeline_part(args, work: Path, model_dir: Path, data: Path, n_params: int) 
     here = counts(AutoConfig.from_pretrained(model_dir))
     n_targets, n_lora = here["targets"], here["lora_params"]
     methods, dtypes = args.pipeline_methods.split(","), args.dtypes.split(",")
-    runs: dict = {d: {m: [] for m in methods} for d in dtypes}
+    rows = {d: pipeline_rows(methods, d, args.masters_none) for d in dtypes}
+    runs: dict = {d: {m: [] for m in rows[d]} for d in dtypes}
     if args.from_runs:  # report the runs a stopped or earlier bench left, without running more
         for line in Path(args.from_runs).read_text().splitlines():
             r = json.loads(line)
@@ -407,36 +532,37 @@ def pipeline_part(args, work: Path, model_dir: Path, data: Path, n_params: int) 
     else:
         folders = {"float32": model_dir, "bfloat16": bf16_copy(model_dir)}
         for rep in range(args.repeats):
-            order = methods if rep % 2 == 0 else methods[::-1]  # alternate, so drift evens out
             for dtype in dtypes:
+                order = rows[dtype] if rep % 2 == 0 else rows[dtype][::-1]  # drift evens out
                 for m in order:
                     print(
                         f"[repeat {rep + 1}/{args.repeats}] {m} {dtype} ...",
                         file=sys.stderr,
                         flush=True,
                     )
-                    r = run_pipeline(folders[dtype], data, work / f"pipe_{m}", m, dtype, args)
+                    out = work / f"pipe_{m.replace(':', '_')}"
+                    r = run_pipeline(folders[dtype], data, out, m, dtype, args)
+                    r = {"repeat": rep, "method": m, "dtype": dtype, **r}
                     runs[dtype][m].append(r)
                     with open(work / "pipeline_runs.jsonl", "a") as f:  # kept if stopped
-                        f.write(json.dumps({"repeat": rep, "method": m, "dtype": dtype, **r}))
-                        f.write("\n")
+                        f.write(json.dumps(r) + "\n")
     summary = {
         d: {m: summarize_pipeline(v, n_targets, n_lora) for m, v in runs[d].items()} for d in dtypes
     }
     ratios = {}
     for d in dtypes:
-        fft = runs[d]["fft"]
+        fft = runs[d]["fft"]  # FFT with lota's default precision is the reference of every row
         for m, rs in runs[d].items():
             ratio = {
-                "whole_run_memory": _med([r["peak_mb"] / f["peak_mb"] for r, f in zip(rs, fft)]),
+                "whole_run_memory": _med([r["peak_mb"] / f["peak_mb"] for r, f in paired(rs, fft)]),
                 "train_phase_memory": _med(
-                    [r["phases"]["train"]["peak_mb"] / f["peak_mb"] for r, f in zip(rs, fft)]
+                    [r["phases"]["train"]["peak_mb"] / f["peak_mb"] for r, f in paired(rs, fft)]
                 ),
             }
-            if "lota-adamw" in runs[d]:
+            if runs[d].get("lota-adamw"):
                 base = runs[d]["lota-adamw"]
                 ratio["time_over_adamw"] = _med(
-                    [r["seconds"] / b["seconds"] for r, b in zip(rs, base)]
+                    [r["seconds"] / b["seconds"] for r, b in paired(rs, base)]
                 )
             ratios[f"{m}/{d}"] = ratio
     shapes = counts(LlamaConfig(**LLAMA_8B))
@@ -478,7 +604,7 @@ def report_pipeline(summary, ratios, projection, shapes, n_params, n_targets, ar
         "loaded model per target parameter",
         file=err,
     )
-    head = f"{'method':<18}{'dtype':<10}{'peak MiB':>10}{'/FFT':>7}{'calib MiB':>11}{'B/p':>7}"
+    head = f"{'method':<26}{'dtype':<10}{'peak MiB':>10}{'/FFT':>7}{'calib MiB':>11}{'B/p':>7}"
     print(
         head
         + f"{'train MiB':>11}{'/FFT':>7}{'B/p':>7}{'finish MiB':>12}{'B/p':>7}{'time/adamw':>12}",
@@ -489,7 +615,7 @@ def report_pipeline(summary, ratios, projection, shapes, n_params, n_targets, ar
             r, ph = ratios[f"{m}/{d}"], s["phases"]
             t = r.get("time_over_adamw", {}).get("median", float("nan"))
             print(
-                f"{m:<18}{d:<10}{s['peak_mb']['median']:>10.0f}{r['whole_run_memory']['median']:>7.3f}"
+                f"{m:<26}{d:<10}{s['peak_mb']['median']:>10.0f}{r['whole_run_memory']['median']:>7.3f}"
                 + "".join(
                     f"{ph[g]['peak_mb']['median']:>{w}.0f}"
                     + (f"{r['train_phase_memory']['median']:>7.3f}" if g == "train" else "")
@@ -508,17 +634,138 @@ def report_pipeline(summary, ratios, projection, shapes, n_params, n_targets, ar
         file=err,
     )
     print(
-        f"{'method/dtype':<28}{'weights':>9}{'calib':>8}{'train':>8}{'peak':>8}{'+act':>8}"
+        f"{'method/dtype':<36}{'weights':>9}{'calib':>8}{'train':>8}{'peak':>8}{'+act':>8}"
         f"{'margin':>8}  fits  {'finish':>8}  fits with finish",
         file=err,
     )
     for name, p in projection.items():
         ph, act = p["phases_gib"], p["assumed_activations_gib"]
         print(
-            f"{name:<28}{p['weights_gib']:>9.1f}{ph['calibration']:>8.1f}{ph['train']:>8.1f}"
+            f"{name:<36}{p['weights_gib']:>9.1f}{ph['calibration']:>8.1f}{ph['train']:>8.1f}"
             f"{p['peak_gib']:>8.1f}{p['peak_gib'] + act:>8.1f}{p['margin_gib']:>8.1f}"
             f"  {'yes' if p['fits'] else 'no':<4}  {ph['finish']:>8.1f}  "
             + ("yes" if p["fits_whole_run"] else "no"),
+            file=err,
+        )
+
+
+def checkpointing_part(args, work: Path, model_dir: Path, n_params: int) -> dict:
+    """Whole ``lota adapt`` runs with and without ``--gradient-checkpointing`` at a larger batch."""
+    methods, dtypes = args.gc_methods.split(","), args.gc_dtypes.split(",")
+    runs: dict = {d: {m: {False: [], True: []} for m in methods} for d in dtypes}
+    if args.checkpointing_from_runs:
+        for line in Path(args.checkpointing_from_runs).read_text().splitlines():
+            r = json.loads(line)
+            if r["dtype"] in runs and r["method"] in runs[r["dtype"]]:
+                runs[r["dtype"]][r["method"]][r["checkpointing"]].append(r)
+    else:
+        model_dir = long_model(model_dir, args.gc_max_length)
+        folders = {"float32": model_dir, "bfloat16": bf16_copy(model_dir)}
+        data = long_data(work, args.gc_max_length)
+        for rep in range(args.gc_repeats):
+            for dtype in dtypes:
+                for m in methods if rep % 2 == 0 else methods[::-1]:
+                    # each pair back to back, its order alternating, so drift hits both alike
+                    for gc in (False, True) if rep % 2 == 0 else (True, False):
+                        print(
+                            f"[repeat {rep + 1}/{args.gc_repeats}] {m} {dtype} "
+                            f"checkpointing={gc} ...",
+                            file=sys.stderr,
+                            flush=True,
+                        )
+                        r = run_pipeline(
+                            folders[dtype],
+                            data,
+                            work / f"gc_{m}",
+                            m,
+                            dtype,
+                            args,
+                            batch_size=args.gc_batch_size,
+                            steps=args.gc_steps,
+                            calibration_steps=args.gc_calibration_steps,
+                            extra=(
+                                "--max-length",
+                                str(args.gc_max_length),
+                                *(["--gradient-checkpointing"] if gc else []),
+                            ),
+                        )
+                        r = {"repeat": rep, "method": m, "dtype": dtype, "checkpointing": gc, **r}
+                        runs[dtype][m][gc].append(r)
+                        with open(work / "checkpointing_runs.jsonl", "a") as f:
+                            f.write(json.dumps(r) + "\n")
+    results: dict = {}
+    for d, ms in runs.items():
+        for m, by in ms.items():
+            pairs = paired(by[True], by[False])  # (with, without) of the same repeat
+            if not pairs:
+                continue
+            phases = {}
+            for g in GROUPS:
+                phases[g] = {
+                    "without_mb": _med([b["phases"][g]["peak_mb"] for _, b in pairs]),
+                    "with_mb": _med([a["phases"][g]["peak_mb"] for a, _ in pairs]),
+                    "ratio": _med(
+                        [a["phases"][g]["peak_mb"] / b["phases"][g]["peak_mb"] for a, b in pairs]
+                    ),
+                    "saved_mb": _med(
+                        [b["phases"][g]["peak_mb"] - a["phases"][g]["peak_mb"] for a, b in pairs]
+                    ),
+                }
+            results[f"{m}/{d}"] = {
+                "pairs": len(pairs),
+                "loaded_mb": _med([b["loaded_mb"] for _, b in pairs]),
+                "whole_run": {
+                    "without_mb": _med([b["peak_mb"] for _, b in pairs]),
+                    "with_mb": _med([a["peak_mb"] for a, _ in pairs]),
+                    "ratio": _med([a["peak_mb"] / b["peak_mb"] for a, b in pairs]),
+                },
+                "phases": phases,
+                "time_ratio": _med([a["seconds"] / b["seconds"] for a, b in pairs]),
+                "step_time_ratio": _med(
+                    [
+                        sum(a["step_seconds"].values()) / sum(b["step_seconds"].values())
+                        for a, b in pairs
+                    ]
+                ),
+                "seconds_without": _med([b["seconds"] for _, b in pairs]),
+            }
+    report_checkpointing(results, n_params, args)
+    return {
+        "setting": {
+            "batch_size": args.gc_batch_size,
+            "max_length": args.gc_max_length,
+            "calibration_steps": args.gc_calibration_steps,
+            "steps": args.gc_steps,
+        },
+        "results": results,
+    }
+
+
+def report_checkpointing(results: dict, n_params: int, args) -> None:
+    err = sys.stderr
+    print(
+        f"\n--gradient-checkpointing: {n_params / 1e6:.1f}M parameters, batch {args.gc_batch_size} x "
+        f"{args.gc_max_length} tokens, {args.gc_calibration_steps} calibration + {args.gc_steps} "
+        "steps; MiB are peaks without -> with checkpointing (with/without), medians over pairs",
+        file=err,
+    )
+    print(
+        f"{'method/dtype':<22}{'n':>3}{'whole run MiB':>22}{'before training':>22}"
+        f"{'training phase':>22}{'after training':>22}{'time':>7}{'steps':>7}",
+        file=err,
+    )
+
+    def cell(c):
+        return (
+            f"{c['without_mb']['median']:>7.0f}->{c['with_mb']['median']:<6.0f}"
+            f"({c['ratio']['median']:.3f})"
+        )
+
+    for name, r in results.items():
+        print(
+            f"{name:<22}{r['pairs']:>3}{cell(r['whole_run']):>22}"
+            + "".join(f"{cell(r['phases'][g]):>22}" for g in GROUPS)
+            + f"{r['time_ratio']['median']:>7.2f}{r['step_time_ratio']['median']:>7.2f}",
             file=err,
         )
 
@@ -583,7 +830,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument(
-        "--parts", default="sparse", help="comma-separated: sparse (the default), pipeline"
+        "--parts",
+        default="sparse",
+        help="comma-separated: sparse (the default), pipeline, checkpointing",
     )
     ap.add_argument(
         "--methods", default="fft,lota,official,lora", help="comma-separated subset (fft is needed)"
@@ -595,6 +844,35 @@ def main() -> None:
     )
     ap.add_argument("--calibration-steps", type=int, default=2, help="pipeline part")
     ap.add_argument("--dtypes", default="float32,bfloat16", help="weights of the pipeline part")
+    ap.add_argument(
+        "--masters-none",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="pipeline part: also run fft, lota-adamw and lota-sgd on bf16 weights with "
+        "--master-weights none (default: yes)",
+    )
+    ap.add_argument(
+        "--gc-methods",
+        default=",".join(GC_METHODS),
+        help="checkpointing part: comma-separated pipeline methods",
+    )
+    ap.add_argument("--gc-dtypes", default="float32,bfloat16", help="checkpointing part: weights")
+    ap.add_argument("--gc-batch-size", type=int, default=4, help="checkpointing part")
+    ap.add_argument(
+        "--gc-max-length",
+        type=int,
+        default=128,
+        help="checkpointing part: tokens per example (a copy of the model gets more positions if "
+        "needed)",
+    )
+    ap.add_argument("--gc-calibration-steps", type=int, default=2, help="checkpointing part")
+    ap.add_argument("--gc-steps", type=int, default=2, help="checkpointing part")
+    ap.add_argument("--gc-repeats", type=int, default=1, help="checkpointing part")
+    ap.add_argument(
+        "--checkpointing-from-runs",
+        default=None,
+        help="checkpointing part: summarize this checkpointing_runs.jsonl instead of running",
+    )
     ap.add_argument("--gpu-gib", type=float, default=80.0, help="the GPU of the projection")
     ap.add_argument(
         "--activations-gib",
@@ -632,6 +910,8 @@ def main() -> None:
         out.update(sparse_part(args, work, model_dir, data, ticket, n_params))
     if "pipeline" in parts:
         out["pipeline"] = pipeline_part(args, work, model_dir, data, n_params)
+    if "checkpointing" in parts:
+        out["checkpointing"] = checkpointing_part(args, work, model_dir, n_params)
     out["wall_s"] = round(time.time() - t0, 1)
     print(json.dumps(out))
 
