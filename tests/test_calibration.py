@@ -381,7 +381,9 @@ def test_squares_taken_in_the_backward_pass_equal_the_steps_and_free_each_gradie
         if in_backward:  # count the gradients alive whenever one is taken
             for p in params:
                 p.register_post_accumulate_grad_hook(
-                    lambda _: alive.append(sum(q.grad is not None for q in params))
+                    lambda _, alive=alive, params=params: alive.append(
+                        sum(q.grad is not None for q in params)
+                    )
                 )
         g = torch.Generator().manual_seed(1)
         for _ in range(2):
