@@ -23,6 +23,7 @@ from .errors import InputError
 from .fileio import fault
 from .models import named_weights
 from .ticket import Ticket
+from .train import limit_heap_growth
 
 
 class SquaredGradients(torch.optim.Optimizer):
@@ -130,6 +131,9 @@ def fisher(run, k: int, protected: Ticket | None, selector: str) -> Ticket:
     _train_only(run.model, run.targets)
     weights = named_weights(run.model)
     params = {n: weights[n] for n in run.targets}
+    # one gradient alive at a time, each handed back to the system when freed (as in the sparse
+    # phase), so the process holds the weights, the score buffers and activations
+    limit_heap_growth()
     # no weight changes, so the checkpoints hold the score buffers alone
     scores = _squared_gradients(run, "calibration", params, run.cfg.calibration_steps, held={})
     ticket = _select(run, scores.__getitem__, k, protected, selector)
