@@ -7,6 +7,7 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 
 from lota.models import quiet_transformers
 from lota.toy import save_toy_model
@@ -65,3 +66,16 @@ def trained(workdir) -> Path:
     argv = ["adapt", str(workdir / "base"), "--data", str(workdir / "a.jsonl")]
     assert main(argv + ["--out", str(workdir / "cli_a"), "--save-model", *ADAPT]) == 0
     return workdir / "cli_a"
+
+
+def assert_only_ticket_changed(before, after, ticket) -> None:
+    """Every entry outside ``ticket`` (a ticket or a delta) of every tensor is bit-identical
+    between two ``lota.models.WeightReader``s (a tensor not in the ticket: all of it)."""
+    for name in before.shapes:
+        w0, w1 = before.get(name), after.get(name)
+        assert w0.dtype == w1.dtype and w0.shape == w1.shape, name
+        frozen = torch.ones(w0.numel(), dtype=torch.bool)
+        if name in ticket.indices:
+            frozen[ticket.indices[name]] = False
+        a, b = w0.reshape(-1)[frozen], w1.reshape(-1)[frozen]
+        assert torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8)), name

@@ -27,7 +27,7 @@ from lota.models import WeightReader, default_targets, load_model, named_weights
 from lota.selection import Sparsity, numel_of, require_trainable
 from lota.toy import byte_tokenizer
 
-from .conftest import ADAPT, addition_rows, reverse_rows, write_jsonl
+from .conftest import ADAPT, addition_rows, assert_only_ticket_changed, reverse_rows, write_jsonl
 
 V = 259
 IDS = {"vocab_size": V, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
@@ -239,16 +239,6 @@ def _expected_k(targets) -> int:
     return require_trainable(Sparsity.of("0.9"), numel_of(targets))
 
 
-def _assert_only_ticket_changed(before: WeightReader, after: WeightReader, ticket) -> None:
-    for name in before.shapes:
-        w0, w1 = before.get(name), after.get(name)
-        assert w0.dtype == w1.dtype and w0.shape == w1.shape, name
-        frozen = torch.ones(w0.numel(), dtype=torch.bool)
-        if name in ticket.indices:
-            frozen[ticket.indices[name]] = False
-        assert torch.equal(w0.reshape(-1)[frozen], w1.reshape(-1)[frozen]), name
-
-
 @pytest.mark.parametrize("arch", _params(ARCHS), indirect=True)
 def test_adapt_trains_exactly_k_entries_and_nothing_else(arch, capsys):
     run = _adapted(arch, capsys, "run", "--data", arch.dir / "a.jsonl")
@@ -259,7 +249,7 @@ def test_adapt_trains_exactly_k_entries_and_nothing_else(arch, capsys):
     assert bool(torch.cat([v.float() for v in delta.values.values()]).ne(0).any())
     assert any(len(s) == 3 for s in targets.values()) == arch.row.experts
     assert not any(n.endswith(("gate.weight", "router.weight")) for n in targets)
-    _assert_only_ticket_changed(
+    assert_only_ticket_changed(
         WeightReader(str(arch.base)), WeightReader(str(run / "model")), delta.ticket
     )
 

@@ -15,7 +15,6 @@ import lota
 from lota import dist, sources
 from lota import format as fmt
 from lota.adapt import _check_precision, adapt
-from lota.cli import main
 from lota.data import Tokenized, batches, read_jsonl, tokenize
 from lota.errors import InputError
 from lota.models import WeightReader, load_model
@@ -23,7 +22,10 @@ from lota.precision import Precision
 from lota.settings import AdaptConfig
 from lota.toy import byte_tokenizer, tiny_llama
 
-from .conftest import addition_rows, write_jsonl
+from .conftest import addition_rows, assert_only_ticket_changed, write_jsonl
+from .test_calibration import assert_same_delta, bits
+from .test_cli import assert_refused
+from .test_cli import lota as lota_cli
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SMALL = dict(steps=3, calibration_steps=2, lr=1e-3, batch_size=4, progress=False)
@@ -78,36 +80,6 @@ def run(bases, arch, dtype, out, **kw):
 def metrics(out, phase=None):
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     return [r for r in rows if phase is None or r["phase"] == phase]
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view(torch.uint8)
-
-
-def assert_only_ticket_changed(base, tuned, delta) -> None:
-    """Every entry outside the delta's ticket is bit-identical to the base, read from disk."""
-    before, after = WeightReader(str(base)), WeightReader(str(tuned))
-    for name in before.shapes:
-        a, b = before.get(name).reshape(-1), after.get(name).reshape(-1)
-        assert a.dtype == b.dtype, name
-        keep = torch.ones(a.numel(), dtype=torch.bool)
-        if name in delta.indices:
-            keep[delta.indices[name]] = False
-        assert torch.equal(bits(a[keep]), bits(b[keep])), name
-
-
-def lota_cli(capsys, *args):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line(code, err, *words):
-    assert code == 2, err
-    lines = [x for x in err.strip().splitlines() if x.strip()]
-    assert len(lines) == 1 and lines[0].startswith("lota: error:") and "Traceback" not in err, err
-    for w in words:
-        assert w in lines[0], (w, lines[0])
 
 
 # ---------------------------------------------------------------------------- the device
@@ -166,14 +138,14 @@ def test_commands_refuse_a_missing_gpu_in_one_line_and_write_nothing(
     base, data = bases["llama", "float32"], bases["data"]
     out = tmp_path / "adapt"
     code, _, err = lota_cli(capsys, "adapt", base, "--data", data, "--out", out, "--device", "cuda")
-    assert_one_line(code, err, "--device", "no CUDA GPU")
+    assert_refused(code, "", err, "--device", "no CUDA GPU")
     assert not out.exists()
     code, _, err = lota_cli(capsys, "eval", base, "--data", data, "--device", "cuda:0")
-    assert_one_line(code, err, "--device", "no CUDA GPU")
+    assert_refused(code, "", err, "--device", "no CUDA GPU")
     code, _, err = lota_cli(
         capsys, "ks", base, base, "--out", tmp_path / "ks", "--device", "cuda", "--top", "3"
     )
-    assert_one_line(code, err, "--device", "no CUDA GPU")
+    assert_refused(code, "", err, "--device", "no CUDA GPU")
     assert not (tmp_path / "ks").exists()
 
 
@@ -272,7 +244,9 @@ def test_float16_weights_train_without_nan_by_default(bases, tmp_path, arch, met
     delta.check_finite("delta")
     if method in SPARSE:
         assert info["frozen_verified"] is True
-        assert_only_ticket_changed(bases[arch, "float16"], out / "model", delta)
+        assert_only_ticket_changed(
+            WeightReader(str(bases[arch, "float16"])), WeightReader(str(out / "model")), delta
+        )
     # float32 deltas, masters or adapters with float16 compute: every phase scales its loss
     assert all("loss_scale" in r for r in rows if r["phase"] != "calibration" or not extra)
 
@@ -355,7 +329,9 @@ def test_bf16_autocast_computes_in_bf16_and_keeps_frozen_entries_bit_identical(
     assert all(v.dtype == torch.float32 for v in delta.values.values())
     if method == "lota":
         assert info["frozen_verified"] is True
-        assert_only_ticket_changed(bases[arch, "float32"], mixed / "model", delta)
+        assert_only_ticket_changed(
+            WeightReader(str(bases[arch, "float32"])), WeightReader(str(mixed / "model")), delta
+        )
 
 
 def test_fp16_autocast_scales_the_loss_and_resumes_with_the_same_scale(bases, tmp_path):
@@ -395,14 +371,6 @@ def test_a_loss_scale_overflow_skips_the_step_and_leaves_everything_frozen(bases
     assert rows[0]["skipped"] is True and rows[0]["loss_scale"] < 2.0**127
     assert info["frozen_verified"] is True
     assert train_module  # the loop that logs these fields
-
-
-def assert_same_delta(a, b):
-    x, y = fmt.load(a / "delta.safetensors"), fmt.load(b / "delta.safetensors")
-    assert x.names == y.names
-    for n in x.names:
-        assert torch.equal(x.indices[n], y.indices[n]), n
-        assert torch.equal(bits(x.values[n]), bits(y.values[n])), n
 
 
 # ---------------------------------------------------------------------------- checkpointing

@@ -723,7 +723,7 @@ def dense_calibration(
     weights = named_weights(run.model)
     params = {n: weights[n] for n in targets}
     stored = _masters(run, params)
-    lr = cfg.calibration_lr if cfg.calibration_lr is not None else cfg.lr
+    lr = cfg.calibration_rate
     settings = cfg.settings(lr, cfg.calibration_steps)
     if optimizer is not None:
         settings = dataclasses.replace(

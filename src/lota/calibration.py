@@ -184,7 +184,7 @@ def lora(run, k: int, protected: Ticket | None, selector: str) -> Ticket:
     weights = named_weights(run.model)  # the base weights, kept as they are by the LoRA layers
     peft_model = lora_model(run, "--calibration")
     adapter = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
-    lr = cfg.calibration_lr if cfg.calibration_lr is not None else cfg.lr
+    lr = cfg.calibration_rate
     if run.resumed_phase != "score":  # a run killed while scoring has its warm-up done
         run.phase("calibration", adapter, lr, cfg.calibration_steps, model=peft_model)
     for p in adapter.values():

@@ -445,6 +445,11 @@ class AdaptConfig:
                 )
         return out
 
+    @property
+    def calibration_rate(self) -> float:
+        """The learning rate of calibration: ``--calibration-lr``, else ``--lr``."""
+        return self.calibration_lr if self.calibration_lr is not None else self.lr
+
     def settings(self, lr: float, steps: int) -> TrainSettings:
         from .train import TrainSettings
 

@@ -66,13 +66,20 @@ def limit_heap_growth(threshold: int = 1 << 20) -> bool:
     tens of MB per step; a fixed threshold keeps the process at its true working set, at the cost
     of page faults on each such allocation. A no-op where glibc is not the allocator.
     """
+    libc = _glibc()
+    return bool(libc.mallopt(-3, threshold)) if libc is not None else False  # M_MMAP_THRESHOLD
+
+
+def _glibc():
+    """glibc's allocator controls (``mallopt``, ``malloc_trim``), or None where glibc is not the
+    C library."""
     try:
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(-3, threshold))  # -3 is M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        return False
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
 
 
 def release_freed_memory(device: torch.device | None = None) -> None:
@@ -81,12 +88,9 @@ def release_freed_memory(device: torch.device | None = None) -> None:
     import gc
 
     gc.collect()
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
     if device is not None and device.type == "cuda":
         torch.cuda.empty_cache()
 

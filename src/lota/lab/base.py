@@ -146,9 +146,8 @@ def held_out(recipe: dict, n: int = HELD_OUT_DOCS) -> list[str]:
 
 @functools.lru_cache(maxsize=4)
 def _held_out(n_docs: int, seed: int, n: int) -> tuple[str, ...]:
-    recipe = {"docs": n_docs, "seed": seed}
-    seen = set(corpus(recipe["docs"], recipe["seed"]))
-    fresh = [d for d in corpus(2 * n, f"held-out:{recipe['seed']}") if d not in seen]
+    seen = set(corpus(n_docs, seed))
+    fresh = [d for d in corpus(2 * n, f"held-out:{seed}") if d not in seen]
     if len(fresh) < n:
         raise RuntimeError(f"only {len(fresh)} held-out documents differ from the corpus")
     return tuple(fresh[:n])

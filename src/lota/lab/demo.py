@@ -123,11 +123,12 @@ def run_demo(
         {"inputs": deltas, "method": "add"},
         lambda o: merge_into_model(deltas, MergeSettings("add"), lab.base, o, show_progress=False),
     )
+    trained = rows["LoTA A"]["trained_entries"] + rows["LoTA B"]["trained_entries"]
     rows["LoTA A + LoTA B (merge)"] = {
         "model": merged,
         "method": "add",
-        "trained_entries": sum(lab.run(x).info["k"] for x in (lota_a, lota_b)),
-        "trained_parameters": sum(lab.run(x).info["k"] for x in (lota_a, lota_b)),
+        "trained_entries": trained,
+        "trained_parameters": trained,
         "delta_bytes": sum(Path(d).stat().st_size for d in deltas),
         "seconds": round(time.perf_counter() - t, 2),
     }
