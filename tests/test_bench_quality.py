@@ -258,7 +258,7 @@ def test_calibration_claim_compares_every_calibration_on_tickets_of_one_size(
 def test_welch_test_equals_scipy():
     from scipy import stats as st
 
-    from lota.lab.claims.calibration import welch
+    from lota.lab.report import welch
 
     a, b = [0.41, 0.405, 0.41], [0.4, 0.345, 0.41]
     w = welch(a, b)

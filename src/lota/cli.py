@@ -446,7 +446,7 @@ def _add_bench(sub):
     q.add_argument("--seeds", type=int, default=None, help="seeds per cell (default: the scale's)")
     q.add_argument(
         "--tasks",
-        default="math,sql,instruct",
+        default="math,sql,translate",
         help="comma-separated; claims 1-3 use the first two, the chain runs through all",
     )
     q.add_argument(

@@ -2,14 +2,19 @@
 and the helpers every claim's section uses (each claim's own plot and section are in
 ``lab/claims/``).
 
-Every sentence that compares methods is computed from the numbers in ``results.json``: a
-difference counts only when the means differ by more than both spreads (sample standard
-deviations over seeds); otherwise the report says the methods are within noise.
+Every sentence that compares methods is computed from the numbers in ``results.json``: Welch's
+t-test of the per-seed values at ``ALPHA`` (two-sided). A difference counts only where the test
+rejects equal means; otherwise the report says the methods are within noise. With one seed on a
+side (``lota demo``) there is nothing to test, and the sentence says so.
 """
 
 from __future__ import annotations
 
+import math
+import statistics
 from pathlib import Path
+
+ALPHA = 0.05  # the significance level of every comparison in the reports
 
 COLORS = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3"]
 
@@ -73,17 +78,47 @@ def fmt(s: dict | None, digits: int = 3) -> str:
     return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
 
 
+def welch(a: list[float], b: list[float], alpha: float = ALPHA) -> dict:
+    """Welch's t-test of mean(a) = mean(b), with the difference of means and its ``1 - alpha``
+    interval. ``within_noise``: the test does not reject at ``alpha`` (None: fewer than 2 values
+    on a side, nothing to test)."""
+    from scipy import stats as st
+
+    diff = statistics.fmean(a) - statistics.fmean(b)
+    out = {"diff": diff, "ci": None, "t": None, "df": None, "p": None, "within_noise": None}
+    if len(a) < 2 or len(b) < 2:
+        return out
+    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    se2 = va + vb
+    if se2 == 0:  # every seed gave the same score on both sides
+        p = 1.0 if diff == 0 else 0.0
+        out.update(ci=[diff, diff], p=p, within_noise=p >= alpha)
+        return out
+    df = se2**2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    t = diff / math.sqrt(se2)
+    half = float(st.t.ppf(1 - alpha / 2, df)) * math.sqrt(se2)
+    p = float(2 * st.t.sf(abs(t), df))
+    out.update(ci=[diff - half, diff + half], t=t, df=df, p=p, within_noise=p >= alpha)
+    return out
+
+
 def compare(name_a: str, a: dict, name_b: str, b: dict) -> str:
-    """A sentence stating whether a is above, below or within noise of b."""
+    """A sentence stating whether a is above, below or within noise of b, by Welch's test."""
     if not a or not b or a.get("mean") is None or b.get("mean") is None:
         return f"{name_a} vs {name_b}: not measured"
-    diff = a["mean"] - b["mean"]
-    noise = max(a.get("std") or 0.0, b.get("std") or 0.0)
-    if abs(diff) <= noise or abs(diff) < 1e-9:
-        verdict = "within noise of"
-    else:
-        verdict = "above" if diff > 0 else "below"
-    return f"{name_a} ({fmt(a)}) is {verdict} {name_b} ({fmt(b)})"
+    w = welch(a["values"], b["values"])
+    if w["p"] is None:
+        return f"{name_a} ({fmt(a)}) vs {name_b} ({fmt(b)}): one seed, no test"
+    verdict = "within noise of" if w["within_noise"] else "above" if w["diff"] > 0 else "below"
+    lo, hi = w["ci"]
+    return (
+        f"{name_a} ({fmt(a)}) is {verdict} {name_b} ({fmt(b)}): difference {w['diff']:+.3f}, "
+        f"{100 * (1 - ALPHA):.0f}% CI [{lo:+.3f}, {hi:+.3f}], Welch p {_p(w['p'])}"
+    )
+
+
+def _p(p: float) -> str:
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
 
 
 def _bars(ax, groups: list[str], series: dict[str, list[dict]], ylabel: str):

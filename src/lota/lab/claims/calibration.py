@@ -14,16 +14,13 @@ seeds cannot exclude) and the random ticket's own verdict against AdamW's.
 from __future__ import annotations
 
 import dataclasses
-import math
-import statistics
 from pathlib import Path
 
 from ..quality import Quality, spec, stats
-from ..report import _bars, _bullets, _plt, _save, _table, fmt
-from ..runner import CALIBRATOR_KEYS
+from ..report import ALPHA, _bars, _bullets, _plt, _save, _table, fmt, welch
+from ..runner import CALIBRATOR_KEYS, GENERAL
 
 NAME = "calibration"
-ALPHA = 0.05
 # variant -> (method, calibration settings as AdaptConfig fields). A setting equal to the config's
 # default is left out of the spec, so "adamw" and "random" are the single claim's lota and random
 # runs, shared through the cache.
@@ -57,30 +54,6 @@ def spec_keys(settings: dict) -> dict:
     }
 
 
-def welch(a: list[float], b: list[float], alpha: float = ALPHA) -> dict:
-    """Welch's t-test of mean(a) = mean(b), with the difference of means and its ``1 - alpha``
-    interval. ``within_noise``: the test does not reject at ``alpha`` (None: fewer than 2 values
-    on a side, nothing to test)."""
-    from scipy import stats as st
-
-    diff = statistics.fmean(a) - statistics.fmean(b)
-    out = {"diff": diff, "ci": None, "t": None, "df": None, "p": None, "within_noise": None}
-    if len(a) < 2 or len(b) < 2:
-        return out
-    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
-    se2 = va + vb
-    if se2 == 0:  # every seed gave the same score on both sides
-        p = 1.0 if diff == 0 else 0.0
-        out.update(ci=[diff, diff], p=p, within_noise=p >= alpha)
-        return out
-    df = se2**2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
-    t = diff / math.sqrt(se2)
-    half = float(st.t.ppf(1 - alpha / 2, df)) * math.sqrt(se2)
-    p = float(2 * st.t.sf(abs(t), df))
-    out.update(ci=[diff - half, diff + half], t=t, df=df, p=p, within_noise=p >= alpha)
-    return out
-
-
 def measure(q: Quality):
     """Each calibration's ticket against AdamW's and a random one, on the first two tasks."""
     tasks = q.tasks[:2]
@@ -103,7 +76,9 @@ def measure(q: Quality):
         for v in VARIANTS
         for seed in q.seeds
     }
-    yield [(s, [(t, "test", "default")]) for (t, _, _), s in main.items()]
+    yield [
+        (s, [(t, "test", "default"), (GENERAL, "test", "default")]) for (t, _, _), s in main.items()
+    ]
     table = {}
     for t in tasks:
         adamw = [q.lab.run(main[(t, "adamw", seed)]) for seed in q.seeds]
@@ -116,6 +91,7 @@ def measure(q: Quality):
                 "trained_entries": runs[0].info["k"],
                 "seconds": stats([r.info["seconds"] for r in runs]),
                 "shared_with_adamw": stats([_shared(r, a) for r, a in zip(runs, adamw)]),
+                "general_forgetting": stats([q.lab.forgetting(r.model) for r in runs]),
             }
     q.results[NAME] = {"tasks": tasks, "alpha": ALPHA, "variants": table, **verdicts(table, tasks)}
 

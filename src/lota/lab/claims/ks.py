@@ -15,7 +15,7 @@ from ...models import WeightReader, load_tokenizer
 from ...task_vectors import apply_deltas
 from ..quality import Quality, spec, stats
 from ..report import COLORS, _bars, _e, _m, _plt, _save, _table, fmt
-from ..runner import lr_grid
+from ..runner import GENERAL, lr_grid
 
 NAME = "ks"
 ALPHAS = (0.05, 0.01, 0.001)
@@ -31,7 +31,11 @@ def measure(q: Quality):
     yield [(s, [(task, "validation", "default")]) for s in emb_search]
     q.choose(task, "embeddings", emb_search)
     emb = {seed: spec(task, "embeddings", q.chosen[(task, "embeddings")], seed) for seed in q.seeds}
-    templates = [(task, "test", "default"), (task, "test", "paraphrase")]
+    templates = [
+        (task, "test", "default"),
+        (task, "test", "paraphrase"),
+        (GENERAL, "test", "default"),
+    ]
     yield [(s, templates) for s in emb.values()]
 
     data = q.lab.data_file(task)
@@ -79,8 +83,9 @@ def measure(q: Quality):
     if usable:
         for kind in kinds:
             searches[kind] = [
-                row_spec(kind, q.seeds[0], lr)
+                row_spec(kind, seed, lr)
                 for lr in lr_grid("ks-lottery", q.lab.scale["lr_points"])
+                for seed in q.search_seeds
             ]
         yield [(s, [(task, "validation", "default")]) for ss in searches.values() for s in ss]
         for kind in kinds:
@@ -101,6 +106,7 @@ def measure(q: Quality):
                 "chrf_full": stats([r["chrf_full"] for r in res]),
                 "eos_rate": stats([r["eos_rate"] for r in res]),
             }
+        out["general_forgetting"] = stats([q.lab.forgetting(m) for m in models])
         return out
 
     methods = {"base": scores([q.lab.base])}

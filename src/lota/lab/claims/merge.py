@@ -61,17 +61,24 @@ def measure(q: Quality):
     for name in MERGES:
         vals = []
         for lam in LAMBDAS:
-            m = merged(name, q.seeds[0], lam)
-            vals.append(statistics.fmean(q.lab.score(m, t, "validation")["score"] for t in (a, b)))
+            # the mean validation score over both tasks and the search seeds
+            vals.append(
+                statistics.fmean(
+                    q.lab.score(merged(name, seed, lam), t, "validation")["score"]
+                    for seed in q.search_seeds
+                    for t in (a, b)
+                )
+            )
         best = max(range(len(vals)), key=lambda i: (vals[i], -i))
         chosen[name] = LAMBDAS[best]
         search[name] = {"grid": list(LAMBDAS), "validation": vals, "chosen": chosen[name]}
     rows = {}
     for name in MERGES:
         single = "lota" if name.startswith("LoTA") else "fft"
-        sa, sb, na, nb = [], [], [], []
+        sa, sb, na, nb, general = [], [], [], [], []
         for seed in q.seeds:
             m = merged(name, seed, chosen[name])
+            general.append(q.lab.forgetting(m))
             ra, rb = singles(single, seed)
             x, y = q.test(m, a)["score"], q.test(m, b)["score"]
             sa.append(x)
@@ -84,6 +91,7 @@ def measure(q: Quality):
             a: stats(sa),
             b: stats(sb),
             "mean": stats([(p + r) / 2 for p, r in zip(sa, sb)]),
+            "general_forgetting": stats(general),
             "normalized_mean": stats(
                 [(p + r) / 2 if p is not None and r is not None else None for p, r in zip(na, nb)]
             ),

@@ -9,6 +9,7 @@ from ... import format as fileformat
 from ...task_vectors import make_ticket
 from ..quality import Quality, spec, stats
 from ..report import _bars, _bullets, _plt, _save, _table, compare, fmt
+from ..runner import GENERAL
 
 NAME = "safety"
 
@@ -19,7 +20,12 @@ def measure(q: Quality):
     yield []
     a = q.tasks[0]
     aligned = spec("safety", "fft", q.lr_for(a, "fft"), q.seeds[0])
-    yield [(aligned, [("safety", "test", "default"), (a, "test", "default")])]
+    yield [
+        (
+            aligned,
+            [("safety", "test", "default"), (a, "test", "default"), (GENERAL, "test", "default")],
+        )
+    ]
     run = q.lab.run(aligned)
     ticket_path = run.folder / "alignment-ticket-0.9.safetensors"
     if not ticket_path.exists():
@@ -35,25 +41,21 @@ def measure(q: Quality):
         for name, (m, extra) in variants.items()
         for seed in q.seeds
     }
-    want = [("safety", "test", "default"), (a, "test", "default")]
+    want = [("safety", "test", "default"), (a, "test", "default"), (GENERAL, "test", "default")]
     yield [(s, want) for s in specs.values()]
 
-    def row(scores_safety, scores_task):
+    def row(models):
+        scores_safety = [q.test(m, "safety") for m in models]
         return {
             "refusal_rate": stats([s["refusal_rate"] for s in scores_safety]),
             "over_refusal_rate": stats([s["over_refusal_rate"] for s in scores_safety]),
-            a: stats([s["score"] for s in scores_task]),
+            a: stats([q.test(m, a)["score"] for m in models]),
+            "general_forgetting": stats([q.lab.forgetting(m) for m in models]),
         }
 
-    rows = {
-        "base": row([q.test(q.lab.base, "safety")], [q.test(q.lab.base, a)]),
-        "aligned": row([q.test(run, "safety")], [q.test(run, a)]),
-    }
+    rows = {"base": row([q.lab.base]), "aligned": row([run.model])}
     for name in variants:
-        runs = [q.lab.run(specs[(name, seed)]) for seed in q.seeds]
-        rows[f"aligned -> {name}"] = row(
-            [q.test(r, "safety") for r in runs], [q.test(r, a) for r in runs]
-        )
+        rows[f"aligned -> {name}"] = row([q.lab.run(specs[(name, seed)]).model for seed in q.seeds])
     q.results[NAME] = {"benign_task": a, "aligned_lr": aligned["lr"], "rows": rows}
 
 

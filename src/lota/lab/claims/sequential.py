@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..quality import Quality, spec, stats
 from ..report import COLORS, _bars, _bullets, _e, _m, _plt, _save, _table, compare, fmt
-from ..runner import lr_grid
+from ..runner import GENERAL, lr_grid
 
 NAME = "sequential"
 
@@ -37,10 +37,18 @@ def measure(q: Quality):
     # search over the FFT grid instead of borrowing the sparse learning rate
     flip_search = {}
     for x, y in ((a, b), (b, a)):
-        first = firsts[(x, "lota", q.seeds[0])]
         flip_search[(x, y)] = [
-            spec(y, "lota", lr, q.seeds[0], start=first, protect=[first], protect_mode="flip")
+            spec(
+                y,
+                "lota",
+                lr,
+                seed,
+                start=firsts[(x, "lota", seed)],
+                protect=[firsts[(x, "lota", seed)]],
+                protect_mode="flip",
+            )
             for lr in lr_grid("fft", q.lab.scale["lr_points"])
+            for seed in q.search_seeds
         ]
     yield [(s, [(y, "validation", "default")]) for (_, y), ss in flip_search.items() for s in ss]
     for (x, y), ss in flip_search.items():
@@ -58,26 +66,28 @@ def measure(q: Quality):
                     spec(y, m2, lr or q.lr_for(y, m2), seed, start=first, **more),
                 )
     yield [
-        (s2, [(x, "test", "default"), (y, "test", "default")])
+        (s2, [(x, "test", "default"), (y, "test", "default"), (GENERAL, "test", "default")])
         for (x, y, _, _), (_, s2) in stage2.items()
     ]
     orders = {}
     for x, y in ((a, b), (b, a)):
         rows = {}
         for name in variants:
-            before, after_x, after_y = [], [], []
+            before, after_x, after_y, general = [], [], [], []
             for seed in q.seeds:
                 s1, s2 = stage2[(x, y, name, seed)]
                 before.append(q.test(q.lab.run(s1), x)["score"])
                 r2 = q.lab.run(s2)
                 after_x.append(q.test(r2, x)["score"])
                 after_y.append(q.test(r2, y)["score"])
+                general.append(q.lab.forgetting(r2.model))
             rows[name] = {
                 "first_before": stats(before),
                 "first_after": stats(after_x),
                 "second": stats(after_y),
                 "forgetting": stats([p - r for p, r in zip(before, after_x)]),
                 "retention": stats([r / p if p else None for p, r in zip(before, after_x)]),
+                "general_forgetting": stats(general),
             }
         orders[f"{x} -> {y}"] = rows
     q.results[NAME] = {"orders": orders}
@@ -85,6 +95,23 @@ def measure(q: Quality):
     if len(q.tasks) < 3:
         q.results[NAME]["chain"] = None
         return
+    # every task of the chain must be learnable on its own within its budget, or the chain
+    # measures failure to learn rather than forgetting: the tasks beyond claim 1's two get the
+    # same learning-rate search, and every task's solo runs (from the base) are reported
+    extra_tasks = [t for t in q.tasks if (t, "lota") not in q.chosen]
+    chain_search = {(t, m): q.searches(t, m) for t in extra_tasks for m in ("lota", "fft")}
+    yield [(s, [(t, "validation", "default")]) for (t, _), ss in chain_search.items() for s in ss]
+    for (t, m), ss in chain_search.items():
+        q.choose(t, m, ss)
+    solo = {
+        (t, m, seed): spec(t, m, q.lr_for(t, m), seed)
+        for t in q.tasks
+        for m in ("lota", "fft")
+        for seed in q.seeds
+    }
+    yield [
+        (s, [(t, "test", "default"), (GENERAL, "test", "default")]) for (t, _, _), s in solo.items()
+    ]
     chains = {}
     for method in ("lota", "fft"):
         for seed in q.seeds:
@@ -99,7 +126,11 @@ def measure(q: Quality):
             chains[(method, seed)] = prev
     for depth in range(len(q.tasks)):
         yield [
-            (c[depth], [(t, "test", "default") for t in q.tasks[: depth + 1]])
+            (
+                c[depth],
+                [(t, "test", "default") for t in q.tasks[: depth + 1]]
+                + [(GENERAL, "test", "default")],
+            )
             for c in chains.values()
         ]
     chain = {}
@@ -117,10 +148,27 @@ def measure(q: Quality):
                         u: stats([q.test(r, u)["score"] for r in runs])
                         for u in q.tasks[: depth + 1]
                     },
+                    "general_forgetting": stats([q.lab.forgetting(r.model) for r in runs]),
                 }
             )
         chain["LoTTO" if method == "lota" else "FFT"] = stages
     q.results[NAME]["chain"] = chain
+    q.results[NAME]["chain_solo"] = {
+        ("LoTA" if m == "lota" else "FFT"): {
+            t: {
+                "lr": q.lr_for(t, m),
+                "score": stats(
+                    [q.test(q.lab.run(solo[(t, m, seed)]), t)["score"] for seed in q.seeds]
+                ),
+                "base": q.test(q.lab.base, t)["score"],
+                "general_forgetting": stats(
+                    [q.lab.forgetting(q.lab.run(solo[(t, m, seed)]).model) for seed in q.seeds]
+                ),
+            }
+            for t in q.tasks
+        }
+        for m in ("lota", "fft")
+    }
 
 
 def plot(results: dict, out: Path) -> dict[str, str]:

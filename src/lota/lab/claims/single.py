@@ -8,9 +8,8 @@ from pathlib import Path
 from ... import sources
 from .. import tasks as T
 from ..quality import Quality, spec, stats
-from ..report import _bars, _bullets, _e, _m, _plt, _save, _table, compare, fmt
+from ..report import ALPHA, _bars, _bullets, _e, _m, _plt, _save, _table, compare, fmt, welch
 from ..runner import GENERAL
-from .calibration import ALPHA, welch
 
 NAME = "single"
 METHODS = sources.lab_methods()  # fft, lora, lota, random, bottomk
@@ -77,6 +76,19 @@ def measure(q: Quality):
                 "seconds": stats([r.info["seconds"] for r in runs]),
                 # general ability: held-out pretraining-style text, loss after minus before
                 "forgetting": stats([q.lab.forgetting(r.model) for r in runs]),
+                # measured peak resident memory each phase added to its process
+                "memory_mb": {
+                    phase: stats(
+                        [
+                            (r.info.get("memory") or {}).get("phase_added_mb", {}).get(phase)
+                            for r in runs
+                        ]
+                    )
+                    for phase in (runs[0].info.get("memory") or {}).get("phase_added_mb", {})
+                },
+                "peak_memory_mb": stats(
+                    [(r.info.get("memory") or {}).get("peak_added_mb") for r in runs]
+                ),
             }
             if t == "sql" and real:
                 row["sql_real"] = stats([q.test(r, "sql-real")["score"] for r in runs])
