@@ -62,7 +62,31 @@ def test_smoke_bench_reports_every_claim_with_plots(smoke):
         assert all(math.isfinite(x) for x in row["forgetting"]["values"]), key
     assert "General forgetting" in report and "Welch p" in report
     assert "LoTA forgets less general ability than FFT and LoRA: **" in report
+    # ... and of every model of every other claim, in a column of its table
+    seq = r["sequential"]
+    for order in seq["orders"].values():
+        for row in order.values():
+            assert all(math.isfinite(x) for x in row["general_forgetting"]["values"])
+    for stages in seq["chain"].values():
+        assert all(st["general_forgetting"]["n"] == r["meta"]["seeds"] for st in stages)
+    for row in r["merge"]["methods"].values():
+        assert row["general_forgetting"]["n"] == r["meta"]["seeds"]
+    assert r["safety"]["rows"]["base"]["general_forgetting"]["values"] == [0.0]
+    assert all(row["general_forgetting"]["n"] for row in r["safety"]["rows"].values())
+    assert all(row["general_forgetting"]["n"] for row in r["ks"]["methods"].values())
+    assert all(v["general_forgetting"]["n"] for v in r["calibration"]["variants"].values())
+    assert report.count("general forgetting") >= 8
+    # every task of the chain is also trained alone, and its learnability tested
+    solo = seq["chain_solo"]
+    assert set(solo) == {"LoTA", "FFT"} and list(solo["FFT"]) == r["meta"]["tasks"]
+    assert "Every task of the chain on its own" in report and "alone on translate" in report
+    # each run's measured memory per phase; memory and size plotted against score
+    lota = r["single"]["methods"]["math/lota"]
+    assert set(lota["memory_mb"]) == {"calibration", "train"}
+    assert lota["peak_memory_mb"]["mean"] > 0
+    assert set(r["single"]["methods"]["math/fft"]["memory_mb"]) == {"train"}
     pngs = ("single", "calibration_sparsity", "sequential", "chain", "merge", "safety", "ks")
+    pngs += ("memory_score", "size_score")
     for png in (*pngs, "calibration"):
         data = (smoke / f"{png}.png").read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n", png
@@ -147,6 +171,66 @@ def test_stats_and_comparisons():
     assert " above " in compare("a", stats([0.9, 0.91]), "b", stats([0.5, 0.52]))
     assert " below " in compare("a", stats([0.1, 0.11]), "b", stats([0.5, 0.52]))
     assert "not measured" in compare("a", stats([]), "b", stats([1.0]))
+    # the verdict is Welch's test, not "exceeds both spreads": these means differ by three
+    # standard deviations, yet two seeds a side cannot reject equal means (p 0.106)
+    near = compare("a", stats([0.5, 0.6]), "b", stats([0.7, 0.8]))
+    assert "within noise" in near and "Welch p 0.106" in near and "95% CI [" in near
+    assert "one seed, no test" in compare("a", stats([0.9]), "b", stats([0.1]))
+
+
+class _Run:
+    def __init__(self, spec):
+        self.model = json.dumps(spec, sort_keys=True)
+
+
+class _ScoredLab:
+    """A lab whose validation scores are given per (learning rate, seed)."""
+
+    def __init__(self, scores):
+        self.scores, self.scale = scores, {"lr_points": 3}
+
+    def run(self, spec):
+        return _Run(spec)
+
+    def score(self, model, task, split):
+        spec = json.loads(model)
+        return {"score": self.scores[(spec["lr"], spec["seed"])]}
+
+
+def test_learning_rate_is_chosen_on_the_mean_of_two_seeds():
+    from lota.lab.quality import Quality
+
+    grid = lr_grid("lota", 3)
+    # the first grid point has the best single seed, the second the best mean of two
+    scores = {(grid[0], 0): 0.9, (grid[0], 1): 0.1, (grid[1], 0): 0.6, (grid[1], 1): 0.6}
+    scores |= {(grid[2], 0): 0.2, (grid[2], 1): 0.3}
+    q = Quality(_ScoredLab(scores), ["math", "sql"], seeds=5)
+    specs = q.searches("math", "lota")
+    assert [(s["lr"], s["seed"]) for s in specs] == [(lr, seed) for lr in grid for seed in (0, 1)]
+    assert q.choose("math", "lota", specs) == grid[1]
+    rec = q.search["math/lota"]
+    assert rec["seeds"] == 2 and rec["validation"] == pytest.approx([0.5, 0.6, 0.25])
+    assert rec["validation_per_seed"][0] == [0.9, 0.1]
+    # one seed: the search runs on it alone; ties go to the first grid point
+    q1 = Quality(_ScoredLab({(lr, 0): 0.5 for lr in grid}), ["math", "sql"], seeds=1)
+    assert q1.choose("math", "lota", q1.searches("math", "lota")) == grid[0]
+
+
+def test_phase_memory_is_each_phases_peak_less_what_the_process_held(tmp_path):
+    from lota.lab.runner import phase_memory
+
+    log = tmp_path / "metrics.jsonl"
+    records = [
+        {"phase": "calibration", "step": 1, "phase_peak_rss_mb": 600.0},
+        {"phase": "calibration", "step": 2, "phase_peak_rss_mb": 650.0},
+        {"phase": "train", "step": 1, "phase_peak_rss_mb": 580.5},
+        {"phase": "train", "step": 2, "phase_peak_rss_mb": 575.0},
+    ]
+    log.write_text("".join(json.dumps(r) + "\n" for r in records))
+    m = phase_memory(log, 500.0)
+    assert m["phase_peak_mb"] == {"calibration": 650.0, "train": 580.5}
+    assert m["phase_added_mb"] == {"calibration": 150.0, "train": 80.5}
+    assert m["peak_added_mb"] == 150.0 and m["before_mb"] == 500.0
 
 
 def test_parallel_prefetch_equals_serial(tiny_base, tmp_path):

@@ -102,18 +102,20 @@ def welch(a: list[float], b: list[float], alpha: float = ALPHA) -> dict:
     return out
 
 
-def compare(name_a: str, a: dict, name_b: str, b: dict) -> str:
+def compare(name_a: str, a: dict, name_b: str, b: dict, digits: int = 3) -> str:
     """A sentence stating whether a is above, below or within noise of b, by Welch's test."""
     if not a or not b or a.get("mean") is None or b.get("mean") is None:
         return f"{name_a} vs {name_b}: not measured"
     w = welch(a["values"], b["values"])
     if w["p"] is None:
-        return f"{name_a} ({fmt(a)}) vs {name_b} ({fmt(b)}): one seed, no test"
+        return f"{name_a} ({fmt(a, digits)}) vs {name_b} ({fmt(b, digits)}): one seed, no test"
     verdict = "within noise of" if w["within_noise"] else "above" if w["diff"] > 0 else "below"
     lo, hi = w["ci"]
+    d = digits
     return (
-        f"{name_a} ({fmt(a)}) is {verdict} {name_b} ({fmt(b)}): difference {w['diff']:+.3f}, "
-        f"{100 * (1 - ALPHA):.0f}% CI [{lo:+.3f}, {hi:+.3f}], Welch p {_p(w['p'])}"
+        f"{name_a} ({fmt(a, d)}) is {verdict} {name_b} ({fmt(b, d)}): difference "
+        f"{w['diff']:+.{d}f}, {100 * (1 - ALPHA):.0f}% CI [{lo:+.{d}f}, {hi:+.{d}f}], "
+        f"Welch p {_p(w['p'])}"
     )
 
 
@@ -177,8 +179,13 @@ def render(results: dict, figs: dict[str, str]) -> str:
         + (versions_line(meta["versions"]) if "versions" in meta else "")
         + "\n",
         "Scores are test-set means ± sample standard deviation over seeds. Learning rates were "
-        "searched on the validation split with the first seed, with the same grid size for every "
-        "method. A difference is called one only when it exceeds both spreads.\n",
+        "searched on the validation split, each grid point scored by the mean of the first "
+        f"{min(2, meta['seeds'])} seed(s), with the same grid size for every method. A difference "
+        f"is called one only where Welch's t-test over the seeds rejects equal means at alpha "
+        f"{ALPHA} (two-sided); the sentences give the difference, its {100 * (1 - ALPHA):.0f}% "
+        "confidence interval and p. General forgetting is the mean per-token cross-entropy on "
+        "held-out text of the base's pretraining distribution after training minus the base's "
+        "(positive: the model forgot).\n",
     ]
     s = meta["settings"]
     out.append(
@@ -192,12 +199,13 @@ def render(results: dict, figs: dict[str, str]) -> str:
         out.append("## Learning-rate search (validation score per grid point)\n")
         out.append(
             _table(
-                ["task/method", "grid", "validation", "chosen"],
+                ["task/method", "grid", "validation (mean over seeds)", "seeds", "chosen"],
                 [
                     [
                         k,
                         ", ".join(f"{x:g}" for x in v["grid"]),
                         ", ".join(f"{x:.3f}" for x in v["validation"]),
+                        str(v.get("seeds", 1)),
                         f"{v['chosen']:g}",
                     ]
                     for k, v in lr.items()

@@ -177,6 +177,7 @@ def render(results: dict, figs: dict[str, str]) -> list[str]:
     )
     head = ["calibration", *tasks, *(f"lr {t}" for t in tasks)]
     head += [f"shared with AdamW's ticket ({t})" for t in tasks] + [f"run seconds ({tasks[0]})"]
+    head += [f"general forgetting ({t})" for t in tasks]
     rows = []
     for v in VARIANTS:
         r = [table[f"{t}/{v}"] for t in tasks]
@@ -186,6 +187,7 @@ def render(results: dict, figs: dict[str, str]) -> list[str]:
             + [f"{x['lr']:g}" for x in r]
             + [fmt(x["shared_with_adamw"], 2) for x in r]
             + [fmt(r[0]["seconds"], 1)]
+            + [fmt(x.get("general_forgetting"), 4) for x in r]
         )
     out.append(_table(head, rows))
     rows = []

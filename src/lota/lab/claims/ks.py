@@ -219,6 +219,7 @@ def render(results: dict, figs: dict[str, str]) -> list[str]:
                 "EOS rate",
                 "chrF first line, paraphrased prompt",
                 "EOS rate, paraphrased",
+                "general forgetting",
             ],
             [
                 [
@@ -228,6 +229,7 @@ def render(results: dict, figs: dict[str, str]) -> list[str]:
                     fmt(r["default"]["eos_rate"], 2),
                     fmt(r["paraphrase"]["chrf_first_line"], 1),
                     fmt(r["paraphrase"]["eos_rate"], 2),
+                    fmt(r.get("general_forgetting"), 4),
                 ]
                 for n, r in ks["methods"].items()
             ],

@@ -129,7 +129,15 @@ def render(results: dict, figs: dict[str, str]) -> list[str]:
     out = ["## Claim 3: merging\n"]
     out.append(
         _table(
-            ["merge", "lambda", a, b, "mean", "mean, relative to the single-task models"],
+            [
+                "merge",
+                "lambda",
+                a,
+                b,
+                "mean",
+                "mean, relative to the single-task models",
+                "general forgetting",
+            ],
             [
                 [
                     n,
@@ -138,6 +146,7 @@ def render(results: dict, figs: dict[str, str]) -> list[str]:
                     fmt(r[b]),
                     fmt(r["mean"]),
                     fmt(r["normalized_mean"]),
+                    fmt(r.get("general_forgetting"), 4),
                 ]
                 for n, r in merge["methods"].items()
             ],

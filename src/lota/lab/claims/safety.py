@@ -92,9 +92,21 @@ def render(results: dict, figs: dict[str, str]) -> list[str]:
     )
     out.append(
         _table(
-            ["model", "refusal rate (harmful)", "over-refusal (benign)", f"{t} score"],
             [
-                [n, fmt(r["refusal_rate"]), fmt(r["over_refusal_rate"]), fmt(r[t])]
+                "model",
+                "refusal rate (harmful)",
+                "over-refusal (benign)",
+                f"{t} score",
+                "general forgetting",
+            ],
+            [
+                [
+                    n,
+                    fmt(r["refusal_rate"]),
+                    fmt(r["over_refusal_rate"]),
+                    fmt(r[t]),
+                    fmt(r.get("general_forgetting"), 4),
+                ]
                 for n, r in safety["rows"].items()
             ],
         )

@@ -4,10 +4,11 @@ curve."""
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 
 from ..quality import Quality, spec, stats
-from ..report import COLORS, _bars, _bullets, _e, _m, _plt, _save, _table, compare, fmt
+from ..report import ALPHA, COLORS, _bars, _bullets, _e, _m, _p, _plt, _save, _table, compare, fmt
 from ..runner import GENERAL, lr_grid
 
 NAME = "sequential"
@@ -171,6 +172,23 @@ def measure(q: Quality):
     }
 
 
+def learned(method: str, task: str, score: dict, base: float) -> str:
+    """Whether ``method`` learns ``task`` alone: a one-sided one-sample t-test of the seeds' test
+    scores against the base model's score, at ``ALPHA``."""
+    from scipy import stats as st
+
+    vals = score.get("values") or []
+    head = f"{method} alone on {task}: {fmt(score)} vs the base's {base:.3f}"
+    if len(vals) < 2:
+        return f"{head}: one seed, no test"
+    if statistics.pstdev(vals) == 0:
+        p = 0.0 if vals[0] > base else 1.0
+    else:
+        p = float(st.ttest_1samp(vals, base, alternative="greater").pvalue)
+    verdict = "learnable within its budget" if p < ALPHA else "**not shown learnable**"
+    return f"{head}, one-sided t-test p {_p(p)} -> {verdict}"
+
+
 def plot(results: dict, out: Path) -> dict[str, str]:
     seq = results.get(NAME)
     if not seq:
@@ -235,7 +253,14 @@ def render(results: dict, figs: dict[str, str]) -> list[str]:
         out.append(f"**{order}**\n")
         out.append(
             _table(
-                ["method", f"{x} before", f"{x} after", f"forgetting of {x}", f"{y}"],
+                [
+                    "method",
+                    f"{x} before",
+                    f"{x} after",
+                    f"forgetting of {x}",
+                    f"{y}",
+                    "general forgetting",
+                ],
                 [
                     [
                         n,
@@ -243,6 +268,7 @@ def render(results: dict, figs: dict[str, str]) -> list[str]:
                         fmt(r["first_after"]),
                         fmt(r["forgetting"]),
                         fmt(r["second"]),
+                        fmt(r.get("general_forgetting"), 4),
                     ]
                     for n, r in rows.items()
                 ],
@@ -261,21 +287,70 @@ def render(results: dict, figs: dict[str, str]) -> list[str]:
                 if n != "FFT -> FFT"
             )
         )
+        if "general_forgetting" in rows["FFT -> FFT"]:
+            out.append(
+                _bullets(
+                    f"{order}: "
+                    + compare(
+                        f"general forgetting under {n}",
+                        rows[n]["general_forgetting"],
+                        "under FFT -> FFT",
+                        rows["FFT -> FFT"]["general_forgetting"],
+                        digits=4,
+                    )
+                    for n in rows
+                    if n != "FFT -> FFT"
+                )
+            )
     if "sequential" in figs:
         out.append(f"![claim 2]({figs['sequential']})\n")
     if seq.get("chain"):
+        solo = seq.get("chain_solo")
+        if solo:
+            tasks = list(next(iter(solo.values())))
+            out.append(
+                "**Every task of the chain on its own** (trained from the base with the chain's "
+                "budget and learning rate; the chain measures forgetting only where a task is "
+                "learnable alone)\n"
+            )
+            out.append(
+                _table(
+                    ["solo", *tasks, *[f"general forgetting ({t})" for t in tasks]],
+                    [
+                        ["base (no training)"]
+                        + [f"{solo['FFT'][t]['base']:.3f}" for t in tasks]
+                        + ["0"] * len(tasks)
+                    ]
+                    + [
+                        [m]
+                        + [fmt(r[t]["score"]) for t in tasks]
+                        + [fmt(r[t]["general_forgetting"], 4) for t in tasks]
+                        for m, r in solo.items()
+                    ],
+                )
+            )
+            out.append(
+                _bullets(
+                    learned(m, t, r[t]["score"], r[t]["base"])
+                    for m, r in solo.items()
+                    for t in tasks
+                )
+            )
         out.append("**Chain through every task** (score of each task after each stage)\n")
         for method, stages in seq["chain"].items():
             tasks = [s["task"] for s in stages]
+            general = "general_forgetting" in stages[0]
             out.append(
                 _table(
-                    [f"{method}: after", "free capacity", *tasks],
+                    [f"{method}: after", "free capacity", *tasks]
+                    + (["general forgetting"] if general else []),
                     [
                         [
                             st["task"],
                             f"{st['free_before']:.2f}",
                             *[fmt(st["scores"].get(t)) for t in tasks],
                         ]
+                        + ([fmt(st["general_forgetting"], 4)] if general else [])
                         for st in stages
                     ],
                 )
