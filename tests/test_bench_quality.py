@@ -216,6 +216,17 @@ def test_learning_rate_is_chosen_on_the_mean_of_two_seeds():
     assert q1.choose("math", "lota", q1.searches("math", "lota")) == grid[0]
 
 
+def test_chain_tasks_are_tested_for_learnability_against_the_base():
+    from lota.lab.claims.sequential import learned
+
+    assert "learnable within its budget" in learned("FFT", "math", stats([0.3, 0.35, 0.32]), 0.0)
+    # a mean above the base by less than the seeds' spread is not shown learnable
+    weak = learned("FFT", "instruct", stats([0.0, 0.02, 0.0]), 0.005)
+    assert "**not shown learnable**" in weak and "p 0." in weak
+    assert "one seed, no test" in learned("LoTA", "sql", stats([0.9]), 0.0)
+    assert "not shown" in learned("LoTA", "sql", stats([0.0, 0.0]), 0.0)
+
+
 def test_phase_memory_is_each_phases_peak_less_what_the_process_held(tmp_path):
     from lota.lab.runner import phase_memory
 

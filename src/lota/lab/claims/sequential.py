@@ -227,6 +227,9 @@ def plot(results: dict, out: Path) -> dict[str, str]:
                     label=t,
                     color=COLORS[i % len(COLORS)],
                 )
+            solo = (seq.get("chain_solo") or {}).get("LoTA" if method == "LoTTO" else "FFT")
+            for i, t in enumerate(tasks if solo else []):
+                ax.axhline(_m(solo[t]["score"]), color=COLORS[i % len(COLORS)], ls=":", lw=1)
             if method == "LoTTO":
                 ax.plot(
                     range(len(stages)),
@@ -237,7 +240,7 @@ def plot(results: dict, out: Path) -> dict[str, str]:
             ax.set_xticks(range(len(stages)))
             ax.set_xticklabels([f"after {t}" for t in tasks], fontsize=8)
             ax.set_ylim(-0.05, 1.05)
-            ax.set_title(f"chain, {method}", fontsize=9)
+            ax.set_title(f"chain, {method} (dotted: each task trained alone)", fontsize=9)
             ax.legend(fontsize=7)
         figs["chain"] = _save(fig, out / "chain.png")
     return figs
