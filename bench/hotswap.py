@@ -91,11 +91,9 @@ def lora_model(model, r: int, adapters=("ta", "tb")):
 
 
 def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
+    from lota.train import current_rss_mb
+
+    return current_rss_mb() or 0.0
 
 
 def peak_growth_mb(fn) -> float:

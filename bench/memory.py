@@ -102,11 +102,7 @@ import lota.train as T
 from lota import cli
 
 def rss_mb():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
+    return T.current_rss_mb() or 0.0
 
 reset, segments, here = T.reset_peak_rss, [], {"label": None, "t": 0.0, "loaded_mb": None}
 

@@ -70,8 +70,9 @@ def trained(workdir) -> Path:
 
 def assert_only_ticket_changed(before, after, ticket) -> None:
     """Every entry outside ``ticket`` (a ticket or a delta) of every tensor is bit-identical
-    between two ``lota.models.WeightReader``s (a tensor not in the ticket: all of it)."""
-    for name in before.shapes:
+    between two ``lota.models.WeightReader``s or two name -> tensor dicts (a tensor not in the
+    ticket: all of it)."""
+    for name in getattr(before, "shapes", before):
         w0, w1 = before.get(name), after.get(name)
         assert w0.dtype == w1.dtype and w0.shape == w1.shape, name
         frozen = torch.ones(w0.numel(), dtype=torch.bool)

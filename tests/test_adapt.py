@@ -12,6 +12,8 @@ from lota import format as fmt
 from lota.adapt import AdaptConfig, adapt
 from lota.delta import apply_delta_
 
+from .conftest import assert_only_ticket_changed
+
 SMALL = {"steps": 3, "calibration_steps": 2, "lr": 1e-2, "batch_size": 4, "progress": False}
 
 
@@ -32,17 +34,6 @@ def weights(folder):
 
 def bits(t):
     return t.contiguous().view(torch.uint8)
-
-
-def assert_only_ticket_changed(base, tuned, ticket):
-    for name, w0 in base.items():
-        w1 = tuned[name]
-        if name not in ticket.indices:
-            assert torch.equal(bits(w0), bits(w1)), f"{name} changed but is not a target"
-            continue
-        outside = torch.ones(w0.numel(), dtype=torch.bool)
-        outside[ticket.indices[name]] = False
-        assert torch.equal(bits(w0.reshape(-1)[outside]), bits(w1.reshape(-1)[outside])), name
 
 
 @pytest.mark.parametrize(

@@ -105,16 +105,28 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def current_peak_rss_mb() -> float:
-    """Peak resident memory since the last ``reset_peak_rss`` (or process start), in MiB."""
+def _status_mb(field: str) -> float | None:
+    """A memory field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``) in MiB, or None where the
+    kernel does not provide it."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return peak_rss_mb()
+    return None
+
+
+def current_rss_mb() -> float | None:
+    """This process's resident memory now, in MiB (Linux), or None where it cannot be read."""
+    return _status_mb("VmRSS")
+
+
+def current_peak_rss_mb() -> float:
+    """Peak resident memory since the last ``reset_peak_rss`` (or process start), in MiB."""
+    peak = _status_mb("VmHWM")
+    return peak if peak is not None else peak_rss_mb()
 
 
 def peak_rss_mb() -> float:

@@ -186,7 +186,7 @@ class Lab:
 
     def _train(self, spec: dict, folder: Path) -> None:
         from ..adapt import AdaptConfig, adapt
-        from ..train import release_freed_memory
+        from ..train import current_rss_mb, release_freed_memory
 
         s = self.scale
         if folder.exists():
@@ -383,18 +383,6 @@ def _calibrator(spec: dict) -> dict:
     spec that does not ask for another calibration) leave the config's defaults, so their
     configs and cache keys are what they were."""
     return {field: spec[key] for key, field in CALIBRATOR_KEYS.items() if key in spec}
-
-
-def current_rss_mb() -> float | None:
-    """This process's resident memory now, in MiB (Linux), or None where it cannot be read."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
 
 
 def phase_memory(metrics: Path, before_mb: float | None) -> dict:

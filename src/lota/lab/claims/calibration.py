@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ..quality import Quality, spec, stats
 from ..report import ALPHA, _bars, _bullets, _plt, _save, _table, fmt, welch
+from ..report import _p as format_p
 from ..runner import CALIBRATOR_KEYS, GENERAL
 
 NAME = "calibration"
@@ -157,7 +158,7 @@ def _ci(w: dict) -> str:
 
 
 def _p(w: dict) -> str:
-    return "-" if w["p"] is None else f"{w['p']:.3f}"
+    return "-" if w["p"] is None else format_p(w["p"])
 
 
 def render(results: dict, figs: dict[str, str]) -> list[str]:

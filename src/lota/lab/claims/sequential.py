@@ -277,34 +277,22 @@ def render(results: dict, figs: dict[str, str]) -> list[str]:
                 ],
             )
         )
-        out.append(
-            _bullets(
-                f"{order}: "
-                + compare(
-                    f"forgetting under {n}",
-                    rows[n]["forgetting"],
-                    "under FFT -> FFT",
-                    rows["FFT -> FFT"]["forgetting"],
-                )
-                for n in rows
-                if n != "FFT -> FFT"
-            )
-        )
-        if "general_forgetting" in rows["FFT -> FFT"]:
-            out.append(
-                _bullets(
-                    f"{order}: "
-                    + compare(
-                        f"general forgetting under {n}",
-                        rows[n]["general_forgetting"],
-                        "under FFT -> FFT",
-                        rows["FFT -> FFT"]["general_forgetting"],
-                        digits=4,
+        fft = rows["FFT -> FFT"]
+        for key, label, digits in (
+            ("forgetting", "forgetting", 3),
+            ("general_forgetting", "general forgetting", 4),
+        ):
+            if key in fft:
+                out.append(
+                    _bullets(
+                        f"{order}: "
+                        + compare(
+                            f"{label} under {n}", r[key], "under FFT -> FFT", fft[key], digits
+                        )
+                        for n, r in rows.items()
+                        if n != "FFT -> FFT"
                     )
-                    for n in rows
-                    if n != "FFT -> FFT"
                 )
-            )
     if "sequential" in figs:
         out.append(f"![claim 2]({figs['sequential']})\n")
     if seq.get("chain"):

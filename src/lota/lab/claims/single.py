@@ -15,7 +15,6 @@ from ..report import (
     _bullets,
     _e,
     _m,
-    _p,
     _plt,
     _save,
     _table,
@@ -92,17 +91,10 @@ def measure(q: Quality):
                 "forgetting": stats([q.lab.forgetting(r.model) for r in runs]),
                 # measured peak resident memory each phase added to its process
                 "memory_mb": {
-                    phase: stats(
-                        [
-                            (r.info.get("memory") or {}).get("phase_added_mb", {}).get(phase)
-                            for r in runs
-                        ]
-                    )
-                    for phase in (runs[0].info.get("memory") or {}).get("phase_added_mb", {})
+                    phase: stats([_memory(r).get("phase_added_mb", {}).get(phase) for r in runs])
+                    for phase in _memory(runs[0]).get("phase_added_mb", {})
                 },
-                "peak_memory_mb": stats(
-                    [(r.info.get("memory") or {}).get("peak_added_mb") for r in runs]
-                ),
+                "peak_memory_mb": stats([_memory(r).get("peak_added_mb") for r in runs]),
             }
             if t == "sql" and real:
                 row["sql_real"] = stats([q.test(r, "sql-real")["score"] for r in runs])
@@ -131,6 +123,11 @@ def measure(q: Quality):
         "sparsity_task": a,
         "real_sql_available": real,
     }
+
+
+def _memory(run) -> dict:
+    """The run's measured memory (``runner.phase_memory``); empty for a run recorded without it."""
+    return run.info.get("memory") or {}
 
 
 def _method_order(m: str) -> int:
@@ -272,21 +269,9 @@ def forgetting_verdicts(single: dict) -> list[str]:
         for m in ("fft", "lora"):
             other = single["methods"][f"{t}/{m}"]["forgetting"]
             w = welch(lota["values"], other["values"])
-            head = (
-                f"{t}: LoTA's general forgetting {fmt(lota, 4)} vs {LABELS[m]}'s "
-                f"{fmt(other, 4)}: difference {w['diff']:+.4f}"
-            )
-            if w["p"] is None:
-                verdicts.append(None)
-                lines.append(f"{head}, one seed: no test")
-                continue
-            less = w["p"] < ALPHA and w["diff"] < 0
-            verdicts.append(less)
-            word = "less" if less else "more" if not w["within_noise"] else "within noise"
-            lo, hi = w["ci"]
+            verdicts.append(None if w["p"] is None else w["p"] < ALPHA and w["diff"] < 0)
             lines.append(
-                f"{head}, {100 * (1 - ALPHA):.0f}% CI [{lo:+.4f}, {hi:+.4f}], Welch p "
-                f"{_p(w['p'])} -> {word}"
+                f"{t}: " + compare("LoTA's general forgetting", lota, f"{LABELS[m]}'s", other, 4)
             )
     outcome = (
         "**not tested** (one seed)"
