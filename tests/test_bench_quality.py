@@ -368,3 +368,66 @@ def test_welch_test_equals_scipy():
     assert welch([0.5, 0.5], [0.5, 0.5])["within_noise"] is True
     assert welch([0.6, 0.6], [0.5, 0.5])["within_noise"] is False
     assert welch([0.6], [0.5, 0.4])["within_noise"] is None
+
+
+def test_a_ledger_continues_a_bench_on_a_fresh_cache(tiny_base, tmp_path):
+    s = {"task": "math", "method": "lota", "lr": 3e-3, "seed": 0}
+    first = Lab(tmp_path / "a", tiny_base, "smoke", 1, False, ledger=tmp_path / "ledger")
+    run = first.run(s)
+    score = first.score(run.model, "math")
+    # another machine: the same ledger, an empty cache
+    other = Lab(tmp_path / "b", tiny_base, "smoke", 1, False, ledger=tmp_path / "ledger")
+    assert other.done(s)
+    again = other.run(s)
+    assert again.info == run.info and other.score(again.model, "math") == score
+    assert not (tmp_path / "b" / "cache" / "runs").exists()  # nothing was trained
+    # weights needed (a later run starts from it): trained again, the same run bit for bit
+    made = other.materialize(s)
+    a, b = fmt.load(run.delta), fmt.load(made.delta)
+    for name in a.values:
+        assert torch.equal(a.ticket.indices[name], b.ticket.indices[name])
+        assert torch.equal(a.values[name], b.values[name])
+
+
+def test_the_real_protocol_runs_every_claim_and_resumes_from_its_ledger(tiny_base, tmp_path):
+    from lota.lab.claims.real import MERGES, METHODS, SEQUENTIAL
+    from lota.lab.quality import run_quality
+
+    def bench(out):
+        return run_quality(
+            str(out),
+            tiny_base,
+            ["math", "sql"],
+            claims=["real"],
+            scale="smoke",
+            progress=False,
+            ledger=str(tmp_path / "ledger"),
+        )
+
+    r = bench(tmp_path / "one")["real"]
+    assert set(r["single"]) == {f"{t}/{m}" for t in ("math", "sql") for m in METHODS}
+    assert set(r["sequential"]) == set(SEQUENTIAL) and set(r["merge"]) == set(MERGES)
+    for row in (*r["single"].values(), *r["sequential"].values(), *r["merge"].values()):
+        assert row["forgetting"]["n"] == 1 and math.isfinite(row["forgetting"]["mean"])
+    assert set(r["safety"]["rows"]) == {
+        "base",
+        "aligned",
+        "aligned -> FFT",
+        "aligned -> LoTTO (alignment ticket protected)",
+    }
+    # LoTTO's tickets avoid A's, and the Fisher variant avoids A's Fisher ticket too
+    runs = [
+        json.loads(p.read_text())
+        for p in (tmp_path / "one" / "cache" / "runs").glob("*/result.json")
+    ]
+    fisher = [x for x in runs if x["spec"].get("calibration_method") == "fisher"]
+    assert len(fisher) == 1 and fisher[0]["spec"]["steps"] == 1
+    report = (tmp_path / "one" / "report.md").read_text()
+    assert "On a real pretrained model" in report and "Claim 4: safety" in report
+    # another machine with the ledger only: the same results, nothing trained or merged
+    again = bench(tmp_path / "two")["real"]
+    assert again == r
+    assert not (tmp_path / "two" / "cache" / "runs").exists(), list(
+        (tmp_path / "two" / "cache" / "runs").rglob("*")
+    )[:8]
+    assert not (tmp_path / "two" / "cache" / "models").exists()

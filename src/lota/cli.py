@@ -472,16 +472,35 @@ def _add_bench(sub):
     q.add_argument("--seeds", type=int, default=None, help="seeds per cell (default: the scale's)")
     q.add_argument(
         "--tasks",
-        default="math,sql,translate",
-        help="comma-separated; claims 1-3 use the first two, the chain runs through all",
+        default=None,
+        help="comma-separated; claims 1-3 use the first two, the chain runs through all "
+        "(default: math,sql,translate; with --base real: sql-real,translate)",
     )
     q.add_argument(
         "--claims",
         default=None,
         help="comma-separated claims: single,sequential,merge,safety,ks,calibration (default all)",
     )
-    q.add_argument("--scale", default="full", help="full (the committed results) or smoke")
-    q.add_argument("--base", default=None, help="base model folder (default: the lab's base)")
+    q.add_argument(
+        "--scale",
+        default=None,
+        help="full (the committed results), smoke, real or real-smoke "
+        "(default: full; with --base real: real)",
+    )
+    q.add_argument(
+        "--base",
+        default=None,
+        help="base model folder, or 'real' for SmolLM2-135M-Instruct (lota lab real-base); "
+        "default: the lab's base",
+    )
+    q.add_argument(
+        "--ledger",
+        default=None,
+        help="folder keeping each run's results without weights, so a bench continues elsewhere",
+    )
+    q.add_argument(
+        "--commit", action="store_true", help="git-commit each ledger entry as it is written"
+    )
     q.add_argument("--jobs", type=int, default=1, help="runs trained at once (one thread each)")
     q.add_argument(
         "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress output"
@@ -495,16 +514,28 @@ def _run_bench_quality(a):
 
     if a.jobs < 1:
         raise InputError(f"--jobs {a.jobs} must be at least 1", "--jobs", "give e.g. 2")
-    base = a.base or default_base()
+    if a.commit and a.ledger is None:
+        raise InputError("--commit commits ledger entries", "--commit", "give --ledger DIR too")
+    real = a.base == "real"
+    if real:
+        from .lab.realbase import obtain
+
+        base = obtain(progress=not a.quiet)["folder"]
+    else:
+        base = a.base or default_base()
+    tasks = a.tasks or ("sql-real,translate" if real else "math,sql,translate")
+    claims = a.claims or ("real" if real else None)
     results = run_quality(
         a.out,
         base,
-        [t.strip() for t in a.tasks.split(",") if t.strip()],
+        [t.strip() for t in tasks.split(",") if t.strip()],
         seeds=a.seeds,
-        claims=[c.strip() for c in a.claims.split(",")] if a.claims else None,
-        scale=a.scale,
+        claims=[c.strip() for c in claims.split(",")] if claims else None,
+        scale=a.scale or ("real" if real else "full"),
         jobs=a.jobs,
         progress=not a.quiet,
+        ledger=a.ledger,
+        commit=a.commit,
     )
     _summary(
         f"bench quality: {', '.join(c for c in results['meta']['claims'])} in "

@@ -15,13 +15,14 @@ deviation, min and max over seeds, and headline comparisons as Welch's t-test.
 from __future__ import annotations
 
 import json
+import platform
 import statistics
 import subprocess
 import time
 from pathlib import Path
 
 from . import tasks as T
-from .report import versions
+from .report import GENERAL_TEXT, versions
 from .runner import Lab, lr_grid
 
 SEARCH_SEEDS = 2  # a learning rate is chosen on the mean validation score of this many seeds
@@ -112,29 +113,41 @@ def run_quality(
     scale: str = "full",
     jobs: int = 1,
     progress: bool = True,
+    ledger: str | None = None,
+    commit: bool = False,
 ) -> dict:
-    """Run (or resume) the bench and write ``results.json``, ``report.md`` and plots to ``out``."""
+    """Run (or resume) the bench and write ``results.json``, ``report.md`` and plots to ``out``.
+
+    ``ledger``: a folder that keeps every run's and model's results without weights (see
+    ``runner.Lab``); with ``commit`` each entry is committed with git as it is written."""
     from ..errors import InputError
     from ..fileio import write_json, write_text
     from ..models import quiet_transformers
-    from .claims import BY_NAME
+    from .claims import BY_NAME, DEFAULT
     from .report import plots, render
     from .runner import SCALES
 
     if scale not in SCALES:
         raise InputError(f"unknown scale '{scale}'", "--scale", f"choose {', '.join(SCALES)}")
-    claims = list(claims or BY_NAME)
+    claims = list(claims or DEFAULT)
     for c in claims:
         if c not in BY_NAME:
             raise InputError(
                 f"unknown claim '{c}'", "--claims", f"choose from {', '.join(BY_NAME)}"
             )
     for t in tasks:
-        if t not in T.TASKS or t == "safety":
+        if t == "sql-real":
+            if T.real_sql("test", limit=1) is None:
+                raise InputError(
+                    "task 'sql-real' needs the sql-create-context data",
+                    "--tasks",
+                    "set LOTA_DATA to the folder that holds sql_create_context/all.json",
+                )
+        elif t not in T.TASKS or t == "safety":
             raise InputError(
                 f"'{t}' is not a fine-tuning task of the bench",
                 "--tasks",
-                f"choose from {', '.join(x for x in T.TASKS if x != 'safety')}",
+                f"choose from {', '.join(x for x in T.TASKS if x != 'safety')}, sql-real",
             )
     if len(tasks) < 2 or len(set(tasks)) != len(tasks):
         raise InputError(
@@ -148,7 +161,7 @@ def run_quality(
     quiet_transformers()
     t0 = time.time()
     commit = _commit()  # the code this invocation runs, before anything else can change it
-    lab = Lab(out, base, scale, jobs, progress)
+    lab = Lab(out, base, scale, jobs, progress, ledger=ledger, commit=commit)
     q = Quality(lab, tasks, seeds)
     gens = [BY_NAME[c].measure(q) for c in claims]
     rounds = 0
@@ -183,6 +196,10 @@ def run_quality(
             "base": base,
             "base_fingerprint": lab.base_fp,
             "jobs": jobs,
+            "general_text": GENERAL_TEXT
+            if (Path(base) / "lab_recipe.json").exists()
+            else "Python's reference documentation (pydoc_data)",
+            "python": platform.python_version(),
             "wall_s_this_invocation": round(time.time() - t0, 1),
             "train_seconds_total": _train_seconds(lab),
         },

@@ -14,6 +14,8 @@ import math
 import statistics
 from pathlib import Path
 
+# what the lab's general forgetting is measured on, unless a bench names other text
+GENERAL_TEXT = "held-out text of the base's pretraining distribution"
 ALPHA = 0.05  # the significance level of every comparison in the reports
 
 COLORS = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3"]
@@ -184,8 +186,8 @@ def render(results: dict, figs: dict[str, str]) -> str:
         f"is called one only where Welch's t-test over the seeds rejects equal means at alpha "
         f"{ALPHA} (two-sided); the sentences give the difference, its {100 * (1 - ALPHA):.0f}% "
         "confidence interval and p. General forgetting is the mean per-token cross-entropy on "
-        "held-out text of the base's pretraining distribution after training minus the base's "
-        "(positive: the model forgot).\n",
+        f"{meta.get('general_text', GENERAL_TEXT)} after "
+        "training minus the base's (positive: the model forgot).\n",
     ]
     s = meta["settings"]
     out.append(

@@ -80,11 +80,53 @@ SCALES = {
         "max_new_tokens": 6,
         "general_docs": 16,
     },
+    # the real base (SmolLM2-135M-Instruct, ``--base real``): see docs/lab.md for the budget
+    "real": {
+        "n_train": 2000,
+        "n_val": 40,
+        "n_test": 100,
+        "steps": 40,
+        "batch": 8,
+        "calibration": 8,
+        "calibration_lr": 1e-4,
+        "lr_points": 2,
+        "seeds": 3,
+        "eval_batch": 50,
+        "real_sql": 100,
+        "max_length": 192,
+        "general_docs": 48,
+        "general_seq": 256,
+    },
+    # the same protocol in seconds (tests)
+    "real-smoke": {
+        "n_train": 16,
+        "n_val": 2,
+        "n_test": 2,
+        "steps": 1,
+        "batch": 2,
+        "calibration": 1,
+        "calibration_lr": 1e-4,
+        "lr_points": 1,
+        "seeds": 1,
+        "eval_batch": 2,
+        "real_sql": 2,
+        "max_length": 64,
+        "max_new_tokens": 4,
+        "general_docs": 2,
+        "general_seq": 32,
+    },
 }
 # learning-rate grids, from the method table (every method of a family gets the same number of
 # points); the middle points are used when a scale searches only one
 LR_GRID = sources.lr_grids()
-MAX_NEW_TOKENS = {"math": 24, "sql": 40, "instruct": 32, "translate": 28, "safety": 32}
+MAX_NEW_TOKENS = {
+    "math": 24,
+    "sql": 40,
+    "sql-real": 64,
+    "instruct": 32,
+    "translate": 28,
+    "safety": 32,
+}
 GENERAL = "general"  # the pseudo-task of the general-text loss (forgetting), scored like a task
 DATA_SEED = 0  # the task data is the same for every seed; seeds change initialisation and order
 
@@ -122,10 +164,23 @@ class Lab:
     """Data, runs and scores of one bench directory."""
 
     def __init__(
-        self, out: str | Path, base: str, scale: str = "full", jobs: int = 1, progress=True
+        self,
+        out: str | Path,
+        base: str,
+        scale: str = "full",
+        jobs: int = 1,
+        progress=True,
+        ledger: str | Path | None = None,
+        commit: bool = False,
     ):
         from ..models import WeightReader
 
+        # The ledger (optional) keeps what the report needs of every run and model, without
+        # weights: a JSON file each, written as it finishes (and committed with git when asked),
+        # so a bench continued on another machine retrains only what a missing result needs.
+        self.ledger = Path(ledger) if ledger is not None else None
+        self.commit = commit
+        self._builders: dict[str, object] = {}  # derived folder name -> its build function
         self.out = Path(out)
         self.cache = self.out / "cache"
         self.base = str(base)
@@ -140,7 +195,8 @@ class Lab:
     def rows(self, task: str, split: str, template: str = "default") -> list[dict]:
         s = self.scale
         if task == "sql-real":
-            rows = T.real_sql("test", limit=s["real_sql"]) or []
+            limit = {"train": s["n_train"], "validation": s["n_val"]}.get(split, s["real_sql"])
+            rows = T.real_sql(split, limit=limit) or []
         else:
             rows = T.generate(task, DATA_SEED, s["n_train"], s["n_val"], s["n_test"])[split]
         if template == "paraphrase":
@@ -170,19 +226,35 @@ class Lab:
         return self.cache / "runs" / self.key(spec)
 
     def done(self, spec: dict) -> bool:
-        return (self.folder(spec) / "result.json").exists()
+        folder = self.folder(spec)
+        return (folder / "result.json").exists() or "info" in self._entry(folder.name)
 
     def run(self, spec: dict) -> Run:
-        """The run of ``spec``: read from the cache, or trained now."""
+        """The run of ``spec``: read from the cache or the ledger, or trained now. A run read from
+        the ledger may have no weights here; ``materialize`` trains them when something needs
+        them."""
+        folder = self.folder(spec)
+        if not (folder / "result.json").exists():
+            entry = self._entry(folder.name)
+            if "info" in entry:
+                return Run(folder.name, folder, spec, entry["info"])
+            self._train(spec, folder)
+        result = json.loads((folder / "result.json").read_text())
+        if self.ledger is not None and "info" not in self._entry(folder.name):
+            self._record(folder.name, spec=spec, info=result["info"])
+        return Run(folder.name, folder, spec, result["info"])
+
+    def materialize(self, spec: dict) -> Run:
+        """The run of ``spec`` with its weights in the cache (trained again if only the ledger
+        had it: runs are deterministic, so it is the same run)."""
         folder = self.folder(spec)
         if not (folder / "result.json").exists():
             self._train(spec, folder)
-        result = json.loads((folder / "result.json").read_text())
-        return Run(folder.name, folder, spec, result["info"])
+        return self.run(spec)
 
     def start_model(self, spec: dict) -> str:
         start = spec.get("start")
-        return self.base if start is None else self.run(start).model
+        return self.base if start is None else self.materialize(start).model
 
     def _train(self, spec: dict, folder: Path) -> None:
         from ..adapt import AdaptConfig, adapt
@@ -192,8 +264,8 @@ class Lab:
         if folder.exists():
             shutil.rmtree(folder)  # an unfinished run: start it over
         model = self.start_model(spec)
-        protect = [self.run(p).delta for p in spec.get("protect", [])]
-        protect += [str(p) for p in spec.get("protect_files", [])]
+        protect = [self.materialize(p).delta for p in spec.get("protect", [])]
+        protect += [self.file(p) for p in spec.get("protect_files", [])]
         cfg = AdaptConfig(
             model=model,
             data=self.data_file(spec["task"]),
@@ -202,14 +274,14 @@ class Lab:
             sparsity=str(spec.get("sparsity", "0.9")),
             calibration_steps=spec.get("calibration", s["calibration"]),
             calibration_lr=s["calibration_lr"],
-            steps=s["steps"],
+            steps=spec.get("steps", s["steps"]),
             lr=spec["lr"],
             batch_size=s["batch"],
             seed=spec["seed"],
             protect=protect,
             protect_mode=spec.get("protect_mode", "constrained"),
             ticket=spec.get("tokens"),
-            max_length=_max_length(model),
+            max_length=_max_length(model, s.get("max_length", 256)),
             save_model=True,
             checkpoint_every=10**9,
             progress=False,
@@ -227,13 +299,77 @@ class Lab:
         cached = self._cached_scores(model)
         key = f"{task}/{split}/{template}"
         if key not in cached:
+            if not Path(model).exists():
+                self._rebuild(model)
             cached[key] = self._evaluate(model, task, split, template)
             write_json(self._scores_path(model), cached)
+            name = self._ledger_name(model)
+            if name is not None:
+                self._record(name, scores=cached)
         return cached[key]
 
     def _cached_scores(self, model: str) -> dict:
         path = self._scores_path(model)
-        return json.loads(path.read_text()) if path.exists() else {}
+        local = json.loads(path.read_text()) if path.exists() else {}
+        name = self._ledger_name(model)
+        return {**self._entry(name).get("scores", {}), **local} if name else local
+
+    # ------------------------------------------------------------------------ the ledger
+    def _entry(self, name: str) -> dict:
+        if self.ledger is None:
+            return {}
+        path = self.ledger / f"{name}.json"
+        return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+
+    def _record(self, name: str, **fields) -> None:
+        entry = {**self._entry(name), **fields}
+        path = self.ledger / f"{name}.json"
+        write_json(path, entry)
+        if self.commit:
+            _git_commit(path, f"lab ledger: {name}")
+
+    def _ledger_name(self, model: str) -> str | None:
+        if self.ledger is None:
+            return None
+        resolved = Path(model).resolve()
+        if resolved == Path(self.base).resolve():
+            return f"base-{self.scale_name}-{_digest([self.base_fp])}"
+        folder = resolved.parent
+        return folder.name if self.cache.resolve() in folder.parents else None
+
+    def _rebuild(self, model: str) -> None:
+        """Make the weights of a model the ledger knows but this cache lacks."""
+        folder = Path(model).parent
+        if folder.name in self._builders:
+            self._builders[folder.name]()
+            return
+        spec = self._entry(folder.name).get("spec")
+        if spec is None:
+            raise RuntimeError(f"{model} is neither in the cache nor in the ledger")
+        self.materialize(spec)
+
+    def file(self, name: str) -> str:
+        """A file a claim registered with ``derived_file``, made now if the cache lacks it."""
+        path = self.cache / "files" / name
+        if not path.exists():
+            self._builders[name]()
+        return str(path)
+
+    def derived_file(self, label: str, recipe: dict, build) -> str:
+        """Register a file (a ticket) made by ``build(path)`` from runs; returns its name for
+        ``file``. It is made only when a run that reads it is trained."""
+        name = f"{label}-{_digest([recipe, self.scale, self.base_fp])}.safetensors"
+        path = self.cache / "files" / name
+
+        def make():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            build(str(path))
+
+        self._builders[name] = make
+        return name
+
+    def __getstate__(self):  # worker processes get the lab without the build functions
+        return {**self.__dict__, "_builders": {}}
 
     def _scores_path(self, model: str) -> Path:
         folder = Path(model).resolve().parent
@@ -268,7 +404,7 @@ class Lab:
             tokenizer,
             examples,
             min(
-                MAX_NEW_TOKENS[kind],
+                MAX_NEW_TOKENS[task if task in MAX_NEW_TOKENS else kind],
                 self.scale.get("max_new_tokens", 10**6),
             ),
             self.scale["eval_batch"],
@@ -288,20 +424,31 @@ class Lab:
         from ..models import load_model, load_tokenizer
         from .base import general_loss, held_out
 
-        recipe = json.loads((Path(self.base) / "lab_recipe.json").read_text())["recipe"]
-        docs = held_out(recipe, self.scale.get("general_docs", 256))
-        return general_loss(load_model(model_path), load_tokenizer(model_path), docs, recipe["seq"])
+        recipe_file = Path(self.base) / "lab_recipe.json"
+        if recipe_file.exists():
+            recipe = json.loads(recipe_file.read_text())["recipe"]
+            docs, seq = held_out(recipe, self.scale.get("general_docs", 256)), recipe["seq"]
+        else:  # a base the lab did not pretrain: real text none of its tasks holds
+            docs, seq = T.python_docs(self.scale["general_docs"]), self.scale["general_seq"]
+        return general_loss(load_model(model_path), load_tokenizer(model_path), docs, seq)
 
     # ------------------------------------------------------------------------ derived models
     def derived(self, label: str, recipe: dict, build) -> str:
         """A model folder made by ``build(folder)`` (a merge, a transfer), cached by its recipe."""
         folder = self.cache / "models" / f"{label}-{_digest([recipe, self.scale, self.base_fp])}"
-        if not (folder / "done.json").exists():
+
+        def make():
             if folder.exists():
                 shutil.rmtree(folder)
             folder.mkdir(parents=True)
             build(str(folder / "model"))
             write_json(folder / "done.json", recipe)
+
+        self._builders[folder.name] = make
+        if not (folder / "done.json").exists() and "recipe" not in self._entry(folder.name):
+            make()
+            if self.ledger is not None:
+                self._record(folder.name, recipe=recipe)
         return str(folder / "model")
 
     # ------------------------------------------------------------------------ parallel prefetch
@@ -352,6 +499,24 @@ class Lab:
             from tqdm.auto import tqdm
 
             tqdm.write(f"  done: {self.key(spec)}")
+
+
+def _git_commit(path: Path, message: str) -> None:
+    """Commit one ledger file (only it) in the git repository that holds it; a folder outside
+    git, or a git that fails, leaves the file written and uncommitted."""
+    import subprocess
+
+    cwd = path.parent
+    try:
+        subprocess.run(["git", "add", "--", path.name], cwd=cwd, check=True, capture_output=True)
+        subprocess.run(
+            ["git", "commit", "-q", "-m", message, "--", path.name],
+            cwd=cwd,
+            check=True,
+            capture_output=True,
+        )
+    except (OSError, subprocess.CalledProcessError):
+        pass
 
 
 def _worker_init() -> None:
@@ -407,9 +572,9 @@ def phase_memory(metrics: Path, before_mb: float | None) -> dict:
     }
 
 
-def _max_length(model: str) -> int:
-    """256 tokens per example, or the model's positions where it has fewer (the tiny bases of
-    the tests): lota refuses a ``--max-length`` beyond a model's positions."""
+def _max_length(model: str, wanted: int = 256) -> int:
+    """The scale's tokens per example (256), or the model's positions where it has fewer (the
+    tiny bases of the tests): lota refuses a ``--max-length`` beyond a model's positions."""
     config = json.loads((Path(model) / "config.json").read_text(encoding="utf-8"))
     positions = config.get("max_position_embeddings")
-    return min(256, positions) if isinstance(positions, int) and positions > 0 else 256
+    return min(wanted, positions) if isinstance(positions, int) and positions > 0 else wanted

@@ -163,6 +163,9 @@ def _sql(rng: random.Random) -> dict:
 
 
 def normalize_sql(text: str) -> str:
+    fenced = re.search(r"```[a-zA-Z]*\n(.*?)(```|$)", text, re.S)
+    if fenced:  # an instruct model's habit: the query inside a fenced code block
+        text = fenced.group(1)
     text = text.strip().splitlines()[0] if text.strip() else ""
     text = text.replace('"', "'").rstrip(";").strip()
     return re.sub(r"\s+", " ", re.sub(r"\s*([(),=<>*])\s*", r"\1", text)).upper()
@@ -420,10 +423,13 @@ def shared_data_dir() -> Path | None:
     return None
 
 
+SQL_SPLITS = {0: "test", 1: "validation"}  # hash bucket -> split; the other buckets train
+
+
 def real_sql(split: str, limit: int | None = None) -> list[dict] | None:
     """sql-create-context as sql-task rows, or None when the data is absent. The one file is split
-    by a hash of the question: blake2b(question) mod 10 == 0 goes to ``test``, the rest to
-    ``train`` (stable across runs and machines)."""
+    by a hash of the question: the first byte of blake2b(question) mod 10 is 0 for ``test``, 1 for
+    ``validation`` and 2-9 for ``train`` (stable across runs and machines)."""
     import hashlib
     import json
 
@@ -433,7 +439,7 @@ def real_sql(split: str, limit: int | None = None) -> list[dict] | None:
     rows = []
     for r in json.loads((folder / "sql_create_context" / "all.json").read_text(encoding="utf-8")):
         bucket = hashlib.blake2b(r["question"].encode(), digest_size=8).digest()[0] % 10
-        if (bucket == 0) == (split == "test"):
+        if SQL_SPLITS.get(bucket, "train") == split:
             prompt = f"{r['context']}\nQuestion: {r['question']}\nSQL:"
             rows.append({"prompt": prompt, "completion": f" {r['answer']}"})
             if limit is not None and len(rows) >= limit:
@@ -449,3 +455,24 @@ def paraphrase(task: str, row: dict) -> dict:
         raise ValueError(f"task '{task}' has no paraphrased template")
     english = row["prompt"].removeprefix("English: ").removesuffix("\nInvented:")
     return {**row, "prompt": f"Translate into the invented language: {english}\nTranslation:"}
+
+
+# ---------------------------------------------------------------------------- real held-out text
+def python_docs(n: int, chars: int = 1500) -> list[str]:
+    """``n`` documents of real English technical prose that no task of the lab holds: the
+    Python language reference topics shipped with Python itself (``pydoc_data``), cut at paragraph
+    ends into pieces of about ``chars`` characters, taken evenly across all of them."""
+    from pydoc_data.topics import topics
+
+    pieces = []
+    for key in sorted(topics):
+        piece = ""
+        for para in topics[key].split("\n\n"):
+            piece = f"{piece}\n\n{para}" if piece else para
+            if len(piece) >= chars:
+                pieces.append(piece[: 2 * chars])
+                piece = ""
+    if n > len(pieces):
+        raise ValueError(f"only {len(pieces)} documents of Python's docs, {n} asked")
+    step = len(pieces) / n
+    return [pieces[int(i * step)] for i in range(n)]

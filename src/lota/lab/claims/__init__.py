@@ -10,7 +10,11 @@ in ``CLAIMS``.
 
 from __future__ import annotations
 
-from . import calibration, ks, merge, safety, sequential, single
+from . import calibration, ks, merge, real, safety, sequential, single
 
-CLAIMS = (single, sequential, merge, safety, ks, calibration)
+CLAIMS = (single, sequential, merge, safety, ks, calibration, real)
 BY_NAME = {c.NAME: c for c in CLAIMS}
+# what a bench runs when --claims is not given: the lab's base gets claims 1-4, KS-Lottery and the
+# calibration claim; a real base gets its own compact protocol
+DEFAULT = ("single", "sequential", "merge", "safety", "ks", "calibration")
+DEFAULT_REAL = ("real",)
