@@ -427,7 +427,5 @@ def test_the_real_protocol_runs_every_claim_and_resumes_from_its_ledger(tiny_bas
     # another machine with the ledger only: the same results, nothing trained or merged
     again = bench(tmp_path / "two")["real"]
     assert again == r
-    assert not (tmp_path / "two" / "cache" / "runs").exists(), list(
-        (tmp_path / "two" / "cache" / "runs").rglob("*")
-    )[:8]
+    assert not (tmp_path / "two" / "cache" / "runs").exists()
     assert not (tmp_path / "two" / "cache" / "models").exists()
