@@ -129,7 +129,9 @@ def test_real_sql_split_is_stable_and_disjoint():
     assert real_sql("test") == test and 0.05 < len(test) / total < 0.15
     assert 0.05 < len(val) / total < 0.15
     prompts = [{r["prompt"] for r in rows} for rows in (train, val, test)]
-    assert not prompts[0] & prompts[1] and not prompts[0] & prompts[2] and not prompts[1] & prompts[2]
+    assert (
+        not prompts[0] & prompts[1] and not prompts[0] & prompts[2] and not prompts[1] & prompts[2]
+    )
     assert TASKS["sql"].score([r["completion"] for r in test[:50]], test[:50])["score"] == 1.0
     assert all(r["prompt"].startswith("CREATE TABLE") for r in test[:50])
 
@@ -137,7 +139,10 @@ def test_real_sql_split_is_stable_and_disjoint():
 def test_sql_score_reads_a_query_inside_a_fenced_code_block():
     row = {"prompt": "", "completion": " SELECT name FROM t WHERE age > 3"}
     fenced = "```sql\nSELECT name FROM t WHERE age>3;\n```\nThis query selects..."
-    assert TASKS["sql"].score([fenced, "SELECT name FROM t"], [row, row])["correct"] == [True, False]
+    assert TASKS["sql"].score([fenced, "SELECT name FROM t"], [row, row])["correct"] == [
+        True,
+        False,
+    ]
 
 
 def test_paraphrased_template_keeps_the_sentence_and_the_answer():

@@ -501,6 +501,11 @@ def _add_bench(sub):
     q.add_argument(
         "--commit", action="store_true", help="git-commit each ledger entry as it is written"
     )
+    q.add_argument(
+        "--device",
+        default="auto",
+        help="where runs train and are scored: auto (cuda when torch sees a GPU), cpu, cuda",
+    )
     q.add_argument("--jobs", type=int, default=1, help="runs trained at once (one thread each)")
     q.add_argument(
         "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress output"
@@ -536,6 +541,7 @@ def _run_bench_quality(a):
         progress=not a.quiet,
         ledger=a.ledger,
         commit=a.commit,
+        device=a.device,
     )
     _summary(
         f"bench quality: {', '.join(c for c in results['meta']['claims'])} in "

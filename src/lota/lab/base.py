@@ -168,6 +168,7 @@ def general_loss(model, tokenizer, docs: list[str], seq: int, batch: int = 32) -
         for j, c in enumerate(chunk):
             ids[j, : len(c)] = torch.tensor(c)
             mask[j, : len(c)] = 1
+        ids, mask = ids.to(model.device), mask.to(model.device)
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
         target = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
         loss = torch.nn.functional.cross_entropy(

@@ -115,6 +115,7 @@ def run_quality(
     progress: bool = True,
     ledger: str | None = None,
     commit: bool = False,
+    device: str = "auto",
 ) -> dict:
     """Run (or resume) the bench and write ``results.json``, ``report.md`` and plots to ``out``.
 
@@ -161,7 +162,7 @@ def run_quality(
     quiet_transformers()
     t0 = time.time()
     commit = _commit()  # the code this invocation runs, before anything else can change it
-    lab = Lab(out, base, scale, jobs, progress, ledger=ledger, commit=commit)
+    lab = Lab(out, base, scale, jobs, progress, ledger=ledger, commit=commit, device=device)
     q = Quality(lab, tasks, seeds)
     gens = [BY_NAME[c].measure(q) for c in claims]
     rounds = 0
@@ -196,6 +197,7 @@ def run_quality(
             "base": base,
             "base_fingerprint": lab.base_fp,
             "jobs": jobs,
+            "device": str(lab._device()),
             "general_text": GENERAL_TEXT
             if (Path(base) / "lab_recipe.json").exists()
             else "Python's reference documentation (pydoc_data)",

@@ -172,6 +172,7 @@ class Lab:
         progress=True,
         ledger: str | Path | None = None,
         commit: bool = False,
+        device: str = "auto",
     ):
         from ..models import WeightReader
 
@@ -180,6 +181,7 @@ class Lab:
         # so a bench continued on another machine retrains only what a missing result needs.
         self.ledger = Path(ledger) if ledger is not None else None
         self.commit = commit
+        self.device = device  # training and scoring: auto is the GPU when torch sees one
         self._builders: dict[str, object] = {}  # derived folder name -> its build function
         self.out = Path(out)
         self.cache = self.out / "cache"
@@ -285,6 +287,7 @@ class Lab:
             save_model=True,
             checkpoint_every=10**9,
             progress=False,
+            device=self.device,
             **_calibrator(spec),
         )
         release_freed_memory()
@@ -396,7 +399,7 @@ class Lab:
         if not rows:
             return {"score": None, "n": 0}
         tokenizer = load_tokenizer(model_path)
-        model = load_model(model_path)
+        model = load_model(model_path, device=self._device())
         examples = [Example(prompt=r["prompt"], completion=r["completion"]) for r in rows]
         ended: list[bool] = []
         preds = generate(
@@ -430,7 +433,13 @@ class Lab:
             docs, seq = held_out(recipe, self.scale.get("general_docs", 256)), recipe["seq"]
         else:  # a base the lab did not pretrain: real text none of its tasks holds
             docs, seq = T.python_docs(self.scale["general_docs"]), self.scale["general_seq"]
-        return general_loss(load_model(model_path), load_tokenizer(model_path), docs, seq)
+        model = load_model(model_path, device=self._device())
+        return general_loss(model, load_tokenizer(model_path), docs, seq)
+
+    def _device(self):
+        from ..dist import resolve_device
+
+        return resolve_device(self.device, "--device")
 
     # ------------------------------------------------------------------------ derived models
     def derived(self, label: str, recipe: dict, build) -> str:
