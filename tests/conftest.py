@@ -80,3 +80,34 @@ def assert_only_ticket_changed(before, after, ticket) -> None:
             frozen[ticket.indices[name]] = False
         a, b = w0.reshape(-1)[frozen], w1.reshape(-1)[frozen]
         assert torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8)), name
+
+
+@pytest.fixture(scope="session")
+def fp16_base(workdir) -> Path:
+    """The tiny base in float16, whose weights end at 65504."""
+    from lota.models import load_model
+    from lota.toy import byte_tokenizer
+
+    out = workdir / "base_fp16"
+    load_model(str(workdir / "base")).to(torch.float16).save_pretrained(out)
+    byte_tokenizer().save_pretrained(out)
+    return out
+
+
+def constant_delta(base: Path, path: Path, value: float, n: int = 8) -> Path:
+    """A delta for ``base`` adding ``value`` to the first ``n`` entries of its first layer's
+    q_proj (a linear weight), saved to ``path``."""
+    from lota import format as fmt
+    from lota.delta import SparseDelta
+    from lota.models import WeightReader
+    from lota.ticket import Ticket
+
+    reader = WeightReader(str(base))
+    name = "model.layers.0.self_attn.q_proj.weight"
+    ticket = Ticket(
+        shapes={name: tuple(reader.shapes[name])},
+        indices={name: torch.arange(n)},
+        base_fingerprint=reader.fingerprint(),
+    )
+    fmt.save(SparseDelta(ticket, {name: torch.full((n,), value)}), path)
+    return path

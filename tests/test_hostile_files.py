@@ -371,6 +371,22 @@ def test_save_refuses_a_delta_broken_after_construction(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_save_writes_only_values_finite_in_the_dtype_they_are_stored_in(tmp_path):
+    t = Ticket(shapes={"w": (2, 4)}, indices={"w": torch.tensor([1, 2])})
+    path = tmp_path / "d.safetensors"
+    big = lota.SparseDelta(t, {"w": torch.tensor([1e5, -1.0])})  # float16 ends at 65504
+    with pytest.raises(InputError, match="'w' overflow float16") as e:
+        lota.save(big, path, values_dtype="float16")
+    assert e.value.where == str(path) and "--values-dtype" in e.value.fix
+    for values in ([float("nan"), 1.0], [1.0, -float("inf")]):
+        with pytest.raises(InputError, match="'w' holds non-finite values"):
+            lota.save(lota.SparseDelta(t, {"w": torch.tensor(values)}), path)
+    assert list(tmp_path.iterdir()) == []
+    for values_dtype in ("bfloat16", "auto", None):  # each holds 1e5, "auto" exactly
+        lota.save(big, path, values_dtype=values_dtype)
+        assert bool(torch.isfinite(lota.load(path).values["w"]).all())
+
+
 @pytest.mark.parametrize("values", [torch.ones(3), torch.ones(2, dtype=torch.int64)])
 def test_delta_refuses_values_that_do_not_fit(values):
     t = Ticket(shapes={"w": (2, 4)}, indices={"w": torch.tensor([1, 2])})

@@ -300,7 +300,7 @@ def test_non_finite_settings_are_refused_up_front(workdir, capsys, tmp_path, fla
     _nothing_written(out)
 
 
-@pytest.mark.parametrize("scales", ["inf", "1,nan"])
+@pytest.mark.parametrize("scales", ["inf", "1,nan", "1e39", "1,-1e39"])
 def test_non_finite_apply_scales_are_refused(workdir, trained, capsys, tmp_path, scales):
     delta = trained / "delta.safetensors"
     deltas = [delta] * len(scales.split(","))
@@ -309,6 +309,20 @@ def test_non_finite_apply_scales_are_refused(workdir, trained, capsys, tmp_path,
         capsys, "apply", workdir / "base", *deltas, "--scales", scales, "--out", out
     )
     assert_refused(code, o, err, "--scales")
+    _nothing_written(out)
+
+
+def test_apply_that_overflows_a_float16_base_is_refused(fp16_base, capsys, tmp_path):
+    from .conftest import constant_delta
+
+    delta = constant_delta(fp16_base, tmp_path / "big.safetensors", 1e5)  # float16 ends at 65504
+    out = tmp_path / "m"
+    code, o, err = lota(capsys, "apply", fp16_base, delta, "--out", out)
+    assert_refused(code, o, err, "big.safetensors", "q_proj.weight' overflows its float16")
+    _nothing_written(out)
+    small = constant_delta(fp16_base, tmp_path / "small.safetensors", 5e4)
+    code, o, err = lota(capsys, "apply", fp16_base, small, "--scales", "2", "--out", out)
+    assert_refused(code, o, err, "small.safetensors", "overflows its float16")
     _nothing_written(out)
 
 

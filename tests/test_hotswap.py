@@ -365,3 +365,129 @@ def test_a_lotto_chain_switches_in_as_lota_apply_writes_it(workdir, trained, cap
         "--max-new-tokens", "2", "--delta", a, "--delta", b, "--quiet",
     )  # fmt: skip
     assert code == 0 and " + " in out, err
+
+
+# ---------------------------------------------------------------------------- all or nothing
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), -float("inf"), 1e39])
+def test_a_scale_that_is_not_a_finite_float32_is_refused(scale):
+    model = tiny_llama(hidden=32, layers=2, heads=2)
+    base = snapshot(model)
+    bank = DeltaBank(model).add("d", random_delta(model, 300, 1))
+    with pytest.raises(lota.InputError, match="scale .* is not a finite number"):
+        bank.activate("d", scale=scale)
+    assert bank.active == [] and bit_identical(model, base)
+
+
+def test_a_sum_that_overflows_float16_weights_is_refused_and_changes_nothing():
+    model = tiny_llama(hidden=32, layers=2, heads=2).to(torch.float16)
+    base = snapshot(model)
+    a, big = disjoint_deltas(model, 300, 2)
+    name = next(n for n, i in big.indices.items() if i.numel())
+    big.values[name][0] = 1e5  # finite in float32, beyond float16's 65504
+    want_a = applied(model, a)
+    bank = DeltaBank(model).add("a", a).add("big", big)
+    with pytest.raises(lota.InputError, match=f"'{name}' overflows its float16") as e:
+        bank.activate("a", "big")  # 'a' was written before 'big' overflowed: it is undone too
+    assert e.value.where == "delta 'big'"
+    assert bank.active == [] and bit_identical(model, base)
+    bank.activate("a")
+    with pytest.raises(lota.InputError, match="overflows"):
+        bank.switch("big")
+    assert bank.active == ["a"] and bit_identical(model, want_a)
+
+
+def _overlapping_bank():
+    """A bank with ``a`` and ``b`` sharing entries (stacked), ``c`` disjoint from both."""
+    model = tiny_llama(hidden=32, layers=2, heads=2).to(torch.bfloat16)
+    a, b = random_delta(model, 2000, 1), random_delta(model, 2000, 2)
+    union = lota.Ticket(
+        shapes=dict(a.shapes),
+        indices={n: torch.cat([a.indices[n], b.indices[n]]).unique() for n in a.indices},
+    )
+    c = select("random", resolve_targets(model), 500, seed=9, exclude=union)
+    bank = DeltaBank(model, allow_overlap=True).add("a", a).add("b", b)
+    bank.add("c", random_delta(model, 0, 3, ticket=c))
+    assert bank.overlap("a", "b") > 0 and bank.overlap("a", "c") == bank.overlap("b", "c") == 0
+    return model, bank
+
+
+OPERATIONS = {  # each starts from 'a' then 'b' active
+    "deactivate": lambda bank: bank.deactivate("a"),  # takes b off, restores a, puts b back
+    "deactivate-all": lambda bank: bank.deactivate(),
+    "switch": lambda bank: bank.switch("c", "b"),
+    "using-exit": None,  # leaving 'with bank.using("c")': a and b back
+}
+
+
+def _prepared(op):
+    """``(model, bank, the operation to interrupt)``, with 'a' then 'b' active."""
+    model, bank = _overlapping_bank()
+    bank.activate("a", "b")
+    if op == "using-exit":
+        block = bank.using("c")
+        block.__enter__()
+        return model, bank, lambda: block.__exit__(None, None, None)
+    return model, bank, lambda: OPERATIONS[op](bank)
+
+
+def _patched_weight(monkeypatch, fail_at=None, error=RuntimeError) -> list[int]:
+    """Count the per-tensor weight look-ups of every read and write of the bank, raising
+    ``error`` once, at look-up ``fail_at`` (from 0), as one Ctrl-C would."""
+    calls, real = [0], lota.hotswap._weight
+
+    def weight(module, attr):
+        calls[0] += 1
+        if calls[0] - 1 == fail_at:
+            raise error("interrupted")
+        return real(module, attr)
+
+    monkeypatch.setattr(lota.hotswap, "_weight", weight)
+    return calls
+
+
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+@pytest.mark.parametrize("op", sorted(OPERATIONS))
+def test_an_interrupted_switch_leaves_the_weights_and_active_as_before(op, error, monkeypatch):
+    model, bank, run = _prepared(op)
+    calls = _patched_weight(monkeypatch)
+    run()
+    monkeypatch.undo()
+    total = calls[0]
+    for fail_at in sorted({0, 1, total // 3, total // 2, total - 1}):
+        model, bank, run = _prepared(op)
+        before, active = snapshot(model), bank.active
+        _patched_weight(monkeypatch, fail_at, error)
+        with pytest.raises(error):
+            run()
+        monkeypatch.undo()
+        assert bank.active == active, (op, fail_at)
+        assert bit_identical(model, before), (op, fail_at)
+        bank.deactivate()  # the bank still works: everything off gives the base
+        assert bit_identical(model, snapshot(_overlapping_bank()[0])), (op, fail_at)
+
+
+def test_changing_a_delta_after_add_changes_nothing_in_the_bank():
+    model = tiny_llama(hidden=32, layers=2, heads=2)
+    d = random_delta(model, 300, 4)
+    want = applied(model, d)
+    bank = DeltaBank(model).add("d", d)
+    name = next(n for n, i in d.indices.items() if i.numel() > 1)
+    d.values[name].fill_(float("nan"))  # past add()'s checks: the bank must not see it
+    d.indices[name][0] = 10**9
+    d.indices[name].flip(0)
+    bank.activate("d")
+    assert bit_identical(model, want)
+
+
+def test_deactivate_with_nothing_active_does_nothing():
+    model = tiny_llama(hidden=32, layers=2, heads=2)
+    base = snapshot(model)
+    bank = DeltaBank(model).add("d", random_delta(model, 300, 5))
+    bank.deactivate()
+    assert bank.active == [] and bit_identical(model, base)
+    bank.activate("d")
+    bank.deactivate()
+    bank.deactivate()
+    assert bank.active == [] and bit_identical(model, base)
+    with pytest.raises(lota.InputError, match="'d' is not active"):
+        bank.deactivate("d")

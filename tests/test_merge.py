@@ -345,3 +345,99 @@ def test_mismatched_and_bad_inputs_are_refused(files, tmp_path, capsys):
     assert "--base" in refused(capsys, files[0], tmp_path, "--out", out)
     assert "not found" in refused(capsys, files[0], tmp_path / "missing.safetensors", "--out", out)
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------------- refused results
+@pytest.mark.parametrize(
+    "option, value",
+    [
+        ("--weights", "1e39,1,1"),
+        ("--weights", "1,-1e39,1"),
+        ("--lambda", "1e39"),
+        ("--lambda", "-inf"),
+        ("--lambda", "nan"),
+    ],
+)
+def test_weights_and_lambda_beyond_float32_are_refused_up_front(
+    files, tmp_path, capsys, option, value
+):
+    out = tmp_path / "m.safetensors"
+    err = refused(capsys, *files, "--method", "task-arithmetic", option, value, "--out", out)
+    assert f"{option}:" in err and "float32" in err
+    assert not out.exists()
+
+
+def constant_files(tmp_path, value: float) -> list[str]:
+    """Two deltas on the same entries, every value ``value``."""
+    d = make_delta(0, 0.3)
+    d = SparseDelta(d.ticket, {n: torch.full_like(v, value) for n, v in d.values.items()})
+    paths = [str(tmp_path / f"c{i}.safetensors") for i in range(2)]
+    for p in paths:
+        fmt.save(d, p)
+    return paths
+
+
+@pytest.mark.parametrize(
+    "method, options",
+    [
+        ("add", []),
+        ("task-arithmetic", ["--weights", "1,0.5", "--lambda", "1.2"]),
+        ("dare-linear", ["--drop", "0.5"]),  # the rescale by 1 / (1 - drop) overflows
+    ],
+)
+def test_merged_values_that_overflow_float32_are_refused(tmp_path, capsys, method, options):
+    paths = constant_files(tmp_path, 2.5e38)
+    out = tmp_path / "m.safetensors"
+    err = refused(capsys, *paths, "--method", method, *options, "--out", out, "--quiet")
+    assert "merged tensor 'a.weight' overflows float32" in err and f"--method {method}" in err
+    assert not out.exists()
+
+
+def test_merge_into_a_float16_base_that_overflows_it_is_refused(fp16_base, tmp_path, capsys):
+    from .conftest import constant_delta
+
+    a = constant_delta(fp16_base, tmp_path / "a.safetensors", 4e4)
+    b = constant_delta(fp16_base, tmp_path / "b.safetensors", 4e4)
+    out = tmp_path / "m"
+    err = refused(capsys, a, b, "--base", fp16_base, "--out-model", out, "--quiet")
+    assert "q_proj.weight' overflows its float16" in err and str(fp16_base) in err
+    assert not out.exists()
+    # the merged delta itself is finite in float32
+    assert main(["merge", str(a), str(b), "--out", str(tmp_path / "m.safetensors"), "--quiet"]) == 0
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize(
+    "options, where",
+    [
+        (["--method", "ties", "--density", "0"], "--density:"),
+        (["--method", "breadcrumbs", "--density", "0"], "--density:"),
+        (["--method", "breadcrumbs", "--gamma", "1"], "--gamma:"),
+        # each input's largest entries, 0.6 of the tensor, are all of its entries
+        (["--method", "breadcrumbs", "--gamma", "0.6", "--density", "0.2"], "--gamma"),
+    ],
+)
+def test_merges_that_keep_no_entry_are_refused(files, tmp_path, capsys, options, where):
+    out = tmp_path / "m.safetensors"
+    err = refused(capsys, *files, *options, "--out", out, "--quiet")
+    assert "the merged delta would be empty" in err and where in err
+    assert not out.exists()
+
+
+def test_inputs_that_cancel_out_are_refused_as_empty(files, tmp_path, capsys):
+    out = tmp_path / "m.safetensors"
+    options = ["--method", "task-arithmetic", "--weights", "1,-1"]
+    err = refused(capsys, files[0], files[0], *options, "--out", out, "--quiet")
+    assert "every merged value is 0, so the merged delta would be empty" in err
+    assert not out.exists()
+
+
+def test_negative_weights_and_lambda_parse_with_a_space(files, tmp_path, capsys):
+    out = tmp_path / "m.safetensors"
+    options = ["--method", "task-arithmetic", "--weights", "-1,0.5,-2.5e-1", "--lambda", "-1e-1"]
+    assert main(["merge", *files, *options, "--out", str(out), "--quiet"]) == 0, capsys
+    want = run(files, "task-arithmetic", weights=[-1.0, 0.5, -0.25], lam=-0.1)
+    got = fmt.load(out)
+    for name in SHAPES:
+        assert torch.equal(got.values[name], want.values[name])
+    capsys.readouterr()

@@ -176,6 +176,16 @@ def test_tensor_outside_linear_layers_is_refused(workdir, capsys, tmp_path, name
     assert not out.exists()
 
 
+def test_a_delta_that_overflows_a_float16_base_is_refused(fp16_base, capsys, tmp_path):
+    from .conftest import constant_delta
+
+    delta = constant_delta(fp16_base, tmp_path / "big.safetensors", 1e5)  # float16 ends at 65504
+    out = tmp_path / "adapter"
+    code, _, err = lota(capsys, "export-peft", delta, "--base", fp16_base, "--out", out)
+    assert_refused(code, err, "big.safetensors", "q_proj.weight' overflows its float16")
+    assert not out.exists()
+
+
 def test_too_dense_for_one_rank_is_refused(workdir, capsys, tmp_path):
     base = workdir / "base"
     # gate_proj is [64, 32]: all 2048 entries need r = 22, and 22 * (32 + 64) > 2048

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
+import re
 import sys
 import warnings
 
@@ -193,15 +193,7 @@ def _add_apply(sub):
 def _run_apply(a):
     from .task_vectors import apply_deltas
 
-    scales = None
-    if a.scales:
-        scales = numbers(a.scales, "--scales")
-        if not all(math.isfinite(x) for x in scales):
-            raise InputError(
-                f"'{a.scales}' holds a non-finite scale; the model would be NaN or inf",
-                "--scales",
-                "give finite numbers, e.g. --scales 1,0.5",
-            )
+    scales = numbers(a.scales, "--scales") if a.scales else None
     info = apply_deltas(
         a.base, a.deltas, a.out, allow_mismatch=a.allow_mismatch, scales=scales, force=a.force
     )
@@ -698,12 +690,22 @@ def _main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse takes an argument that starts with ``-`` for an option unless it is a plain
+    negative number, so ``--weights -1,1`` or ``--lambda -1e-3`` would be usage errors. No lota
+    option looks like a number: anything starting with ``-`` and a digit (``-1,1``, ``-.5``,
+    ``-1e-3``), ``-inf`` or ``-nan`` is a value (the rule Python 3.13's argparse adopted for
+    digits). Subparsers are made of the same class."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-(\.?\d|inf|nan)", re.IGNORECASE)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(
-        prog="lota", description="Lottery-ticket sparse adaptation of causal LMs."
-    )
+    parser = _Parser(prog="lota", description="Lottery-ticket sparse adaptation of causal LMs.")
     parser.add_argument("--version", action="version", version=f"lota {__version__}")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")

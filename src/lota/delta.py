@@ -89,51 +89,105 @@ class SparseDelta:
 
     def check_finite(self, where: str = "delta") -> None:
         for name, v in self.values.items():
-            if v.numel() and not bool(torch.isfinite(v).all()):
-                raise InputError(
-                    f"tensor '{name}' holds non-finite values (NaN or inf)",
-                    where,
-                    "recreate the delta from a run that did not diverge",
-                )
+            require_finite(
+                v,
+                f"tensor '{name}' holds non-finite values (NaN or inf)",
+                where,
+                "recreate the delta from a run that did not diverge",
+            )
 
     def summary(self) -> str:
         return self.ticket.summary()
 
 
+def require_finite(values: torch.Tensor, what: str, where: str | None, fix: str) -> None:
+    """Refuse ``values`` holding NaN or inf: ``InputError(what, where, fix)``.
+
+    Every value lota computes on its way to an output (merged, applied, scaled, cast for saving)
+    passes this one check before it is written, so finite inputs never leave a NaN or inf behind.
+    """
+    if values.numel() and not bool(torch.isfinite(values).all()):
+        raise InputError(what, where, fix)
+
+
+def added_entries(
+    base_vals: torch.Tensor, values: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """``base_vals + values`` computed in the values' precision, rounded to ``dtype``.
+
+    This one formula is shared by sparse training, ``apply``, ``merge --out-model`` and hot-swap
+    so that all give the same bits.
+    """
+    return (base_vals.to(values.dtype) + values).to(dtype)
+
+
+OVERFLOW_FIX = "add it to a float32 or bfloat16 copy of the base, or scale the delta down"
+
+
+def finite_sum(
+    base_vals: torch.Tensor,
+    values: torch.Tensor,
+    dtype: torch.dtype,
+    name: str,
+    where: str | None = None,
+    fix: str = OVERFLOW_FIX,
+) -> torch.Tensor:
+    """``added_entries``, refused if the sum is not finite in ``dtype``: a finite delta can still
+    overflow a half-precision weight (float16 ends at 65504)."""
+    new = added_entries(base_vals, values, dtype)
+    require_finite(
+        new,
+        f"adding the delta to tensor '{name}' overflows its {str(dtype).removeprefix('torch.')}: "
+        "the result would hold inf or NaN",
+        where,
+        fix,
+    )
+    return new
+
+
 def write_entries_(
     param: torch.Tensor, idx: torch.Tensor, base_vals: torch.Tensor, values: torch.Tensor
 ) -> None:
-    """Set ``param.flat[idx] = base_vals + values`` in place, computed in the values' precision.
-
-    This one formula is shared by sparse training and by ``apply`` so that both give the same bits.
-    """
+    """Set ``param.flat[idx] = base_vals + values`` in place (``added_entries``), unchecked: the
+    training step's write, where a non-finite loss is caught instead."""
     flat = param.data.view(-1)
     dev = flat.device  # a model on a GPU, with the delta read from a file on the CPU
-    vals = base_vals.to(device=dev, dtype=values.dtype) + values.to(dev)
-    flat.index_copy_(0, idx.to(dev), vals.to(param.dtype))
+    flat.index_copy_(0, idx.to(dev), added_entries(base_vals.to(dev), values.to(dev), param.dtype))
 
 
 @torch.no_grad()
 def apply_delta_(params: dict[str, torch.Tensor], delta: SparseDelta, scale: float = 1.0) -> None:
-    """Add ``scale * delta`` to ``params`` (``{name: tensor}``) in place, touching only its entries."""
-    for name, idx in delta.ticket.indices.items():
-        if name not in params:
-            raise InputError(
-                f"delta has tensor '{name}' that the model does not have",
-                fix="apply the delta to the architecture it was made for",
-            )
-        p = params[name]
-        if tuple(p.shape) != delta.ticket.shapes[name]:
-            raise InputError(
-                f"delta tensor '{name}' has shape {list(delta.ticket.shapes[name])}, the model has {list(p.shape)}",
-                fix="apply the delta to the architecture it was made for",
-            )
-        if idx.numel() == 0:
-            continue
-        v = delta.values[name]
-        if scale != 1.0:
-            v = v * scale
-        write_entries_(p, idx, p.data.view(-1)[idx.to(p.device)], v)
+    """Add ``scale * delta`` to ``params`` (``{name: tensor}``) in place, touching only its entries.
+
+    Each tensor's sum is checked finite before it is written (``finite_sum``); a refusal puts the
+    tensors already written back, so ``params`` are changed wholly or not at all."""
+    fix = "apply the delta to the architecture it was made for"
+    done = []  # (flat weight, indices, replaced values), to put back on a refusal
+    try:
+        for name, idx in delta.ticket.indices.items():
+            if name not in params:
+                raise InputError(f"delta has tensor '{name}' that the model does not have", fix=fix)
+            p = params[name]
+            if tuple(p.shape) != delta.ticket.shapes[name]:
+                raise InputError(
+                    f"delta tensor '{name}' has shape {list(delta.ticket.shapes[name])}, the "
+                    f"model has {list(p.shape)}",
+                    fix=fix,
+                )
+            if idx.numel() == 0:
+                continue
+            v = delta.values[name]
+            if scale != 1.0:
+                v = v * scale
+            flat = p.data.view(-1)
+            i = idx.to(flat.device)
+            old = flat.index_select(0, i)
+            flat.index_copy_(0, i, finite_sum(old, v.to(flat.device), p.dtype, name))
+            done.append((flat, i, old))
+    except BaseException:
+        for flat, i, old in reversed(done):
+            flat.index_copy_(0, i, old)
+        raise
 
 
 def delta_from_weights(

@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 
 from ._version import __version__
 from .codecs import ENCODINGS, RiceCode, decode_indices, encode_indices
-from .delta import SparseDelta
+from .delta import SparseDelta, require_finite
 from .errors import FormatError, InputError, MismatchError
 from .fileio import atomic_path, tensor_digest
 from .ticket import MAX_TENSOR_NUMEL, Ticket
@@ -72,7 +72,9 @@ def save(
     """Write a ticket or delta atomically; returns the file size in bytes.
 
     The object is validated again first (``TicketError`` names the tensor), so a ticket or delta
-    changed after it was built can never be written as a file that reads back differently.
+    changed after it was built can never be written as a file that reads back differently; a
+    delta's values must be finite, also in the ``values_dtype`` they are stored in (float16 ends
+    at 65504).
     """
     is_delta = isinstance(obj, SparseDelta)
     if not isinstance(obj, (Ticket, SparseDelta)):
@@ -80,6 +82,8 @@ def save(
             f"cannot save a {type(obj).__name__}", fix="pass a lota Ticket or SparseDelta"
         )
     obj.validate()
+    if is_delta:
+        obj.check_finite(str(path))
     ticket = obj.ticket
     tensors: dict[str, torch.Tensor] = {}
     entries = {}
@@ -108,6 +112,13 @@ def save(
                 version = max(version, _V3_SPLIT if "fix" in entry else 1)
             elif values_dtype is not None:
                 v = v.to(_value_dtype(values_dtype))
+                require_finite(
+                    v,
+                    f"values of tensor '{name}' overflow {str(v.dtype).removeprefix('torch.')}, "
+                    "the values dtype asked for: they would be stored as inf",
+                    str(path),
+                    "store the values as float32 or bfloat16 (--values-dtype)",
+                )
             if v.numel():
                 tensors[f"{name}{_SEP}values"] = v.contiguous()
             entry["values_dtype"] = str(v.dtype).removeprefix("torch.")

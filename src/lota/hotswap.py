@@ -9,9 +9,11 @@ nothing is added to the forward pass, so ``model.generate`` runs at the base mod
 Invariants: the base is restored bit for bit after any number of switches, in any dtype; an entry
 is never written by two active deltas unless overlap was explicitly allowed (then the active
 deltas form a stack, and deactivating one below others takes those off and puts them back, so
-the result is always what activating the remaining deltas in their order on the base gives); and
+the result is always what activating the remaining deltas in their order on the base gives);
 before restoring, the bank checks that the entries still hold what it wrote, so a change made in
-between (training, a user's own write) is refused rather than silently discarded.
+between (training, a user's own write) is refused rather than silently discarded; and every
+change of the active set is a transaction: a refusal, an error or Ctrl-C part way through puts
+back every entry it wrote, so the weights and ``active`` always agree.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .delta import SparseDelta
+from .delta import SparseDelta, finite_sum
 from .errors import InputError, MismatchError
+from .settings import check_factors
 from .ticket import TicketError, check_indices
 
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -70,14 +73,19 @@ class DeltaBank:
     ``add(name, delta)`` registers a delta (a ``SparseDelta`` or a file path) after checking it
     against the model: its base fingerprint (that of the base, or of the base with the deltas
     registered before it applied in order, as for a LoTTO chain; unless ``allow_mismatch``), its
-    tensor names and shapes, its values finite and its indices sorted and in range. Its indices
-    and values are moved to the weights' device once, so switching never reads a file or
-    crosses devices.
+    tensor names and shapes, its values finite and its indices sorted and in range. The bank
+    keeps its own copies of the indices and values, on the weights' device, so switching never
+    reads a file or crosses devices, and changing the ``SparseDelta`` after ``add`` changes
+    nothing in the bank.
 
-    ``activate(*names)``, ``deactivate(*names)`` (no names: all), ``switch(*names)`` (exactly
-    these active) and the context manager ``using(*names)`` (these active inside the block, the
-    previous set restored on exit) change the model in place. Activating deltas that share an
-    entry with each other or with an active delta is refused unless ``allow_overlap``.
+    ``activate(*names)``, ``deactivate(*names)`` (no names: all active ones; none active: nothing
+    to do), ``switch(*names)`` (exactly these active) and the context manager ``using(*names)``
+    (these active inside the block, the previous set restored on exit) change the model in
+    place. Each either completes or, on a refusal, an error or Ctrl-C part way through, leaves
+    the weights bit for bit and ``active`` as they were before it. Activating deltas that share
+    an entry with each other or with an active delta is refused unless ``allow_overlap``; a
+    ``scale`` that is not a finite float32 number, or a sum that overflows the weight's dtype
+    (a float16 weight ends at 65504), is refused before anything is written.
 
     The bank refuses to write a tensor that ``lota.prepare`` is training (unprepare first); a
     model prepared while deltas are active trains on top of them. Do not move or cast the model
@@ -104,6 +112,7 @@ class DeltaBank:
         self._stack: list[_Active] = []
         self._overlaps: dict[frozenset, int] = {}
         self._chain: tuple[tuple, str | None] = ((), None)
+        self._in_transaction = False
 
     # -- registry --------------------------------------------------------------------------------
     @property
@@ -228,6 +237,9 @@ class DeltaBank:
                 label,
                 "switch deltas on a model whose weights are whole tensors on one device",
             )
+        # the bank's own copies: a later change to the caller's delta must not bypass the checks
+        idx = idx.to(device=weight.device, dtype=torch.long, copy=True)
+        values = values.to(device=weight.device, copy=True)
         try:  # the ticket's own invariant, again: a delta may have been changed since it was made
             check_indices(name, idx, weight.numel())
         except TicketError:
@@ -237,13 +249,7 @@ class DeltaBank:
                 label,
                 "recreate the delta with lota",
             ) from None
-        return _Part(
-            name,
-            module,
-            attr,
-            idx.to(device=weight.device, dtype=torch.long),
-            values.to(device=weight.device),
-        )
+        return _Part(name, module, attr, idx, values)
 
     def _entry(self, name: str) -> _Entry:
         if name not in self._entries:
@@ -290,6 +296,7 @@ class DeltaBank:
     def activate(self, *names: str, scale: float = 1.0, allow_overlap: bool | None = None) -> None:
         """Write ``scale * delta`` of each named delta into the model, in the order given."""
         names = list(names)
+        check_factors([scale], "scale", "DeltaBank.activate", "pass a finite scale, e.g. 0.5")
         for name in names:
             self._entry(name)
             if name in self.active:
@@ -300,15 +307,19 @@ class DeltaBank:
             self._writable(self._entries[name])
         allow = self.allow_overlap if allow_overlap is None else allow_overlap
         self._check_disjoint(names, self.active, allow)
-        for name in names:
-            self._push(name, float(scale))
+        with self._transaction(names):
+            for name in names:
+                self._push(name, float(scale))
 
     @torch.no_grad()
     def deactivate(self, *names: str, discard_changes: bool = False) -> None:
-        """Restore the entries of the named active deltas (all active ones when none is named).
+        """Restore the entries of the named active deltas (all active ones when none is named, so
+        with none active there is nothing to do).
 
         Refused if an entry no longer holds what activation wrote, unless ``discard_changes``."""
         targets = list(names) if names else self.active
+        if not targets:
+            return
         for name in targets:
             self._entry(name)
             if name not in self.active:
@@ -321,21 +332,15 @@ class DeltaBank:
         above = self._stack[low:]
         tangled = self._tangled(above, set(targets))
         off = [a for a in above if a.name in tangled]
-        done: list[_Active] = []
-        try:
+        with self._transaction([a.name for a in off]):
             for a in reversed(off):  # top first: each then sees exactly what it wrote
                 if not discard_changes:
                     self._check_unchanged(a)
                 self._restore(a)
-                done.append(a)
-        except InputError:
-            for a in reversed(done):  # they held what they wrote: put it back, bottom first
-                self._rewrite(a)
-            raise
-        self._stack = [a for a in self._stack if a not in off]
-        for a in off:
-            if a.name not in targets:
-                self._push(a.name, a.scale)
+            self._stack = [a for a in self._stack if a not in off]
+            for a in off:
+                if a.name not in targets:
+                    self._push(a.name, a.scale)
 
     def _tangled(self, above: list[_Active], targets: set[str]) -> set[str]:
         """Names in ``above`` that must come off: the targets, and any delta above a removed one
@@ -376,20 +381,21 @@ class DeltaBank:
         if pairs and not (self.allow_overlap if allow is None else allow):
             a, b = pairs[0]
             self._check_disjoint([a], [b], False)
-        extra = [n for n, s in ((a.name, a.scale) for a in self._stack) if (n, s) not in wanted]
-        if extra:
-            self.deactivate(*extra)
-        if pairs:  # overlapping deltas: the order of writes matters, rebuild past the prefix
+        with self._transaction(self.active + names):
+            extra = [n for n, s in ((a.name, a.scale) for a in self._stack) if (n, s) not in wanted]
+            if extra:
+                self.deactivate(*extra)
+            if pairs:  # overlapping deltas: the order of writes matters, rebuild past the prefix
+                current = [(a.name, a.scale) for a in self._stack]
+                keep = 0
+                while keep < len(current) and current[keep] == wanted[keep]:
+                    keep += 1
+                if keep < len(current):
+                    self.deactivate(*[n for n, _ in current[keep:]])
             current = [(a.name, a.scale) for a in self._stack]
-            keep = 0
-            while keep < len(current) and current[keep] == wanted[keep]:
-                keep += 1
-            if keep < len(current):
-                self.deactivate(*[n for n, _ in current[keep:]])
-        current = [(a.name, a.scale) for a in self._stack]
-        for n, s in wanted:
-            if (n, s) not in current:
-                self._push(n, s)
+            for n, s in wanted:
+                if (n, s) not in current:
+                    self._push(n, s)
 
     # -- the writes ------------------------------------------------------------------------------
     def _writable(self, entry: _Entry) -> None:
@@ -401,24 +407,45 @@ class DeltaBank:
                     "switch deltas before prepare() or after unprepare()",
                 )
 
+    @contextlib.contextmanager
+    def _transaction(self, names: list[str]) -> Iterator[None]:
+        """Make the block all or nothing: the entries of the named deltas (all the block may write)
+        and the active stack are saved first and put back on any exception, a refusal, an error
+        or Ctrl-C alike. Saved values taken at one moment make the order of putting back
+        irrelevant, also where deltas overlap or weights are tied. A block inside another's
+        transaction is covered by that one."""
+        if self._in_transaction:
+            yield
+            return
+        parts = [p for n in dict.fromkeys(names) for p in self._entries[n].parts]
+        saved = [_read(p) for p in parts]
+        stack = list(self._stack)
+        self._in_transaction = True
+        try:
+            yield
+        except BaseException:
+            for p, old in zip(parts, saved):
+                _copy_into(p, old)
+            self._stack = stack
+            raise
+        finally:
+            self._in_transaction = False
+
     def _push(self, name: str, scale: float) -> None:
+        """Activate one delta (inside a transaction, which undoes a part way write)."""
         entry = self._entries[name]
         saved, written = [], []
-        try:
-            for p in entry.parts:
-                flat = _weight(p.module, p.attr).data.view(-1)
-                if p.index.device != flat.device:  # the model moved since add()
-                    p.index, p.values = p.index.to(flat.device), p.values.to(flat.device)
-                old = flat.index_select(0, p.index)  # [k], the weight's dtype
-                v = p.values if scale == 1.0 else p.values * scale
-                new = (old.to(v.dtype) + v).to(flat.dtype)  # the formula of write_entries_
-                flat.index_copy_(0, p.index, new)
-                saved.append(old)
-                written.append(new)
-        except BaseException:
-            for p, old in zip(entry.parts, saved):
-                _weight(p.module, p.attr).data.view(-1).index_copy_(0, p.index, old)
-            raise
+        for p in entry.parts:
+            flat = _weight(p.module, p.attr).data.view(-1)
+            if p.index.device != flat.device:  # the model moved since add()
+                p.index, p.values = p.index.to(flat.device), p.values.to(flat.device)
+            old = _read(p)  # [k], the weight's dtype
+            v = p.values if scale == 1.0 else p.values * scale
+            fix = "activate it on a float32 or bfloat16 model, or at a smaller scale"
+            new = finite_sum(old, v, flat.dtype, p.name, f"delta '{name}'", fix)
+            _copy_into(p, new)
+            saved.append(old)
+            written.append(new)
         self._stack.append(_Active(name, scale, saved, written if self.verify else None))
 
     def _check_unchanged(self, a: _Active) -> None:
@@ -441,15 +468,9 @@ class DeltaBank:
                     "restore the base values anyway",
                 )
 
-    def _rewrite(self, a: _Active) -> None:
-        for p, new in zip(self._entries[a.name].parts, a.written):
-            flat = _weight(p.module, p.attr).data.view(-1)
-            flat.index_copy_(0, p.index.to(flat.device), new.to(flat.device))
-
     def _restore(self, a: _Active) -> None:
         for p, old in zip(self._entries[a.name].parts, a.saved):
-            flat = _weight(p.module, p.attr).data.view(-1)
-            flat.index_copy_(0, p.index.to(flat.device), old.to(flat.device, flat.dtype))
+            _copy_into(p, old)
 
     def memory_bytes(self) -> dict[str, int]:
         """Bytes the bank holds: registered deltas (indices and values) and active state."""
@@ -459,6 +480,18 @@ class DeltaBank:
 
     def __repr__(self) -> str:
         return f"DeltaBank({len(self._entries)} deltas, active: {', '.join(self.active) or 'none'})"
+
+
+def _read(p: _Part) -> torch.Tensor:
+    """The current values at ``p``'s entries, in the weight's dtype."""
+    flat = _weight(p.module, p.attr).data.view(-1)
+    return flat.index_select(0, p.index.to(flat.device))
+
+
+def _copy_into(p: _Part, values: torch.Tensor) -> None:
+    """Write ``values`` at ``p``'s entries: every change the bank makes goes through here."""
+    flat = _weight(p.module, p.attr).data.view(-1)
+    flat.index_copy_(0, p.index.to(flat.device), values.to(flat.device, flat.dtype))
 
 
 def _weight(module: nn.Module, attr: str) -> torch.Tensor:

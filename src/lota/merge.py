@@ -8,7 +8,9 @@ is ``lambda`` times it. Memory is the inputs' sparse size of one tensor plus tha
 dense model per input.
 
 Methods are registered with ``@merge_method(name)``; each receives a ``TensorInputs`` and returns
-the merged values. Randomness (DARE, DELLA) is drawn per input and tensor from a generator seeded
+the merged values. Every merged tensor is checked finite in float32 (weights, lambda and DARE's
+rescaling can overflow it) and a merge whose every value is 0 is refused, before anything is
+written. Randomness (DARE, DELLA) is drawn per input and tensor from a generator seeded
 by ``(seed, input number, tensor name)``, over the input's own entries in position order, so a
 result depends only on the seed and the inputs.
 """
@@ -27,10 +29,10 @@ import torch
 from tqdm.auto import tqdm
 
 from . import format as fmt
-from .delta import SparseDelta
+from .delta import SparseDelta, finite_sum, require_finite
 from .errors import InputError, MismatchError
 from .selection import parse_fraction
-from .settings import MergeSettings, fallbacks
+from .settings import MergeSettings, check_factors, fallbacks
 from .ticket import Ticket
 
 
@@ -219,12 +221,12 @@ class _DeltaInput:
     def read(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         idx, v = self.reader.read(name)
         v = v.to(torch.float32)
-        if not bool(torch.isfinite(v).all()):
-            raise InputError(
-                f"tensor '{name}' holds NaN or inf values",
-                self.path,
-                "merge deltas of runs that did not diverge",
-            )
+        require_finite(
+            v,
+            f"tensor '{name}' holds NaN or inf values",
+            self.path,
+            "merge deltas of runs that did not diverge",
+        )
         return idx, v
 
 
@@ -267,10 +269,8 @@ def _resolve(s: MergeSettings, n: int) -> tuple[dict, torch.Tensor]:
         raise InputError(
             f"{len(weights)} weights for {n} inputs", "--weights", "give one weight per input"
         )
-    if not all(math.isfinite(w) for w in weights) or not math.isfinite(s.lam):
-        raise InputError(
-            "weights and lambda must be finite numbers", "--weights", "fix the numbers"
-        )
+    check_factors(weights, "weight", "--weights", "give finite weights, e.g. --weights 1,-0.5")
+    check_factors([s.lam], "lambda", "--lambda", "give a finite lambda, e.g. --lambda 0.5")
     settings = {}
     for key in ("density", "gamma"):
         value = getattr(s, key)
@@ -289,7 +289,51 @@ def _resolve(s: MergeSettings, n: int) -> tuple[dict, torch.Tensor]:
             "--epsilon",
             "lower --epsilon so that drop - epsilon >= 0 and drop + epsilon < 1",
         )
+    _refuse_empty_by_options(s.method, settings)
     return settings, torch.tensor(weights, dtype=torch.float32)
+
+
+_EMPTY = "the merged delta would be empty"
+
+
+def _refuse_empty_by_options(method: str, settings: dict) -> None:
+    """Settings that keep no entry of any input, whatever the inputs hold."""
+    if method in ("ties", "breadcrumbs") and settings["density"] == 0:
+        raise InputError(
+            f"density 0 keeps no entry of any tensor, so {_EMPTY}",
+            "--density",
+            "give a density above 0, e.g. --density 0.2",
+        )
+    if method == "breadcrumbs" and settings["gamma"] == 1:
+        raise InputError(
+            f"gamma 1 drops every entry as an outlier, so {_EMPTY}",
+            "--gamma",
+            "give a gamma below 1, e.g. --gamma 0.01",
+        )
+
+
+# what to change when a merge's result is empty, or overflows float32, by method
+_EMPTY_FIX = {
+    "ties": "raise --density",
+    "breadcrumbs": "lower --gamma (it first drops each input's largest entries, that fraction of "
+    "the tensor: at or above a sparse input's density, all of them) or raise --density",
+    "dare-linear": "lower --drop",
+    "dare-ties": "lower --drop",
+    "della": "lower --drop",
+}
+
+
+def _refuse_empty(method: str) -> InputError:
+    return InputError(
+        f"every merged value is 0, so {_EMPTY}",
+        f"--method {method}",
+        _EMPTY_FIX.get(method, "check --weights and that the inputs do not cancel out"),
+    )
+
+
+def _overflow_fix(method: str) -> str:
+    scaling = [f"--{o}" for o in ("lambda", "weights", "drop") if o in USES[method]]
+    return (f"lower {' or '.join(scaling)}, or " if scaling else "") + "merge smaller deltas"
 
 
 def _open_inputs(paths: list[str], base: str | None, targets: str | None):
@@ -348,13 +392,17 @@ def merge_tensors(
     fn = METHODS[settings.method]
 
     def tensors():
+        changed = False
         for name in tqdm(
             shapes, desc="merge", unit="tensor", disable=not show_progress, leave=False
         ):
-            yield (
-                name,
-                *_merge_one(name, shapes[name], inputs, paths, fn, opts, weights, settings),
+            union, merged = _merge_one(
+                name, shapes[name], inputs, paths, fn, opts, weights, settings
             )
+            changed = changed or bool(merged.count_nonzero())
+            yield name, union, merged
+        if not changed:  # raised before the caller writes what it was given
+            raise _refuse_empty(settings.method)
 
     return shapes, base_fp, tensors()
 
@@ -402,7 +450,14 @@ def _merge_one(name, shape, inputs, paths, fn, opts, weights, settings):
         ) from None
     if settings.lam != 1.0:
         merged = merged * settings.lam
-    return union, merged.to(torch.float32).contiguous()
+    merged = merged.to(torch.float32).contiguous()
+    require_finite(
+        merged,
+        f"merged tensor '{name}' overflows float32: it would hold inf or NaN",
+        f"--method {settings.method}",
+        _overflow_fix(settings.method),
+    )
+    return union, merged
 
 
 def merge(
@@ -431,7 +486,6 @@ def merge_into_model(
 ) -> dict:
     """Write ``base + merged delta`` as a model folder, adding each merged tensor as it is made
     (the merged delta is never held whole)."""
-    from .delta import write_entries_
     from .models import load_model, load_tokenizer, named_weights, save_model
 
     shapes, base_fp, tensors = merge_tensors(paths, settings, base, targets, show_progress)
@@ -447,8 +501,9 @@ def merge_into_model(
                     base,
                     "merge deltas made for this base",
                 )
-            p = weights[name]
-            write_entries_(p, union, p.data.view(-1)[union], merged)
+            flat = weights[name].data.view(-1)
+            fix = "write it onto a float32 or bfloat16 copy of the base, or lower --lambda"
+            flat.index_copy_(0, union, finite_sum(flat[union], merged, flat.dtype, name, base, fix))
             entries += int(union.numel())
     save_model(
         model,

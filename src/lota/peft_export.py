@@ -28,7 +28,7 @@ import torch
 
 from . import format as fmt
 from ._version import __version__
-from .delta import SparseDelta, write_entries_
+from .delta import SparseDelta, finite_sum
 from .errors import InputError, MismatchError
 from .fileio import atomic_dir, atomic_path, check_new_folder, write_json
 
@@ -132,18 +132,20 @@ def layer_entries(
     return idx[order], values[order]
 
 
-def adapter_values(w: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(float32 adapter values, entries as lota apply writes them)`` for base entries ``w``.
+def adapter_values(
+    w: torch.Tensor, v: torch.Tensor, name: str, where: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(float32 adapter values, entries as lota apply writes them)`` for base entries ``w`` of
+    tensor ``name``; refused, as ``lota apply`` refuses it, where that sum overflows ``w``'s dtype.
 
     PEFT adds the adapter's float32 values to the base entries and rounds to the base's dtype;
-    ``lota apply`` computes ``w + v`` in the values' precision (``delta.write_entries_``). For
+    ``lota apply`` computes ``w + v`` in the values' precision (``delta.finite_sum``). For
     float32 values these are the same operation. Otherwise the adapter holds ``applied - w``: exact
     on half-precision bases, and within two float32 roundings on a float32 base, where
     ``applied - w`` may need more bits than float32 has (``lota apply`` rounds the base entry to
     the values' precision first).
     """
-    applied = w.clone()
-    write_entries_(applied, torch.arange(w.numel()), w, v)
+    applied = finite_sum(w, v, w.dtype, name, where)
     if v.dtype == torch.float32:
         return v, applied
     return (applied.double() - w.double()).float(), applied
@@ -235,7 +237,7 @@ def export_peft(
         # taken out of the delta as converted, so that it and the adapter are not both held whole
         idx, v = delta.ticket.indices.pop(name), delta.values.pop(name)
         w = reader.get(name).reshape(-1)[idx]
-        a, applied = adapter_values(w, v)
+        a, applied = adapter_values(w, v, name, where)
         got = peft_applied(w, a)
         if not torch.equal(got, applied):
             inexact += int((got != applied).sum())

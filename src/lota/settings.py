@@ -175,6 +175,23 @@ def numbers(text: str, flag: str) -> list[float]:
         ) from None
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def check_factors(values: list[float], name: str, where: str, fix: str) -> None:
+    """Refuse a factor (merge weight, lambda, apply or activation scale) that is NaN, inf, or
+    beyond float32's range: it multiplies float32 (or 16-bit) values, where it would be inf, and
+    the output NaN or inf."""
+    for x in values:
+        if not (math.isfinite(x) and abs(x) <= FLOAT32_MAX):
+            raise InputError(
+                f"{name} {x:g} is not a finite number within float32's range (|x| <= 3.4e38): "
+                "the result would be NaN or inf",
+                where,
+                fix,
+            )
+
+
 # ---------------------------------------------------------------------------- lota adapt
 # the names of train.OPTIMIZERS, known here without importing torch (a test keeps them equal)
 OPTIMIZERS = ("adamw", "rmsprop", "sgd")

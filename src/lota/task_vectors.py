@@ -32,6 +32,7 @@ from .models import (
     save_model,
 )
 from .selection import Sparsity, numel_of, require_trainable
+from .settings import check_factors
 from .sources import protected_ticket
 from .ticket import Ticket, check_against
 from .train import limit_heap_growth
@@ -178,6 +179,7 @@ def apply_deltas(
             "--scales",
             "give one scale per delta",
         )
+    check_factors(scales or [], "scale", "--scales", "give finite numbers, e.g. --scales 1,0.5")
     deltas = []
     delta_paths = [p if isinstance(p, SparseDelta) else str(p) for p in delta_paths]
     for p in delta_paths:
