@@ -113,12 +113,11 @@ def run_quality(
     jobs: int = 1,
     progress: bool = True,
 ) -> dict:
-    """Run (or resume) the bench and write ``results.json``, ``report.md`` and plots to ``out``."""
+    """Run (or resume) the bench and write ``results.json``, ``report.md`` and plots to ``out``
+    (locked while the bench fills it; a base that is not a lab base is refused before any work)."""
     from ..errors import InputError
-    from ..fileio import write_json, write_text
     from ..models import quiet_transformers
     from .claims import BY_NAME
-    from .report import plots, render
     from .runner import SCALES
 
     if scale not in SCALES:
@@ -149,6 +148,25 @@ def run_quality(
     t0 = time.time()
     commit = _commit()  # the code this invocation runs, before anything else can change it
     lab = Lab(out, base, scale, jobs, progress)
+    with lab.writing():
+        return _measure(lab, tasks, seeds, claims, progress, commit, t0)
+
+
+def _measure(
+    lab: Lab,
+    tasks: list[str],
+    seeds: int,
+    claims: list[str],
+    progress: bool,
+    commit: str | None,
+    t0: float,
+) -> dict:
+    from ..fileio import write_json, write_text
+    from .claims import BY_NAME
+    from .report import plots, render
+    from .runner import SCALES
+
+    out, scale, base, jobs = lab.out, lab.scale_name, lab.base, lab.jobs
     q = Quality(lab, tasks, seeds)
     gens = [BY_NAME[c].measure(q) for c in claims]
     rounds = 0

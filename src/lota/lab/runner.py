@@ -19,13 +19,14 @@ import json
 import os
 import shutil
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .. import sources
-from ..fileio import write_json, write_text
+from ..fileio import FolderLock, create_folder, remove_folders, write_json, write_text
 from . import tasks as T
 
 # ---------------------------------------------------------------------------- scales
@@ -124,7 +125,8 @@ class Lab:
     def __init__(
         self, out: str | Path, base: str, scale: str = "full", jobs: int = 1, progress=True
     ):
-        from ..models import WeightReader
+        from ..models import WeightReader, load_tokenizer
+        from .base import lab_recipe
 
         self.out = Path(out)
         self.cache = self.out / "cache"
@@ -133,8 +135,27 @@ class Lab:
         self.scale = SCALES[scale]
         self.jobs = max(1, int(jobs))
         self.progress = progress
+        # a base the lab cannot use is refused here, before anything is trained or written
+        self.recipe = lab_recipe(self.base)
         self.base_fp = WeightReader(self.base, "base model").fingerprint()
+        load_tokenizer(self.base)
         self.log: list[str] = []
+
+    @contextmanager
+    def writing(self):
+        """Hold the bench folder while this process fills it: a second demo or bench into the same
+        folder is refused naming this one. (The workers of ``prefetch`` write only the run folders
+        this process hands them, each under that run's own lock.)"""
+        created = create_folder(self.out)
+        try:
+            lock = FolderLock(self.out, follow_link=True).acquire()
+        except BaseException:
+            remove_folders(created)
+            raise
+        try:
+            yield self
+        finally:
+            lock.release()
 
     # ------------------------------------------------------------------------ data
     def rows(self, task: str, split: str, template: str = "default") -> list[dict]:
@@ -185,13 +206,18 @@ class Lab:
         return self.base if start is None else self.run(start).model
 
     def _train(self, spec: dict, folder: Path) -> None:
+        model = self.start_model(spec)  # trained first: it takes (and gives back) its own lock
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with FolderLock(folder):
+            self._train_locked(spec, folder, model)
+
+    def _train_locked(self, spec: dict, folder: Path, model: str) -> None:
         from ..adapt import AdaptConfig, adapt
         from ..train import current_rss_mb, release_freed_memory
 
         s = self.scale
         if folder.exists():
             shutil.rmtree(folder)  # an unfinished run: start it over
-        model = self.start_model(spec)
         protect = [self.run(p).delta for p in spec.get("protect", [])]
         protect += [str(p) for p in spec.get("protect_files", [])]
         cfg = AdaptConfig(
@@ -288,20 +314,23 @@ class Lab:
         from ..models import load_model, load_tokenizer
         from .base import general_loss, held_out
 
-        recipe = json.loads((Path(self.base) / "lab_recipe.json").read_text())["recipe"]
-        docs = held_out(recipe, self.scale.get("general_docs", 256))
-        return general_loss(load_model(model_path), load_tokenizer(model_path), docs, recipe["seq"])
+        docs = held_out(self.recipe, self.scale.get("general_docs", 256))
+        return general_loss(
+            load_model(model_path), load_tokenizer(model_path), docs, self.recipe["seq"]
+        )
 
     # ------------------------------------------------------------------------ derived models
     def derived(self, label: str, recipe: dict, build) -> str:
         """A model folder made by ``build(folder)`` (a merge, a transfer), cached by its recipe."""
         folder = self.cache / "models" / f"{label}-{_digest([recipe, self.scale, self.base_fp])}"
         if not (folder / "done.json").exists():
-            if folder.exists():
-                shutil.rmtree(folder)
-            folder.mkdir(parents=True)
-            build(str(folder / "model"))
-            write_json(folder / "done.json", recipe)
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            with FolderLock(folder):
+                if folder.exists():
+                    shutil.rmtree(folder)
+                folder.mkdir()
+                build(str(folder / "model"))
+                write_json(folder / "done.json", recipe)
         return str(folder / "model")
 
     # ------------------------------------------------------------------------ parallel prefetch
