@@ -1,11 +1,13 @@
-"""Atomic file output, output checks, the lock on a run folder, and fingerprints of base weights.
+"""Atomic file output, output checks, the lock on an output folder, and fingerprints of base
+weights.
 
 Invariant: no lota output ever appears under its final name half-written. Files go to a temporary
 name in the same folder, are flushed to disk and then renamed; folders are built beside their
 final place and swapped in (``atomic_dir``), and a swap a kill interrupted is finished by the next
-lota command that writes there. An existing output, file or link, is replaced only on ``--force``,
-and a link is replaced itself, never written through. Write failures the user can act on (disk
-full, read-only, no permission) become one ``OutputError`` naming the output.
+lota command that writes there. One process at a time writes a folder (``FolderLock``). An
+existing output, file or link, is replaced only on ``--force``, a link is replaced itself, never
+written through, and no output replaces an input (``check_not_an_input``). Write failures the
+user can act on (disk full, read-only, no permission) become one ``OutputError`` naming the output.
 """
 
 from __future__ import annotations
