@@ -163,6 +163,25 @@ def test_bad_bench_options_get_one_line_and_write_nothing(
     assert not out.exists()
 
 
+def test_a_base_that_is_not_a_lab_base_is_refused_before_any_work(workdir, tmp_path, capsys):
+    broken = tmp_path / "broken"  # a model folder whose recipe lacks what the lab reads
+    shutil.copytree(workdir / "base", broken)
+    (broken / "lab_recipe.json").write_text('{"recipe": {"docs": 10}}')
+    cases = [
+        (workdir / "base", "not a lab base model"),
+        (broken, "not a lab recipe"),
+        (tmp_path / "missing", "does not exist"),
+    ]
+    for base, words in cases:
+        for command in (["demo", "--jobs", "1"], ["bench", "quality"]):
+            out = tmp_path / "runs" / "out"
+            code = main([*command, "--scale", "smoke", "--base", str(base), "--out", str(out)])
+            err = capsys.readouterr().err.strip()
+            assert code == 2 and words in err and "lota lab pretrain" in err, err
+            assert len(err.splitlines()) == 1
+            assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]  # nothing written
+
+
 def test_stats_and_comparisons():
     s = stats([0.5, 0.7, None, 0.6])
     assert s["n"] == 3 and s["mean"] == pytest.approx(0.6) and s["std"] == pytest.approx(0.1)

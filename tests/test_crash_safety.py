@@ -6,7 +6,9 @@ command, two runs never write one folder, and write failures get one line naming
 from __future__ import annotations
 
 import errno
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +16,7 @@ import textwrap
 import time
 
 import pytest
+import torch
 
 from lota import format as fmt
 from lota.checkpoint import DIRNAME
@@ -23,7 +26,12 @@ from .test_cli import ADAPT, assert_refused, lota
 from .test_resume import ARGS, assert_same, outputs
 from .test_resume import lota as lota_process
 
-LOCKNAME = ".lota.lock"  # the lock file of a folder a run is writing
+LOCK_SUFFIX = ".lota.lock"
+
+
+def lock_file(folder):
+    """The lock of a folder a command writes: ``PARENT/.NAME.lota.lock``, beside the folder."""
+    return folder.parent / f".{folder.name}{LOCK_SUFFIX}"
 
 
 def _adapt_args(workdir, out, *extra):
@@ -150,7 +158,7 @@ def test_adapt_into_the_current_folder_works(workdir, capsys, tmp_path, monkeypa
     code, _, err = lota(capsys, *_adapt_args(workdir, ".", *ADAPT))
     assert code == 0, err
     assert (tmp_path / "delta.safetensors").exists() and not (tmp_path / DIRNAME).exists()
-    assert not (tmp_path / LOCKNAME).exists()
+    assert not lock_file(tmp_path).exists()
 
 
 # ---------------------------------------------------------------------------- the folder swap
@@ -187,7 +195,9 @@ def test_a_kill_during_the_folder_swap_is_finished_by_the_next_writer(tmp_path, 
     expected = "old" if fault.startswith("save:") else "new"
     assert (out / "version.txt").read_text() == expected
     assert (out / "second.txt").read_text() == "complete"
-    assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".tmp")] == ["run"]
+    # the killed writer's temporary and lock file stay until the next writer takes the lock
+    leftovers = (".tmp", LOCK_SUFFIX)
+    assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(leftovers)] == ["run"]
     with atomic_dir(out) as tmp:
         (tmp / "version.txt").write_text("third")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # the stale temporary went too
@@ -201,15 +211,168 @@ def test_apply_killed_between_the_renames_is_finished_by_a_rerun(workdir, traine
     killed = lota_process(*args, "--force", "--scales", "2", fault="swap:m")
     assert killed.returncode == -signal.SIGKILL
     assert not out.exists()  # killed with the old output moved aside and the new one beside it
-    # Even a command that refuses to replace the folder first finishes the swap it finds.
+    # The killed command never reported its output: the next command writing the folder finishes
+    # the swap and replaces that output with its own, without --force.
     r = lota_process(*args)
-    assert r.returncode == 2 and "--force" in r.stderr
-    assert (out / "model.safetensors").read_bytes() != before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
-    r = lota_process(*args, "--force")
     assert r.returncode == 0, r.stderr
     assert (out / "model.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+    # a finished output is replaced only with --force again
+    r = lota_process(*args)
+    assert r.returncode == 2 and "--force" in r.stderr
+
+
+def _folder_command(name, workdir, trained, out, lab_base=None):
+    base, delta = workdir / "base", trained / "delta.safetensors"
+    return {
+        "apply": ["apply", base, delta, "--out", out],
+        "merge": ["merge", delta, delta, "--base", base, "--out-model", out, "--quiet"],
+        "export-peft": ["export-peft", delta, "--base", base, "--out", out],
+        "ks": ["ks", base, trained / "model", "--top", "3", "--out", out],
+        "lab pretrain": ["lab", "pretrain", "--out", out, "--size", "tiny", "--steps", "1"],
+        "demo": ["demo", "--base", lab_base, "--out", out, "--scale", "smoke", "--jobs", "1"],
+        "bench quality": ["bench", "quality", "--base", lab_base, "--out", out, "--scale", "smoke"],
+    }[name]
+
+
+SWAPPED = ["apply", "merge", "export-peft", "ks"]  # the commands that swap in a whole folder
+
+HOLD = textwrap.dedent(
+    """
+    import os, sys, time
+    from pathlib import Path
+    from lota.fileio import FolderLock
+    out = Path(sys.argv[1])
+    lock = FolderLock(out).acquire()
+    # what a writer leaves beside its output while it works: its temporary, then its new folder
+    (out.parent / f".{out.name}.{os.getpid()}.abcd1234.tmp").mkdir()
+    (out.parent / f".{out.name}.new").mkdir()
+    (out.parent / f".{out.name}.new" / "config.json").write_text("{}")
+    print("held", flush=True)
+    time.sleep(600)
+    """
+)
+
+
+def test_a_second_writer_of_an_output_folder_is_refused_while_the_first_holds_it(
+    workdir, trained, capsys, tmp_path
+):
+    lab_base = tmp_path / "lab_base"  # what the lab needs of a base: a model and its recipe
+    shutil.copytree(workdir / "base", lab_base)
+    recipe = {"recipe": {"docs": 40, "seed": 0, "seq": 64}}
+    (lab_base / "lab_recipe.json").write_text(json.dumps(recipe))
+    here = tmp_path / "here"
+    here.mkdir()
+    out = here / "out"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        theirs = sorted(p.name for p in here.iterdir())
+        for name in [*SWAPPED, "lab pretrain", "demo", "bench quality"]:
+            for force in ([], ["--force"]) if name not in ("demo", "bench quality") else ([],):
+                args = _folder_command(name, workdir, trained, out, lab_base)
+                assert_refused(*lota(capsys, *args, *force), f"pid {holder.pid}", str(out))
+                # the holder's temporary and new folder are untouched, and nothing was written
+                assert sorted(p.name for p in here.iterdir()) == theirs, name
+        code, _, err = lota(capsys, *_adapt_args(workdir, out, *ADAPT))
+        assert_refused(code, _, err, f"pid {holder.pid}")  # adapt takes the same lock
+    finally:
+        holder.kill()
+        holder.wait()
+    # a killed holder's lock does not stick, and what it left is cleaned up by the next writer
+    code, _, err = lota(capsys, *_folder_command("apply", workdir, trained, out))
+    assert code == 0, err
+    assert sorted(p.name for p in here.iterdir()) == ["out"]
+    assert (out / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("command", SWAPPED)
+def test_a_command_killed_at_its_folder_swap_finishes_when_run_again(
+    workdir, trained, capsys, tmp_path, command
+):
+    def files(folder):  # safetensors as tensors and metadata: its header's order may vary
+        return {p.name: _content(p) for p in sorted(folder.iterdir())}
+
+    reference = tmp_path / "reference"
+    code, _, err = lota(capsys, *_folder_command(command, workdir, trained, reference))
+    assert code == 0, err
+    out = tmp_path / "out"
+    args = _folder_command(command, workdir, trained, out)
+    killed = lota_process(*args, fault="swap:out")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert (tmp_path / ".out.new").is_dir()  # the output complete, not yet in place
+    code, _, err = lota(capsys, *args)  # the same command again: it finishes and succeeds
+    assert code == 0, err
+    assert files(out) == files(reference)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "reference"]
+
+
+def _content(path):
+    if path.suffix != ".safetensors":
+        return path.read_bytes()
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return f.metadata(), {k: _bytes(f.get_tensor(k)) for k in f.keys()}
+
+
+def _bytes(t):
+    return (
+        str(t.dtype),
+        tuple(t.shape),
+        t.contiguous().view(-1).view(torch.uint8).numpy().tobytes(),
+    )
+
+
+def test_an_output_that_would_replace_an_input_is_refused_even_with_force(
+    workdir, trained, capsys, tmp_path
+):
+    base = tmp_path / "base"
+    shutil.copytree(workdir / "base", base)
+    tuned = tmp_path / "tuned"
+    shutil.copytree(trained / "model", tuned)
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    delta = inputs / "d.safetensors"
+    shutil.copy(trained / "delta.safetensors", delta)
+    alias = tmp_path / "alias"  # another spelling of tmp_path: strings differ, files do not
+    alias.symlink_to(tmp_path)
+
+    def state():
+        return {
+            str(p.relative_to(tmp_path)): p.read_bytes()
+            for p in sorted(tmp_path.rglob("*"))
+            if p.is_file() and "alias" not in p.parts
+        }
+
+    before = state()
+    cases = [
+        (["apply", base, delta, "--out", alias / "base"], "is the input"),
+        (["apply", alias / "base", delta, "--out", base], "is the input"),
+        (["merge", delta, delta, "--base", base, "--out-model", alias / "inputs"], "holds"),
+        (["export-peft", delta, "--base", base, "--out", alias / "base"], "is the input"),
+        (["ks", base, tuned, "--top", "3", "--out", alias / "tuned"], "is the input"),
+        (["ks", base, tuned, "--top", "3", "--out", tmp_path], "holds the input"),
+        (["merge", delta, delta, "--out", alias / "inputs" / "d.safetensors"], "is the input"),
+        (["delta", base, tuned, "--sparsity", "0.9", "--out", tuned / "config.json"], "inside"),
+        (["mask", base, tuned, "--out", alias / "tuned" / "model.safetensors"], "inside"),
+    ]
+    for args, words in cases:
+        assert_refused(*lota(capsys, *args, "--force"), words)
+        assert state() == before, args
+    # a new output inside an input folder replaces nothing, and a link to an input is replaced
+    # itself, never what it points to
+    code, _, err = lota(capsys, "apply", base, delta, "--out", base / "applied")
+    assert code == 0, err
+    link = tmp_path / "link"
+    link.symlink_to(base)
+    code, _, err = lota(capsys, "apply", base, delta, "--out", link, "--force")
+    assert code == 0, err
+    assert not link.is_symlink()
+    written = ("base/applied/", "link/")
+    assert {k: v for k, v in state().items() if not k.startswith(written)} == before
 
 
 # ---------------------------------------------------------------------------- killed runs
@@ -237,7 +400,7 @@ def test_run_killed_before_its_first_checkpoint_reruns_to_identical_outputs(
     assert r.returncode == 0, r.stderr
     assert_same(outputs(out), reference)
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2 + 4  # each step once
-    assert not (out / DIRNAME).exists() and not (out / LOCKNAME).exists()
+    assert not (out / DIRNAME).exists() and not lock_file(out).exists()
 
 
 def test_unstarted_run_folder_with_foreign_files_still_needs_force(workdir, reference, tmp_path):
@@ -283,12 +446,12 @@ def test_a_second_run_into_the_same_folder_is_refused_while_the_first_runs(
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
-    assert (out / LOCKNAME).exists()  # the killed process's lock file stays, its lock does not
+    assert lock_file(out).exists()  # the killed process's lock file stays, its lock does not
     code, _, err = lota(capsys, *_adapt_args(workdir, out, *ARGS, "--restart"))
     assert code == 0, err
     assert_same(outputs(out), reference)
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2 + 4
-    assert not (out / LOCKNAME).exists()
+    assert not lock_file(out).exists()
 
 
 def test_bad_input_found_after_the_run_started_leaves_nothing(

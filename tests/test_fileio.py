@@ -226,6 +226,23 @@ def test_atomic_dir_replaces_a_stale_old_folder(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["run"]
 
 
+def test_temporaries_of_a_live_writer_are_never_removed(tmp_path):
+    import subprocess
+    import sys
+
+    from lota.fileio import remove_stale_temporaries
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its pid no longer runs
+    live = tmp_path / f".model.{os.getpid()}.abcd1234.tmp"
+    live.mkdir()
+    gone = [tmp_path / f".model.{dead.pid}.abcd1234.tmp", tmp_path / ".delta.safetensors.tmp"]
+    for p in gone:
+        p.write_text("left by a killed writer")
+    remove_stale_temporaries(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == [live.name]
+
+
 # ---------------------------------------------------------------------------- atomic files
 def test_atomic_path_keeps_old_file_when_body_raises(tmp_path):
     path = tmp_path / "out.txt"

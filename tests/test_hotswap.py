@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 
 import pytest
 import torch
@@ -338,6 +339,26 @@ def test_eval_refusals(workdir, trained, capsys, tmp_path):
         "--delta", foreign, "--allow-mismatch", "--quiet",
     )  # fmt: skip
     assert code == 0, err
+
+
+def test_one_delta_file_under_two_names_is_refused_not_added_twice(
+    workdir, trained, capsys, tmp_path
+):
+    base, data = workdir / "base", workdir / "a.jsonl"
+    delta = tmp_path / "d.safetensors"
+    delta.write_bytes((trained / "delta.safetensors").read_bytes())
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(delta)
+    hard = tmp_path / "hard.safetensors"
+    os.link(delta, hard)
+    (tmp_path / "sub").mkdir()
+    for other in (link, hard, tmp_path / "sub" / ".." / "d.safetensors"):
+        for each in ([], ["--each"]):
+            got = run_cli(
+                capsys, "eval", base, "--data", data, "--delta", delta, "--delta", other,
+                "--allow-overlap", *each,
+            )  # fmt: skip
+            assert_refused(*got, "twice", str(other))
 
 
 def test_a_lotto_chain_switches_in_as_lota_apply_writes_it(workdir, trained, capsys, tmp_path):

@@ -77,7 +77,8 @@ RUN_FILES = (
 
 def _foreign_files(out: Path) -> list[str]:
     def own(name: str) -> bool:
-        temporary = name.startswith(".") and name.endswith((".tmp", ".old", ".new"))
+        # temporaries, and the lock of a folder swap (``atomic_dir``) a kill left behind
+        temporary = name.startswith(".") and name.endswith((".tmp", ".old", ".new", ".lock"))
         return name in RUN_FILES or (
             temporary and any(name.startswith(f".{f}.") for f in RUN_FILES)
         )
@@ -154,7 +155,7 @@ class _Hold:
         if world.main:
             try:
                 hold.created = create_folder(out)
-                hold.lock = FolderLock(out).acquire()
+                hold.lock = FolderLock(out, follow_link=True).acquire()
             except LotaError as e:
                 error = e
                 remove_folders(hold.created)

@@ -86,7 +86,7 @@ def _run_mask(a):
     from .task_vectors import make_ticket
 
     parse_sparsity(a.sparsity)
-    _check_new_file(a.out, a.force)
+    _check_new_file(a.out, a.force, [a.base, a.tuned, *a.protect])
     t = make_ticket(
         a.base,
         a.tuned,
@@ -141,7 +141,7 @@ def _run_delta(a):
 
     if a.sparsity is not None:
         parse_sparsity(a.sparsity)
-    _check_new_file(a.out, a.force)
+    _check_new_file(a.out, a.force, [a.base, a.tuned, a.ticket, *a.protect])
     ticket = None
     if a.ticket:
         from .models import WeightReader
@@ -225,11 +225,7 @@ def _run_merge(a):
     if a.out_model and not a.base:
         raise InputError("--out-model needs the base model", "--out-model", "pass --base BASE")
     if a.out:
-        _check_new_file(a.out, a.force)
-    else:
-        from .fileio import check_new_folder
-
-        check_new_folder(a.out_model, a.force, "--out-model")
+        _check_new_file(a.out, a.force, [*a.inputs, a.base])
     config = {"command": "merge", "inputs": a.inputs, **as_config(settings), "base": a.base}
     if a.out:
         d = merge(a.inputs, settings, base=a.base, targets=a.targets, show_progress=not a.quiet)
@@ -240,7 +236,13 @@ def _run_merge(a):
         )
     else:
         info = merge_into_model(
-            a.inputs, settings, a.base, a.out_model, targets=a.targets, show_progress=not a.quiet
+            a.inputs,
+            settings,
+            a.base,
+            a.out_model,
+            targets=a.targets,
+            show_progress=not a.quiet,
+            force=a.force,
         )
         _summary(
             f"merge ({settings.method}): {len(a.inputs)} inputs, {info['entries']:,} entries "
@@ -276,12 +278,19 @@ def _add_device(p, what: str) -> None:
 
 
 def _run_ks(a):
-    from .fileio import check_new_folder
     from .ks import run_ks
 
-    check_new_folder(a.out, a.force)
     report = run_ks(
-        a.model, a.tuned, a.out, a.alpha, a.correction, a.top, a.mode, a.data, device=a.device
+        a.model,
+        a.tuned,
+        a.out,
+        a.alpha,
+        a.correction,
+        a.top,
+        a.mode,
+        a.data,
+        device=a.device,
+        force=a.force,
     )
     if a.json:
         print(json.dumps(report, indent=2))
@@ -310,7 +319,7 @@ def _run_import_mask(a):
     from . import format as fmt
     from .official import import_official
 
-    _check_new_file(a.out, a.force)
+    _check_new_file(a.out, a.force, [a.mask, a.base])
     t = import_official(a.mask, a.base)
     size = fmt.save(t, a.out, config={"command": "import-mask", "mask": a.mask, "base": a.base})
     _summary(f"import-mask: ticket of {t.summary()}; {size:,} bytes -> {a.out}")
@@ -328,7 +337,7 @@ def _run_export_mask(a):
     from . import format as fmt
     from .official import export_official
 
-    _check_new_file(a.out, a.force)
+    _check_new_file(a.out, a.force, [a.ticket])
     t = fmt.load(a.ticket)
     t = t.ticket
     size = export_official(t, a.out)
@@ -357,7 +366,7 @@ def _run_import_lora(a):
 
     if a.sparsity is not None:
         parse_sparsity(a.sparsity)
-    _check_new_file(a.out, a.force)
+    _check_new_file(a.out, a.force, [a.adapter, a.base])
     d = import_lora(a.adapter, a.base, a.sparsity)
     config = {
         "command": "import-lora",
@@ -428,11 +437,9 @@ def _add_lab(sub):
 
 
 def _run_lab_pretrain(a):
-    from .fileio import check_new_folder
     from .lab.base import pretrain
 
-    check_new_folder(a.out, a.force)
-    info = pretrain(a.out, a.size, a.steps, show_progress=not a.quiet)
+    info = pretrain(a.out, a.size, a.steps, show_progress=not a.quiet, force=a.force)
     _summary(
         f"lab pretrain: {info['params']:,} parameters, {info['recipe']['steps']} steps, loss "
         f"{info['first_loss']:.3f} -> {info['final_loss']:.3f} in {info['wall_s']:.0f} s -> {a.out}"
@@ -532,7 +539,7 @@ def _run_bench_quality(a):
         jobs=a.jobs,
         progress=not a.quiet,
         ledger=a.ledger,
-        commit=a.commit,
+        commit_ledger=a.commit,
         device=a.device,
     )
     _summary(
@@ -668,10 +675,10 @@ def _run_demo(a):
     run_demo(a.out, seed=a.seed, base=a.base, scale=a.scale, jobs=a.jobs, show_progress=not a.quiet)
 
 
-def _check_new_file(path: str, force: bool) -> None:
+def _check_new_file(path: str, force: bool, inputs: list) -> None:
     from .fileio import check_new_file
 
-    check_new_file(path, force)
+    check_new_file(path, force, inputs=inputs)
 
 
 def _write_error(e: BaseException, where):

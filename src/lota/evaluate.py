@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from .data import Example, prompt_ids, read_jsonl
 from .dist import resolve_device
 from .errors import InputError
+from .fileio import first_repeat
 from .models import load_model, load_tokenizer
 
 METRICS: dict[str, Callable[[str, str], float]] = {}
@@ -217,8 +218,14 @@ def evaluate(
     deltas = [str(d) for d in deltas or []]
     if each and not deltas:
         raise InputError("--each needs deltas to score", "--each", "add --delta FILE (repeatable)")
-    if len(set(deltas)) != len(deltas):
-        raise InputError("a delta is given twice", "--delta", "give each file once")
+    repeat = first_repeat(deltas)  # by identity: a link or another spelling is the same file
+    if len(set(deltas)) != len(deltas) or repeat:
+        given = f" ('{repeat[1]}' is '{repeat[0]}')" if repeat and repeat[0] != repeat[1] else ""
+        raise InputError(
+            f"a delta is given twice{given}, so it would be added twice",
+            "--delta",
+            "give each file once",
+        )
     where = resolve_device(device)
     examples = read_jsonl(data_path)[:limit]
     tokenizer = load_tokenizer(model_path)

@@ -1,11 +1,13 @@
-"""Atomic file output, output checks, the lock on a run folder, and fingerprints of base weights.
+"""Atomic file output, output checks, the lock on an output folder, and fingerprints of base
+weights.
 
 Invariant: no lota output ever appears under its final name half-written. Files go to a temporary
 name in the same folder, are flushed to disk and then renamed; folders are built beside their
 final place and swapped in (``atomic_dir``), and a swap a kill interrupted is finished by the next
-lota command that writes there. An existing output, file or link, is replaced only on ``--force``,
-and a link is replaced itself, never written through. Write failures the user can act on (disk
-full, read-only, no permission) become one ``OutputError`` naming the output.
+lota command that writes there. One process at a time writes a folder (``FolderLock``). An
+existing output, file or link, is replaced only on ``--force``, a link is replaced itself, never
+written through, and no output replaces an input (``check_not_an_input``). Write failures the
+user can act on (disk full, read-only, no permission) become one ``OutputError`` naming the output.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ try:
 except ImportError:  # not POSIX: runs are not locked
     fcntl = None
 
-LOCKNAME = ".lota.lock"
+LOCKNAME = ".lota.lock"  # inside a folder whose parent is not writable
+LOCK_SUFFIX = ".lota.lock"  # PARENT/.NAME.lota.lock: the lock of folder NAME
 
 # errno: (what the user reads, how to fix it, exit code). A full disk fails a valid run (1); a
 # read-only or forbidden location is a wrong choice of output (2).
@@ -127,36 +130,41 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     folder under ``.NAME.new``: the next lota command writing ``NAME`` finishes the swap before it
     does anything else (``recover_dir``). So, seen by lota, ``NAME`` holds the whole old output or
     the whole new one, never a mix.
+
+    The folder's lock (``FolderLock``) is held from the first check to the last rename: a second
+    writer is refused, so the ``.NAME.new`` or temporaries found here are never a live writer's.
+    A command that checks ``NAME`` before it computes holds the lock from there (``writing_folder``).
     """
     final = _output_folder(path)
     _ensure_dir(final.parent)
-    recover_dir(final)
-    _remove_dead_temporaries(final.parent, final.name)
-    try:
-        tmp = Path(
-            tempfile.mkdtemp(prefix=_tmp_prefix(final.name), suffix=".tmp", dir=final.parent)
-        )
-    except OSError as e:
-        raise write_error(e, str(path)) or e from None
-    try:
-        yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())
-        fault(f"save:{final.name}")
-        _swap_in(tmp, final)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OutputError) and e.where and e.where.startswith(str(tmp)):
-            # a file inside the temporary folder: name the output the user asked for
-            raise OutputError(e.what, str(path), e.fix, exit_code=e.exit_code) from None
-        mapped = write_error(e, str(path))
-        if mapped is not None:
-            raise mapped from None
-        raise
+    with FolderLock(final):
+        recover_dir(final)
+        _remove_dead_temporaries(final.parent, final.name)
+        try:
+            tmp = Path(
+                tempfile.mkdtemp(prefix=_tmp_prefix(final.name), suffix=".tmp", dir=final.parent)
+            )
+        except OSError as e:
+            raise write_error(e, str(path)) or e from None
+        try:
+            yield tmp
+            os.chmod(tmp, 0o777 & ~_umask())
+            fault(f"save:{final.name}")
+            _swap_in(tmp, final)
+        except BaseException as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, OutputError) and e.where and e.where.startswith(str(tmp)):
+                # a file inside the temporary folder: name the output the user asked for
+                raise OutputError(e.what, str(path), e.fix, exit_code=e.exit_code) from None
+            mapped = write_error(e, str(path))
+            if mapped is not None:
+                raise mapped from None
+            raise
 
 
 def _swap_in(tmp: Path, final: Path) -> None:
     new, old = _swap_names(final)
-    _remove(new)  # recover_dir finished any committed swap; this one is a stray
+    _remove(new)  # recover_dir, under the same lock, finished any committed swap: a stray
     os.replace(tmp, new)  # the commit point
     if os.path.lexists(final):
         _remove(old)
@@ -167,25 +175,32 @@ def _swap_in(tmp: Path, final: Path) -> None:
     _fsync_dir(final.parent)
 
 
-def recover_dir(path: str | os.PathLike) -> None:
-    """Finish a folder swap (``atomic_dir``) that a killed lota process left half-done at ``path``.
+def recover_dir(path: str | os.PathLike) -> bool:
+    """Finish a folder swap (``atomic_dir``) that a killed lota process left half-done at ``path``;
+    True when it put a committed output in place.
 
     A complete ``.NAME.new`` takes ``NAME``'s place (the swap had committed); otherwise a
     ``.NAME.old`` without a ``NAME`` comes back (a swap of an older lota, cut before its last
-    rename); a ``.NAME.old`` beside a ``NAME`` is deleted."""
+    rename); a ``.NAME.old`` beside a ``NAME`` is deleted. Done under the folder's lock, so a
+    swap still in progress is never taken for a killed one: its writer is named instead."""
     final = Path(os.path.abspath(path))
     new, old = _swap_names(final)
-    try:
-        if new.is_dir() and not new.is_symlink():
-            if os.path.lexists(final):
-                _remove(old)
-                os.replace(final, old)
-            os.replace(new, final)
-        elif os.path.lexists(old) and not os.path.lexists(final):
-            os.replace(old, final)
-        _remove(old)
-    except OSError as e:
-        raise write_error(e, str(path)) or e from None
+    if not (os.path.lexists(new) or os.path.lexists(old)):
+        return False
+    with FolderLock(final):
+        try:
+            committed = new.is_dir() and not new.is_symlink()
+            if committed:
+                if os.path.lexists(final):
+                    _remove(old)
+                    os.replace(final, old)
+                os.replace(new, final)
+            elif os.path.lexists(old) and not os.path.lexists(final):
+                os.replace(old, final)
+            _remove(old)
+        except OSError as e:
+            raise write_error(e, str(path)) or e from None
+    return committed
 
 
 def _tmp_prefix(name: str) -> str:
@@ -270,10 +285,17 @@ def fault(point: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def check_new_file(path: str | os.PathLike, force: bool, option: str = "--out") -> None:
-    """Refuse an output file name that is a folder, and an existing file or link unless ``force``
-    (a link, even one pointing nowhere, counts as existing: it is replaced, not followed)."""
+def check_new_file(
+    path: str | os.PathLike,
+    force: bool,
+    option: str = "--out",
+    inputs: Iterable[str | os.PathLike | None] = (),
+) -> None:
+    """Refuse an output file name that is a folder, one whose writing would replace all or part of
+    one of ``inputs`` (``check_not_an_input``), and an existing file or link unless ``force`` (a
+    link, even one pointing nowhere, counts as existing: it is replaced, not followed)."""
     _refuse_folder_name(path)
+    check_not_an_input(path, inputs, option)
     if os.path.lexists(path) and not force:
         raise InputError(
             "output exists", str(path), f"choose a new {option}, or pass --force to replace it"
@@ -283,9 +305,12 @@ def check_new_file(path: str | os.PathLike, force: bool, option: str = "--out") 
 def check_new_folder(path: str | os.PathLike, force: bool, option: str = "--out") -> None:
     """Refuse an output folder that already holds something (or is a file or a link) unless
     ``force``; the current folder and those above it are refused always. A swap a killed lota
-    left half-done there is finished first, so the check sees the output as it really is."""
+    left half-done there is finished first, so the check sees the output as it really is. An
+    output that swap put in place is not refused: it is the killed command's, which never
+    reported it, and that command run again replaces it with the same output and succeeds."""
     _output_folder(path, option)
-    recover_dir(path)
+    if recover_dir(path):
+        return
     out = Path(path)
     if out.is_symlink() or (out.exists() and (not out.is_dir() or any(out.iterdir()))):
         if not force:
@@ -294,32 +319,160 @@ def check_new_folder(path: str | os.PathLike, force: bool, option: str = "--out"
             )
 
 
-class FolderLock:
-    """An exclusive lock on a folder that one process writes, held until ``release``.
+@contextlib.contextmanager
+def writing_folder(
+    path: str | os.PathLike,
+    force: bool,
+    option: str = "--out",
+    inputs: Iterable[str | os.PathLike | None] = (),
+) -> Iterator[Path]:
+    """Hold ``path``, an output folder a command writes as a whole (``atomic_dir``), from its checks
+    to its swap: its lock is taken first (a second writer is refused naming this one), then it is
+    checked (``check_new_folder``) and refused where replacing it would replace one of ``inputs``
+    (``check_not_an_input``). Folders made for the lock's file are removed again if the command
+    fails."""
+    final = _output_folder(path, option)
+    created = create_folder(final.parent)
+    try:
+        with FolderLock(path, option):
+            check_not_an_input(path, inputs, option)
+            check_new_folder(path, force, option)
+            yield final
+    except BaseException:
+        for folder in created:  # only the empty ones: an output written there stays
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
 
-    ``fcntl.flock`` on ``FOLDER/.lota.lock``: the kernel drops the lock when its process ends,
-    however it ends, so a killed process's lock never sticks (its file stays, and is reused). The
-    file holds the holder's pid, for the message a second process gets; it is deleted on release.
+
+def check_not_an_input(
+    path: str | os.PathLike, inputs: Iterable[str | os.PathLike | None], option: str = "--out"
+) -> None:
+    """Refuse an output ``path`` whose writing would replace all or part of an input: what is at
+    ``path`` now is an input, holds one, or lies inside an input folder. Paths are compared by
+    identity (device and inode along their real paths), so a link, a ``..`` or a second mount of
+    the same file is recognised. A new output inside an input folder replaces nothing and passes,
+    and so does a link at ``path`` to an input (the link is replaced, never what it points to)."""
+    final = Path(os.path.abspath(path))
+    real_parent = Path(os.path.realpath(final.parent))
+    try:
+        replaced = os.lstat(real_parent / final.name)
+    except OSError:
+        return  # nothing there to replace
+    around = [_stat(p) for p in (real_parent, *real_parent.parents)]  # what holds the output
+    for given in inputs:
+        if given is None or not str(given):
+            continue
+        ids = [_stat(Path(given)), _stat(Path(given), follow=False)]  # it, or a link to it
+        holders = [_stat(p) for p in Path(os.path.realpath(given)).parents]
+        if _is(replaced, ids):
+            what = "is"
+        elif _is(replaced, holders):
+            what = "holds"
+        elif any(a is not None and _is(a, ids) for a in around):
+            what = "lies inside"
+        else:
+            continue
+        raise InputError(
+            f"the output {what} the input '{given}', and writing it would replace that input",
+            str(path),
+            f"choose a {option} outside the command's inputs",
+        )
+
+
+def _stat(p: Path, follow: bool = True) -> os.stat_result | None:
+    try:
+        return os.stat(p) if follow else os.lstat(p)
+    except OSError:
+        return None
+
+
+def _is(a: os.stat_result, candidates) -> bool:
+    return any(c is not None and os.path.samestat(a, c) for c in candidates)
+
+
+def first_repeat(paths: Iterable[str | os.PathLike]) -> tuple[str, str] | None:
+    """The first two of ``paths`` that name one file (the same path, a link to it, a hard link:
+    compared by device and inode), or None. Paths that cannot be read are left to their reader."""
+    seen: dict[tuple[int, int], str] = {}
+    for p in paths:
+        try:
+            st = os.stat(p)
+        except OSError:
+            continue
+        key = (st.st_dev, st.st_ino)
+        if key in seen:
+            return seen[key], str(p)
+        seen[key] = str(p)
+    return None
+
+
+class FolderLock:
+    """An exclusive lock on a folder that one process writes or replaces, held until ``release``.
+
+    Every lota command that writes a folder holds it from its first check to its last write, so a
+    second writer is refused in one line naming the holder's pid. ``fcntl.flock`` on a file beside
+    the folder, ``PARENT/.NAME.lota.lock``, which a folder swap (``atomic_dir``) does not move; the
+    kernel drops the lock when its process ends, however it ends, so a killed process's lock never
+    sticks (its file stays, and is reused). The file holds the holder's pid and is deleted on
+    release. Where the parent is not writable the file is ``FOLDER/.lota.lock`` (a run folder
+    made for the user in a read-only place; nothing can swap such a folder anyway).
+
+    ``follow_link``: the lock is on the folder a link at ``folder`` points to (a command that
+    writes into it), not on the link (a command that replaces the link, never its target). A
+    process may take a lock it holds again (a command holds its output and the swap takes it too);
+    it is released with the last ``release``.
     """
 
-    def __init__(self, folder: str | os.PathLike, option: str = "--out"):
+    def __init__(self, folder: str | os.PathLike, option: str = "--out", follow_link: bool = False):
         self.folder, self.option = str(folder), option
-        self.path = Path(folder) / LOCKNAME
-        self.fd: int | None = None
+        target = Path(os.path.abspath(folder))
+        if follow_link:
+            target = Path(os.path.realpath(target))
+        else:  # the entry itself, in its real parent folder
+            target = Path(os.path.realpath(target.parent)) / target.name
+        self.target = target
+        self.path = target.with_name(f".{target.name}{LOCK_SUFFIX}") if target.name else None
+        self.key: str | None = None
 
     def acquire(self) -> FolderLock:
-        if fcntl is None:
+        if fcntl is None or self.key is not None:
             return self
-        while True:
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-            except OSError as e:
+        path = self.path
+        try:
+            if path is None:
+                raise PermissionError(errno.EACCES, "no parent folder")
+            fd = self._locked(path)
+        except OSError as e:
+            inside = self.target.is_dir() and not self.target.is_symlink()
+            if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS) or not inside:
                 raise write_error(e, self.folder) or e from None
+            path = self.target / LOCKNAME
+            try:
+                fd = self._locked(path)
+            except OSError as e2:
+                raise write_error(e2, self.folder) or e2 from None
+        self.key = str(path)
+        if fd is not None:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            _HELD[self.key] = [fd, 1, os.getpid()]
+        return self
+
+    def _locked(self, path: Path) -> int | None:
+        """An open descriptor of ``path`` locked by this process (None: this process already
+        holds it, now once more)."""
+        held = _HELD.get(str(path))
+        if held is not None and held[2] == os.getpid():
+            held[1] += 1
+            return None
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
                 if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                    break  # a file system without locks: run unlocked rather than not at all
+                    return fd  # a file system without locks: run unlocked rather than not at all
                 holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
                 os.close(fd)
                 raise InputError(
@@ -331,21 +484,36 @@ class FolderLock:
                 ) from None
             # The holder we waited on may have deleted the file after we opened it; a lock on a
             # deleted file guards nothing, so lock the file that is there now.
-            if _same_file(fd, self.path):
-                break
+            if _same_file(fd, path):
+                return fd
             os.close(fd)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self.fd = fd
-        return self
 
     def release(self) -> None:
-        if self.fd is None:
+        if self.key is None:
             return
-        with contextlib.suppress(OSError):
-            self.path.unlink()  # while still locked, so nobody takes a lock on a file going away
-        os.close(self.fd)
-        self.fd = None
+        key, self.key = self.key, None
+        held = _HELD.get(key)
+        if held is None or held[2] != os.getpid():
+            return
+        held[1] -= 1
+        if held[1] > 0:
+            return
+        del _HELD[key]
+        fd = held[0]
+        if _same_file(fd, Path(key)):
+            with contextlib.suppress(OSError):
+                os.unlink(key)  # while still locked, so nobody takes a lock on a file going away
+        os.close(fd)
+
+    def __enter__(self) -> FolderLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+# lock file -> [descriptor, times taken, pid] of the locks this process holds
+_HELD: dict[str, list[int]] = {}
 
 
 def _same_file(fd: int, path: Path) -> bool:
@@ -408,12 +576,15 @@ def _umask() -> int:
 
 def remove_stale_temporaries(folder: Path) -> None:
     """Clean up after a killed lota process in ``folder``: finish its folder swaps (``.NAME.new``
-    and ``.NAME.old``, see ``atomic_dir``) and delete its temporary files and folders."""
+    and ``.NAME.old``, see ``atomic_dir``) and delete its temporary files and folders. The
+    temporaries of a process still running are left alone."""
     folder = Path(folder)
     for p in [*folder.glob(".*.new"), *folder.glob(".*.old")]:
         recover_dir(folder / p.name[1:-4])
     for p in folder.glob(".*.tmp"):
-        _remove(p)
+        m = re.fullmatch(r"\..+\.(\d+)\.[^.]+\.tmp", p.name)
+        if m is None or not _alive(int(m.group(1))):  # no pid in it: an older lota's
+            _remove(p)
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -290,9 +290,28 @@ def run_ks(
     mode: str = "auto",
     data: str | None = None,
     device: str = "auto",
+    force: bool = False,
 ) -> dict:
     """``lota ks``: select token rows, write the ticket, the listing and the transfer delta. The
-    rows are sorted for their statistic on ``device`` (``lota.dist.resolve_device``)."""
+    rows are sorted for their statistic on ``device`` (``lota.dist.resolve_device``). ``out`` is
+    locked from its check to its swap, and may not be an input or hold one."""
+    from .fileio import writing_folder
+
+    with writing_folder(out, force, inputs=[model, tuned, data]):
+        return _run_ks(model, tuned, out, alpha, correction, top, mode, data, device)
+
+
+def _run_ks(
+    model: str,
+    tuned: str,
+    out: str,
+    alpha: float,
+    correction: str,
+    top: int | None,
+    mode: str,
+    data: str | None,
+    device: str,
+) -> dict:
     from . import format as fmt
     from .delta import SparseDelta
     from .dist import resolve_device

@@ -483,9 +483,25 @@ def merge_into_model(
     out: str,
     targets: str | None = None,
     show_progress: bool = True,
+    force: bool = False,
 ) -> dict:
     """Write ``base + merged delta`` as a model folder, adding each merged tensor as it is made
-    (the merged delta is never held whole)."""
+    (the merged delta is never held whole). ``out`` is locked from its check to its swap, and may
+    not be the base or hold an input."""
+    from .fileio import writing_folder
+
+    with writing_folder(out, force, "--out-model", inputs=[*paths, base]):
+        return _merge_into_model(paths, settings, base, out, targets, show_progress)
+
+
+def _merge_into_model(
+    paths: list[str],
+    settings: MergeSettings,
+    base: str,
+    out: str,
+    targets: str | None,
+    show_progress: bool,
+) -> dict:
     from .models import load_model, load_tokenizer, named_weights, save_model
 
     shapes, base_fp, tensors = merge_tensors(paths, settings, base, targets, show_progress)

@@ -380,15 +380,22 @@ def load_tokenizer(path: str):
 
 
 def save_model(
-    model: nn.Module, tokenizer, folder: str | os.PathLike, extra: dict | None = None
+    model: nn.Module,
+    tokenizer,
+    folder: str | os.PathLike,
+    extra: dict | None = None,
+    json_files: dict[str, object] | None = None,
 ) -> None:
-    """Write a loadable model folder atomically (weights, config, tokenizer)."""
+    """Write a loadable model folder atomically (weights, config, tokenizer, ``extra`` as
+    ``lota.json`` and each of ``json_files`` under its name)."""
     with atomic_dir(folder) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         if extra:
             (tmp / "lota.json").write_text(json.dumps(extra, indent=2, sort_keys=True) + "\n")
+        for name, obj in (json_files or {}).items():
+            (tmp / name).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def _first_line(e: Exception) -> str:

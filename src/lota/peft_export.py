@@ -30,7 +30,7 @@ from . import format as fmt
 from ._version import __version__
 from .delta import SparseDelta, finite_sum
 from .errors import InputError, MismatchError
-from .fileio import atomic_dir, atomic_path, check_new_folder, write_json
+from .fileio import atomic_dir, atomic_path, write_json, writing_folder
 
 KIND = "peft-export"
 FORMAT_VERSION = 1
@@ -185,12 +185,17 @@ def _shira_config(r: int, modules: list[str], base: str) -> dict:
 def export_peft(
     delta_path: str, base: str, out: str, force: bool = False, allow_mismatch: bool = False
 ) -> dict:
-    """Write ``delta_path`` (made for ``base``) as a PEFT SHiRA adapter folder at ``out``."""
+    """Write ``delta_path`` (made for ``base``) as a PEFT SHiRA adapter folder at ``out`` (locked
+    from its check to its swap; it may not be the base or hold an input)."""
+    with writing_folder(out, force, inputs=[delta_path, base]):
+        return _export_peft(delta_path, base, out, allow_mismatch)
+
+
+def _export_peft(delta_path: str, base: str, out: str, allow_mismatch: bool) -> dict:
     from safetensors.torch import save_file
 
     from .models import WeightReader
 
-    check_new_folder(out, force)
     where = str(delta_path)
     delta = fmt.load(delta_path)
     if not isinstance(delta, SparseDelta):

@@ -22,7 +22,7 @@ from . import format as fmt
 from . import selection
 from .delta import SparseDelta, apply_delta_
 from .errors import InputError, MismatchError
-from .fileio import check_new_folder
+from .fileio import writing_folder
 from .models import (
     WeightReader,
     load_model,
@@ -171,8 +171,16 @@ def apply_deltas(
     scales: list[float] | None = None,
     force: bool = False,
 ) -> dict:
-    """Write ``base + Σ scale_i · delta_i`` as a loadable model folder (deltas as paths or objects)."""
-    check_new_folder(out, force)
+    """Write ``base + Σ scale_i · delta_i`` as a loadable model folder (deltas as paths or objects).
+    ``out`` is locked from its check to its swap, and may not be the base or hold an input."""
+    paths = [p for p in delta_paths if not isinstance(p, SparseDelta)]
+    with writing_folder(out, force, inputs=[base, *paths]):
+        return _apply_deltas(base, delta_paths, out, allow_mismatch, scales)
+
+
+def _apply_deltas(
+    base: str, delta_paths: list, out: str, allow_mismatch: bool, scales: list[float] | None
+) -> dict:
     if scales is not None and len(scales) != len(delta_paths):
         raise InputError(
             f"{len(scales)} scales for {len(delta_paths)} deltas",

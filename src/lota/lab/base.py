@@ -10,6 +10,7 @@ than learning from scratch. Everything is deterministic by the recipe's seed.
 from __future__ import annotations
 
 import functools
+import json
 import math
 import random
 import time
@@ -65,6 +66,36 @@ def default_base() -> str:
             "rebuild it with 'lota lab pretrain --out DIR' and pass --base DIR",
         )
     return str(folder)
+
+
+def lab_recipe(folder: str) -> dict:
+    """The pretraining recipe of a lab base model folder, from the ``lab_recipe.json`` that
+    ``lota lab pretrain`` writes beside the model: the lab's general-forgetting measure draws its
+    held-out text from the recipe's corpus (``held_out``). Any other folder is refused in one line,
+    before the lab does any work."""
+    from ..errors import InputError
+
+    fix = (
+        "pass a folder written by 'lota lab pretrain', --base real (lota lab real-base), or "
+        "leave out --base for the lab's own base"
+    )
+    path = Path(folder) / "lab_recipe.json"
+    if not Path(folder).is_dir():
+        raise InputError("the base model folder does not exist", str(folder), fix)
+    try:
+        recipe = json.loads(path.read_text(encoding="utf-8"))["recipe"]
+    except FileNotFoundError:
+        raise InputError(
+            "is not a lab base model (it has no lab_recipe.json)", str(folder), fix
+        ) from None
+    except (OSError, ValueError, RecursionError, KeyError, TypeError):
+        raise InputError("is not a lab recipe", str(path), fix) from None
+    if not isinstance(recipe, dict) or not all(
+        type(recipe.get(k)) is int and recipe[k] >= (0 if k == "seed" else 1)
+        for k in ("docs", "seed", "seq")
+    ):
+        raise InputError("is not a lab recipe (docs, seed and seq)", str(path), fix)
+    return recipe
 
 
 # ---------------------------------------------------------------------------- corpus
@@ -227,14 +258,25 @@ def build_model(recipe: dict, tokenizer):
 
 
 def pretrain(
-    out: str, size: str = "small", steps: int | None = None, show_progress: bool = True
+    out: str,
+    size: str = "small",
+    steps: int | None = None,
+    show_progress: bool = True,
+    force: bool = False,
 ) -> dict:
     """Build the tokenizer and model of recipe ``size`` and pretrain it; writes the model folder
-    with ``lab_recipe.json`` and ``loss_curve.json`` to ``out``."""
+    with ``lab_recipe.json`` and ``loss_curve.json`` to ``out`` (locked while it runs; an existing
+    folder is replaced only with ``force``)."""
+    from ..fileio import writing_folder
+
+    with writing_folder(out, force):
+        return _pretrain(out, size, steps, show_progress)
+
+
+def _pretrain(out: str, size: str, steps: int | None, show_progress: bool) -> dict:
     from tqdm.auto import tqdm
 
     from ..errors import InputError
-    from ..fileio import write_json
     from ..models import save_model
 
     if size not in RECIPES:
@@ -292,7 +334,11 @@ def pretrain(
         "tokens": stream.numel(),
         "wall_s": round(time.time() - t0, 1),
     }
-    save_model(model, tokenizer, out, extra={"lab_recipe": recipe})
-    write_json(Path(out) / "lab_recipe.json", info)
-    write_json(Path(out) / "loss_curve.json", curve)
+    save_model(
+        model,
+        tokenizer,
+        out,
+        extra={"lab_recipe": recipe},
+        json_files={"lab_recipe.json": info, "loss_curve.json": curve},
+    )
     return {**info, "final_loss": curve[-1]["loss"], "first_loss": curve[0]["loss"]}

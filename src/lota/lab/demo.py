@@ -67,15 +67,22 @@ def run_demo(
     jobs: int = 2,
     show_progress: bool = True,
 ) -> dict:
-    """Train, score, print the table and write the report; returns the results."""
-    from ..merge import MergeSettings, merge_into_model
+    """Train, score, print the table and write the report; returns the results. ``out`` is
+    locked while the demo fills it; a base that is not a lab base is refused before any work."""
     from .base import default_base
     from .runner import Lab
 
     t0 = time.perf_counter()
-    root = Path(out)
     quiet_transformers()
-    lab = Lab(root, base or default_base(), scale, jobs, progress=show_progress)
+    lab = Lab(Path(out), base or default_base(), scale, jobs, progress=show_progress)
+    with lab.writing():
+        return _demo(lab, seed, scale, t0)
+
+
+def _demo(lab, seed: int, scale: str, t0: float) -> dict:
+    from ..merge import MergeSettings, merge_into_model
+
+    root = lab.out
 
     def spec(task, method, **extra):
         return {"task": task, "method": method, "lr": LR[(task, method)], "seed": seed, **extra}

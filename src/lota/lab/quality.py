@@ -114,18 +114,18 @@ def run_quality(
     jobs: int = 1,
     progress: bool = True,
     ledger: str | None = None,
-    commit: bool = False,
+    commit_ledger: bool = False,
     device: str = "auto",
 ) -> dict:
-    """Run (or resume) the bench and write ``results.json``, ``report.md`` and plots to ``out``.
+    """Run (or resume) the bench and write ``results.json``, ``report.md`` and plots to ``out``
+    (locked while the bench fills it; a base that is neither a lab base nor the real base is
+    refused before any work).
 
     ``ledger``: a folder that keeps every run's and model's results without weights (see
-    ``runner.Lab``); with ``commit`` each entry is committed with git as it is written."""
+    ``runner.Lab``); with ``commit_ledger`` each entry is committed with git as it is written."""
     from ..errors import InputError
-    from ..fileio import write_json, write_text
     from ..models import quiet_transformers
     from .claims import BY_NAME, DEFAULT
-    from .report import plots, render
     from .runner import SCALES
 
     if scale not in SCALES:
@@ -162,7 +162,35 @@ def run_quality(
     quiet_transformers()
     t0 = time.time()
     commit = _commit()  # the code this invocation runs, before anything else can change it
-    lab = Lab(out, base, scale, jobs, progress, ledger=ledger, commit=commit, device=device)
+    lab = Lab(
+        out,
+        base,
+        scale,
+        jobs,
+        progress,
+        ledger=ledger,
+        commit=commit_ledger,
+        device=device,
+    )
+    with lab.writing():
+        return _measure(lab, tasks, seeds, claims, progress, commit, t0)
+
+
+def _measure(
+    lab: Lab,
+    tasks: list[str],
+    seeds: int,
+    claims: list[str],
+    progress: bool,
+    commit: str | None,
+    t0: float,
+) -> dict:
+    from ..fileio import write_json, write_text
+    from .claims import BY_NAME
+    from .report import plots, render
+    from .runner import SCALES
+
+    out, scale, base, jobs = lab.out, lab.scale_name, lab.base, lab.jobs
     q = Quality(lab, tasks, seeds)
     gens = [BY_NAME[c].measure(q) for c in claims]
     rounds = 0

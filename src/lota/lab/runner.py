@@ -19,13 +19,14 @@ import json
 import os
 import shutil
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .. import sources
-from ..fileio import write_json, write_text
+from ..fileio import FolderLock, create_folder, remove_folders, write_json, write_text
 from . import tasks as T
 
 # ---------------------------------------------------------------------------- scales
@@ -174,7 +175,9 @@ class Lab:
         commit: bool = False,
         device: str = "auto",
     ):
-        from ..models import WeightReader
+        from ..models import WeightReader, load_tokenizer
+        from .base import lab_recipe
+        from .realbase import is_real_base
 
         # The ledger (optional) keeps what the report needs of every run and model, without
         # weights: a JSON file each, written as it finishes (and committed with git when asked),
@@ -190,8 +193,27 @@ class Lab:
         self.scale = SCALES[scale]
         self.jobs = max(1, int(jobs))
         self.progress = progress
+        # a base the lab cannot use is refused here, before anything is trained or written
+        self.recipe = None if is_real_base(self.base) else lab_recipe(self.base)
         self.base_fp = WeightReader(self.base, "base model").fingerprint()
+        load_tokenizer(self.base)
         self.log: list[str] = []
+
+    @contextmanager
+    def writing(self):
+        """Hold the bench folder while this process fills it: a second demo or bench into the same
+        folder is refused naming this one. (The workers of ``prefetch`` write only the run folders
+        this process hands them, each under that run's own lock.)"""
+        created = create_folder(self.out)
+        try:
+            lock = FolderLock(self.out, follow_link=True).acquire()
+        except BaseException:
+            remove_folders(created)
+            raise
+        try:
+            yield self
+        finally:
+            lock.release()
 
     # ------------------------------------------------------------------------ data
     def rows(self, task: str, split: str, template: str = "default") -> list[dict]:
@@ -259,15 +281,22 @@ class Lab:
         return self.base if start is None else self.materialize(start).model
 
     def _train(self, spec: dict, folder: Path) -> None:
+        # what the run starts from and protects is trained first: each takes (and gives back)
+        # its own lock
+        model = self.start_model(spec)
+        protect = [self.materialize(p).delta for p in spec.get("protect", [])]
+        protect += [self.file(p) for p in spec.get("protect_files", [])]
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with FolderLock(folder):
+            self._train_locked(spec, folder, model, protect)
+
+    def _train_locked(self, spec: dict, folder: Path, model: str, protect: list[str]) -> None:
         from ..adapt import AdaptConfig, adapt
         from ..train import current_rss_mb, release_freed_memory
 
         s = self.scale
         if folder.exists():
             shutil.rmtree(folder)  # an unfinished run: start it over
-        model = self.start_model(spec)
-        protect = [self.materialize(p).delta for p in spec.get("protect", [])]
-        protect += [self.file(p) for p in spec.get("protect_files", [])]
         cfg = AdaptConfig(
             model=model,
             data=self.data_file(spec["task"]),
@@ -427,11 +456,10 @@ class Lab:
         from ..models import load_model, load_tokenizer
         from .base import general_loss, held_out
 
-        recipe_file = Path(self.base) / "lab_recipe.json"
-        if recipe_file.exists():
-            recipe = json.loads(recipe_file.read_text())["recipe"]
-            docs, seq = held_out(recipe, self.scale.get("general_docs", 256)), recipe["seq"]
-        else:  # a base the lab did not pretrain: real text none of its tasks holds
+        if self.recipe is not None:
+            docs = held_out(self.recipe, self.scale.get("general_docs", 256))
+            seq = self.recipe["seq"]
+        else:  # the real base: real text none of its tasks holds
             docs, seq = T.python_docs(self.scale["general_docs"]), self.scale["general_seq"]
         model = load_model(model_path, device=self._device())
         return general_loss(model, load_tokenizer(model_path), docs, seq)
@@ -447,11 +475,13 @@ class Lab:
         folder = self.cache / "models" / f"{label}-{_digest([recipe, self.scale, self.base_fp])}"
 
         def make():
-            if folder.exists():
-                shutil.rmtree(folder)
-            folder.mkdir(parents=True)
-            build(str(folder / "model"))
-            write_json(folder / "done.json", recipe)
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            with FolderLock(folder):
+                if folder.exists():
+                    shutil.rmtree(folder)
+                folder.mkdir()
+                build(str(folder / "model"))
+                write_json(folder / "done.json", recipe)
 
         self._builders[folder.name] = make
         if not (folder / "done.json").exists() and "recipe" not in self._entry(folder.name):
