@@ -30,7 +30,7 @@ from . import format as fmt
 from ._version import __version__
 from .delta import SparseDelta, write_entries_
 from .errors import InputError, MismatchError
-from .fileio import atomic_dir, atomic_path, check_new_folder, write_json
+from .fileio import atomic_dir, atomic_path, check_new_folder, save_safetensors, write_json
 
 KIND = "peft-export"
 FORMAT_VERSION = 1
@@ -184,8 +184,6 @@ def export_peft(
     delta_path: str, base: str, out: str, force: bool = False, allow_mismatch: bool = False
 ) -> dict:
     """Write ``delta_path`` (made for ``base``) as a PEFT SHiRA adapter folder at ``out``."""
-    from safetensors.torch import save_file
-
     from .models import WeightReader
 
     check_new_folder(out, force)
@@ -260,7 +258,7 @@ def export_peft(
     with atomic_dir(out) as tmp:
         write_json(tmp / "adapter_config.json", config)
         with atomic_path(tmp / "adapter_model.safetensors") as weights:
-            save_file(tensors, str(weights), metadata=metadata)
+            save_safetensors(tensors, weights, metadata)
     return {
         "out": str(out),
         "layers": len(names),
