@@ -89,7 +89,7 @@ class SparseDelta:
 
     def check_finite(self, where: str = "delta") -> None:
         for name, v in self.values.items():
-            if v.numel() and not bool(torch.isfinite(v).all()):
+            if v.numel() and not bool(torch.isfinite(v.to(arithmetic_dtype(v.dtype))).all()):
                 raise InputError(
                     f"tensor '{name}' holds non-finite values (NaN or inf)",
                     where,
@@ -100,17 +100,30 @@ class SparseDelta:
         return self.ticket.summary()
 
 
+def arithmetic_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The precision ``base + value`` is computed in for values of ``dtype``: the values' own,
+    except float32 for 8-bit (float8) values. torch has no float8 arithmetic, and rounding the
+    base entries to 8 bits would change them far more than the delta does; float8 widens to
+    float32 exactly, so this is the sum ``merge`` computes for the same values."""
+    return torch.float32 if dtype.itemsize < 2 else dtype
+
+
+def added(base_vals: torch.Tensor, values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``base_vals + values`` computed in ``arithmetic_dtype`` of the values, cast to ``dtype``.
+
+    This one formula is shared by sparse training, ``apply``, ``export-peft`` and the hot-swap
+    bank, so that all of them give the same bits."""
+    wide = arithmetic_dtype(values.dtype)
+    return (base_vals.to(wide) + values.to(wide)).to(dtype)
+
+
 def write_entries_(
     param: torch.Tensor, idx: torch.Tensor, base_vals: torch.Tensor, values: torch.Tensor
 ) -> None:
-    """Set ``param.flat[idx] = base_vals + values`` in place, computed in the values' precision.
-
-    This one formula is shared by sparse training and by ``apply`` so that both give the same bits.
-    """
+    """Set ``param.flat[idx] = base_vals + values`` in place (``added``)."""
     flat = param.data.view(-1)
     dev = flat.device  # a model on a GPU, with the delta read from a file on the CPU
-    vals = base_vals.to(device=dev, dtype=values.dtype) + values.to(dev)
-    flat.index_copy_(0, idx.to(dev), vals.to(param.dtype))
+    flat.index_copy_(0, idx.to(dev), added(base_vals.to(dev), values.to(dev), param.dtype))
 
 
 @torch.no_grad()
@@ -132,7 +145,7 @@ def apply_delta_(params: dict[str, torch.Tensor], delta: SparseDelta, scale: flo
             continue
         v = delta.values[name]
         if scale != 1.0:
-            v = v * scale
+            v = v.to(arithmetic_dtype(v.dtype)) * scale
         write_entries_(p, idx, p.data.view(-1)[idx.to(p.device)], v)
 
 

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .delta import SparseDelta
+from .delta import SparseDelta, added, arithmetic_dtype
 from .errors import InputError, MismatchError
 from .ticket import TicketError, check_indices
 
@@ -410,8 +410,10 @@ class DeltaBank:
                 if p.index.device != flat.device:  # the model moved since add()
                     p.index, p.values = p.index.to(flat.device), p.values.to(flat.device)
                 old = flat.index_select(0, p.index)  # [k], the weight's dtype
-                v = p.values if scale == 1.0 else p.values * scale
-                new = (old.to(v.dtype) + v).to(flat.dtype)  # the formula of write_entries_
+                v = p.values
+                if scale != 1.0:
+                    v = v.to(arithmetic_dtype(v.dtype)) * scale
+                new = added(old, v, flat.dtype)  # the formula of write_entries_
                 flat.index_copy_(0, p.index, new)
                 saved.append(old)
                 written.append(new)

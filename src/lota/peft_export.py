@@ -28,7 +28,7 @@ import torch
 
 from . import format as fmt
 from ._version import __version__
-from .delta import SparseDelta, write_entries_
+from .delta import SparseDelta, arithmetic_dtype, write_entries_
 from .errors import InputError, MismatchError
 from .fileio import atomic_dir, atomic_path, check_new_folder, save_safetensors, write_json
 
@@ -136,16 +136,16 @@ def adapter_values(w: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torc
     """``(float32 adapter values, entries as lota apply writes them)`` for base entries ``w``.
 
     PEFT adds the adapter's float32 values to the base entries and rounds to the base's dtype;
-    ``lota apply`` computes ``w + v`` in the values' precision (``delta.write_entries_``). For
-    float32 values these are the same operation. Otherwise the adapter holds ``applied - w``: exact
-    on half-precision bases, and within two float32 roundings on a float32 base, where
-    ``applied - w`` may need more bits than float32 has (``lota apply`` rounds the base entry to
-    the values' precision first).
+    ``lota apply`` computes ``w + v`` in the values' precision, float32 for float8 values
+    (``delta.added``). Where that is float32 these are the same operation, and the adapter holds
+    ``v`` widened exactly. Otherwise the adapter holds ``applied - w``: exact on half-precision
+    bases, and within two float32 roundings on a float32 base, where ``applied - w`` may need more
+    bits than float32 has (``lota apply`` rounds the base entry to the values' precision first).
     """
     applied = w.clone()
     write_entries_(applied, torch.arange(w.numel()), w, v)
-    if v.dtype == torch.float32:
-        return v, applied
+    if arithmetic_dtype(v.dtype) == torch.float32:
+        return v.float(), applied
     return (applied.double() - w.double()).float(), applied
 
 
