@@ -510,7 +510,7 @@ def test_write_errors_are_one_line_naming_the_path(
     def fail(*a, **k):
         raise error
 
-    monkeypatch.setattr(fmt, "save_file", fail)
+    monkeypatch.setattr(fmt, "save_safetensors", fail)
     monkeypatch.setattr(PreTrainedModel, "save_pretrained", fail)
     target = tmp_path / "t.safetensors"
     got = lota(capsys, "mask", workdir / "base", trained / "model", "--out", target, "--quiet")

@@ -226,3 +226,80 @@ def test_split_file_refused_when_it_claims_an_older_version_or_fixes_are_corrupt
         fmt.load(corrupt)
     with pytest.raises(FormatError):
         fmt.load(corrupt, verify=False)
+
+
+def _rice_sized_pair(folder):
+    """A bfloat16 base with tensors large enough for Rice-coded indices, a tuned model (the
+    weights moved a little, those of ``up_proj`` and attention by far more than their size, so
+    that their differences need float32) and a ticket giving every index encoding, Rice twice."""
+    model = tiny_llama(seed=0, hidden=64, layers=1, heads=4, intermediate=2048).to(torch.bfloat16)
+    model.save_pretrained(folder / "base", safe_serialization=True)
+    byte_tokenizer().save_pretrained(folder / "base")
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            sigma = 1.0 if "up_proj" in name or "self_attn" in name else 1e-3
+            p.copy_((p.float() + torch.randn(p.shape, generator=g) * sigma).to(torch.bfloat16))
+    model.save_pretrained(folder / "tuned", safe_serialization=True)
+    byte_tokenizer().save_pretrained(folder / "tuned")
+
+    def from_gaps(lo, hi, numel):  # gaps drawn from [lo, hi] until the tensor ends
+        idx = torch.cumsum(torch.randint(lo, hi + 1, (numel,), generator=g) + 1, 0) - 1
+        return idx[idx < numel]
+
+    layer = "model.layers.0."
+    plan = {
+        "mlp.down_proj": ("gaps", from_gaps(100, 255, 131072)),
+        "mlp.gate_proj": ("rice", from_gaps(0, 600, 131072)),
+        "mlp.up_proj": ("rice", from_gaps(0, 600, 131072)),
+        "self_attn.k_proj": ("full", torch.arange(4096)),
+        "self_attn.o_proj": ("empty", torch.zeros(0, dtype=torch.long)),
+        "self_attn.q_proj": ("bitmask", from_gaps(0, 1, 4096)),
+        "self_attn.v_proj": ("gaps", torch.tensor([5, 100, 300])),
+    }
+    params = dict(model.named_parameters())
+    names = {layer + k + ".weight": v for k, v in plan.items()}
+    ticket = Ticket(
+        shapes={n: tuple(params[n].shape) for n in names},
+        indices={n: idx for n, (_, idx) in names.items()},
+    )
+    fmt.save(ticket, folder / "ticket.safetensors")
+    encodings = {n: e for n, (e, _) in names.items()}
+    return folder / "base", folder / "tuned", folder / "ticket.safetensors", encodings
+
+
+def test_auto_delta_with_split_and_rice_tensors_is_read_by_inspect_apply_merge(tmp_path, capsys):
+    """At sizes where indices are Rice coded, ``lota delta`` (auto) writes split tensors and, after
+    them, a Rice-coded tensor whose values stay float32: the file carries the version its content
+    needs, and every reader takes it."""
+    base, tuned, ticket, encodings = _rice_sized_pair(tmp_path)
+    files = {}
+    for vd in ("auto", "float32"):
+        files[vd] = tmp_path / f"{vd}.safetensors"
+        argv = ["delta", base, tuned, "--ticket", ticket, "--out", files[vd], "--values-dtype", vd]
+        lota(capsys, *argv, "--quiet")
+    meta, header = fmt.read_header(files["auto"])
+    assert {n: e["encoding"] for n, e in header["tensors"].items()} == encodings
+    # split tensors first, then Rice-coded up_proj and the rest with float32 values
+    split = [n for n, e in header["tensors"].items() if "fix" in e]
+    assert split == ["model.layers.0.mlp.down_proj.weight", "model.layers.0.mlp.gate_proj.weight"]
+    assert header["tensors"]["model.layers.0.mlp.up_proj.weight"]["values_dtype"] == "float32"
+    assert meta["format_version"] == "3"
+
+    info = json.loads(lota(capsys, "inspect", files["auto"], "--json"))
+    assert info["format_version"] == 3 and info["nnz"] == header["nnz"]
+    lota(capsys, "apply", base, files["auto"], "--out", tmp_path / "applied", "--quiet")
+    applied = load_file(str(tmp_path / "applied" / "model.safetensors"))
+    t, b = load_file(str(tuned / "model.safetensors")), load_file(str(base / "model.safetensors"))
+    delta = fmt.load(files["auto"])
+    for name in b:
+        want = b[name].reshape(-1).clone()
+        if name in delta.indices:  # the ticket's entries are the tuned weights, the rest the base
+            idx = delta.indices[name]
+            want[idx] = t[name].reshape(-1)[idx]
+        assert torch.equal(bits(applied[name].reshape(-1)), bits(want)), name
+    merged = tmp_path / "merged.safetensors"
+    lota(capsys, "merge", files["auto"], files["float32"], "--out", merged, "--quiet")
+    f32 = fmt.load(files["float32"])
+    for name, v in fmt.load(merged).values.items():
+        assert torch.equal(bits(v), bits(2 * f32.values[name])), name

@@ -178,7 +178,7 @@ def test_disk_full_leaves_no_partial_output(workdir, capsys, monkeypatch, tmp_pa
             f.write(b"\0" * 100)  # a partial write, then the disk is full
         raise OSError(errno.ENOSPC, "No space left on device", filename)
 
-    monkeypatch.setattr(fmt, "save_file", full)
+    monkeypatch.setattr(fmt, "save_safetensors", full)
     code, out, err = lota(
         capsys, "mask", workdir / "base", workdir / "base", "--out", target, "--quiet", "--force"
     )
@@ -316,6 +316,47 @@ def test_mask_is_deterministic(workdir, tmp_path):
     assert a.nnz == b.nnz and all(torch.equal(a.indices[n], b.indices[n]) for n in a.names)
 
 
+def _tree_bytes(path):
+    """``{relative name: bytes}`` of a file, or of every file under a folder."""
+    if path.is_file():
+        return {".safetensors": path.read_bytes()}
+    return {
+        str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()
+    }
+
+
+def test_outputs_are_byte_identical_when_written_twice(workdir, capsys, tmp_path):
+    """The same command on the same inputs writes the same bytes: safetensors keeps its metadata
+    in a hash map whose order changes between writes, and lota writes it sorted."""
+    from lota.toy import save_toy_model
+
+    base, tuned = workdir / "base", tmp_path / "tuned"
+    save_toy_model(tuned, seed=5, hidden=32, layers=2, heads=2)
+    delta = tmp_path / "delta.safetensors"
+    assert (
+        lota(capsys, "delta", base, tuned, "--sparsity", "0.9", "--out", delta, "--quiet")[0] == 0
+    )
+    commands = {
+        "delta": ["delta", base, tuned, "--sparsity", "0.9"],
+        "mask": ["mask", base, tuned, "--sparsity", "0.9"],
+        "merge": ["merge", delta, delta, "--method", "ties"],
+        "export-peft": ["export-peft", delta, "--base", base],
+        "ks": ["ks", base, tuned, "--top", "3"],
+    }
+    for command, argv in commands.items():
+        outs = [tmp_path / f"{command}{i}" for i in range(2)]
+        if command in ("delta", "mask", "merge"):
+            outs = [o.with_suffix(".safetensors") for o in outs]
+        for out in outs:
+            code, _, err = lota(capsys, *argv, "--out", out, "--quiet")
+            assert code == 0, err
+        first, second = map(_tree_bytes, outs)
+        assert any(name.endswith(".safetensors") for name in first), command
+        assert first.keys() == second.keys(), command
+        for name in first:
+            assert first[name] == second[name], f"{command}: {name}"
+
+
 def test_corrupt_checkpoint_is_refused(workdir, capsys, tmp_path):
     import os
     import signal
@@ -450,7 +491,7 @@ def test_disk_full_every_writing_command(workdir, capsys, monkeypatch, tmp_path,
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(fmt, "save_file", full)
+    monkeypatch.setattr(fmt, "save_safetensors", full)
     monkeypatch.setattr(PreTrainedModel, "save_pretrained", full)
     src = workdir / "base"
     args = {

@@ -637,14 +637,12 @@ def _adapter(peft_model) -> dict:
 def _save_adapter(adapter: dict, folder: Path, base_fp: str) -> int:
     """Write the adapter as a PEFT adapter folder (loadable with ``PeftModel.from_pretrained``)
     atomically; returns the size of its weights file."""
-    from safetensors.torch import save_file
-
-    from .fileio import atomic_dir
+    from .fileio import atomic_dir, save_safetensors
 
     with atomic_dir(folder) as tmp:
-        save_file(
+        save_safetensors(
             adapter["tensors"],
-            str(tmp / "adapter_model.safetensors"),
+            tmp / "adapter_model.safetensors",
             metadata={
                 "format": "pt",  # what PEFT reads; the rest says what it is to lota
                 "lota_kind": "lora-adapter",

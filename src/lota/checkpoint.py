@@ -20,11 +20,10 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from . import format as fmt
 from .errors import FormatError
-from .fileio import atomic_path, fault, tensor_digest, write_json
+from .fileio import atomic_path, fault, save_safetensors, tensor_digest, write_json
 from .ticket import Ticket
 
 DIRNAME = ".lota-checkpoint"
@@ -142,7 +141,7 @@ class Checkpointer:
         }
         self.dir.mkdir(parents=True, exist_ok=True)
         with atomic_path(self.state_path) as tmp:
-            save_file(tensors, str(tmp), metadata=meta)
+            save_safetensors(tensors, tmp, meta)
             fault("checkpoint-save")
 
     def maybe_save(self, phase: str, step: int, last_step: int, **kw) -> None:

@@ -106,19 +106,27 @@ def require_finite(values: torch.Tensor, what: str, where: str | None, fix: str)
     Every value lota computes on its way to an output (merged, applied, scaled, cast for saving)
     passes this one check before it is written, so finite inputs never leave a NaN or inf behind.
     """
-    if values.numel() and not bool(torch.isfinite(values).all()):
+    if values.numel() and not bool(torch.isfinite(values.to(arithmetic_dtype(values.dtype))).all()):
         raise InputError(what, where, fix)
+
+
+def arithmetic_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The precision ``base + value`` is computed in for values of ``dtype``: the values' own,
+    except float32 for 8-bit (float8) values. torch has no float8 arithmetic, and rounding the
+    base entries to 8 bits would change them far more than the delta does; float8 widens to
+    float32 exactly, so this is the sum ``merge`` computes for the same values."""
+    return torch.float32 if dtype.itemsize < 2 else dtype
 
 
 def added_entries(
     base_vals: torch.Tensor, values: torch.Tensor, dtype: torch.dtype
 ) -> torch.Tensor:
-    """``base_vals + values`` computed in the values' precision, rounded to ``dtype``.
+    """``base_vals + values`` computed in ``arithmetic_dtype`` of the values, cast to ``dtype``.
 
-    This one formula is shared by sparse training, ``apply``, ``merge --out-model`` and hot-swap
-    so that all give the same bits.
-    """
-    return (base_vals.to(values.dtype) + values).to(dtype)
+    This one formula is shared by sparse training, ``apply``, ``merge --out-model``, ``export-peft``
+    and the hot-swap bank, so that all of them give the same bits."""
+    wide = arithmetic_dtype(values.dtype)
+    return (base_vals.to(wide) + values.to(wide)).to(dtype)
 
 
 OVERFLOW_FIX = "add it to a float32 or bfloat16 copy of the base, or scale the delta down"
@@ -178,7 +186,7 @@ def apply_delta_(params: dict[str, torch.Tensor], delta: SparseDelta, scale: flo
                 continue
             v = delta.values[name]
             if scale != 1.0:
-                v = v * scale
+                v = v.to(arithmetic_dtype(v.dtype)) * scale
             flat = p.data.view(-1)
             i = idx.to(flat.device)
             old = flat.index_select(0, i)

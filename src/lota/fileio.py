@@ -118,6 +118,32 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def save_safetensors(
+    tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None
+) -> None:
+    """Write a safetensors file at ``path`` (inside ``atomic_path`` or ``atomic_dir``) so that the
+    same tensors and metadata always give the same bytes: every safetensors file lota writes goes
+    through here.
+
+    safetensors keeps the metadata in a hash map whose order changes from one process to the
+    next; the file's JSON header is rewritten in place with the metadata keys sorted. The text
+    has the same characters in another order, so the header keeps its length and the tensor data
+    does not move."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        if "__metadata__" in header:
+            header = {"__metadata__": dict(sorted(header.pop("__metadata__").items()))} | header
+        text = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        if len(text) > size:  # JSON escapes the same characters as safetensors' writer
+            raise RuntimeError("the sorted safetensors header is longer than the written one")
+        f.seek(8)
+        f.write(text.ljust(size, b" "))
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary folder beside ``path``; on success it replaces ``path``.

@@ -6,8 +6,9 @@ the narrowest unsigned integer type, ``P::rice_q`` + ``P::rice_r`` Golomb-Rice c
 nothing when the ticket is empty or full; the codecs are in ``lota.codecs``) and, for deltas,
 ``P::values``, optionally split (``values_dtype="auto"``) into 16-bit values plus the float32
 values of the entries that 16 bits do not hold exactly (``P::fix_values`` at positions coded like
-the indices, ``P::fix_*``). Files using ``rice`` are format version 2, files with split values
-version 3; all others are still written as version 1. The safetensors metadata carries ``format = "lota"``, ``kind``, ``format_version``,
+the indices, ``P::fix_*``). A file is stamped with the oldest format version its content needs
+(``content_version``): 3 with split values, else 2 with ``rice``, else 1. The safetensors
+metadata carries ``format = "lota"``, ``kind``, ``format_version``,
 ``base_fingerprint`` and a JSON ``header`` (shapes, encodings, counts, per-tensor checksums and the
 resolved config). Invariant: ``load(save(x))`` gives back the same indices and bit-identical values.
 """
@@ -24,23 +25,28 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from ._version import __version__
 from .codecs import ENCODINGS, RiceCode, decode_indices, encode_indices
-from .delta import SparseDelta, require_finite
+from .delta import SparseDelta
 from .errors import FormatError, InputError, MismatchError
-from .fileio import atomic_path, tensor_digest
+from .fileio import atomic_path, save_safetensors, tensor_digest
 from .ticket import MAX_TENSOR_NUMEL, Ticket
 
 FORMAT_NAME = "lota"
-# The newest format version this lota reads. Files are written as version 1 unless a tensor uses
-# an encoding that version 1 lacks ("rice"), so that older readers can still open them.
+# The newest format version this lota reads. A file is written as the oldest version its content
+# needs (``content_version``), so that older readers can still open what they can read.
 FORMAT_VERSION = 3
 _V2_ENCODINGS = frozenset({"rice"})
-_V3_SPLIT = 3  # the version a file with split values ("fix" entries) is written as
 _SEP = "::"
 _VALUE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Every dtype a delta's values are stored in and read back as: those ``--values-dtype`` names,
+# float64, and the two float8 formats (``apply`` and every other consumer computes with float8
+# values in float32, ``delta.arithmetic_dtype``).
+VALUES_DTYPES = {
+    str(d).removeprefix("torch."): d
+    for d in (*_VALUE_DTYPES.values(), torch.float64, torch.float8_e4m3fn, torch.float8_e5m2)
+}
 _INDEX_KEYS = {"bitmask": ("mask",), "gaps": ("gaps",), "rice": ("rice_q", "rice_r")}
 _HALF_DTYPES = (torch.bfloat16, torch.float16)
 # What a split adds to the file beside its data: up to three more safetensors entries and their
@@ -87,7 +93,6 @@ def save(
     ticket = obj.ticket
     tensors: dict[str, torch.Tensor] = {}
     entries = {}
-    version = 1
     for name in ticket.names:
         if _SEP in name:
             raise InputError(
@@ -103,21 +108,16 @@ def save(
             tensors[f"{name}{_SEP}rice_r"] = data.rem.contiguous()
         elif data is not None:
             tensors[f"{name}{_SEP}{_INDEX_KEYS[encoding][0]}"] = data.contiguous()
-        if encoding in _V2_ENCODINGS:
-            version = 2
         if is_delta:
             v = obj.values[name]
             if values_dtype == "auto":
                 v = _split_values(name, v, tensors, entry)
-                version = max(version, _V3_SPLIT if "fix" in entry else 1)
             elif values_dtype is not None:
-                v = v.to(_value_dtype(values_dtype))
-                require_finite(
-                    v,
-                    f"values of tensor '{name}' overflow {str(v.dtype).removeprefix('torch.')}, "
-                    "the values dtype asked for: they would be stored as inf",
-                    str(path),
-                    "store the values as float32 or bfloat16 (--values-dtype)",
+                v = _rounded(name, v, _value_dtype(values_dtype), str(path))
+            if v.dtype not in VALUES_DTYPES.values():
+                raise InputError(
+                    f"values of tensor '{name}' are {v.dtype}, which lota files do not store",
+                    fix=f"convert them to one of {', '.join(VALUES_DTYPES)}",
                 )
             if v.numel():
                 tensors[f"{name}{_SEP}values"] = v.contiguous()
@@ -134,17 +134,32 @@ def save(
     metadata = {
         "format": FORMAT_NAME,
         "kind": obj.kind,
-        "format_version": str(version),
+        "format_version": str(max(map(content_version, entries.values()), default=1)),
         "base_fingerprint": ticket.base_fingerprint,
         "header": json.dumps(header, sort_keys=True),
     }
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+        save_safetensors(tensors, tmp, metadata)
     return Path(path).stat().st_size
+
+
+def content_version(entry: dict) -> int:
+    """The format version one tensor's header entry needs: 3 when its values are split (``fix``),
+    2 when its indices are Rice coded, else 1. The writer stamps a file with the largest over its
+    tensors and the reader refuses a tensor that needs more than its file says: one rule, so a
+    file lota writes is always one it reads."""
+    if "fix" in entry:
+        return 3
+    return 2 if entry["encoding"] in _V2_ENCODINGS else 1
 
 
 def _value_dtype(values_dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(values_dtype, torch.dtype):
+        if values_dtype not in VALUES_DTYPES.values():
+            raise InputError(
+                f"values dtype {values_dtype} is not one lota files store",
+                fix=f"use auto or one of {', '.join(VALUES_DTYPES)}",
+            )
         return values_dtype
     if values_dtype not in _VALUE_DTYPES:
         raise InputError(
@@ -152,6 +167,27 @@ def _value_dtype(values_dtype: str | torch.dtype) -> torch.dtype:
             fix=f"use auto or one of {', '.join(_VALUE_DTYPES)}",
         )
     return _VALUE_DTYPES[values_dtype]
+
+
+def _rounded(
+    name: str, v: torch.Tensor, dtype: torch.dtype, where: str | None = None
+) -> torch.Tensor:
+    """``v`` in ``dtype``, refused where a finite value lies beyond the dtype's range: casting
+    would make it inf, or (float8_e4m3fn) the largest float8 number, not a rounding of it."""
+    top = torch.finfo(dtype).max
+    if not v.numel() or top >= torch.finfo(v.dtype).max:
+        return v.to(dtype)
+    wide = v.double()
+    big = wide.isfinite() & (wide.abs() > top)
+    if bool(big.any()):
+        kind = str(dtype).removeprefix("torch.")
+        raise InputError(
+            f"values of tensor '{name}' overflow {kind}, the values dtype asked for: they go up "
+            f"to {float(wide[big].abs().max()):.6g}, beyond the largest {kind} number ({top:.6g})",
+            where,
+            "store the values as float32 or bfloat16 (--values-dtype)",
+        )
+    return v.to(dtype)
 
 
 def _split_values(name: str, v: torch.Tensor, tensors: dict, entry: dict) -> torch.Tensor:
@@ -469,8 +505,11 @@ class Reader:
         f, keys, checksums, verify = self._file, self._keys, self._checksums, self.verify
         e = self.header["tensors"][name]
         numel, nnz, encoding = math.prod(self.shapes[name]), e["nnz"], e["encoding"]
-        if encoding in _V2_ENCODINGS and self._version < 2:
-            raise ValueError(f"encoding '{encoding}' needs format version 2")
+        if content_version(e) > self._version:
+            what = "split values" if "fix" in e else f"encoding '{encoding}'"
+            raise ValueError(
+                f"tensor '{name}' uses {what}, which needs format version {content_version(e)}"
+            )
         # A delta's values come first: their count, checked against the header, bounds what the
         # indices may cost before any index is decoded.
         v = None
@@ -478,11 +517,10 @@ class Reader:
             v = _get(f, f"{name}{_SEP}values", keys, checksums, verify)
             if v.dim() != 1 or v.numel() != nnz or not v.is_floating_point():
                 raise ValueError(f"values of '{name}' have the wrong size or type")
+            _check_values_dtype(name, e, v.dtype)
         elif self.kind == "delta":
-            v = torch.zeros(0, dtype=_VALUE_DTYPES.get(e.get("values_dtype"), torch.float32))
+            v = torch.zeros(0, dtype=VALUES_DTYPES.get(e.get("values_dtype"), torch.float32))
         if v is not None and "fix" in e:
-            if self._version < _V3_SPLIT:
-                raise ValueError(f"split values need format version {_V3_SPLIT}")
             v = self._fixed(name, e["fix"], v)
         if encoding == "full" and not materialise:
             return None, v
@@ -566,6 +604,17 @@ def load(
             if r.kind == "ticket":
                 return ticket
             return SparseDelta(ticket=ticket, values=values, meta=dict(meta))
+
+
+def _check_values_dtype(name: str, entry: dict, dtype: torch.dtype) -> None:
+    """A tensor's stored values are in a dtype lota reads, the one its header entry names."""
+    stored = str(dtype).removeprefix("torch.")
+    if stored not in VALUES_DTYPES:
+        raise ValueError(f"values of '{name}' are {stored}, not one of {', '.join(VALUES_DTYPES)}")
+    if entry.get("values_dtype", stored) != stored:
+        raise ValueError(
+            f"values of '{name}' are {stored}, the header says {entry['values_dtype']}"
+        )
 
 
 def _get(f, key: str, keys: set, checksums: dict, verify: bool) -> torch.Tensor:

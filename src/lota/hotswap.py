@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .delta import SparseDelta, finite_sum
+from .delta import SparseDelta, arithmetic_dtype, finite_sum
 from .errors import InputError, MismatchError
 from .settings import check_factors
 from .ticket import TicketError, check_indices
@@ -440,7 +440,9 @@ class DeltaBank:
             if p.index.device != flat.device:  # the model moved since add()
                 p.index, p.values = p.index.to(flat.device), p.values.to(flat.device)
             old = _read(p)  # [k], the weight's dtype
-            v = p.values if scale == 1.0 else p.values * scale
+            v = p.values
+            if scale != 1.0:
+                v = v.to(arithmetic_dtype(v.dtype)) * scale
             fix = "activate it on a float32 or bfloat16 model, or at a smaller scale"
             new = finite_sum(old, v, flat.dtype, p.name, f"delta '{name}'", fix)
             _copy_into(p, new)

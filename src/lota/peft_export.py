@@ -28,9 +28,9 @@ import torch
 
 from . import format as fmt
 from ._version import __version__
-from .delta import SparseDelta, finite_sum
+from .delta import SparseDelta, arithmetic_dtype, finite_sum
 from .errors import InputError, MismatchError
-from .fileio import atomic_dir, atomic_path, write_json, writing_folder
+from .fileio import atomic_dir, atomic_path, save_safetensors, write_json, writing_folder
 
 KIND = "peft-export"
 FORMAT_VERSION = 1
@@ -139,15 +139,16 @@ def adapter_values(
     tensor ``name``; refused, as ``lota apply`` refuses it, where that sum overflows ``w``'s dtype.
 
     PEFT adds the adapter's float32 values to the base entries and rounds to the base's dtype;
-    ``lota apply`` computes ``w + v`` in the values' precision (``delta.finite_sum``). For
-    float32 values these are the same operation. Otherwise the adapter holds ``applied - w``: exact
-    on half-precision bases, and within two float32 roundings on a float32 base, where
-    ``applied - w`` may need more bits than float32 has (``lota apply`` rounds the base entry to
-    the values' precision first).
+    ``lota apply`` computes ``w + v`` in the values' precision, float32 for float8 values
+    (``delta.finite_sum``). Where that is float32 these are the same operation, and the adapter
+    holds ``v`` widened exactly. Otherwise the adapter holds ``applied - w``: exact on
+    half-precision bases, and within two float32 roundings on a float32 base, where ``applied - w``
+    may need more bits than float32 has (``lota apply`` rounds the base entry to the values'
+    precision first).
     """
     applied = finite_sum(w, v, w.dtype, name, where)
-    if v.dtype == torch.float32:
-        return v, applied
+    if arithmetic_dtype(v.dtype) == torch.float32:
+        return v.float(), applied
     return (applied.double() - w.double()).float(), applied
 
 
@@ -192,8 +193,6 @@ def export_peft(
 
 
 def _export_peft(delta_path: str, base: str, out: str, allow_mismatch: bool) -> dict:
-    from safetensors.torch import save_file
-
     from .models import WeightReader
 
     where = str(delta_path)
@@ -267,7 +266,7 @@ def _export_peft(delta_path: str, base: str, out: str, allow_mismatch: bool) -> 
     with atomic_dir(out) as tmp:
         write_json(tmp / "adapter_config.json", config)
         with atomic_path(tmp / "adapter_model.safetensors") as weights:
-            save_file(tensors, str(weights), metadata=metadata)
+            save_safetensors(tensors, weights, metadata)
     return {
         "out": str(out),
         "layers": len(names),
