@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -111,3 +114,30 @@ def constant_delta(base: Path, path: Path, value: float, n: int = 8) -> Path:
     )
     fmt.save(SparseDelta(ticket, {name: torch.full((n,), value)}), path)
     return path
+
+
+_WATCHER = """
+import os, sys, time
+fifo, flag = sys.argv[1], sys.argv[2]
+while True:
+    try:
+        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError:  # ENXIO: nobody has it open for reading
+        time.sleep(0.05)
+        continue
+    open(flag, "a").close()
+    os.close(fd)
+"""
+
+
+@contextlib.contextmanager
+def watch_fifo(fifo: Path, flag: Path):
+    """Fail instead of hanging: whenever a reader is blocked opening ``fifo``, open its writing
+    end (so the reader gets end-of-file) and leave ``flag`` behind. The watcher is a process of
+    its own, since a blocked open can hold this process's GIL."""
+    watcher = subprocess.Popen([sys.executable, "-c", _WATCHER, str(fifo), str(flag)])
+    try:
+        yield
+    finally:
+        watcher.kill()
+        watcher.wait()

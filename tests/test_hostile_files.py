@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from lota.errors import FormatError, InputError, MismatchError
 from lota.fileio import tensor_digest
 from lota.ticket import Ticket
 
+from .conftest import ADAPT, watch_fifo
 from .test_cli import assert_refused
 from .test_cli import lota as run_lota
 
@@ -428,3 +430,93 @@ def test_commands_with_a_model_vouch_for_a_ticket_of_whole_tensors(
     code, _, err = run_lota(capsys, *args, "--out", tmp_path / "d.safetensors", "--quiet")
     assert code == 0, err
     assert lota.load(tmp_path / "d.safetensors").nnz == ticket.nnz
+
+
+# ---------------------------------------------------------------------------- special files
+def _fifo_commands(workdir, trained, fifo, out) -> dict[str, list]:
+    """Every place a command reads a file from a path it is given, with ``fifo`` there."""
+    base, data, delta = workdir / "base", workdir / "a.jsonl", trained / "delta.safetensors"
+    adapt = ["adapt", base, "--out", out, *ADAPT]
+    return {
+        "adapt --data": [*adapt, "--data", fifo],
+        "adapt --ticket": [*adapt, "--data", data, "--ticket", fifo],
+        "adapt --protect": [*adapt, "--data", data, "--protect", fifo],
+        "eval --data": ["eval", base, "--data", fifo],
+        "eval --delta": ["eval", base, "--data", data, "--delta", fifo],
+        "ks --data": ["ks", base, trained / "model", "--data", fifo, "--out", out],
+        "inspect": ["inspect", fifo],
+        "apply": ["apply", base, fifo, "--out", out],
+        "merge": ["merge", delta, fifo, "--out", out],
+        "delta --ticket": ["delta", base, trained / "model", "--ticket", fifo, "--out", out],
+        "mask --protect": ["mask", base, trained / "model", "--protect", fifo, "--out", out],
+        "import-mask": ["import-mask", fifo, "--out", out],
+        "export-mask": ["export-mask", fifo, "--out", out],
+        "export-peft": ["export-peft", fifo, "--base", base, "--out", out],
+    }
+
+
+@pytest.mark.parametrize(
+    "place",
+    [
+        "adapt --data",
+        "adapt --ticket",
+        "adapt --protect",
+        "eval --data",
+        "eval --delta",
+        "ks --data",
+        "inspect",
+        "apply",
+        "merge",
+        "delta --ticket",
+        "mask --protect",
+        "import-mask",
+        "export-mask",
+        "export-peft",
+    ],
+)
+def test_a_fifo_given_as_an_input_file_is_refused_unopened(
+    workdir, trained, capsys, tmp_path, place
+):
+    """Opening a FIFO blocks until something writes to it: every input file is refused from
+    ``stat`` alone, and a refused ``adapt`` leaves no output folder (nor its lock) behind."""
+    fifo, flag, out = tmp_path / "input", tmp_path / "opened", tmp_path / "o"
+    os.mkfifo(fifo)
+    capsys.readouterr()
+    with watch_fifo(fifo, flag):
+        got = run_lota(capsys, *_fifo_commands(workdir, trained, fifo, out)[place])
+    assert not flag.exists(), "lota opened the FIFO"
+    assert_refused(*got, str(fifo), "a FIFO, not a regular file")
+    assert not out.exists()
+
+
+def test_a_device_as_data_is_refused_unread(workdir, capsys, tmp_path, monkeypatch):
+    """/dev/zero never ends: read whole it fills memory. It is refused before it is opened."""
+    real_open, real_read_text = Path.open, Path.read_text
+
+    def no_devices(path):
+        if str(path).startswith("/dev/"):
+            raise AssertionError(f"lota opened {path}")
+
+    monkeypatch.setattr(Path, "open", lambda p, *a, **k: no_devices(p) or real_open(p, *a, **k))
+    monkeypatch.setattr(
+        Path, "read_text", lambda p, *a, **k: no_devices(p) or real_read_text(p, *a, **k)
+    )
+    out = tmp_path / "o"
+    for command in (["eval", workdir / "base"], ["adapt", workdir / "base", "--out", out, *ADAPT]):
+        got = run_lota(capsys, *command, "--data", "/dev/zero")
+        assert_refused(*got, "/dev/zero", "a character device, not a regular file")
+    assert not out.exists()
+
+
+def test_a_fifo_in_the_output_folder_of_adapt_is_refused_unopened(workdir, capsys, tmp_path):
+    """``adapt`` reads its own files back from --out (to resume, or to report a finished run)."""
+    out = tmp_path / "o"
+    out.mkdir()
+    fifo, flag = out / "summary.json", tmp_path / "opened"
+    os.mkfifo(fifo)
+    with watch_fifo(fifo, flag):
+        got = run_lota(capsys, "adapt", workdir / "base", "--data", workdir / "a.jsonl",
+                       "--out", out, *ADAPT)  # fmt: skip
+    assert not flag.exists(), "lota opened the FIFO"
+    assert_refused(*got, "summary.json", "FIFO")
+    assert sorted(p.name for p in out.iterdir()) == ["summary.json"]  # no lock left behind

@@ -4,14 +4,12 @@ refuses them with one line and exit 2, before any code from the folder runs or a
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
+import math
 import os
 import pickle
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +18,9 @@ from safetensors.torch import load_file, save_file
 
 from lota.cli import main
 
+from .conftest import watch_fifo
 from .test_cli import ADAPT, assert_refused, lota
+from .test_resume import lota as run_lota
 
 UP = "model.layers.0.mlp.up_proj.weight"
 Q = "model.layers.0.self_attn.q_proj.weight"
@@ -124,33 +124,6 @@ def test_every_kind_of_custom_code_is_refused(
 
 
 # ---------------------------------------------------------------------------- special files
-_WATCHER = """
-import os, sys, time
-fifo, flag = sys.argv[1], sys.argv[2]
-while True:
-    try:
-        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-    except OSError:  # ENXIO: nobody has it open for reading
-        time.sleep(0.05)
-        continue
-    open(flag, "a").close()
-    os.close(fd)
-"""
-
-
-@contextlib.contextmanager
-def _watch_fifo(fifo: Path, flag: Path):
-    """Fail instead of hanging: whenever a reader is blocked opening ``fifo``, open its writing
-    end (so the reader gets end-of-file) and leave ``flag`` behind. The watcher is a process of
-    its own, since a blocked open can hold this process's GIL."""
-    watcher = subprocess.Popen([sys.executable, "-c", _WATCHER, str(fifo), str(flag)])
-    try:
-        yield
-    finally:
-        watcher.kill()
-        watcher.wait()
-
-
 def _fifo_folder(workdir, tmp_path, name: str) -> Path:
     folder = _copy(workdir, tmp_path)
     if name == "model.safetensors.index.json":  # a sharded folder, so the index is what is read
@@ -180,7 +153,7 @@ def test_fifo_in_a_model_folder_is_refused_without_blocking(
     bad = _fifo_folder(workdir, tmp_path, name)
     capsys.readouterr()
     flag = tmp_path / "opened"
-    with _watch_fifo(bad / name, flag):
+    with watch_fifo(bad / name, flag):
         code, out, err = lota(capsys, *_commands(workdir, trained, tmp_path, bad)[command])
     assert not flag.exists(), "lota opened the FIFO"
     assert_refused(code, out, err, name, "FIFO")
@@ -360,8 +333,128 @@ def test_fifo_in_an_adapter_folder_is_refused_without_blocking(workdir, tmp_path
     (adapter / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 2, "lora_alpha": 4}')
     fifo, flag = adapter / "adapter_model.safetensors", tmp_path / "blocked"
     os.mkfifo(fifo)
-    with _watch_fifo(fifo, flag):
+    with watch_fifo(fifo, flag):
         got = lota(capsys, "import-lora", adapter, "--base", workdir / "base", "--out",
                    tmp_path / "d.safetensors")  # fmt: skip
     assert not flag.exists(), "lota blocked opening the FIFO"
     assert_refused(*got, "adapter_model.safetensors", "not a regular file")
+
+
+# ---------------------------------------------------------------------------- config values
+@pytest.mark.parametrize(
+    "field,value",
+    [("num_attention_heads", 0), ("hidden_size", -32), ("vocab_size", "259"), ("head_dim", 1.5)],
+)
+@pytest.mark.parametrize("command", ["eval", "mask-tuned"])
+def test_config_sizes_that_build_no_model_are_refused_naming_the_field(
+    workdir, trained, capsys, tmp_path, field, value, command
+):
+    """A size the model is built from, zero, negative or not an integer: the config's problem,
+    named as such (not the tokenizer's, which reads the config first)."""
+    bad = _copy(workdir, tmp_path)
+    _edit_json(bad / "config.json", **{field: value})
+    got = lota(capsys, *_commands(workdir, trained, tmp_path, bad)[command])
+    assert_refused(*got, "config.json", field)
+    assert "tokenizer" not in got[2]
+
+
+def test_a_config_of_more_layers_than_the_weights_is_refused_before_building(
+    workdir, capsys, tmp_path, monkeypatch
+):
+    """A million layers would take minutes and gigabytes to build (on the meta device too)."""
+    import transformers
+
+    bad = _copy(workdir, tmp_path)
+    _edit_json(bad / "config.json", num_hidden_layers=1_000_000)
+    build = transformers.AutoModelForCausalLM.from_config
+
+    def guarded(config, **kw):
+        assert config.num_hidden_layers < 1000, "built a skeleton of the config's blocks"
+        return build(config, **kw)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_config", guarded)
+    commands = [
+        ["eval", bad, "--data", workdir / "a.jsonl"],
+        ["mask", bad, workdir / "base", "--out", tmp_path / "o"],
+    ]
+    for command in commands:
+        got = lota(capsys, *command)
+        assert_refused(*got, "config.json", "1,000,000 layers (num_hidden_layers)", "hold 2")
+    assert not (tmp_path / "o").exists()
+
+
+def test_token_ids_outside_the_vocabulary_in_config_json(workdir, tmp_path):
+    """Run as a user runs it (a process of its own, transformers' logging as it starts): a pad
+    id past the vocabulary builds no model and is one line naming it, not transformers' warnings
+    and then an error; bos / eos ids past it (a small config keeping GPT-2's 50256, say) are not
+    what lota feeds the model (the tokenizer's own tokens are), so the run works, silently."""
+    bad, odd = _copy(workdir, tmp_path, "bad"), _copy(workdir, tmp_path, "odd")
+    _edit_json(bad / "config.json", pad_token_id=99_998)
+    for name in ("config.json", "generation_config.json"):
+        _edit_json(odd / name, eos_token_id=99_999, bos_token_id=50_256)
+    args = ["--data", workdir / "a.jsonl", "--quiet", "--limit", "2", "--max-new-tokens", "2"]
+    refused = run_lota("eval", bad, *args)
+    assert_refused(refused.returncode, refused.stdout, refused.stderr, "config.json",
+                   "pad_token_id to 99998")  # fmt: skip
+    ran = run_lota("eval", odd, *args)
+    assert ran.returncode == 0 and ran.stderr == "", ran.stderr
+
+
+def _without_special_tokens(workdir, tmp_path) -> Path:
+    folder = _copy(workdir, tmp_path)
+    tok = json.loads((folder / "tokenizer_config.json").read_text())
+    for key in ("bos_token", "eos_token", "pad_token"):
+        tok.pop(key, None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(tok))
+    for name in ("config.json", "generation_config.json"):
+        cfg = json.loads((folder / name).read_text())
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            cfg.pop(key, None)
+        (folder / name).write_text(json.dumps(cfg))
+    return folder
+
+
+def test_a_tokenizer_without_special_tokens(workdir, capsys, tmp_path):
+    """No eos, pad or bos token: ``adapt`` needs eos (it ends every completion, so the model
+    learns to stop) and says what to set; ``eval`` needs none (it pads with token 0, masked out,
+    and generates --max-new-tokens)."""
+    bare, out = _without_special_tokens(workdir, tmp_path), tmp_path / "o"
+    got = lota(capsys, "adapt", bare, "--data", workdir / "a.jsonl", "--out", out, *ADAPT)
+    assert_refused(*got, "no end-of-sequence token", '"eos_token"', "tokenizer_config.json")
+    assert not out.exists()
+    code, stdout, err = lota(capsys, "eval", bare, "--data", workdir / "a.jsonl", "--quiet",
+                             "--limit", "2", "--max-new-tokens", "3")  # fmt: skip
+    assert code == 0 and err == "", err
+    assert "on 2 examples" in stdout
+
+
+def test_a_tokenizer_token_outside_the_models_vocabulary_is_refused(workdir, capsys, tmp_path):
+    from lota.toy import byte_tokenizer
+
+    bad = _copy(workdir, tmp_path)
+    tok = byte_tokenizer()
+    tok.add_special_tokens({"eos_token": "<end>"})  # id 259, past the model's 259 rows
+    tok.save_pretrained(bad)
+    for command in (["eval", bad], ["adapt", bad, "--out", tmp_path / "o", *ADAPT]):
+        got = lota(capsys, *command, "--data", workdir / "a.jsonl")
+        assert_refused(*got, "eos_token '<end>' has id 259", "259-row vocabulary")
+    assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------------------- weight values
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_a_base_with_non_finite_weights_is_refused_naming_the_tensor(
+    workdir, capsys, tmp_path, value
+):
+    """Every output of such a model is NaN: refused at load, not reported later as a run that
+    diverged (with the advice to lower --lr)."""
+    bad = _copy(workdir, tmp_path)
+    up = load_file(str(bad / "model.safetensors"))[UP]
+    up[3, 5] = value
+    _edit_weights(bad, up=up)
+    out = tmp_path / "o"
+    for command in (["adapt", bad, "--out", out, *ADAPT], ["eval", bad]):
+        got = lota(capsys, *command, "--data", workdir / "a.jsonl")
+        assert_refused(*got, "non-finite weights", f"'{UP}'")
+        assert "--lr" not in got[2]
+    assert not out.exists()

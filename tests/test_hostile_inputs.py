@@ -63,6 +63,146 @@ def test_huge_data_line_is_refused_naming_the_line(workdir, capsys, tmp_path):
     _nothing_written(out)
 
 
+def test_data_is_read_line_by_line_never_whole(tmp_path, monkeypatch):
+    """A line is read with a bound on its size: a file of one example and then a gigabyte
+    without a newline is refused at its second line, having read at most that bound."""
+    from pathlib import Path
+
+    data = tmp_path / "endless.jsonl"
+    with open(data, "wb") as f:
+        f.write(b'{"prompt": "1+1=", "completion": "2"}\n')
+        f.truncate(2**30)  # sparse: a gigabyte of NUL bytes, no disk used
+
+    def whole(self, *a, **k):
+        raise AssertionError(f"read whole: {self}")
+
+    monkeypatch.setattr(Path, "read_text", whole)
+    monkeypatch.setattr(Path, "read_bytes", whole)
+    with pytest.raises(InputError, match="bytes long") as e:
+        lota_data.read_jsonl(data)
+    assert e.value.where == f"{data}:2"
+
+
+_LONG_INT = "9" * 5000  # past Python's int <-> str digit limit
+# A field value Python's JSON parser accepts but lota could not use: half a surrogate pair (no
+# UTF-8 form: the tokenizer cannot encode it), a number of more digits than int() converts.
+FIELD_CASES = {
+    "surrogate-prompt": ('{"prompt": "a\\ud800", "completion": "2"}', "lone surrogate"),
+    "surrogate-completion": ('{"prompt": "a", "completion": "\\udfff"}', "lone surrogate"),
+    "surrogate-message": (
+        '{"messages": [{"role": "user", "content": "\\udbff"}, '
+        '{"role": "assistant", "content": "b"}]}',
+        "lone surrogate",
+    ),
+    "surrogate-other-field": ('{"prompt": "a", "completion": "2", "id": "\\ud800"}', "surrogate"),
+    "surrogate-key": ('{"prompt": "a", "completion": "2", "\\ud800": 1}', "lone surrogate"),
+    "long-int": ('{"prompt": "a", "completion": "2", "n": ' + _LONG_INT + "}", "digits"),
+    "long-int-nested": ('{"prompt": "a", "completion": "2", "m": [[' + _LONG_INT + "]]}", "digits"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FIELD_CASES))
+def test_data_fields_python_cannot_use_are_refused_naming_the_line(workdir, capsys, tmp_path, case):
+    line, words = FIELD_CASES[case]
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "1+1=", "completion": "2"}\n' + line + "\n", encoding="utf-8")
+    assert_refused(*lota(capsys, "eval", workdir / "base", "--data", data), f"{data}:2", words)
+
+
+def test_a_surrogate_pair_escape_is_one_character(tmp_path):
+    data = tmp_path / "pair.jsonl"
+    data.write_text('{"prompt": "smile \\ud83d\\ude00", "completion": "2"}\n')
+    assert lota_data.read_jsonl(data)[0].prompt == "smile \U0001f600"
+
+
+def test_an_empty_prompt_is_refused_by_eval_naming_the_line(workdir, capsys, tmp_path):
+    """Generation needs a token to start from; a tokenizer that adds none to an empty prompt
+    leaves nothing (training on such an example is fine: its completion is the text)."""
+    data = tmp_path / "empty.jsonl"
+    data.write_text('{"prompt": "1+1=", "completion": "2"}\n{"prompt": "", "completion": "2"}\n')
+    got = lota(capsys, "eval", workdir / "base", "--data", data)
+    assert_refused(*got, f"{data}:2", "prompt is empty")
+
+
+def test_fuzzed_data_lines_are_read_or_refused_naming_the_line(tmp_path):
+    """Any line at all (valid JSON or not, any characters, numbers of any size, any nesting)
+    either reads and tokenizes or is refused as bad input naming its line; nothing else."""
+    hyp = pytest.importorskip("hypothesis")
+    from hypothesis import HealthCheck, settings
+    from hypothesis import strategies as st
+
+    tok = byte_tokenizer()
+    # every code point, lone surrogates included (json.dumps escapes them)
+    text = st.text(st.characters(min_codepoint=0, max_codepoint=0x10FFFF, exclude_categories=()))
+    scalar = st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(),
+        st.floats(allow_nan=True, allow_infinity=True),
+        text,
+        st.sampled_from([_LONG_INT, "-" + _LONG_INT, "1e999", "NaN", "-Infinity"]).map(_Raw),
+    )
+    value = st.recursive(
+        scalar,
+        lambda inner: st.one_of(
+            st.lists(inner, max_size=3), st.dictionaries(text, inner, max_size=3)
+        ),
+        max_leaves=8,
+    )
+    message = st.fixed_dictionaries(
+        {"role": st.sampled_from(["user", "assistant"]), "content": text}
+    )
+    example = st.one_of(
+        st.fixed_dictionaries({"prompt": text, "completion": text}, optional={"meta": value}),
+        st.fixed_dictionaries({"messages": st.lists(message, min_size=2, max_size=3)}),
+        value,
+    )
+    line = st.one_of(
+        example.map(_dumps),
+        st.tuples(example.map(_dumps), st.integers(0, 40)).map(lambda t: t[0][: t[1]]),  # cut
+        st.integers(0, 200).map(lambda d: '{"prompt": "a", "m": ' + "[" * d + "]" * d + "}"),
+        text,
+    )
+    path = tmp_path / "fuzz.jsonl"
+
+    @hyp.given(line=line, raw=st.booleans())
+    @settings(
+        max_examples=300,
+        deadline=None,
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    )
+    def check(line, raw):
+        # raw: the line's own characters as bytes (lone surrogates become bytes UTF-8 forbids)
+        path.write_bytes(
+            b'{"prompt": "1+1=", "completion": "2"}\n'
+            + line.encode("utf-8", "surrogatepass" if raw else "backslashreplace")
+            + b"\n"
+        )
+        try:
+            examples = lota_data.read_jsonl(path)
+        except InputError as e:
+            assert e.where in (f"{path}:2", str(path)), e.line()
+            return
+        lota_data.tokenize(examples, tok, 64)
+
+    check()
+
+
+class _Raw(str):
+    """JSON text put into a line as it is (a number no JSON writer would write)."""
+
+
+def _dumps(obj) -> str:
+    """``json.dumps`` that writes ``_Raw`` strings as they are."""
+    if isinstance(obj, _Raw):
+        return str(obj)
+    if isinstance(obj, dict):
+        return "{" + ", ".join(f"{json.dumps(k)}: {_dumps(v)}" for k, v in obj.items()) + "}"
+    if isinstance(obj, list):
+        return "[" + ", ".join(_dumps(v) for v in obj) + "]"
+    return json.dumps(obj)
+
+
 # -- chat templates ------------------------------------------------------------------------------
 
 

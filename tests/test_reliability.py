@@ -239,7 +239,7 @@ def test_out_of_memory_names_the_setting_to_lower(workdir, capsys, monkeypatch, 
 def test_unreadable_data_and_files(workdir, capsys, monkeypatch, tmp_path):
     from pathlib import Path
 
-    real = Path.read_text
+    real = Path.open
 
     def denied(self, *a, **k):
         if self.name == "secret.jsonl":
@@ -247,7 +247,7 @@ def test_unreadable_data_and_files(workdir, capsys, monkeypatch, tmp_path):
         return real(self, *a, **k)
 
     (tmp_path / "secret.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
-    monkeypatch.setattr(Path, "read_text", denied)
+    monkeypatch.setattr(Path, "open", denied)
     assert_refused(
         *lota(
             capsys,

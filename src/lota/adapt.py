@@ -25,12 +25,21 @@ import yaml
 from . import dist, selection, sources
 from . import format as fmt
 from .checkpoint import DIRNAME, Checkpointer, config_hash
-from .data import batches, fit_max_length, model_positions, read_jsonl, steps_for, tokenize
+from .data import (
+    batches,
+    fit_max_length,
+    model_positions,
+    pad_id,
+    read_jsonl,
+    steps_for,
+    tokenize,
+)
 from .delta import SparseDelta, apply_delta_, delta_from_weights
 from .errors import InputError, LotaError
 from .fileio import (
     LOCKNAME,
     FolderLock,
+    check_folder_files,
     create_folder,
     fault,
     remove_folders,
@@ -40,6 +49,7 @@ from .fileio import (
 )
 from .models import (
     WeightReader,
+    check_special_tokens,
     enable_gradient_checkpointing,
     load_model,
     load_tokenizer,
@@ -351,6 +361,7 @@ def _adapt(
     cfg: AdaptConfig, world: dist.World, out: Path, hold: _Hold, requested: str | None = None
 ) -> dict:
     t_start = time.perf_counter()
+    check_folder_files(out, "output", [DIRNAME])  # its files are read by name, from here on
     done = _finished(cfg, out)
     if done is not None:
         return {**done, "already_finished": True}
@@ -359,6 +370,7 @@ def _adapt(
     examples = read_jsonl(cfg.data)
     tokenizer = load_tokenizer(cfg.model)
     model = _load(cfg, world)
+    check_special_tokens(tokenizer, model, cfg.model, need_eos=True)
     stored_dtype = weights_dtype(model)
     _check_precision(cfg, stored_dtype)
     positions = model_positions(model.config)
@@ -433,7 +445,7 @@ def _adapt(
             data,
             cfg.batch_size,
             cfg.seed,
-            tokenizer.pad_token_id,
+            pad_id(tokenizer),
             skip=served[0],
             group_by_length=cfg.group_by_length,
         ),

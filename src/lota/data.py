@@ -4,9 +4,11 @@ Each line is ``{"prompt": str, "completion": str}`` or ``{"messages": [{"role", 
 whose last message is the assistant's answer (the rest goes through the tokenizer's chat
 template). Every problem is reported with the file and line number.
 
-Data and chat templates are untrusted input: a line is refused when it is longer than
-``MAX_LINE_CHARS`` or nested deeper than ``MAX_DEPTH``, and a chat template that fails, or that
-runs longer than ``TEMPLATE_SECONDS`` on one conversation, is bad input, not a lota failure.
+Data and chat templates are untrusted input: the file is read line by line, never whole; a line
+is refused when it is longer than ``MAX_LINE_CHARS``, nested deeper than ``MAX_DEPTH``, or holds a
+value Python's JSON parser accepts but lota cannot use (a lone surrogate escape, an integer past
+Python's digit limit); a chat template that fails, or that runs longer than ``TEMPLATE_SECONDS``
+on one conversation, is bad input, not a lota failure.
 Examples are cut to the model's positions as they are to ``--max-length``.
 """
 
@@ -16,6 +18,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import signal
 import sys
 import threading
@@ -27,6 +30,7 @@ from pathlib import Path
 import torch
 
 from .errors import InputError
+from .fileio import check_input_file
 from .format import json_nesting
 
 IGNORE = -100
@@ -46,46 +50,28 @@ class Example:
 
 
 def read_jsonl(path: str | os.PathLike) -> list[Example]:
+    """The examples of a JSONL file, read line by line: no line longer than ``MAX_LINE_CHARS`` is
+    ever held whole, and a FIFO or device is refused before it is opened."""
     path = Path(path)
     if not path.exists():
         raise InputError("data file not found", str(path), "check the path given to --data")
     if path.is_dir():
         raise InputError("data path is a folder", str(path), "pass a .jsonl file")
+    check_input_file(path, "data file")
     try:
-        text = path.read_text(encoding="utf-8")
+        f = path.open("rb")
     except PermissionError:
         raise InputError(
             "cannot read the data file (permission denied)", str(path), "fix its permissions"
         ) from None
-    except UnicodeDecodeError as e:
-        raise InputError(
-            f"data file is not UTF-8 text (byte {e.start})", str(path), "save it as UTF-8 JSONL"
-        ) from None
     examples = []
-    for number, raw in enumerate(text.splitlines(), start=1):
-        if not raw.strip():
-            continue
-        where = f"{path}:{number}"
-        if len(raw) > MAX_LINE_CHARS:
-            raise InputError(
-                f"the line is {len(raw):,} characters long, more than the {MAX_LINE_CHARS:,} "
-                "lota reads as one example",
-                where,
-                "shorten or split the example",
-            )
-        if json_nesting(raw) > MAX_DEPTH:  # before parsing: no recursion to exhaust
-            raise _too_deep(where)
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise InputError(
-                f"invalid JSON ({e.msg} at column {e.colno})",
-                where,
-                "each line must be one JSON object",
-            ) from None
-        example = _example(obj, where, number)
-        example.source = str(path)
-        examples.append(example)
+    with f:
+        for number, raw in _lines(f, path):
+            if not raw.strip():
+                continue
+            example = _example(_parse_line(raw, f"{path}:{number}"), f"{path}:{number}", number)
+            example.source = str(path)
+            examples.append(example)
     if not examples:
         raise InputError(
             "data file has no examples",
@@ -93,6 +79,92 @@ def read_jsonl(path: str | os.PathLike) -> list[Example]:
             'add lines like {"prompt": "...", "completion": "..."}',
         )
     return examples
+
+
+_MAX_LINE_BYTES = 4 * MAX_LINE_CHARS  # UTF-8 spends at most 4 bytes on a character
+
+
+def _lines(f, path: Path) -> Iterator[tuple[int, str]]:
+    """``(number, text)`` of each line of a binary file, each read with a bound on its size."""
+    number = 0
+    while chunk := f.readline(_MAX_LINE_BYTES + 1):
+        number += 1
+        where = f"{path}:{number}"
+        if len(chunk) > _MAX_LINE_BYTES:
+            raise _too_long(f"more than {_MAX_LINE_BYTES:,} bytes", where)
+        try:
+            text = chunk.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InputError(
+                f"the line is not UTF-8 text (byte {e.start + 1} of the line)",
+                where,
+                "save the data file as UTF-8 JSONL",
+            ) from None
+        text = text.removesuffix("\n").removesuffix("\r")
+        if len(text) > MAX_LINE_CHARS:
+            raise _too_long(f"{len(text):,} characters", where)
+        yield number, text
+
+
+def _too_long(length: str, where: str) -> InputError:
+    return InputError(
+        f"the line is {length} long, more than the {MAX_LINE_CHARS:,} characters lota reads as "
+        "one example",
+        where,
+        "shorten or split the example",
+    )
+
+
+# A "\uD800"-"\uDFFF" escape: JSON allows one alone, but it is half of a pair, no character.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _parse_line(raw: str, where: str):
+    """One line's JSON, refused (naming the line) before it can reach a parser's or a
+    tokenizer's limits: nesting deeper than ``MAX_DEPTH``, a number beyond Python's integer
+    digits, a string holding half a surrogate pair (it has no UTF-8 form)."""
+    if json_nesting(raw) > MAX_DEPTH:  # before parsing: no recursion to exhaust
+        raise _too_deep(where)
+    try:
+        obj = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise InputError(
+            f"invalid JSON ({e.msg} at column {e.colno})",
+            where,
+            "each line must be one JSON object",
+        ) from None
+    except ValueError:  # an integer longer than int(str) converts
+        raise InputError(
+            f"the line holds a number of more than {sys.get_int_max_str_digits():,} digits",
+            where,
+            "write such a number as a string",
+        ) from None
+    if _SURROGATE_ESCAPE.search(raw) and _has_lone_surrogate(obj):
+        raise InputError(
+            "the line holds a lone surrogate escape (\\ud800 to \\udfff): half of a pair, "
+            "not a character, with no UTF-8 form",
+            where,
+            "write the character itself, or escape it as a full surrogate pair",
+        )
+    return obj
+
+
+def _has_lone_surrogate(obj) -> bool:
+    """Whether any string (key or value) in parsed JSON holds an unpaired surrogate (the parser
+    joins a valid pair into one character, so any surrogate left is unpaired)."""
+    stack = [obj]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, str):
+            if _SURROGATE.search(x):
+                return True
+        elif isinstance(x, dict):
+            stack.extend(x.keys())
+            stack.extend(x.values())
+        elif isinstance(x, list):
+            stack.extend(x)
+    return False
 
 
 def _too_deep(where: str) -> InputError:
@@ -308,6 +380,15 @@ def tokenize(
             "raise --max-length or shorten the prompts",
         )
     return out
+
+
+def pad_id(tokenizer) -> int:
+    """The id padded positions get: the pad token, else end-of-sequence, else 0. Padding is
+    masked out of attention and ignored by the loss, so any token of the vocabulary serves."""
+    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return token_id
+    return 0
 
 
 def collate(batch: list[Tokenized], pad_id: int) -> dict[str, torch.Tensor]:

@@ -15,11 +15,11 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 
-from .data import Example, prompt_ids, read_jsonl
+from .data import Example, pad_id, prompt_ids, read_jsonl
 from .dist import resolve_device
 from .errors import InputError
 from .fileio import first_repeat
-from .models import load_model, load_tokenizer
+from .models import check_special_tokens, load_model, load_tokenizer
 
 METRICS: dict[str, Callable[[str, str], float]] = {}
 
@@ -91,7 +91,7 @@ def generate(
     each completion whether it stopped at EOS (rather than at ``max_new_tokens``)."""
     model.eval()
     device = _device_of(model)
-    pad = tokenizer.pad_token_id
+    pad, eos = pad_id(tokenizer), tokenizer.eos_token_id
     outs: list[str] = []
     bar = tqdm(
         total=len(examples),
@@ -115,12 +115,12 @@ def generate(
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=pad,
-            eos_token_id=tokenizer.eos_token_id,
+            eos_token_id=eos,
         )
         for row in gen[:, width:].cpu():
             outs.append(tokenizer.decode(row, skip_special_tokens=True))
             if ended is not None:
-                ended.append(bool((row == tokenizer.eos_token_id).any()))
+                ended.append(eos is not None and bool((row == eos).any()))
         bar.update(len(chunk))
     bar.close()
     return outs
@@ -159,16 +159,14 @@ def evaluate_model(
     return score(preds, examples, metric_name)
 
 
-def _check_positions(model, tokenizer, examples, max_new_tokens: int, where: str) -> None:
-    """Refuse a prompt that, with the tokens to generate, runs past the model's positions: past
-    them a model with learned positions fails and a rotary one generates from positions it was
-    never trained on."""
+def _check_prompts(model, tokenizer, examples, max_new_tokens: int, where: str) -> None:
+    """Refuse a prompt of no tokens (generation needs one to start from), and a prompt that, with
+    the tokens to generate, runs past the model's positions: past them a model with learned
+    positions fails and a rotary one generates from positions it was never trained on."""
     from .data import model_positions
 
     positions = model_positions(model.config)
-    if positions is None:
-        return
-    if max_new_tokens >= positions:
+    if positions is not None and max_new_tokens >= positions:
         raise InputError(
             f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the model's "
             f"{positions} positions",
@@ -177,7 +175,13 @@ def _check_positions(model, tokenizer, examples, max_new_tokens: int, where: str
         )
     for e in examples:
         n = len(prompt_ids(e, tokenizer))
-        if n + max_new_tokens > positions:
+        if n == 0:
+            raise InputError(
+                "the prompt is empty (no tokens), and generation needs at least one to start from",
+                f"{where}:{e.line}",
+                "give every example scored by 'lota eval' a prompt",
+            )
+        if positions is not None and n + max_new_tokens > positions:
             raise InputError(
                 f"the prompt of {n} tokens plus --max-new-tokens {max_new_tokens} is more than "
                 f"the model's {positions} positions",
@@ -230,7 +234,8 @@ def evaluate(
     examples = read_jsonl(data_path)[:limit]
     tokenizer = load_tokenizer(model_path)
     model = load_model(model_path, device=where).to(where)
-    _check_positions(model, tokenizer, examples, max_new_tokens, data_path)
+    check_special_tokens(tokenizer, model, model_path, need_eos=False)
+    _check_prompts(model, tokenizer, examples, max_new_tokens, data_path)
     bank = None
     if deltas:
         from .hotswap import DeltaBank

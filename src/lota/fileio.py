@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -36,6 +37,15 @@ except ImportError:  # not POSIX: runs are not locked
 
 LOCKNAME = ".lota.lock"  # inside a folder whose parent is not writable
 LOCK_SUFFIX = ".lota.lock"  # PARENT/.NAME.lota.lock: the lock of folder NAME
+
+# What a path may be instead of a regular file or a folder. Opening a FIFO blocks until something
+# writes to it, and a device (/dev/zero, /dev/urandom) never ends: lota refuses them unopened.
+_SPECIAL = {
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+}
 
 # errno: (what the user reads, how to fix it, exit code). A full disk fails a valid run (1); a
 # read-only or forbidden location is a wrong choice of output (2).
@@ -296,6 +306,49 @@ def _refuse_folder_name(path: str | os.PathLike) -> None:
         or (os.path.isdir(s) and not os.path.islink(s))
     ):
         raise InputError("output path is a folder", s, "give a file name, e.g. out.safetensors")
+
+
+def special_kind(path: str | os.PathLike) -> str | None:
+    """``"a FIFO"``, ``"a character device"``, ... when ``path`` (a symlink counts as what it
+    points to) is neither a regular file nor a folder; None otherwise, or when it cannot be
+    stat'ed (then opening it fails at once, and nothing waits). Only ``stat``: nothing is opened."""
+    try:
+        return _SPECIAL.get(stat.S_IFMT(os.stat(path).st_mode))
+    except (OSError, ValueError):
+        return None
+
+
+def check_input_file(path: str | os.PathLike, what: str = "file") -> None:
+    """Refuse an input path that is a FIFO, device or socket, before anything opens it: reading
+    one would block (a FIFO nobody writes to) or never end (``/dev/zero``). Every file lota reads
+    from a path it was given goes through this check first."""
+    kind = special_kind(path)
+    if kind:
+        raise InputError(
+            f"the {what} is {kind}, not a regular file, and reading it could block or never end",
+            str(path),
+            "pass a regular file (save what the pipe or device gives into a file first)",
+        )
+
+
+def check_folder_files(
+    folder: str | os.PathLike, what: str, subfolders: Iterable[str] = ()
+) -> None:
+    """``check_input_file`` for every entry of ``folder`` (and of its ``subfolders``), for a
+    folder whose files are opened by name (a model folder, an adapter, a run's output)."""
+    for place in (Path(folder), *(Path(folder) / s for s in subfolders)):
+        if not place.is_dir():
+            continue
+        with os.scandir(place) as entries:
+            for entry in entries:
+                kind = special_kind(entry.path)
+                if kind:
+                    raise InputError(
+                        f"{entry.name} in the {what} folder is {kind}, not a regular file, and "
+                        "opening it could block",
+                        entry.path,
+                        "replace it with the file itself (a symlink to a regular file is fine)",
+                    )
 
 
 def fault(point: str) -> None:

@@ -30,7 +30,7 @@ from ._version import __version__
 from .codecs import ENCODINGS, RiceCode, decode_indices, encode_indices
 from .delta import SparseDelta
 from .errors import FormatError, InputError, MismatchError
-from .fileio import atomic_path, save_safetensors, tensor_digest
+from .fileio import atomic_path, check_input_file, save_safetensors, tensor_digest
 from .ticket import MAX_TENSOR_NUMEL, Ticket
 
 FORMAT_NAME = "lota"
@@ -245,6 +245,7 @@ def read_header(path: str | os.PathLike) -> tuple[dict, dict]:
         raise InputError("file not found", str(path), "check the path")
     if path.is_dir():
         raise InputError("is a folder, not a lota file", str(path), "pass a .safetensors file")
+    check_input_file(path, "lota file")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}

@@ -19,6 +19,7 @@ import torch
 
 from .delta import SparseDelta
 from .errors import InputError, MismatchError
+from .fileio import check_folder_files
 from .ticket import Ticket
 
 
@@ -47,9 +48,7 @@ def lora_deltas(adapter: str, shapes: dict[str, tuple[int, ...]]) -> dict[str, t
             adapter,
             "save the adapter with safe_serialization=True (lota reads no pickles)",
         )
-    from .models import _refuse_special_files
-
-    _refuse_special_files(folder, "adapter")  # a FIFO would block the open below
+    check_folder_files(folder, "adapter")  # a FIFO would block the open below
     try:
         cfg = json.loads(cfg_path.read_text())
         if cfg.get("peft_type", "LORA") != "LORA":

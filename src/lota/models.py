@@ -2,8 +2,10 @@
 
 Only safetensors weights are read: lota never unpickles a model file. A folder is checked before
 transformers sees it (``check_model_folder``): lota runs no code from it, opens no FIFO or device
-in it, and loads no file its shard index names outside it; the weights' headers must match the
-architecture the config builds, in shape and in kind (floats for float parameters).
+in it, and loads no file its shard index names outside it; the config's sizes must build a model
+and its layer count must be one the weights hold (checked before anything is built); the weights'
+headers must match the architecture the config builds, in shape and in kind (floats for float
+parameters), and their values must be finite.
 
 Default targets are the weight matrices of every linear layer inside the transformer blocks (q, k,
 v, o, gate, up, down on Llama) and every expert's weights of a mixture of experts (the fused 3-D
@@ -19,14 +21,13 @@ import json
 import logging
 import os
 import re
-import stat
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .errors import InputError, MismatchError
-from .fileio import atomic_dir, fingerprint, weight_digest
+from .fileio import atomic_dir, check_folder_files, fingerprint, weight_digest
 from .keymap import KeyMap, KeyMapError
 
 _DTYPES = {
@@ -36,13 +37,8 @@ _DTYPES = {
     "float16": torch.float16,
 }
 _BLOCK = re.compile(r"(^|\.)\d+\.")
+_BLOCK_INDEX = re.compile(r"(?:^|\.)(\d+)\.")  # its first match in a key: the block's index
 _INDEX = "model.safetensors.index.json"
-_SPECIAL = {
-    stat.S_IFIFO: "a FIFO",
-    stat.S_IFCHR: "a character device",
-    stat.S_IFBLK: "a block device",
-    stat.S_IFSOCK: "a socket",
-}
 
 
 def quiet_transformers() -> None:
@@ -107,7 +103,9 @@ def check_model_folder(folder: Path, what: str = "model") -> None:
             str(folder),
             "pass a Hugging Face model folder (config, safetensors weights, tokenizer)",
         )
-    _refuse_custom_code(folder, _read_json(config_path), what)
+    config = _read_json(config_path)
+    _refuse_custom_code(folder, config, what)
+    _check_config_values(config, config_path)
     if (folder / "adapter_config.json").exists():
         raise InputError(
             f"the {what} folder holds a PEFT adapter (adapter_config.json), which transformers "
@@ -131,22 +129,7 @@ def _refuse_special_files(folder: Path, what: str) -> None:
     must be a regular file or a folder; a symlink counts as what it points to."""
     from transformers.utils import CHAT_TEMPLATE_DIR
 
-    for place in (folder, folder / CHAT_TEMPLATE_DIR):
-        if not place.is_dir():
-            continue
-        with os.scandir(place) as entries:
-            for entry in entries:
-                try:
-                    kind = _SPECIAL.get(stat.S_IFMT(os.stat(entry.path).st_mode))
-                except OSError:  # a dangling link: opening it fails at once, nothing waits
-                    continue
-                if kind:
-                    raise InputError(
-                        f"{entry.name} in the {what} folder is {kind}, not a regular file, and "
-                        "opening it could block",
-                        entry.path,
-                        "replace it with the file itself (a symlink to a regular file is fine)",
-                    )
+    check_folder_files(folder, what, [CHAT_TEMPLATE_DIR])
 
 
 def _read_json(path: Path) -> dict:
@@ -165,6 +148,65 @@ def _read_json(path: Path) -> dict:
             "restore the file, or re-save the model with save_pretrained",
         )
     return obj
+
+
+# Sizes a model is built from (under the names architectures give them): zero, a negative number
+# or a non-integer builds nothing, or divides by zero while building.
+_SIZES = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "max_position_embeddings",
+    "n_embd",
+    "n_layer",
+    "n_head",
+    "n_inner",
+    "n_positions",
+    "n_ctx",
+    "d_model",
+    "num_layers",
+    "num_heads",
+    "ffn_dim",
+)
+
+
+def _check_config_values(config: dict, path: Path) -> None:
+    """Refuse, naming the field, a config.json whose sizes or pad token id build no model (checked
+    also in its ``text_config``)."""
+    for cfg in (config, config.get("text_config")):
+        if not isinstance(cfg, dict):
+            continue
+        for field in _SIZES:
+            value = cfg.get(field)
+            if value is not None and (type(value) is not int or value < 1):
+                raise InputError(
+                    f"config.json sets {field} to {json.dumps(value)[:40]}, and a model needs a "
+                    "positive integer there",
+                    str(path),
+                    f"set {field} to the model's value, or re-save the model with save_pretrained",
+                )
+        _check_pad_id(cfg, path)
+
+
+def _check_pad_id(config: dict, path: Path) -> None:
+    """The embedding reserves row ``pad_token_id`` for padding: an id outside the vocabulary
+    (negative ids count from its end, as torch counts them) builds no model. Other special ids
+    in the config are not lota's concern: it feeds the model the tokenizer's own tokens, checked
+    against the vocabulary by ``check_special_tokens``."""
+    vocab, pad = config.get("vocab_size"), config.get("pad_token_id")
+    if type(vocab) is not int or pad is None:
+        return
+    if type(pad) is not int or not -vocab <= pad < vocab:
+        raise InputError(
+            f"config.json sets pad_token_id to {json.dumps(pad)[:40]}, which is not a token id "
+            f"of the model's vocabulary (0 to {vocab - 1}), so the model cannot be built",
+            str(path),
+            "set pad_token_id to the id of the pad token in the tokenizer, or to null",
+        )
 
 
 def _refuse_custom_code(folder: Path, config: dict, what: str) -> None:
@@ -229,32 +271,66 @@ def weight_files(folder: Path) -> list[Path]:
     return sorted(folder.glob("*.safetensors"))
 
 
-def _skeleton(folder: Path) -> nn.Module:
-    """The model the config builds, on the meta device (no memory, no weights read)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def load_config(folder: Path):
+    """The folder's config as transformers reads it; a config it cannot read, or whose values
+    build no model, is refused naming config.json (and, where known, the field)."""
+    from transformers import AutoConfig
 
     quiet_transformers()
     try:
-        config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
+        return AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
+    except Exception as e:
+        raise _config_error(e, folder) from None
+
+
+def _config_error(e: Exception, folder: Path) -> InputError:
+    return InputError(
+        f"config.json describes no model transformers can build ({_first_line(e)})",
+        str(folder / "config.json"),
+        "fix config.json, or re-save the model with save_pretrained",
+    )
+
+
+def _skeleton(folder: Path, headers: dict[str, tuple[list[int], str]]) -> nn.Module:
+    """The model the config builds, on the meta device (no memory, no weights read), once its
+    layer count was checked against the weights' ``headers``."""
+    from transformers import AutoModelForCausalLM
+
+    config = load_config(folder)
+    _check_layers(config, headers, folder)
+    try:
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(config, trust_remote_code=False)
     except Exception as e:
-        raise InputError(
-            f"cannot read the model config ({_first_line(e)})",
-            str(folder),
-            "pass a Hugging Face causal language model folder",
-        ) from None
+        raise _config_error(e, folder) from None
 
 
-def _read_headers(folder: Path, skeleton: nn.Module) -> tuple[dict[str, Path], KeyMap]:
-    """``{checkpoint key: file}`` of a folder's weights and the ``KeyMap`` from those keys to the
-    model's parameters, from the safetensors headers alone. A parameter is refused when the shape
-    its keys convert to differs from the config's (the weights belong to another config) or when
-    a key it comes from holds integers or bools for a floating-point parameter (used as weights,
-    they would compute nonsense without any error)."""
+def _check_layers(config, headers: dict[str, tuple[list[int], str]], folder: Path) -> None:
+    """Refuse a config asking for more blocks than the weights hold, before they are built (a
+    million layers would take minutes and gigabytes to build only to be refused). A block's
+    weights are the keys whose first number is its index (``model.layers.7.mlp...``)."""
+    try:
+        layers = config.get_text_config().num_hidden_layers
+    except (AttributeError, ValueError):
+        return
+    if not isinstance(layers, int) or layers < 1:
+        return
+    stored = {m.group(1) for k in headers if (m := _BLOCK_INDEX.search(k))}
+    if layers > len(stored):
+        raise MismatchError(
+            f"config.json asks for {layers:,} layers (num_hidden_layers) but the weights hold "
+            f"{len(stored):,}",
+            str(folder / "config.json"),
+            "the weights and config.json belong to different models; put the weights' own "
+            "config.json beside them, or re-save the model with save_pretrained",
+        )
+
+
+def _headers(folder: Path) -> tuple[dict[str, Path], dict[str, tuple[list[int], str]]]:
+    """``{checkpoint key: file}`` and ``{key: (shape, dtype)}`` of a folder's weights, from the
+    safetensors headers alone."""
     from safetensors import safe_open
 
-    expected = skeleton.state_dict()
     where: dict[str, Path] = {}
     headers: dict[str, tuple[list[int], str]] = {}
     for f in weight_files(folder):
@@ -269,6 +345,25 @@ def _read_headers(folder: Path, skeleton: nn.Module) -> tuple[dict[str, Path], K
                 str(f),
                 "the weights are corrupted; re-save the model",
             ) from None
+    return where, headers
+
+
+def _checked(folder: Path) -> tuple[nn.Module, dict[str, Path], KeyMap]:
+    """The folder's skeleton, ``{checkpoint key: file}`` and the ``KeyMap`` from those keys to
+    the model's parameters, after the weights' headers were checked against the config."""
+    where, headers = _headers(folder)
+    skeleton = _skeleton(folder, headers)
+    return skeleton, where, _check_headers(skeleton, where, headers)
+
+
+def _check_headers(
+    skeleton: nn.Module, where: dict[str, Path], headers: dict[str, tuple[list[int], str]]
+) -> KeyMap:
+    """The ``KeyMap`` from the weights' keys to the model's parameters. A parameter is refused
+    when the shape its keys convert to differs from the config's (the weights belong to another
+    config) or when a key it comes from holds integers or bools for a floating-point parameter
+    (used as weights, they would compute nonsense without any error)."""
+    expected = skeleton.state_dict()
     keymap = KeyMap(skeleton, headers)
     for name in keymap.names:
         want, keys = expected[name], keymap.sources(name)
@@ -303,7 +398,7 @@ def _read_headers(folder: Path, skeleton: nn.Module) -> tuple[dict[str, Path], K
                 "the weights and config.json belong to different models; put the weights' own "
                 "config.json beside them, or re-save the model with save_pretrained",
             )
-    return where, keymap
+    return keymap
 
 
 def _keys_label(keys: list[str]) -> str:
@@ -322,8 +417,7 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     folder = resolve_model_path(path)
-    _read_headers(folder, _skeleton(folder))
-    quiet_transformers()
+    _checked(folder)
     device = torch.device(device) if device is not None else None
     onto = {"device_map": {"": device}} if device is not None and device.type != "cpu" else {}
     try:
@@ -341,8 +435,30 @@ def load_model(
             str(folder),
             "check that it is a causal language model saved with save_pretrained",
         ) from None
+    _check_finite(model, folder)
     model.lota_source = str(folder)
     return model
+
+
+def _check_finite(model: nn.Module, folder: Path, chunk: int = 1 << 24) -> None:
+    """Refuse weights holding NaN or inf, naming the first such tensor: every output of such a
+    model is NaN, which training would otherwise report as a diverged run. One pass, a tensor
+    at a time, in slices, so the check needs no memory beyond a slice's flags."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not p.is_floating_point():
+                continue
+            flat = p.detach().reshape(-1)
+            if any(
+                not bool(torch.isfinite(flat[i : i + chunk]).all())
+                for i in range(0, flat.numel(), chunk)
+            ):
+                raise InputError(
+                    f"the model has non-finite weights (NaN or inf) in tensor '{name}'",
+                    str(folder),
+                    "restore the model's weights from a good copy (a model that computes NaN "
+                    "cannot be adapted or evaluated)",
+                )
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
@@ -366,6 +482,7 @@ def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
     folder = resolve_model_path(path)
+    load_config(folder)  # a broken config is the config's problem, not the tokenizer's
     try:
         tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
     except Exception as e:
@@ -377,6 +494,33 @@ def load_tokenizer(path: str):
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def check_special_tokens(tokenizer, model: nn.Module, folder: str, need_eos: bool) -> None:
+    """The tokenizer's end-of-sequence and padding tokens, which lota feeds to the model, are
+    tokens of the model's vocabulary; with ``need_eos`` (training: each completion ends with it,
+    so the model learns where to stop) there must be an end-of-sequence token at all. Without a
+    pad token lota pads with eos, or with token 0 (padding is masked out either way)."""
+    if need_eos and tokenizer.eos_token_id is None:
+        raise InputError(
+            "the tokenizer has no end-of-sequence token, which lota appends to every completion "
+            "so that the model learns where to stop",
+            str(folder),
+            'set "eos_token" in the model\'s tokenizer_config.json to the token that ends a '
+            "reply (e.g. its chat template's end of turn)",
+        )
+    embeddings = model.get_input_embeddings()
+    rows = getattr(embeddings, "num_embeddings", None)
+    for what in ("eos", "pad"):
+        token_id = getattr(tokenizer, f"{what}_token_id")
+        if rows is not None and token_id is not None and not 0 <= token_id < rows:
+            raise InputError(
+                f"the tokenizer's {what}_token {getattr(tokenizer, f'{what}_token')!r} has id "
+                f"{token_id}, which is not a token of the model's {rows:,}-row vocabulary",
+                str(folder),
+                f'set "{what}_token" in tokenizer_config.json to a token of the model\'s '
+                "vocabulary",
+            )
 
 
 def save_model(
@@ -495,8 +639,7 @@ class WeightReader:
 
     def __init__(self, path: str, what: str = "model"):
         self.folder = resolve_model_path(path, what)
-        self.skeleton = _skeleton(self.folder)
-        self.where, self.keymap = _read_headers(self.folder, self.skeleton)
+        self.skeleton, self.where, self.keymap = _checked(self.folder)
         self.shapes = {n: tuple(p.shape) for n, p in named_weights(self.skeleton).items()}
         self._digests: dict = {}  # name -> hex digest, or a future of one
         self._pool = None

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .errors import FormatError, InputError, MismatchError
-from .fileio import atomic_path
+from .fileio import atomic_path, check_input_file
 from .ticket import Ticket
 
 
@@ -30,6 +30,7 @@ def import_official(path: str, base: str | None = None) -> Ticket:
         raise InputError(
             "is a folder, not a mask file", path, "pass the .pt file saved by the official code"
         )
+    check_input_file(p, "mask file")
     try:
         masks = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
