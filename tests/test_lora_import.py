@@ -390,8 +390,10 @@ HOSTILE = {
     "pattern-not-an-object": (_set(rank_pattern=[4]), "rank_pattern is [4]"),
     "flag-not-bool": (_set(use_dora="yes"), "use_dora is \"yes\""),
     "peft-type": (_set(peft_type="IA3"), "is not LORA"),
-    "variant": (_set(alora_invocation_tokens=[1, 2]), "'alora_invocation_tokens'"),
-    "unknown-option": (_set(use_magic=True), "'use_magic'"),
+    "variant": (_set(alora_invocation_tokens=[1, 2]), "\"alora_invocation_tokens\""),
+    "unknown-option": (_set(use_magic=True), "\"use_magic\""),
+    "huge-integer-alpha": (lambda cfg, t: cfg.update(lora_alpha=10**400), "lora_alpha is 1000"),
+    "too-many-pattern-keys": (_set(rank_pattern={f"m{i}": 4 for i in range(5000)}), "5,000 keys"),
     "base-rewriting-init": (_set(init_lora_weights="pissa"), "init_lora_weights \"pissa\""),
     "dora-with-lora-bias": (_set(use_dora=True, lora_bias=True), "use_dora and lora_bias"),
     "dora-without-magnitudes": (_set(use_dora=True), "no DoRA magnitude"),
@@ -510,7 +512,7 @@ def test_pattern_keys_match_as_peft_reads_them():
     """The fixed-width matcher agrees with PEFT's own regex on every key it accepts."""
     import re
 
-    from lota.lora_import import _parse_pattern, _pattern_matches
+    from lota.lora_config import _parse_pattern, _pattern_matches
 
     modules = [
         "model.layers.0.self_attn.q_proj",

@@ -16,7 +16,6 @@ compiled (pattern keys are matched by a fixed-length rule that reads PEFT's rege
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,15 +24,11 @@ import torch
 
 from .delta import SparseDelta
 from .errors import FormatError, InputError, MismatchError
-from .format import json_nesting
+from .lora_config import SAVED, Settings, read_settings
 from .ticket import Ticket
 
 PREFIX = "base_model.model."  # PEFT's key prefix; PEFT ignores keys without it
-MAX_CONFIG_BYTES = 4 * 2**20  # a rank_pattern naming every layer of a 100-layer model is ~100 KB
-MAX_CONFIG_DEPTH = 64
-MAX_PATTERN_CHARS = 512
 _FLOATS = {"F16", "BF16", "F32", "F64"}
-_SAVED = "pass the folder written by PEFT's save_pretrained"
 _OWN_BASE = "import the adapter against the base it was trained on"
 
 # Key suffixes of the tensors PEFT saves for a LoRA layer, and the part each one is.
@@ -46,228 +41,6 @@ _PARTS = {
     ".lora_magnitude_vector": "magnitude",
     ".token_adapter.trainable_tokens_delta": "tokens",
 }
-# Config fields that do not change what the merge writes: PEFT reads them when it builds the
-# layers, and the adapter file's own tensors already say which layers those are.
-_INERT = {
-    "auto_mapping", "base_model_name_or_path", "bias", "corda_config", "ensure_weight_tying",
-    "eva_config", "exclude_modules", "fan_in_fan_out", "inference_mode", "layers_pattern",
-    "layers_to_transform", "loftq_config", "lora_dropout", "lora_ga_config", "megatron_core",
-    "modules_to_save", "peft_type", "peft_version", "qalora_group_size", "revision",
-    "runtime_config", "target_modules", "task_type",
-}  # fmt: skip
-_READ = {
-    "r", "lora_alpha", "use_rslora", "use_dora", "lora_bias", "rank_pattern", "alpha_pattern",
-    "trainable_token_indices", "init_lora_weights",
-}  # fmt: skip
-# init_lora_weights values whose saved tensors alone define the change; the others (PiSSA, OLoRA,
-# CorDA, LoftQ, LoRA-GA) rewrite the base weights when PEFT builds the layer.
-_PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal", "mica")
-
-
-@dataclass
-class Settings:
-    """The fields of ``adapter_config.json`` that decide the merged weights, checked."""
-
-    r: int = 8  # PEFT's defaults for a field the file leaves out
-    alpha: float = 8.0
-    rslora: bool = False
-    dora: bool = False
-    lora_bias: bool = False
-    rank_pattern: list = field(default_factory=list)  # [(key, parsed pattern, rank)]
-    alpha_pattern: list = field(default_factory=list)
-    tokens: list | dict | None = None
-    targets: list | None = None  # target_modules when given as names
-    excluded: list | None = None
-
-    def rank_alpha(self, module: str) -> tuple[int, float]:
-        return _lookup(self.rank_pattern, module, self.r), _lookup(
-            self.alpha_pattern, module, self.alpha
-        )
-
-    def scale(self, module: str) -> float:
-        r, alpha = self.rank_alpha(module)
-        return alpha / (math.sqrt(r) if self.rslora else r)
-
-
-def read_settings(path: Path) -> Settings:
-    """``adapter_config.json`` parsed with its size and nesting bounded before parsing, then every
-    field that changes the merge type-checked; fields lota cannot honour are refused by name."""
-    where = str(path)
-    with open(path, "rb") as f:
-        raw = f.read(MAX_CONFIG_BYTES + 1)
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise FormatError(f"the file is larger than {MAX_CONFIG_BYTES:,} bytes", where, _SAVED)
-    try:
-        text = raw.decode("utf-8")
-        if json_nesting(text) > MAX_CONFIG_DEPTH:
-            raise FormatError(
-                f"the JSON is nested more than {MAX_CONFIG_DEPTH} levels deep", where, _SAVED
-            )
-        cfg = json.loads(text)
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise FormatError(f"not readable JSON ({type(e).__name__})", where, _SAVED) from None
-    if not isinstance(cfg, dict):
-        raise FormatError("not a JSON object", where, _SAVED)
-    peft_type = cfg.get("peft_type", "LORA")
-    if peft_type != "LORA":
-        raise InputError(
-            f"peft_type {json.dumps(peft_type)[:40]} is not LORA", where, "pass a LoRA adapter"
-        )
-    for key, value in cfg.items():
-        if key not in _INERT and key not in _READ and value not in (None, False, 0, "", [], {}):
-            raise InputError(
-                f"the adapter sets {key!r}, a PEFT option whose merge lota does not reproduce",
-                where,
-                "merge the adapter with PEFT (merge_and_unload) and turn the model into a delta "
-                "with 'lota delta BASE MERGED'",
-            )
-    init = cfg.get("init_lora_weights", True)
-    if not any(init is v or (isinstance(v, str) and init == v) for v in _PLAIN_INITS):
-        raise InputError(
-            f"init_lora_weights {json.dumps(init)[:40]} makes PEFT rewrite the base weights when "
-            "it loads the adapter, which lota does not reproduce",
-            where,
-            "save the adapter with path_initial_model_for_weight_conversion (a plain LoRA), or "
-            "merge it with PEFT and use 'lota delta BASE MERGED'",
-        )
-    s = Settings(
-        r=_rank(cfg.get("r", 8), "r", where),
-        alpha=_alpha(cfg.get("lora_alpha", 8), "lora_alpha", where),
-        rslora=_flag(cfg, "use_rslora", where),
-        dora=_flag(cfg, "use_dora", where),
-        lora_bias=_flag(cfg, "lora_bias", where),
-        rank_pattern=_patterns(cfg, "rank_pattern", _rank, where),
-        alpha_pattern=_patterns(cfg, "alpha_pattern", _alpha, where),
-        tokens=_token_indices(cfg.get("trainable_token_indices"), where),
-        targets=_names(cfg.get("target_modules")),
-        excluded=_names(cfg.get("exclude_modules")),
-    )
-    if s.dora and s.lora_bias:
-        raise InputError("use_dora and lora_bias are both set; PEFT refuses that", where, _SAVED)
-    return s
-
-
-def _bad_field(name: str, value, want: str, where: str) -> InputError:
-    return InputError(f"{name} is {json.dumps(value)[:60]}, not {want}", where, _SAVED)
-
-
-def _rank(value, name: str, where: str) -> int:
-    if type(value) is not int or not 0 < value <= 2**31:
-        raise _bad_field(name, value, "a positive integer rank", where)
-    return value
-
-
-def _alpha(value, name: str, where: str) -> float:
-    if type(value) not in (int, float) or not math.isfinite(value) or abs(value) > 1e30:
-        raise _bad_field(name, value, "a finite number", where)
-    return float(value)
-
-
-def _flag(cfg: dict, name: str, where: str) -> bool:
-    value = cfg.get(name, False)
-    if value is None:
-        return False
-    if type(value) is not bool:
-        raise _bad_field(name, value, "true or false", where)
-    return value
-
-
-def _names(value) -> list | None:
-    """A list of module names (PEFT's name-or-suffix rule applies), else None (not checked)."""
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return value
-    return None
-
-
-def _patterns(cfg: dict, name: str, check, where: str) -> list:
-    table = cfg.get(name) or {}
-    if not isinstance(table, dict):
-        raise _bad_field(name, table, "an object of module patterns", where)
-    out = []
-    for key, value in table.items():
-        parsed = _parse_pattern(key)
-        if parsed is None:
-            raise InputError(
-                f"{name} key {json.dumps(key)[:80]} is not a module name lota can match safely "
-                "(it reads letters, digits, _ and -, '.', '\\.', '\\d', a leading ^ and a "
-                "trailing $, as PEFT's regex does; repetition, groups and other regex syntax "
-                "are not evaluated)",
-                where,
-                f"write {name} with the module names (or name suffixes) it should apply to",
-            )
-        out.append((key, parsed, check(value, f"{name}[{json.dumps(key)[:40]}]", where)))
-    return out
-
-
-_ANY, _DIGIT = object(), object()
-_LITERAL = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
-
-
-def _parse_pattern(key: str) -> tuple[bool, list] | None:
-    """``(anchored, tokens)`` of a pattern key made only of fixed-width pieces, else None."""
-    if len(key) > MAX_PATTERN_CHARS:
-        return None
-    anchored = key.startswith("^")
-    body = key[1:] if anchored else key
-    if body.endswith("$") and not body.endswith("\\$"):
-        body = body[:-1]
-    tokens, i = [], 0
-    while i < len(body):
-        c = body[i]
-        if c in _LITERAL:
-            tokens.append(c)
-        elif c == ".":
-            tokens.append(_ANY)
-        elif c == "\\" and body[i + 1 : i + 2] in (".", "d"):
-            tokens.append("." if body[i + 1] == "." else _DIGIT)
-            i += 1
-        else:
-            return None
-        i += 1
-    return (anchored, tokens) if tokens else None
-
-
-def _pattern_matches(pattern: tuple[bool, list], module: str) -> bool:
-    """PEFT's ``re.match(rf"(.*\\.)?({key})$", module)`` for a fixed-width key: the key matches
-    the whole name, or (unless anchored with ^) a suffix that follows a '.'."""
-    anchored, tokens = pattern
-    start = len(module) - len(tokens)
-    if start < 0 or (anchored and start) or (start and module[start - 1] != "."):
-        return False
-    for t, ch in zip(tokens, module[start:]):
-        ok = ch != "\n" if t is _ANY else ch.isdecimal() if t is _DIGIT else ch == t
-        if not ok:
-            return False
-    return True
-
-
-def _lookup(table: list, module: str, default):
-    for _, pattern, value in table:  # the first key that matches wins, as in PEFT
-        if _pattern_matches(pattern, module):
-            return value
-    return default
-
-
-def _token_indices(value, where: str):
-    if value is None:
-        return None
-    tables = value.values() if isinstance(value, dict) else [value]
-    for t in tables:
-        if not isinstance(t, list) or not all(type(i) is int and 0 <= i < 2**40 for i in t):
-            raise _bad_field(
-                "trainable_token_indices",
-                value,
-                "a list of token ids (or an object of them)",
-                where,
-            )
-        if len(set(t)) != len(t):
-            raise InputError(
-                "trainable_token_indices repeats a token id (PEFT's result would depend on the "
-                "order it writes them in)",
-                where,
-                "list each token once",
-            )
-    return value
 
 
 # ---------------------------------------------------------------------------- the file's layout
@@ -291,12 +64,12 @@ def read_layout(f, where: str) -> tuple[dict[str, Layer], dict[str, str], dict[s
             raise FormatError(
                 f"tensor '{key}' holds {piece.get_dtype()}, not floating-point values",
                 where,
-                _SAVED,
+                SAVED,
             )
         shapes[key] = list(piece.get_shape())
         if not key.startswith(PREFIX):
             raise FormatError(
-                f"tensor '{key}' is not under '{PREFIX}' (PEFT would not load it)", where, _SAVED
+                f"tensor '{key}' is not under '{PREFIX}' (PEFT would not load it)", where, SAVED
             )
         rest = key[len(PREFIX) :]
         suffix = next((s for s in _PARTS if rest.endswith(s)), None)
@@ -306,18 +79,18 @@ def read_layout(f, where: str) -> tuple[dict[str, Layer], dict[str, str], dict[s
             part = _PARTS[suffix]
             if part in layer.parts:
                 raise FormatError(
-                    f"'{module}' has both lora_A/lora_B and lora_embedding_A/B", where, _SAVED
+                    f"'{module}' has both lora_A/lora_B and lora_embedding_A/B", where, SAVED
                 )
             layer.parts[part] = key
         elif "lora_" in rest or ".token_adapter." in rest or ".modules_to_save." in rest:
             raise FormatError(
-                f"tensor '{key}' is not a part of a LoRA adapter lota knows", where, _SAVED
+                f"tensor '{key}' is not a part of a LoRA adapter lota knows", where, SAVED
             )
         else:
             module, base_layer, param = rest.rpartition(".base_layer.")
             name = f"{module}.{param}" if base_layer else rest
             if name in whole:
-                raise FormatError(f"two tensors replace '{name}'", where, _SAVED)
+                raise FormatError(f"two tensors replace '{name}'", where, SAVED)
             whole[name] = key
     return layers, whole, shapes
 
@@ -394,7 +167,7 @@ def plan_merge(layers, whole, shapes, s: Settings, reader, where: str) -> dict[s
                 f"tensor '{key}' replaces a weight of a layer the adapter also adapts (PEFT "
                 "saves those under base_layer)",
                 where,
-                _SAVED,
+                SAVED,
             )
         _same_shape(key, shapes, list(reader.shapes[name]), where)
         p.whole = key
@@ -419,22 +192,24 @@ def _check_layer(layer: Layer, p: Plan, s: Settings, shapes, reader, where: str)
     lora = "a" in parts or "b" in parts
     for part, needed in (("a", "b"), ("b", "a")):
         if part in parts and needed not in parts:
-            raise FormatError(f"'{module}' has no matching lora_{needed.upper()}", where, _SAVED)
+            raise FormatError(f"'{module}' has no matching lora_{needed.upper()}", where, SAVED)
     embedding_keys = parts.get("a", "").endswith("lora_embedding_A")
     if lora and embedding_keys != (p.kind == "embedding"):
         raise FormatError(
             f"'{module}' is a {p.kind} layer, stored as "
             + ("an embedding's LoRA" if embedding_keys else "a linear layer's LoRA"),
             where,
-            _SAVED,
+            SAVED,
         )
     if lora == ("tokens" in parts):
         raise FormatError(
             f"'{module}' has "
             + ("both LoRA and trainable tokens" if lora else "no lora_A / lora_B"),
             where,
-            _SAVED,
+            SAVED,
         )
+    if not lora and p.kind != "embedding":
+        raise FormatError(f"'{module}' has trainable tokens but is a {p.kind} layer", where, SAVED)
     if lora:
         _check_names(module, s, where)
         _check_extras(layer, p.kind, s, where)
@@ -447,22 +222,19 @@ def _check_layer(layer: Layer, p: Plan, s: Settings, shapes, reader, where: str)
 
 
 def _check_names(module: str, s: Settings, where: str) -> None:
-    def named(names):
-        return module in names or any(module.endswith("." + n) for n in names)
-
-    if s.targets is not None and not named(s.targets):
+    if s.names(module, s.targets) is False:
         raise FormatError(
             f"the adapter holds LoRA weights for '{module}', which target_modules does not name "
             "(PEFT would ignore them)",
             where,
-            _SAVED,
+            SAVED,
         )
-    if s.excluded is not None and named(s.excluded):
+    if s.names(module, s.excluded):
         raise FormatError(
             f"the adapter holds LoRA weights for '{module}', which exclude_modules excludes "
             "(PEFT would ignore them)",
             where,
-            _SAVED,
+            SAVED,
         )
 
 
@@ -478,26 +250,21 @@ def _check_extras(layer: Layer, kind: str, s: Settings, where: str) -> None:
                     else f"has a {what} though {name} is not set"
                 ),
                 where,
-                _SAVED,
+                SAVED,
             )
     if "bias" in layer.parts and kind == "embedding":
-        raise FormatError(f"'{layer.module}' is an embedding with a lora_B bias", where, _SAVED)
+        raise FormatError(f"'{layer.module}' is an embedding with a lora_B bias", where, SAVED)
 
 
 def _rows_of(layer: Layer, s: Settings, reader, modules: dict, where: str) -> list:
     module = layer.module
-    if isinstance(s.tokens, dict):
-        keys = [k for k in s.tokens if module.endswith(k)]  # PEFT's plain suffix rule
-        rows = s.tokens[keys[0]] if len(keys) == 1 else None
-    else:
-        embedding = reader.skeleton.get_input_embeddings()
-        is_input = s.tokens is not None and modules.get(module) is embedding
-        rows = s.tokens if is_input else None
+    is_input = modules.get(module) is reader.skeleton.get_input_embeddings()
+    rows = s.token_rows(module, is_input)
     if rows is None:
         raise FormatError(
             f"trainable_token_indices gives no single list of token ids for '{module}'",
             where,
-            _SAVED,
+            SAVED,
         )
     vocab = reader.shapes[module + ".weight"][0]
     if any(i >= vocab for i in rows):
@@ -554,7 +321,7 @@ def lora_deltas(adapter: str, reader) -> dict[str, torch.Tensor]:
     folder = Path(adapter)
     cfg_path, weights_path = folder / "adapter_config.json", folder / "adapter_model.safetensors"
     if not folder.is_dir() or not cfg_path.exists():
-        raise InputError("not a PEFT adapter folder (no adapter_config.json)", adapter, _SAVED)
+        raise InputError("not a PEFT adapter folder (no adapter_config.json)", adapter, SAVED)
     if not weights_path.exists():
         raise InputError(
             "the adapter has no adapter_model.safetensors",
@@ -570,7 +337,7 @@ def lora_deltas(adapter: str, reader) -> dict[str, torch.Tensor]:
         f = safe_open(str(weights_path), framework="pt")
     except Exception as e:
         raise FormatError(
-            f"not a readable safetensors file ({type(e).__name__})", where, _SAVED
+            f"not a readable safetensors file ({type(e).__name__})", where, SAVED
         ) from None
     with f:
         layers, whole, shapes = read_layout(f, where)
