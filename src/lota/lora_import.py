@@ -174,10 +174,10 @@ def plan_merge(layers, whole, shapes, s: Settings, reader, where: str) -> dict[s
     return plans
 
 
-def _same_shape(key: str, shapes: dict, want: list, where: str) -> None:
+def _same_shape(key: str, shapes: dict, want: list, where: str, why: str = "the base's") -> None:
     if shapes[key] != want:
         raise MismatchError(
-            f"tensor '{key}' has shape {shapes[key]}, the base needs {want}", where, _OWN_BASE
+            f"tensor '{key}' has shape {shapes[key]}, not {want} ({why})", where, _OWN_BASE
         )
 
 
@@ -214,9 +214,10 @@ def _check_layer(layer: Layer, p: Plan, s: Settings, shapes, reader, where: str)
         _check_names(module, s, where)
         _check_extras(layer, p.kind, s, where)
         out, inp = reader.shapes[p.name] if p.kind == "linear" else reader.shapes[p.name][::-1]
-        r, _ = s.rank_alpha(module)
-        _same_shape(parts["a"], shapes, [r, inp], where)  # the config's rank, as PEFT builds it
-        _same_shape(parts["b"], shapes, [out, r], where)
+        r, _ = s.rank_alpha(module)  # PEFT builds the layer with the config's rank
+        why = f"the base's layer and the config's r = {r}"
+        _same_shape(parts["a"], shapes, [r, inp], where, why)
+        _same_shape(parts["b"], shapes, [out, r], where, why)
         if "magnitude" in parts:
             _same_shape(parts["magnitude"], shapes, [out], where)
 
@@ -288,19 +289,23 @@ def _finite(t: torch.Tensor, what: str, where: str) -> torch.Tensor:
 
 
 def _merged(p: Plan, get, base, s: Settings, where: str) -> torch.Tensor:
-    """The change PEFT's merge makes to ``p.name``, in float32."""
+    """The change PEFT's merge makes to ``p.name``, in float32 (``get``: an adapter tensor in
+    float32, ``base``: the base's tensor as stored)."""
     layer = p.layer
     dora = layer is not None and "magnitude" in layer.parts
     needs_base = p.whole is not None or p.rows is not None or p.bias_of is not None or dora
-    w0 = base(p.name) if needs_base else None
+    needs_base = needs_base or p.kind == "embedding"
+    stored = base(p.name) if needs_base else None
+    w0 = None if stored is None else stored.to(torch.float32)
     new = get(p.whole) if p.whole is not None else w0
     if p.bias_of is not None:
-        return _finite(new + get(p.bias_of.parts["bias"]) * s.scale(p.bias_of.module) - w0,
-                       f"the change to '{p.name}'", where)  # fmt: skip
-    if layer is not None and "a" in layer.parts:
+        new = new + get(p.bias_of.parts["bias"]) * s.scale(p.bias_of.module)
+    elif layer is not None and "a" in layer.parts:
         a, b = get(layer.parts["a"]), get(layer.parts["b"])
         delta = b @ a  # [out, in]
         delta = (delta if p.kind == "linear" else delta.T) * s.scale(layer.module)
+        if p.kind == "embedding" and not dora:  # PEFT rounds it to the weight's dtype first
+            delta = delta.to(stored.dtype).to(torch.float32)
         if new is None:
             return _finite(delta, f"the change to '{p.name}'", where)
         new = new + delta
@@ -348,10 +353,7 @@ def lora_deltas(adapter: str, reader) -> dict[str, torch.Tensor]:
         def get(key: str) -> torch.Tensor:
             return _finite(f.get_tensor(key).to(torch.float32), f"tensor '{key}'", where)
 
-        def base(name: str) -> torch.Tensor:
-            return reader.get(name).to(torch.float32)
-
-        return {n: _merged(plans[n], get, base, settings, where) for n in sorted(plans)}
+        return {n: _merged(plans[n], get, reader.get, settings, where) for n in sorted(plans)}
 
 
 def import_lora(adapter: str, base: str, sparsity: str | None = None) -> SparseDelta:
