@@ -1,7 +1,9 @@
 """The official LoTA code's masks: ``torch.save`` dicts ``{parameter name: bool tensor}`` in which
 True marks a frozen (pruned) entry. ``lota import-mask`` turns one into a ticket, reading it with
-``torch.load(weights_only=True)`` (plain tensors only: no code in the file can run);
-``lota export-mask`` writes a ticket in that format for the official training code.
+``torch.load(weights_only=True)`` (plain tensors only: no code in the file can run) and checking
+every mask (dense, holding all the entries its shape declares, and with ``--base`` of the model's
+shape) before any of them is expanded; ``lota export-mask`` writes a ticket in that format for the
+official training code.
 
 Export is the one place lota writes a pickle-based file, because that is the format the official
 code reads; it is written atomically like every other output.
