@@ -110,3 +110,36 @@ def test_bad_mask_files_are_refused(workdir, tmp_path, capsys):
         )
         assert code == 2 and words in err and err.count("\n") == 1, (name, err)
         assert not (tmp_path / "t.safetensors").exists()
+
+
+def test_masks_are_checked_before_they_are_expanded(workdir, tmp_path, capsys, monkeypatch):
+    """A 1.4 KB file can hold a stride-0 view declaring 3.6e9 entries: its shape and storage are
+    checked (and, with --base, compared with the model) before a single entry is expanded; sparse
+    and meta tensors and names with newlines end in one line too."""
+    import numpy as np
+
+    view = torch.zeros(1, dtype=torch.bool).expand(60_000, 60_000)
+    torch.save({"model.layers.0.mlp.up_proj.weight": view}, tmp_path / "view.pt")
+    assert (tmp_path / "view.pt").stat().st_size < 2_000
+    fits = torch.zeros(1, dtype=torch.bool).expand(64, 32)  # the base's shape, still a view
+    torch.save({"model.layers.0.mlp.up_proj.weight": fits}, tmp_path / "fits.pt")
+    torch.save({"a.weight": torch.eye(3).to_sparse()}, tmp_path / "sparse.pt")
+    torch.save({"a.weight": torch.zeros(3, 3, device="meta")}, tmp_path / "meta.pt")
+    torch.save({"a\nb.weight": torch.zeros(2, 2, dtype=torch.complex64)}, tmp_path / "name.pt")
+    expanded = []
+    monkeypatch.setattr(np, "flatnonzero", lambda a: expanded.append(a.size))
+    cases = [
+        ("view.pt", [], "stores only 1 values"),
+        ("view.pt", ["--base", workdir / "base"], "stores only 1 values"),
+        ("fits.pt", ["--base", workdir / "base"], "stores only 1 values"),
+        ("sparse.pt", [], "sparse_coo tensor"),
+        ("meta.pt", [], "meta device"),
+        ("name.pt", [], "a\\nb.weight"),
+    ]
+    for name, extra, words in cases:
+        code, _, err = run(
+            capsys, "import-mask", tmp_path / name, *extra, "--out", tmp_path / "t.safetensors"
+        )
+        assert code == 2 and words in err and err.count("\n") == 1, (name, err)
+        assert not (tmp_path / "t.safetensors").exists()
+    assert not expanded

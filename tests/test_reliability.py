@@ -743,3 +743,161 @@ def test_eval_malformed_data_names_the_line(workdir, capsys, tmp_path, content, 
     data = tmp_path / "bad.jsonl"
     data.write_text(content)
     assert_refused(*lota(capsys, "eval", workdir / "base", "--data", data), *words)
+
+
+def _json_values(st):
+    """Hypothesis strategy of any JSON value: NaN and infinities, huge integers, strings that
+    look like regexes or numbers, lists and objects nested as deep as it likes."""
+    scalars = (
+        st.none()
+        | st.booleans()
+        | st.integers(-(2**70), 2**70)
+        | st.floats(allow_nan=True)
+        | st.text(max_size=12)
+        | st.sampled_from(["(.*.*)*X", "q_proj", "^lm_head", "all-linear", "pissa", "LORA", "8"])
+        | st.sampled_from([10**400, -(10**400), 2**31, 2**40])
+    )
+    return st.recursive(
+        scalars,
+        lambda kids: (
+            st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=12), kids, max_size=4)
+        ),
+        max_leaves=30,
+    )
+
+
+def test_hypothesis_fuzz_of_adapter_configs(workdir, tmp_path):
+    """Hypothesis puts any JSON value (or several) in any field of a PEFT adapter's
+    adapter_config.json, PEFT's fields and unknown ones, or replaces the whole file: the import
+    either reproduces a finite change of the base's shapes or refuses with lota's one-line input
+    error, never another exception or a hang."""
+    hyp = pytest.importorskip("hypothesis")
+    from hypothesis import HealthCheck, settings
+    from hypothesis import strategies as st
+
+    from lota.errors import InputError
+    from lota.lora_import import lora_deltas
+    from lota.models import WeightReader
+
+    from .test_lora_import import QKV, peft_adapter
+
+    peft_adapter(workdir / "base", tmp_path / "adapter", target_modules=QKV)
+    path = tmp_path / "adapter" / "adapter_config.json"
+    good = json.loads(path.read_text())
+    reader = WeightReader(str(workdir / "base"))
+    fields = sorted(good) + ["use_dora", "lora_bias", "rank_pattern", "alpha_pattern", "junk"]
+    edit = st.tuples(
+        st.sampled_from(fields), _json_values(st), st.sampled_from([0, 0, 0, 70, 3000])
+    )
+
+    @settings(
+        max_examples=500,
+        derandomize=True,
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
+    @hyp.given(edits=st.lists(edit, min_size=1, max_size=3), whole=st.booleans())
+    def check(edits, whole):
+        cfg, deep = dict(good), {}
+        for i, (name, value, depth) in enumerate(edits):
+            cfg[name] = f"@{i}@"  # nested by text below: json.dumps itself would recurse
+            deep[f'"@{i}@"'] = "[" * depth + json.dumps(value) + "]" * depth
+        text = json.dumps(edits[0][1]) if whole else json.dumps(cfg)
+        for marker, nested in deep.items():
+            text = text.replace(marker, nested)
+        path.write_text(text)
+        try:
+            changes = lora_deltas(str(tmp_path / "adapter"), reader)
+        except InputError as e:
+            assert "\n" not in e.line() and e.exit_code == 2
+            return
+        for name, change in changes.items():
+            assert tuple(change.shape) == reader.shapes[name]
+            assert bool(torch.isfinite(change).all()), name
+        imported.append(edits)
+
+    imported = []
+    check()
+    assert len(imported) > 20  # the fuzz reaches the merge, not only the refusals
+
+
+def test_hypothesis_fuzz_of_official_mask_files(workdir, tmp_path, monkeypatch):
+    """Hypothesis writes .pt mask files of any entries: names of the base's parameters or not,
+    tensors of any dtype and shape, dense, strided views (expand, transpose, slices), sparse or
+    meta tensors, or plain values; imported with and without the base, each becomes a ticket of
+    exactly its shapes or ends in lota's one-line input error."""
+    hyp = pytest.importorskip("hypothesis")
+    from hypothesis import HealthCheck, settings
+    from hypothesis import strategies as st
+
+    from lota import models
+    from lota.errors import InputError
+    from lota.models import WeightReader
+    from lota.official import import_official
+
+    base = str(workdir / "base")
+    reader = WeightReader(base)  # read once: the fuzz is about the mask files
+    monkeypatch.setattr(models, "WeightReader", lambda *a, **k: reader)
+    shapes = reader.shapes
+    names = sorted(shapes)[:6]
+    dtypes = [torch.bool, torch.uint8, torch.int64, torch.float32, torch.bfloat16, torch.complex64]
+    path = tmp_path / "m.pt"
+
+    def make(kind, dtype, shape, seed):
+        one = torch.ones([1] * len(shape), dtype=dtype)
+        if kind == "expand" or math.prod(shape) > 10**5:  # a huge shape only as a view
+            return one.expand(shape) if math.prod(shape) else one.reshape(-1)[:0].reshape(shape)
+        g = torch.Generator().manual_seed(seed)
+        dense = (torch.rand(shape, generator=g) < 0.5).to(dtype)
+        if kind == "values":
+            return (torch.rand(shape, generator=g) * 3).to(dtype)
+        if kind == "transpose" and len(shape) == 2:
+            return dense.T.contiguous().T
+        if kind == "slice" and shape:
+            return torch.cat([dense, dense], dim=0)[: shape[0]]
+        if kind == "sparse":
+            return dense.to(torch.float32).to_sparse()
+        if kind == "meta":
+            return torch.zeros(shape, device="meta")
+        return dense
+
+    tensor = st.builds(
+        make,
+        st.sampled_from(
+            ["dense", "dense", "values", "expand", "transpose", "slice", "sparse", "meta"]
+        ),
+        st.sampled_from(dtypes),
+        st.one_of(
+            st.sampled_from([list(shapes[n]) for n in names]),
+            st.lists(st.integers(0, 5), max_size=3),
+            st.just([20_000, 20_000]),
+        ),
+        st.integers(0, 2**16),
+    )
+    entry_name = st.sampled_from(names) | st.text(max_size=8)
+    value = tensor | st.integers() | st.text(max_size=4) | st.lists(st.integers(), max_size=2)
+
+    @settings(
+        max_examples=300,
+        derandomize=True,
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
+    @hyp.given(entries=st.dictionaries(entry_name, value, max_size=4), with_base=st.booleans())
+    def check(entries, with_base):
+        torch.save(entries, path)
+        try:
+            ticket = import_official(str(path), base if with_base else None)
+        except InputError as e:
+            assert "\n" not in e.line() and e.exit_code == 2
+            return
+        for name, m in entries.items():
+            assert ticket.shapes[name] == tuple(m.shape)
+            assert ticket.indices[name].numel() <= m.numel()
+            outcomes.add(name)
+
+    outcomes = set()
+    check()
+    assert outcomes  # some files did import

@@ -20,7 +20,15 @@ class LotaError(Exception):
         parts = [f"{self.where}: {self.what}" if self.where else self.what]
         if self.fix:
             parts.append(self.fix)
-        return " -- ".join(parts)
+        return one_line(" -- ".join(parts))
+
+
+def one_line(text: str) -> str:
+    """``text`` with every unprintable character (a newline in a file or tensor name, a control
+    character) written as its escape, so that an error stays one line whatever a file holds."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
 class InputError(LotaError):

@@ -626,6 +626,14 @@ def named_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def tied_names(model: nn.Module) -> dict[int, list[str]]:
+    """``{id(parameter): every name it has}``: a tied parameter has several."""
+    names: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(n)
+    return names
+
+
 def model_fingerprint(model: nn.Module) -> str:
     return fingerprint(named_weights(model).items())
 

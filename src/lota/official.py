@@ -1,7 +1,9 @@
 """The official LoTA code's masks: ``torch.save`` dicts ``{parameter name: bool tensor}`` in which
 True marks a frozen (pruned) entry. ``lota import-mask`` turns one into a ticket, reading it with
-``torch.load(weights_only=True)`` (plain tensors only: no code in the file can run);
-``lota export-mask`` writes a ticket in that format for the official training code.
+``torch.load(weights_only=True)`` (plain tensors only: no code in the file can run) and checking
+every mask (dense, holding all the entries its shape declares, and with ``--base`` of the model's
+shape) before any of them is expanded; ``lota export-mask`` writes a ticket in that format for the
+official training code.
 
 Export is the one place lota writes a pickle-based file, because that is the format the official
 code reads; it is written atomically like every other output.
@@ -53,14 +55,25 @@ def import_official(path: str, base: str | None = None) -> Ticket:
         raise FormatError(
             "expected a dict of parameter name -> mask tensor", path, "pass an official mask file"
         )
+    for name, m in masks.items():
+        _check_entry(name, m, path)
+    fingerprint = ""
+    if base is not None:  # every shape checked against the model before any mask is expanded
+        from .models import WeightReader
+
+        reader = WeightReader(base, "base model")
+        for name, m in masks.items():
+            have = reader.shapes.get(name)
+            if have != tuple(m.shape):
+                raise MismatchError(
+                    f"mask '{name}' has shape {list(m.shape)}, the base "
+                    + ("has no such parameter" if have is None else f"has {list(have)}"),
+                    path,
+                    "import masks made for this base model",
+                )
+        fingerprint = reader.fingerprint()
     shapes, indices = {}, {}
     for name, m in masks.items():
-        if not isinstance(name, str) or not isinstance(m, torch.Tensor):
-            raise FormatError(
-                f"entry {name!r} is not a parameter name with a mask tensor",
-                path,
-                "pass an official mask file",
-            )
         if m.dtype != torch.bool:
             if bool(((m != 0) & (m != 1)).any()):
                 raise FormatError(
@@ -72,22 +85,41 @@ def import_official(path: str, base: str | None = None) -> Ticket:
         shapes[name] = tuple(m.shape)
         trainable = ~m.reshape(-1)
         indices[name] = torch.from_numpy(np.flatnonzero(trainable.numpy()))
-    fingerprint = ""
-    if base is not None:
-        from .models import WeightReader
-
-        reader = WeightReader(base, "base model")
-        for name, shape in shapes.items():
-            if reader.shapes.get(name) != shape:
-                have = reader.shapes.get(name)
-                raise MismatchError(
-                    f"mask '{name}' has shape {list(shape)}, the base "
-                    + ("has no such parameter" if have is None else f"has {list(have)}"),
-                    path,
-                    "import masks made for this base model",
-                )
-        fingerprint = reader.fingerprint()
     return Ticket(shapes=shapes, indices=indices, base_fingerprint=fingerprint)
+
+
+_MASK_DTYPES = {torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64}
+_MASK_DTYPES |= {torch.float16, torch.bfloat16, torch.float32, torch.float64}
+
+
+def _check_entry(name, m, path: str) -> None:
+    """A mask entry as the official code saves it: a name, and a dense tensor in memory that
+    holds every one of its entries. A strided view declares a shape from a few stored values
+    (a 1.4 KB file can describe 3.6e9 entries), so its size is checked before it is expanded."""
+    if not isinstance(name, str) or not isinstance(m, torch.Tensor):
+        raise FormatError(
+            f"entry {repr(name)[:80]} is not a parameter name with a mask tensor",
+            path,
+            "pass an official mask file",
+        )
+    problem = None
+    if m.layout != torch.strided:
+        problem = f"is a {str(m.layout).removeprefix('torch.')} tensor, not a dense one"
+    elif m.device.type != "cpu":
+        problem = f"is on the {m.device.type} device, so it holds no values"
+    elif m.dtype not in _MASK_DTYPES:
+        problem = f"holds {str(m.dtype).removeprefix('torch.')}, not bool, integer or float values"
+    elif m.numel() > m.untyped_storage().nbytes() // m.element_size():
+        problem = (
+            f"has shape {list(m.shape)} ({m.numel():,} entries) but stores only "
+            f"{m.untyped_storage().nbytes() // m.element_size():,} values (a view, not a mask)"
+        )
+    if problem:
+        raise FormatError(
+            f"mask of '{name[:200]}' {problem}",
+            path,
+            "pass the official code's masks as dense tensors (torch.save of bool masks)",
+        )
 
 
 def export_official(ticket: Ticket, path: str | os.PathLike) -> int:

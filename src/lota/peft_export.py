@@ -31,6 +31,7 @@ from ._version import __version__
 from .delta import SparseDelta, arithmetic_dtype, finite_sum
 from .errors import InputError, MismatchError
 from .fileio import atomic_dir, atomic_path, save_safetensors, write_json, writing_folder
+from .models import tied_names
 
 KIND = "peft-export"
 FORMAT_VERSION = 1
@@ -47,17 +48,10 @@ def file_digest(path: str | Path) -> str:
     return "blake2b:" + h.hexdigest()
 
 
-def _tied_names(skeleton: torch.nn.Module) -> dict[int, list[str]]:
-    names: dict[int, list[str]] = {}
-    for n, p in skeleton.named_parameters(remove_duplicate=False):
-        names.setdefault(id(p), []).append(n)
-    return names
-
-
 def adapter_layers(delta: SparseDelta, skeleton: torch.nn.Module, where: str) -> dict[str, str]:
     """``{weight name: module name}`` of the tensors the delta touches; refuses any that is not the
     weight of an ``nn.Linear`` (the only layer SHiRA adapts)."""
-    shared = _tied_names(skeleton)
+    shared = tied_names(skeleton)
     modules = dict(skeleton.named_modules())
     out = {}
     for name, idx in delta.ticket.indices.items():
