@@ -78,11 +78,20 @@ def assert_only_ticket_changed(before, after, ticket) -> None:
     for name in getattr(before, "shapes", before):
         w0, w1 = before.get(name), after.get(name)
         assert w0.dtype == w1.dtype and w0.shape == w1.shape, name
-        frozen = torch.ones(w0.numel(), dtype=torch.bool)
-        if name in ticket.indices:
-            frozen[ticket.indices[name]] = False
-        a, b = w0.reshape(-1)[frozen], w1.reshape(-1)[frozen]
-        assert torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8)), name
+        a, b = entry_bits(w0), entry_bits(w1)
+        idx = ticket.indices.get(name)
+        if idx is not None and idx.numel():  # the ticket's entries may differ: take them as before
+            b = b.clone()
+            b[idx] = a[idx]
+        assert torch.equal(a, b), name
+
+
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def entry_bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bits of each entry, flat, so that -0.0 and NaN payloads compare exactly."""
+    return t.detach().contiguous().view(_INT_OF_SIZE[t.element_size()]).reshape(-1)
 
 
 @pytest.fixture(scope="session")

@@ -99,6 +99,26 @@ def test_protect_keeps_protected_entries_bit_identical(workdir):
     assert_only_ticket_changed(model_a, model_b, delta_b.ticket)
 
 
+def test_protect_file_wider_than_the_targets_protects_what_they_share(workdir):
+    """A later task may adapt fewer tensors than the one it protects: the protected entries
+    outside its targets are frozen anyway, those inside are kept out of its ticket."""
+    _, out_a = run(workdir, "narrow_a", save_model=True)
+    _, out_b = run(
+        workdir,
+        "narrow_b",
+        model=out_a / "model",
+        data=workdir / "b.jsonl",
+        targets=r"self_attn\.(q|v)_proj\.weight",
+        protect=[str(out_a / "delta.safetensors")],
+        save_model=True,
+    )
+    delta_a, delta_b = fmt.load(out_a / "delta.safetensors"), fmt.load(out_b / "delta.safetensors")
+    assert all("self_attn" in n for n in delta_b.names)
+    assert any(delta_a.indices[n].numel() for n in delta_b.names)
+    assert delta_b.ticket.overlap(delta_a.ticket) == 0
+    assert_only_ticket_changed(weights(out_a / "model"), weights(out_b / "model"), delta_b.ticket)
+
+
 def test_flip_mode_trains_complement_and_keeps_disjoint_ticket(workdir):
     _, out_a = run(workdir, "flip_a", save_model=True)
     _, out_b = run(

@@ -345,6 +345,50 @@ def test_protect_file_for_another_architecture(workdir, capsys, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_mask_protect_file_wider_than_the_targets(workdir, trained, capsys, tmp_path):
+    out, protect = tmp_path / "t.safetensors", trained / "delta.safetensors"
+    code, _, err = lota(
+        capsys,
+        "mask",
+        workdir / "base",
+        trained / "model",
+        "--targets",
+        r"self_attn\.",
+        "--protect",
+        protect,
+        "--out",
+        out,
+        "--quiet",
+    )
+    assert code == 0, err
+    t, a = fmt.load(out), fmt.load(protect)
+    assert all("self_attn" in n for n in t.names) and t.overlap(a.ticket) == 0
+
+
+def test_ticket_outside_the_targets_is_named_as_such(workdir, trained, capsys, tmp_path):
+    out = tmp_path / "o"
+    assert_refused(
+        *lota(
+            capsys,
+            "adapt",
+            workdir / "base",
+            "--data",
+            workdir / "a.jsonl",
+            "--out",
+            out,
+            "--ticket",
+            trained / "delta.safetensors",
+            "--targets",
+            r"self_attn\.q_proj",
+            *ADAPT,
+        ),
+        "ticket has tensor",
+        "targets do not have",
+        "--targets",
+    )
+    assert not out.exists()
+
+
 def test_ticket_overlapping_protection(workdir, trained, capsys, tmp_path):
     d = trained / "delta.safetensors"
     assert_refused(

@@ -67,7 +67,7 @@ from .sparse_model import (
     sync_shards_,
     unprepare,
 )
-from .ticket import Ticket
+from .ticket import Ticket, check_against
 from .train import MetricsLog, TrainSettings, limit_heap_growth, release_freed_memory, train
 
 # What a run writes into --out. A folder holding only these (and lota's temporaries of them) and
@@ -378,8 +378,11 @@ def _adapt(
     data = tokenize(examples, tokenizer, max_length, where=cfg.data, positions=positions)
     targets = resolve_targets(model, cfg.targets)
     base_fp = model_fingerprint(model)
-    protected = sources.protected_ticket(cfg.protect, targets)
-    given = sources.load_tickets([cfg.ticket], targets) if cfg.ticket else []
+    tensors = {n: tuple(p.shape) for n, p in named_weights(model).items()}
+    protected = sources.protected_ticket(cfg.protect, targets, tensors)
+    given = sources.load_tickets([cfg.ticket], tensors) if cfg.ticket else []
+    if given:
+        check_against(targets, given[0], "ticket")
     if given and given[0].nnz == 0:
         raise InputError(
             "the ticket selects no entry, so the run would train nothing",

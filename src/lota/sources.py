@@ -598,17 +598,23 @@ def calibration_errors(cfg) -> list[str]:
 
 # ---------------------------------------------------------------------------- tickets from files
 def load_tickets(paths: list[str], shapes: dict[str, tuple[int, ...]]) -> list[Ticket]:
-    """The tickets of ticket or delta files, each checked against ``shapes`` (the model's targets)
-    as it loads, so an error names the file."""
+    """The tickets of ticket or delta files, each checked against ``shapes`` (the model's
+    tensors) as it loads, so an error names the file."""
     from . import format as fmt
 
     return [fmt.load(p, shapes=shapes).ticket for p in paths]
 
 
-def protected_ticket(paths: list[str], shapes: dict[str, tuple[int, ...]]) -> Ticket | None:
-    """The union of the tickets to protect (``--protect``) over ``shapes``; None without any."""
+def protected_ticket(
+    paths: list[str],
+    shapes: dict[str, tuple[int, ...]],
+    model_shapes: dict[str, tuple[int, ...]] | None = None,
+) -> Ticket | None:
+    """The union of the tickets to protect (``--protect``) over ``shapes`` (the targets); None
+    without any. Each file is checked against ``model_shapes`` (every tensor of the model;
+    default ``shapes``): its entries outside the targets are frozen anyway."""
     if not paths:
         return None
     from .ticket import Ticket
 
-    return Ticket.union(load_tickets(paths, shapes), shapes)
+    return Ticket.union(load_tickets(paths, model_shapes or shapes), shapes)

@@ -81,7 +81,7 @@ def make_ticket(
     limit_heap_growth()  # per-tensor temporaries must not fragment the heap the ticket grows in
     rb, rt, shapes = _readers(base, tuned, targets)
     k = require_trainable(sparsity, numel_of(shapes))
-    excluded = protected_ticket(protect or [], shapes)
+    excluded = protected_ticket(protect or [], shapes, rb.shapes)
     return select_difference(rb, rt.get, shapes, k, method, excluded, seed, show_progress)
 
 
