@@ -63,7 +63,9 @@ def build(folder: Path, hidden: int, layers: int, intermediate: int) -> Path:
 
 
 def write_data(path: Path, n: int = 64) -> Path:
-    rows = [{"prompt": f"Q{i}: what is {i} plus {i}?", "completion": f" {2 * i}."} for i in range(n)]
+    rows = [
+        {"prompt": f"Q{i}: what is {i} plus {i}?", "completion": f" {2 * i}."} for i in range(n)
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
@@ -118,7 +120,7 @@ class SyncCounter:
 
 
 def syncs_part(args, work: Path) -> dict:
-    from lota import sparse_model, selection
+    from lota import selection, sparse_model
     from lota.data import batches, read_jsonl, tokenize
     from lota.dist import World
     from lota.models import load_model, load_tokenizer, resolve_targets
@@ -147,7 +149,7 @@ def syncs_part(args, work: Path) -> dict:
         counter = SyncCounter()
         steps = args.syncs_steps + 1
 
-        def on_step(step, opt):
+        def on_step(step, opt, counter=counter):
             counter.on = True  # from the second step on: the first one warms up
 
         stream = batches(data, 4 * s["accum"], 0, 0)
@@ -387,7 +389,9 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     folder = build(work / "model", args.hidden, args.layers, args.intermediate)
     data = write_data(work / "data.jsonl")
-    n = sum(math.prod(p.shape) for p in __import__("lota").models.load_model(str(folder)).parameters())
+    n = sum(
+        math.prod(p.shape) for p in __import__("lota").models.load_model(str(folder)).parameters()
+    )
     report = {
         "bench": "host_costs",
         "model": {"hidden": args.hidden, "layers": args.layers, "params": n},
