@@ -143,6 +143,14 @@ def test_fsdp2_prepared_model_trains_like_one_process_and_keeps_frozen_rows(work
     assert checked > 10_000
 
 
+def test_fsdp2_shards_are_rewritten_with_one_collective_per_step(worker):
+    """After each optimizer step every sharded weight's rows get ``base + delta``: the deltas of
+    all weights come over in one all-gather, not one per weight."""
+    _, parts = worker("prepare")
+    for part in parts:
+        assert part["gathers_per_step"].item() == 1
+
+
 # ---------------------------------------------------------------------- lota adapt, 2 ranks
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_adapt_under_torchrun_equals_one_process(workdir, single, tmp_path, mode):

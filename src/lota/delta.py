@@ -110,7 +110,8 @@ def write_entries_(
     flat = param.data.view(-1)
     dev = flat.device  # a model on a GPU, with the delta read from a file on the CPU
     vals = base_vals.to(device=dev, dtype=values.dtype) + values.to(dev)
-    flat.index_copy_(0, idx.to(dev), vals.to(param.dtype))
+    # index_put_ takes int32 positions as they are (index_copy_ would want a new int64 copy)
+    flat.index_put_((idx.to(dev),), vals.to(param.dtype))
 
 
 @torch.no_grad()

@@ -272,8 +272,9 @@ def train(
         t_step = time.perf_counter()
         batch = next(data)
         try:
-            # summed over micro-batches, then ranks: loss, tokens, completion tokens
-            totals = torch.zeros(3, dtype=torch.float64)
+            # summed over micro-batches, then ranks: loss, tokens, completion tokens; on the
+            # device, read once per step (a read per micro-batch would wait for each)
+            totals = torch.zeros(3, dtype=torch.float64, device=world.device)
             micro = micro_batches(batch, world, grad_accum)
             for a, mb in enumerate(micro):
                 last = a == len(micro) - 1
@@ -281,16 +282,15 @@ def train(
                     with precision.autocast():
                         loss = forward(**mb, **no_cache).loss
                     precision.backward(loss / grad_accum)
-                totals += torch.tensor(
+                totals += torch.stack(
                     [
-                        loss.item(),
-                        mb["attention_mask"].sum().item(),
-                        (mb["labels"] != -100).sum().item(),
-                    ],
-                    dtype=torch.float64,
+                        loss.detach().double(),
+                        mb["attention_mask"].sum().double(),
+                        (mb["labels"] != -100).sum().double(),
+                    ]
                 )
-            world.sum_(totals)
-            mean_loss = totals[0].item() / (world.size * grad_accum)
+            loss_sum, token_sum, completion_sum = world.sum_(totals).tolist()
+            mean_loss = loss_sum / (world.size * grad_accum)
             if not math.isfinite(mean_loss):
                 raise TrainingError(
                     f"the loss became {mean_loss} at step {step + 1} of {phase}",
@@ -308,7 +308,7 @@ def train(
                 fix="lower --batch-size or --max-length, or add --gradient-checkpointing "
                 "(or use a smaller --dtype)",
             ) from None
-        tokens += int(totals[1])
+        tokens += int(token_sum)
         elapsed = time.perf_counter() - start
         losses.append(mean_loss)
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
@@ -317,7 +317,7 @@ def train(
             "step": step + 1,
             "loss": losses[-1],
             "lr": s.lr,
-            "completion_tokens": int(totals[2]),
+            "completion_tokens": int(completion_sum),
             "tokens_per_s": tokens / elapsed if elapsed > 0 else math.nan,
             "step_s": round(time.perf_counter() - t_step, 6),
             "peak_rss_mb": round(peak_rss_mb(), 1),
@@ -327,7 +327,7 @@ def train(
         if cuda:
             record["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated(world.device) / 2**20, 1)
         if precision.scaler is not None:
-            record["loss_scale"] = precision.scaler.get_scale()
+            record["loss_scale"] = precision.scale
             record["skipped"] = not stepped
         log.write(record)
         if on_step is not None:
