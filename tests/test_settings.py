@@ -265,7 +265,7 @@ ADAPT_OPTIONS = {
     "--gradient-checkpointing": ("gradient_checkpointing", None, 0, None, None, False, "recompute each block's activations in the backward pass (transformers' non-reentrant checkpointing): less memory, about a third more compute"),
     "--values-dtype": ("values_dtype", None, None, None, ("float32", "bfloat16", "float16"), False, "precision of the delta's values on disk"),
     "--save-model": ("save_model", None, 0, None, None, False, "also write a loadable model folder to OUT/model"),
-    "--checkpoint-every": ("checkpoint_every", int, None, None, None, False, "steps between checkpoints (default 100; phase ends always checkpoint)"),
+    "--checkpoint-every": ("checkpoint_every", int, None, None, None, False, "steps between checkpoints (default 100; every phase start and the end of training always checkpoint, and a calibration ends in its ticket)"),
     "--resume": ("resume", None, 0, None, None, False, "continue an interrupted run (also automatic)"),
     "--restart": ("restart", None, 0, None, None, False, "discard an interrupted run's checkpoint and start over"),
     "--force": ("force", None, 0, None, None, False, "write into an existing, non-empty --out"),

@@ -58,7 +58,13 @@ from .sparse_model import (
     unprepare,
 )
 from .ticket import Ticket
-from .train import MetricsLog, TrainSettings, limit_heap_growth, release_freed_memory, train
+from .train import (
+    MetricsLog,
+    TrainSettings,
+    heap_growth_limited,
+    release_freed_memory,
+    train,
+)
 
 # What a run writes into --out. A folder holding only these (and lota's temporaries of them) and
 # marked by a run of the same settings is that run, interrupted, and the same command takes it up.
@@ -211,6 +217,7 @@ class _Run:
         optimizer: torch.optim.Optimizer | None = None,
         held: dict[str, torch.Tensor] | None = None,
         masters: bool = False,
+        selects: bool = False,
     ) -> None:
         """Train ``params`` for one phase, continuing from the checkpoint when it is of this phase.
 
@@ -218,7 +225,10 @@ class _Run:
         ``held``: the tensors the phase's checkpoints keep and a resume restores, if not
         ``params`` (none for a phase that changes no weight; an earlier phase's result it starts
         from is held from its first checkpoint on). ``masters``: ``params`` are float32 copies of
-        16-bit weights (``lota.precision``)."""
+        16-bit weights (``lota.precision``). ``selects``: a ticket is selected from the phase's
+        result, and the ticket is what the next checkpoint holds: the phase's last step writes no
+        checkpoint of its own (only the ``--checkpoint-every`` ones), which for a dense
+        calibration would hold the targets and both AdamW moments."""
         start, opt_state, scaler_state = 0, None, None
         kept = params if held is None else held
         if self.state is not None and self.state["phase"] == name:
@@ -250,7 +260,7 @@ class _Run:
             self.ckpt.maybe_save(
                 name,
                 step,
-                steps,
+                None if selects else steps,
                 params=kept,
                 optimizer=opt,
                 batches=self.served[0],
@@ -575,9 +585,7 @@ def _dense_run(run: _Run, steps: int) -> SparseDelta:
     else:
         model, stored, params = _train_lora(run, steps), {}, {}
         run.model = model
-    full = Ticket(
-        shapes=targets, indices={n: torch.arange(math.prod(s)) for n, s in targets.items()}
-    )
+    full = Ticket.every(targets)  # no index per entry: the file stores the "full" encoding
     weights = named_weights(model)
     # the exact change of the float32 masters; then the model holds its weights' dtype again
     delta = delta_from_weights(full, run.w0, {n: dist.full_tensor(weights[n]) for n in targets})
@@ -680,8 +688,8 @@ def _sparse_run(ctx: sources.Context, steps: int) -> SparseDelta:
     if run.state is not None:
         run.state["ticket"] = None
     release_freed_memory(run.world.device)  # what the calibration freed
-    limit_heap_growth()
-    run.phase("train", delta_parameters(model), cfg.lr, steps)
+    with heap_growth_limited(run.world.device):
+        run.phase("train", delta_parameters(model), cfg.lr, steps)
     delta = extract_delta(model)
     if run.sharded:  # each rank checks its own rows of every weight
         info["frozen_verified"] = _verify_frozen_shards(
@@ -730,7 +738,13 @@ def dense_calibration(
             settings, optimizer=optimizer, momentum=0.0, weight_decay=0.0
         )
     run.phase(
-        "calibration", params, lr, cfg.calibration_steps, settings=settings, masters=bool(stored)
+        "calibration",
+        params,
+        lr,
+        cfg.calibration_steps,
+        settings=settings,
+        masters=bool(stored),
+        selects=True,
     )
     with torch.no_grad():
         if run.sharded:
@@ -789,22 +803,26 @@ def _select_sharded(run: _Run, selector: str, weights, k: int, protected) -> Tic
 
 
 def _verify_frozen(weights, w0, ticket: Ticket, protected: Ticket | None) -> bool:
-    """Every entry outside the ticket (and every protected entry) equals the start, bit for bit."""
+    """Every entry outside the ticket (and every protected entry) equals the start, bit for bit.
+
+    Compared where the weights are (a GPU's never come over to the host): each starting tensor
+    goes to the weight's device, takes the ticket's entries of the trained weight, and must then
+    equal it bit for bit."""
     for n, idx in ticket.indices.items():
-        now = weights[n].detach().reshape(-1).cpu()
-        start = w0[n].to(now.dtype).reshape(-1)
-        outside = torch.ones(now.numel(), dtype=torch.bool)
-        outside[idx] = False
-        if not _same_bits(now[outside], start[outside]):
-            raise LotaError(
-                f"entries outside the ticket of '{n}' changed", fix="report this as a lota bug"
-            )
+        now = weights[n].detach().reshape(-1)
+        start = w0[n].to(device=now.device, dtype=now.dtype, copy=True).reshape(-1)
         if protected is not None and n in protected.indices:
-            p = protected.indices[n]
+            p = protected.indices[n].to(now.device)
             if not _same_bits(now[p], start[p]):
                 raise LotaError(
                     f"protected entries of '{n}' changed", fix="report this as a lota bug"
                 )
+        idx = idx.to(now.device)
+        start[idx] = now[idx]
+        if not _same_bits(now, start):
+            raise LotaError(
+                f"entries outside the ticket of '{n}' changed", fix="report this as a lota bug"
+            )
     return True
 
 

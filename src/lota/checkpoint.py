@@ -145,7 +145,8 @@ class Checkpointer:
             save_file(tensors, str(tmp), metadata=meta)
             fault("checkpoint-save")
 
-    def maybe_save(self, phase: str, step: int, last_step: int, **kw) -> None:
+    def maybe_save(self, phase: str, step: int, last_step: int | None, **kw) -> None:
+        """Save every ``every`` steps and at ``last_step`` (None: only every ``every`` steps)."""
         if step == last_step or (self.every > 0 and step % self.every == 0):
             self.save(phase, step, **kw)
 

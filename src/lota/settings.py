@@ -313,7 +313,9 @@ class AdaptConfig:
     )
     save_model: bool = setting(False, help="also write a loadable model folder to OUT/model")
     checkpoint_every: int = setting(
-        100, help="steps between checkpoints (default {default}; phase ends always checkpoint)"
+        100,
+        help="steps between checkpoints (default {default}; every phase start and the end of "
+        "training always checkpoint, and a calibration ends in its ticket)",
     )
     force: bool = setting(False, help="write into an existing, non-empty --out")
     resume: bool = setting(False, help="continue an interrupted run (also automatic)")

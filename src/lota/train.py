@@ -58,16 +58,37 @@ def make_optimizer(params: list[nn.Parameter], s: TrainSettings) -> torch.optim.
     )
 
 
+M_MMAP_THRESHOLD = -3
+# Where glibc's own adaptive mmap threshold settles on a 64-bit host (its ceiling, 32 MiB): what
+# ``heap_growth_limited`` leaves behind, as glibc cannot be told to adapt again once it was set.
+ADAPTIVE_MMAP_CEILING = 32 << 20
+
+
 def limit_heap_growth(threshold: int = 1 << 20) -> bool:
     """Serve allocations of ``threshold`` bytes and more from mmap and hand them back when freed.
 
     The sparse phase allocates a transient dense gradient per weight, one layer at a time. glibc's
     adaptive threshold would soon serve those from the heap, which then fragments and grows by
     tens of MB per step; a fixed threshold keeps the process at its true working set, at the cost
-    of page faults on each such allocation. A no-op where glibc is not the allocator.
+    of page faults on each such allocation. A no-op where glibc is not the allocator. The setting
+    is process-wide: a phase uses ``heap_growth_limited``, which undoes it.
     """
     libc = _glibc()
-    return bool(libc.mallopt(-3, threshold)) if libc is not None else False  # M_MMAP_THRESHOLD
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold)) if libc is not None else False
+
+
+@contextlib.contextmanager
+def heap_growth_limited(device: torch.device | str, threshold: int = 1 << 20):
+    """``limit_heap_growth`` for the phase inside the block, where it computes on the CPU (on a
+    GPU the dense gradients are the device's, the host allocates little); afterwards large
+    allocations are served as glibc's adaptive threshold would settle (``ADAPTIVE_MMAP_CEILING``),
+    so the rest of the process (another run, in the lab) does not pay the phase's page faults."""
+    limited = torch.device(device).type == "cpu" and limit_heap_growth(threshold)
+    try:
+        yield limited
+    finally:
+        if limited:
+            limit_heap_growth(ADAPTIVE_MMAP_CEILING)
 
 
 def _glibc():
