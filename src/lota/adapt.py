@@ -312,6 +312,11 @@ def adapt(cfg: AdaptConfig) -> dict:
     run again and ends with the same outputs as an uninterrupted run. While it runs, the output
     folder is locked: a second run into it is refused.
     """
+    with dist.deterministic(cfg.deterministic):  # before CUDA is touched
+        return _adapt_in(cfg)
+
+
+def _adapt_in(cfg: AdaptConfig) -> dict:
     requested = cfg.method  # the summary names it, not the method it runs as
     cfg = sources.resolve(cfg)  # a method of the input embedding, as it runs
     if dist.accelerate_plugin() == "fsdp2" and not cfg.fsdp:  # an accelerate FSDP2 config
@@ -369,7 +374,7 @@ def _adapt(
     tokenizer = load_tokenizer(cfg.model)
     model = _load(cfg, world)
     stored_dtype = weights_dtype(model)
-    _check_precision(cfg, stored_dtype)
+    _check_precision(cfg, stored_dtype, world.device)
     positions = model_positions(model.config)
     max_length = fit_max_length(cfg.max_length, positions)
     data = tokenize(examples, tokenizer, max_length, where=cfg.data, positions=positions)
@@ -537,8 +542,11 @@ def _dense_optimizers(cfg: AdaptConfig) -> list[str]:
     return out
 
 
-def _check_precision(cfg: AdaptConfig, stored: torch.dtype) -> None:
+def _check_precision(
+    cfg: AdaptConfig, stored: torch.dtype, device: torch.device | None = None
+) -> None:
     """Refuse the precision settings that cannot train these weights, before anything is written."""
+    _check_bf16_support(cfg, stored, device)
     dense = _dense_optimizers(cfg)
     if not dense or stored not in HALF:
         return
@@ -559,6 +567,27 @@ def _check_precision(cfg: AdaptConfig, stored: torch.dtype) -> None:
             "keep --master-weights float32 (the default), or use bfloat16 weights "
             "(--dtype bfloat16)",
         )
+
+
+def _check_bf16_support(cfg: AdaptConfig, stored: torch.dtype, device: torch.device | None) -> None:
+    """A GPU without bfloat16 (before Ampere) cannot compute in it: refuse bf16 compute there."""
+    bf16 = cfg.mixed_precision == "bf16" or (
+        stored == torch.bfloat16 and cfg.mixed_precision == "no"
+    )
+    if device is None or device.type != "cuda" or not bf16 or torch.cuda.is_bf16_supported():
+        return
+    gpu = torch.cuda.get_device_name(device)
+    if cfg.mixed_precision == "bf16":
+        raise InputError(
+            f"{gpu} has no bfloat16 support",
+            "--mixed-precision",
+            "use --mixed-precision fp16 (float16 compute with loss scaling)",
+        )
+    raise InputError(
+        f"the weights are bfloat16 and {gpu} has no bfloat16 support",
+        "--dtype",
+        "load them with --dtype float32 and add --mixed-precision fp16 (or --dtype float16)",
+    )
 
 
 def _finish(info: dict, log: MetricsLog, t_start: float) -> dict:

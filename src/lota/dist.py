@@ -18,6 +18,7 @@ exactly as in one process.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from dataclasses import dataclass, field
@@ -155,6 +156,30 @@ def resolve_device(spec: str = "auto", option: str = "--device") -> torch.device
             f"start at most {count} processes per node, or pass --device cpu",
         )
     return torch.device("cuda", index)
+
+
+@contextlib.contextmanager
+def deterministic(enabled: bool):
+    """Deterministic kernels inside the block (``--deterministic``), as before it afterwards.
+
+    cuBLAS reads ``CUBLAS_WORKSPACE_CONFIG`` when it first runs on a device: it is set here,
+    before lota touches CUDA (a value the user set is kept). On the CPU lota's results are
+    bit-for-bit reproducible either way; on a GPU, atomics in backward kernels and cuBLAS's
+    split reductions otherwise vary from run to run."""
+    if not enabled:
+        yield
+        return
+    before = torch.are_deterministic_algorithms_enabled()
+    workspace = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    if workspace is None:
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+        if workspace is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
 
 
 def world(device: str | None = None) -> World:

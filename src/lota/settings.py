@@ -308,6 +308,12 @@ class AdaptConfig:
         help="recompute each block's activations in the backward pass (transformers' "
         "non-reentrant checkpointing): less memory, about a third more compute",
     )
+    deterministic: bool = setting(
+        False,
+        help="on a GPU, deterministic kernels only (torch.use_deterministic_algorithms, cuBLAS's "
+        "fixed workspace), so that a resumed run ends with the same bits as an uninterrupted one; "
+        "slower, and refused by ops that have no deterministic kernel",
+    )
     values_dtype: str = setting(
         "float32", choices=VALUE_DTYPES, help="precision of the delta's values on disk"
     )
