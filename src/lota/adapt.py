@@ -321,7 +321,9 @@ def _adapt_in(cfg: AdaptConfig) -> dict:
     cfg = sources.resolve(cfg)  # a method of the input embedding, as it runs
     if dist.accelerate_plugin() == "fsdp2" and not cfg.fsdp:  # an accelerate FSDP2 config
         cfg = dataclasses.replace(cfg, fsdp=True)
-    world = dist.world(cfg.device)  # a device that is not there is refused first
+    # a device that is not there is refused first (a bad --dist-timeout by validate)
+    timeout = cfg.dist_timeout if 0 < cfg.dist_timeout < math.inf else None
+    world = dist.world(cfg.device, timeout)
     cfg.validate()
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
@@ -380,6 +382,7 @@ def _adapt(
     data = tokenize(examples, tokenizer, max_length, where=cfg.data, positions=positions)
     targets = resolve_targets(model, cfg.targets)
     base_fp = model_fingerprint(model)
+    world.check_same_weights(base_fp, cfg.model)  # every rank loaded the same weights
     protected = sources.protected_ticket(cfg.protect, targets)
     given = sources.load_tickets([cfg.ticket], targets) if cfg.ticket else []
     if given and given[0].nnz == 0:

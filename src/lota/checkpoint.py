@@ -30,7 +30,15 @@ from .ticket import Ticket
 DIRNAME = ".lota-checkpoint"
 VERSION = 1
 # Settings that do not change the result; a checkpoint is resumable whatever their values.
-NEUTRAL = ("progress", "force", "resume", "restart", "checkpoint_every", "report_to")
+NEUTRAL = (
+    "progress",
+    "force",
+    "resume",
+    "restart",
+    "checkpoint_every",
+    "report_to",
+    "dist_timeout",
+)
 
 
 def config_hash(config: dict) -> str:

@@ -257,6 +257,11 @@ class AdaptConfig:
         False,
         help="shard weights across processes with FSDP2 (under torchrun / accelerate launch)",
     )
+    dist_timeout: float = setting(
+        120.0,
+        help="minutes a process waits for the others (the main process alone writes checkpoints "
+        "and outputs) before the run fails (default {default})",
+    )
     report_to: str = setting(
         "none",
         names=REPORT_TO,
@@ -427,6 +432,7 @@ class AdaptConfig:
             ("weight_decay", False),
             ("momentum", False),
             ("max_grad_norm", False),
+            ("dist_timeout", True),
         ]:
             value, flag = getattr(self, name), "--" + name.replace("_", "-")
             if value is None:
