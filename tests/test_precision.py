@@ -316,14 +316,14 @@ def test_deterministic_kernels_are_on_for_the_run_only(workdir, tmp_path, monkey
     seen = []
     world = adapt_module.dist.world
 
-    def spy(device=None):
+    def spy(device=None, *args):
         seen.append(
             (
                 torch.are_deterministic_algorithms_enabled(),
                 os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
             )
         )
-        return world(device)
+        return world(device, *args)
 
     monkeypatch.setattr(adapt_module.dist, "world", spy)
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
