@@ -36,7 +36,9 @@ JSON says why.
 A run that fails is reported with its one-line error and the other runs still go ahead; the exit
 status is 0 when every run finished with finite losses and every frozen check held, 1 otherwise,
 and 2 (one line on stderr) when the device is refused before anything runs.
-Prints a table to stderr and one JSON line last on stdout (also written to ``--out FILE``).
+Each part prints one JSON line on stdout as it finishes (``{"part": "estimate" | "run" |
+"frozen_check" | "distributed", ...}``), so a run cut short still reports what it did; the table
+goes to stderr and the whole report is the last JSON line (also written to ``--out FILE``).
 
     python bench/gpu_check.py [--out gpu_check.json] [--workdir DIR]
     python bench/gpu_check.py --tiny --device cpu    # smoke run: well under a minute on a CPU
@@ -49,12 +51,14 @@ bfloat16), ``--lora-r`` (16), ``--dtype`` (stored weights, bfloat16), ``--mixed-
 ``--workdir`` (default a temporary folder, removed at the end; a given one keeps the base model
 for the next run), ``--keep`` (keep each run's output folder), ``--out FILE``.
 
-Expected duration on one 80 GiB A100/H100 with a local SSD: about 5 minutes (an estimate, not a
-measurement): the training steps take seconds; most of the time goes to what each run writes
-around them: the checkpoint that ends every dense phase (the float32 targets and AdamW's two
-moments, about 12 GB for fft and each lota calibration) and the full deltas of fft and lora (about
-4 GB each). The work folder needs about 20 GB free (the base, and one run's files at a time), and
-the host about 32 GB of memory.
+Expected duration: the script estimates each part on one H100 before it starts (``estimate``:
+the rates it assumes, ``H100``, and what each part computes and writes), logs the total and
+prints it as the first JSON line. The default set comes to about 3 minutes (177 s): the training
+steps take seconds; most of the time goes to what each run writes around them: FFT's
+end-of-training checkpoint (the float32 targets and AdamW's two moments, about 12 GB) and the
+dense deltas of fft and lora (about 4 GB each). A lota calibration ends in its ticket, not in a
+checkpoint of its weights. The work folder needs about 20 GB free (the base, and one run's files
+at a time), and the host about 32 GB of memory. ``--methods`` runs a subset.
 """
 
 from __future__ import annotations
@@ -109,6 +113,79 @@ WORDS = "the of and a to in is was that for on as with by he at from his an were
 
 def log(*parts) -> None:
     print(*parts, file=sys.stderr, flush=True)
+
+
+def emit(part: str, result: dict) -> None:
+    """One JSON line on stdout for a finished part, so a run cut short still reports."""
+    print(json.dumps({"part": part, **result}), flush=True)
+
+
+# ---------------------------------------------------------------------------- the estimate
+# What the estimate assumes of one H100 and its host (rates, not measurements of this script):
+# bf16 training at about 40 % of the H100's dense peak, a local SSD, blake2b on one core.
+H100 = {
+    "train_tflops": 150.0,
+    "write_gb_s": 1.0,  # safetensors written and fsync'd
+    "read_gb_s": 2.0,  # safetensors read
+    "hash_gb_s": 1.0,  # blake2b per thread: checkpoints hash on 1, fingerprints on 4
+    "run_setup_s": 8.0,  # one run's model init, tokenization, first kernel launches
+}
+
+
+def estimate(args) -> dict:
+    """Seconds of each part of the default (or given) set on one H100, from ``H100``'s rates and
+    what each part computes and writes: 6 x params x tokens per training step (8 with gradient
+    checkpointing, 4 and 6 for LoRA, whose frozen weights get no gradient), and per run the model
+    read and fingerprinted, FFT's end-of-training checkpoint (float32 targets and AdamW's moments,
+    12 bytes per target parameter, hashed and written), the dense deltas of FFT and LoRA (4 bytes
+    per target parameter), the sparse phase's state at sparsity 0.9, and the first lota run's
+    saved model and independent frozen check."""
+    shape, rate = (TINY if args.tiny else FULL), H100
+    n = counts(shape)
+    params, targets = n["params"], n["target_params"]
+    stored = torch.empty(0, dtype=DTYPES[args.dtype]).element_size()
+    tokens, gb = args.seq * args.batch_size, 1e9
+
+    def written(nbytes: float) -> float:  # hashed (checksums), then written
+        return nbytes / gb / rate["write_gb_s"] + nbytes / gb / rate["hash_gb_s"]
+
+    def read(nbytes: float) -> float:
+        return nbytes / gb / rate["read_gb_s"]
+
+    def steps(count: int, flops_per_token: float) -> float:
+        return count * flops_per_token * params * tokens / (rate["train_tflops"] * 1e12)
+
+    load = rate["run_setup_s"] + read(params * stored) + params * 4 / gb / (4 * rate["hash_gb_s"])
+    parts = [{"part": "build", "seconds": params * stored / gb / rate["write_gb_s"] + 10.0}]
+    first_lota = True
+    for method in args.method_list:
+        for checkpointing in (False, True):
+            dense = 8 if checkpointing else 6
+            s = load
+            if method == "fft":
+                s += steps(args.steps, dense) + written(12 * targets) + written(4 * targets)
+                s += read(targets * stored)  # the base, for the delta
+            elif method == "lora":
+                s += steps(args.steps, dense - 2) + written(4 * targets) + read(targets * stored)
+            else:  # calibration, the reset to the base, the sparse phase, the frozen check
+                s += steps(args.calibration_steps + args.steps, dense) + 2 * read(targets * stored)
+                s += written(0.1 * targets * 12) + written(0.1 * targets * 5)
+                if first_lota:  # saved with the model, then the independent frozen check
+                    s += params * stored / gb / rate["write_gb_s"] + 2 * read(params * stored)
+                    first_lota = False
+            parts.append(
+                {"part": "run", "method": method, "gradient_checkpointing": checkpointing,
+                 "seconds": s}
+            )  # fmt: skip
+    for p in parts:
+        p["seconds"] = round(p["seconds"], 1)
+    return {
+        "device": "one H100 (estimate)",
+        "assumptions": rate,
+        "parts": parts,
+        "total_s": round(sum(p["seconds"] for p in parts), 1),
+        "two_gpu_runs": "not included: they run only where 2 GPUs are visible",
+    }
 
 
 def llama_config(shape: dict):
@@ -583,6 +660,9 @@ def check(args, work: Path) -> dict:
         f"({size['target_params']:,} in the targets), {args.dtype}, seq {args.seq}, batch "
         f"{args.batch_size}, {args.calibration_steps} calibration + {args.steps} training steps"
     )
+    planned = estimate(args)
+    log(f"estimated on one H100: {planned['total_s']:.0f} s for these parts")
+    emit("estimate", planned)
     model_dir, data, runs = work / "model", work / "data.jsonl", work / "runs"
     t = time.perf_counter()
     built = build_model(model_dir, shape, args.dtype, args.dev, args.seed)
@@ -600,6 +680,7 @@ def check(args, work: Path) -> dict:
             )
             log(f"  {row['seconds']} s" + (f"; failed: {row['error']}" if row["error"] else ""))
             rows.append(row)
+            emit("run", row)
             if verify:
                 if row["ok"] and (out / "model").is_dir():
                     try:
@@ -609,10 +690,12 @@ def check(args, work: Path) -> dict:
                 else:
                     frozen = {"ok": False, "error": "the run failed"}
                 frozen["run"] = row["method"] + ("-checkpointing" if checkpointing else "")
+                emit("frozen_check", frozen)
             if not args.keep:
                 shutil.rmtree(out, ignore_errors=True)
     add_ratios(rows)
     dist_report = distributed(args, work, data)
+    emit("distributed", dist_report)
     table(rows, frozen, dist_report)
     dist_ok = "skipped" in dist_report or all(dist_report[k]["ok"] for k in ("ddp", "fsdp"))
     ok = all(r["ok"] for r in rows) and (frozen is None or frozen["ok"]) and dist_ok
@@ -651,6 +734,7 @@ def check(args, work: Path) -> dict:
             "the phase started (MiB)"
         ),
         "model_build_s": build_s if built else None,
+        "estimate": planned,
         "runs": rows,
         "frozen_check": frozen,
         "distributed": dist_report,

@@ -10,6 +10,7 @@ With no launcher (one process) the same code computes the single-process referen
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -79,15 +80,19 @@ def run_prepare(world: dist.World) -> dict[str, torch.Tensor]:
         fully_shard(model, mesh=mesh)
     opt = torch.optim.AdamW(lota.trainable_parameters(model), lr=1e-2, weight_decay=0.1)
     accum = 2 // world.size  # one micro-batch per rank, or both in one process
+    gathers = [0]
     for step in range(STEPS):
         for a in range(accum):
             part = world.rank * accum + a
             g = torch.Generator().manual_seed(100 * step + part)
             ids = torch.randint(3, 259, (2, 12), generator=g)
             (model(input_ids=ids, labels=ids).loss / accum).backward()
-        opt.step()
+        with _counting_gathers(gathers):  # lota rewrites the shards after each step
+            opt.step()
         opt.zero_grad(set_to_none=True)
     out = {f"delta/{n}": v for n, v in lota.extract_delta(model).values.items()}
+    if world.distributed:
+        out["gathers_per_step"] = torch.tensor([gathers[0] / STEPS])
     out.update({f"ticket/{n}": v for n, v in ticket.indices.items()})
     # this rank's rows of every weight, for the frozen check
     for name, p in model.named_parameters():
@@ -99,6 +104,28 @@ def run_prepare(world: dist.World) -> dict[str, torch.Tensor]:
         out[f"start/{plain}"] = torch.tensor([start])
         out[f"w0/{plain}"] = w0[plain][start : start + local.shape[0]].clone()
     return out
+
+
+@contextlib.contextmanager
+def _counting_gathers(box: list[int]):
+    """Count the all-gathers (and DTensor gathers) made inside the block."""
+    from torch.distributed.tensor import DTensor
+
+    all_gather, full_tensor = torch.distributed.all_gather, DTensor.full_tensor
+
+    def counted_all_gather(*a, **k):
+        box[0] += 1
+        return all_gather(*a, **k)
+
+    def counted_full_tensor(self, *a, **k):
+        box[0] += 1
+        return full_tensor(self, *a, **k)
+
+    torch.distributed.all_gather, DTensor.full_tensor = counted_all_gather, counted_full_tensor
+    try:
+        yield
+    finally:
+        torch.distributed.all_gather, DTensor.full_tensor = all_gather, full_tensor
 
 
 def main() -> None:

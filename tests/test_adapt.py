@@ -145,7 +145,12 @@ def test_baseline_tickets_have_the_same_size(workdir, method):
 
 
 @pytest.mark.parametrize("method", ["fft", "lora"])
-def test_dense_methods_write_dense_deltas(workdir, method):
+def test_dense_methods_write_dense_deltas_without_an_index_per_entry(workdir, method, monkeypatch):
+    """The delta of every target entry is written in the ``full`` encoding; in memory its
+    indices are views of one ``arange`` of the largest target, not one int64 per entry."""
+    written = []
+    save = fmt.save
+    monkeypatch.setattr(fmt, "save", lambda obj, *a, **k: written.append(obj) or save(obj, *a, **k))
     _, out = run(workdir, f"dense_{method}", method=method, save_model=True)
     delta = fmt.load(out / "delta.safetensors")
     assert delta.nnz == delta.numel
@@ -154,6 +159,15 @@ def test_dense_methods_write_dense_deltas(workdir, method):
         if name not in delta.indices:
             assert torch.equal(base[name], tuned[name]), f"{method} changed non-target {name}"
     assert any(not torch.equal(base[n], tuned[n]) for n in delta.indices)
+    (kept,) = written
+    storages = {i.untyped_storage().data_ptr() for i in kept.indices.values()}
+    largest = max(i.numel() for i in kept.indices.values())
+    assert len(storages) == 1
+    assert next(iter(kept.indices.values())).untyped_storage().nbytes() == 8 * largest
+    for n in delta.indices:  # the values are the tuned minus the base weights, bit for bit
+        assert torch.equal(
+            bits(delta.values[n]), bits((tuned[n].float() - base[n].float()).reshape(-1))
+        )
 
 
 def test_ticket_reuse_skips_calibration(workdir):
@@ -254,3 +268,52 @@ def test_lora_writes_its_peft_adapter_and_reports_its_own_size(workdir):
     assert (
         meta["lota_kind"] == "lora-adapter" and meta["base_fingerprint"] == info["base_fingerprint"]
     )
+
+
+def test_the_frozen_check_compares_on_the_weights_device_and_catches_any_change(monkeypatch):
+    """``_verify_frozen`` brings the starting weights to the trained ones' device and compares
+    there (no trained weight is copied to the host), and still fails on one changed bit outside
+    the ticket or in a protected entry."""
+    from lota.adapt import _verify_frozen
+    from lota.errors import LotaError
+    from lota.ticket import Ticket
+
+    g = torch.Generator().manual_seed(0)
+    w0 = {"a": torch.randn(6, 5, generator=g), "b": torch.randn(7, generator=g)}
+    ticket = Ticket(shapes={"a": (6, 5), "b": (7,)}, indices={"a": [1, 8, 29], "b": [0]})
+    protected = Ticket(shapes={"a": (6, 5), "b": (7,)}, indices={"a": [2], "b": [3]})
+    now = {n: t.clone() for n, t in w0.items()}
+    kept = {n: t.clone() for n, t in w0.items()}
+    now["a"].view(-1)[ticket.indices["a"]] += 1.0
+    now["b"][0] = -0.0
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda *a, **k: pytest.fail("copied to the host"))
+    assert _verify_frozen(now, w0, ticket, protected)
+    assert all(torch.equal(w0[n], kept[n]) for n in w0)  # the starting weights untouched
+    for name, where, message in [("a", 3, "outside the ticket"), ("b", 3, "protected entries")]:
+        changed = {n: t.clone() for n, t in now.items()}
+        flat = changed[name].view(-1)
+        flat[where] = torch.tensor(flat[where].item()).view(torch.int32).add(1).view(torch.float32)
+        with pytest.raises(LotaError, match=message):
+            _verify_frozen(changed, w0, ticket, protected)
+
+
+def test_the_mmap_threshold_is_set_only_on_the_cpu_and_undone_after_the_phase(workdir, monkeypatch):
+    """glibc's mmap threshold is process-wide: the sparse phase (and the fisher calibration) set
+    it for themselves on the CPU and leave the adaptive ceiling behind; a GPU phase leaves it."""
+    import lota.train as train_module
+
+    calls = []
+
+    class Libc:
+        def mallopt(self, option, value):
+            calls.append((option, value))
+            return 1
+
+        def malloc_trim(self, pad):
+            return 1
+
+    monkeypatch.setattr(train_module, "_glibc", Libc)
+    with train_module.heap_growth_limited(torch.device("cuda", 0)):
+        assert calls == []
+    run(workdir, "mmap_threshold", calibration="fisher")
+    assert calls == [(-3, 1 << 20), (-3, 32 << 20)] * 2

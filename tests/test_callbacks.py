@@ -139,6 +139,32 @@ def test_callback_refuses_a_model_that_is_not_its_base(workdir, tmp_path):
     assert trainer.state.global_step == 0 and not out.exists()
 
 
+def test_callback_hashes_each_base_weight_once(workdir, tmp_path, monkeypatch):
+    """The model's weights are compared with the base's where they are (no hash of the model):
+    the fingerprint is the base folder's, hashed once as its tensors are read."""
+    from types import SimpleNamespace
+
+    import lota.fileio as fileio
+    import lota.models as models
+
+    hashed = []
+    digest = fileio.weight_digest
+
+    def counted(t):
+        hashed.append(tuple(t.shape))
+        return digest(t)
+
+    monkeypatch.setattr(fileio, "weight_digest", counted)
+    monkeypatch.setattr(models, "weight_digest", counted)
+    model = load_model(str(workdir / "base"))
+    cb = lota.CalibrationCallback(str(workdir / "base"), str(tmp_path / "t.safetensors"), 1)
+    state = SimpleNamespace(global_step=0, is_world_process_zero=True)
+    cb.on_train_begin(None, state, None, model=model)
+    assert len(hashed) == len(list(model.parameters()))
+    monkeypatch.undo()
+    assert cb.base_fingerprint == model_fingerprint(model)
+
+
 def test_callback_refuses_a_base_of_another_architecture(workdir, tmp_path):
     cb = lota.CalibrationCallback(
         str(workdir / "other_arch"), str(tmp_path / "t.safetensors"), at_step=1

@@ -143,6 +143,14 @@ def test_fsdp2_prepared_model_trains_like_one_process_and_keeps_frozen_rows(work
     assert checked > 10_000
 
 
+def test_fsdp2_shards_are_rewritten_with_one_collective_per_step(worker):
+    """After each optimizer step every sharded weight's rows get ``base + delta``: the deltas of
+    all weights come over in one all-gather, not one per weight."""
+    _, parts = worker("prepare")
+    for part in parts:
+        assert part["gathers_per_step"].item() == 1
+
+
 # ---------------------------------------------------------------------- lota adapt, 2 ranks
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_adapt_under_torchrun_equals_one_process(workdir, single, tmp_path, mode):
@@ -249,6 +257,67 @@ def test_bad_distributed_settings_are_one_line_errors(workdir, tmp_path, monkeyp
     assert code == 2 and "--calibration fisher does not run under --fsdp" in err
     code, err = adapt("e", "--batch-size", "6", "--grad-accum", "2")
     assert code == 2 and "2 process(es) x --grad-accum 2" in err
+
+
+PERTURBED = """
+import sys, torch
+import lota.adapt as A
+from lota.cli import main
+load = A._load
+def perturbed(cfg, world):  # one rank reads other weights (a stale copy on its node, say)
+    model = load(cfg, world)
+    if world.rank == 1:
+        with torch.no_grad():
+            next(model.parameters()).view(-1)[0] += 1.0
+    return model
+A._load = perturbed
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_ranks_that_loaded_other_weights_are_refused_in_one_line(workdir, tmp_path):
+    """Every rank's fingerprint of what it loaded is gathered right after loading: a rank with
+    other weights stops the run on every rank (exit 2, the main process prints the one line),
+    before anything is written."""
+    script = tmp_path / "perturbed.py"
+    script.write_text(PERTURBED)
+    out = tmp_path / "out"
+    cmd = [*TORCHRUN, str(script), "adapt", str(workdir / "base"), "--data"]
+    r = _run([*cmd, str(workdir / "a.jsonl"), "--out", str(out), *ARGS], check=False)
+    assert r.returncode != 0
+    lines = [x for x in r.stderr.splitlines() if x.startswith("lota: error:")]
+    assert len(lines) == 1, r.stderr[-3000:]  # every rank stops; the main process says why
+    assert "process(es) 1 loaded other weights than process 0" in lines[0]
+    assert "exitcode: 2" in r.stderr and "lota/adapt.py" not in r.stderr  # no lota traceback
+    assert not out.exists()
+
+
+def test_the_process_group_waits_as_long_as_asked(monkeypatch):
+    """``--dist-timeout`` minutes (120 by default) is the process group's timeout: the main
+    process alone writes checkpoints and outputs while the others wait in a collective."""
+    import datetime
+
+    import accelerate
+
+    from lota import dist
+    from lota.settings import AdaptConfig
+
+    seen = []
+
+    class State:
+        def __init__(self, cpu=False, **kw):
+            seen.append(kw["timeout"])
+            self.process_index, self.num_processes, self.local_process_index = 0, 2, 0
+
+    monkeypatch.setattr(accelerate, "PartialState", State)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for minutes in (None, 7.5):
+        monkeypatch.setattr(dist, "_WORLD", None)
+        dist.world("cpu", minutes)
+    assert seen == [datetime.timedelta(minutes=120), datetime.timedelta(minutes=7.5)]
+    assert AdaptConfig(model="m", data="d", out="o").dist_timeout == 120
+    with pytest.raises(lota.InputError, match="--dist-timeout 0"):
+        AdaptConfig(model="m", data="d", out="o", dist_timeout=0).validate()
 
 
 # ------------------------------------------------------------- the Trainer example, 2 ranks

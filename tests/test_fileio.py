@@ -41,6 +41,31 @@ def test_fingerprint_is_order_independent():
     assert fingerprint((n, t.clone()) for n, t in w.items()) == fp
 
 
+def test_fingerprint_is_the_same_hashed_on_several_threads(monkeypatch):
+    """Tensors are hashed in parallel and combined in name order: the string of one thread, and
+    the fixed digest of these weights (a fingerprint never changes between versions)."""
+    import lota.fileio as fileio
+
+    w = _weights()
+    expected = "blake2b:" + _sequential_digest(w)
+    for threads in (1, 2, 4):
+        monkeypatch.setattr(fileio, "HASH_THREADS", threads)
+        assert fingerprint(w.items()) == expected
+        assert fingerprint((n, lambda t=t: t) for n, t in w.items()) == expected
+
+
+def _sequential_digest(w: dict) -> str:
+    """The fingerprint's definition, one tensor after the other."""
+    import hashlib
+
+    from lota.fileio import weight_digest
+
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(w):
+        h.update(f"{name}|{weight_digest(w[name])}\n".encode())
+    return h.hexdigest()
+
+
 def test_fingerprint_changes_with_one_ulp():
     w = _weights()
     fp = fingerprint(w.items())

@@ -29,8 +29,10 @@ def smoke(tmp_path_factory) -> dict:
     work = tmp_path_factory.mktemp("gpu_check")
     r = _run("--tiny", "--device", "cpu", "--workdir", str(work), "--out", str(work / "r.json"))
     assert r.returncode == 0, r.stderr[-3000:]
-    report = json.loads(r.stdout.strip().splitlines()[-1])
+    lines = [json.loads(x) for x in r.stdout.strip().splitlines()]
+    report = lines[-1]
     assert json.loads((work / "r.json").read_text()) == report
+    report["part_lines"] = lines[:-1]
     return report
 
 
@@ -63,6 +65,31 @@ def test_smoke_run_checks_the_frozen_entries_of_lota(smoke):
     assert check["entries_outside_ticket"] > check["ticket_entries"]
     assert check["ticket_entries_changed"] > 0  # the saved model holds the trained entries
     assert "skipped" in smoke["distributed"]
+
+
+def test_each_part_prints_its_json_line_as_it_finishes(smoke):
+    parts = smoke["part_lines"]
+    # the frozen check follows the first lota run
+    expected = ["estimate", *["run"] * 5, "frozen_check", "run", "distributed"]
+    assert [p["part"] for p in parts] == expected
+    runs = [(p["method"], p["ok"]) for p in parts if p["part"] == "run"]
+    assert runs == [(r["method"], True) for r in smoke["runs"]]
+    assert parts[0]["total_s"] == smoke["estimate"]["total_s"] > 0
+
+
+def test_the_default_set_fits_five_minutes_on_one_h100_by_its_own_estimate():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    planned = gpu_check.estimate(gpu_check.parse_args([]))
+    runs = [(p["method"], p["gradient_checkpointing"]) for p in planned["parts"][1:]]
+    assert runs == [(m, c) for m in ("fft", "lora", "lota") for c in (False, True)]
+    assert all(p["seconds"] > 0 for p in planned["parts"])
+    assert planned["total_s"] <= 300
+    fewer = gpu_check.estimate(gpu_check.parse_args(["--methods", "lota"]))
+    assert len(fewer["parts"]) == 3 and fewer["total_s"] < planned["total_s"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is there to use")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 
 import pytest
@@ -280,6 +281,59 @@ def test_fsdp_cannot_hold_float32_masters_of_16_bit_weights():
     # a sparse method without calibration updates no whole weight
     _check_precision(AdaptConfig(model="m", data="d", out="o", method="random", fsdp=True),
                      torch.float16)  # fmt: skip
+
+
+def test_bf16_on_a_gpu_without_bf16_is_refused_in_one_line(monkeypatch):
+    """A GPU before Ampere has no bfloat16 (``torch.cuda.is_bf16_supported``, mocked here): bf16
+    compute there is refused, pointing to fp16; fp16 compute of bf16-stored weights is not."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla V100-SXM2-16GB")
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+
+    def cfg(**kw):
+        return AdaptConfig(model="m", data="d", out="o", **kw)
+
+    with pytest.raises(InputError) as e:
+        _check_precision(cfg(mixed_precision="bf16"), torch.float32, gpu)
+    assert e.value.where == "--mixed-precision" and "fp16" in e.value.fix
+    assert "Tesla V100" in e.value.line() and "\n" not in e.value.line()
+    with pytest.raises(InputError) as e:
+        _check_precision(cfg(), torch.bfloat16, gpu)  # bf16 weights compute in bf16
+    assert e.value.where == "--dtype" and "--mixed-precision fp16" in e.value.fix
+    _check_precision(cfg(mixed_precision="fp16"), torch.bfloat16, gpu)
+    _check_precision(cfg(mixed_precision="fp16"), torch.float32, gpu)
+    _check_precision(cfg(mixed_precision="bf16"), torch.float32, cpu)  # the CPU computes bf16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    _check_precision(cfg(mixed_precision="bf16"), torch.bfloat16, gpu)
+
+
+def test_deterministic_kernels_are_on_for_the_run_only(workdir, tmp_path, monkeypatch):
+    """``--deterministic`` switches torch to deterministic kernels and sets cuBLAS's workspace
+    before the device is touched, and puts both back after the run; on the CPU the run's bits
+    are those of a run without it."""
+    import lota.adapt as adapt_module
+
+    seen = []
+    world = adapt_module.dist.world
+
+    def spy(device=None, *args):
+        seen.append(
+            (
+                torch.are_deterministic_algorithms_enabled(),
+                os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+            )
+        )
+        return world(device, *args)
+
+    monkeypatch.setattr(adapt_module.dist, "world", spy)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    common = dict(model=str(workdir / "base"), data=str(workdir / "a.jsonl"), **SMALL)
+    adapt(AdaptConfig(out=str(tmp_path / "det"), deterministic=True, **common))
+    assert seen and set(seen) == {(True, ":4096:8")}
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    adapt(AdaptConfig(out=str(tmp_path / "plain"), **common))
+    assert_same_delta(tmp_path / "det", tmp_path / "plain")
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

@@ -99,6 +99,28 @@ def test_killed_run_resumes_to_identical_outputs(workdir, reference, point):
     assert len(steps) == 2 + 4  # the log has each step once, as in an uninterrupted run
 
 
+def test_a_calibration_ends_in_a_checkpoint_of_its_ticket_alone(workdir, reference):
+    """With ``--checkpoint-every 0`` the calibration's last step writes no checkpoint (a dense
+    calibration's would hold the targets and both AdamW moments, 12 bytes per target entry): what
+    follows it is the ticket. A kill before the ticket is written resumes from the calibration's
+    start, to the uninterrupted run's bits."""
+    from lota.checkpoint import Checkpointer
+
+    args = [*ARGS]
+    args[args.index("--checkpoint-every") + 1] = "0"
+    out = workdir / "resume_every_0"
+    cmd = ["adapt", workdir / "base", "--data", workdir / "a.jsonl", "--out", out, *args]
+    killed = lota(*cmd, fault="extraction")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    state = Checkpointer(out, {}, 0).load()
+    assert (state["phase"], state["step"]) == ("calibration", 0)
+    assert not state["params"] and not state["optimizer"]
+    again = lota(*cmd)
+    assert again.returncode == 0, again.stderr
+    assert_same(outputs(out), reference)
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2 + 4
+
+
 def test_lotto_resumes_too(workdir):
     ref = workdir / "lotto_ref_a"
     assert (

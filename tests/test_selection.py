@@ -355,3 +355,47 @@ def test_three_pass_fallback_equals_two_pass(nonnegative):
         )
         assert all(torch.equal(two[n], three[n]) for n in shapes)
         assert sum(v.numel() for v in two.values()) == k
+
+
+@pytest.mark.parametrize("budget", [1 << 24, 0])
+def test_scores_stay_where_they_are_and_the_device_path_selects_the_same_ticket(
+    monkeypatch, budget
+):
+    """No score tensor is copied to the host whole (a GPU's stay on it: only histograms and the
+    selected positions cross), and the path a GPU takes (torch's ``nonzero`` instead of numpy's)
+    gives the same exact ticket, with ties, protected entries and the three-pass finish."""
+    import lota.selection as selection
+
+    shapes = {"b": (64, 33), "a": (500,), "c": (7, 7)}
+    g = torch.Generator().manual_seed(4)
+    scores = {
+        n: torch.randn(math.prod(s), generator=g).round(decimals=1) for n, s in shapes.items()
+    }
+    exclude = select("random", shapes, 300, seed=9)
+
+    def run(nonnegative):
+        fn = (lambda n: scores[n].abs()) if nonnegative else scores.__getitem__
+        return [
+            select_top_k(
+                list(shapes),
+                shapes,
+                fn,
+                k,
+                exclude=exclude,
+                nonnegative=nonnegative,
+                candidate_budget=budget,
+            )
+            for k in (1, 17, 700, 1500)
+        ]
+
+    expected = {nn: run(nn) for nn in (True, False)}
+    moved = []
+    cpu = torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda t, *a, **k: moved.append(t.numel()) or cpu(t))
+    monkeypatch.setattr(selection, "_NUMPY_ON_HOST", False)
+    for nonnegative, tickets in expected.items():
+        got = run(nonnegative)
+        for a, b in zip(got, tickets):
+            assert all(torch.equal(a[n], b[n]) for n in shapes)
+    # only histograms (65,536 bins) and at most k positions: never the 2,112 scores of 'b'
+    assert moved and all(m == 1 << 16 or m <= 1500 for m in moved)

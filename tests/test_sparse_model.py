@@ -274,3 +274,83 @@ def test_bf16_base_with_fp32_delta():
     apply_delta_(dict(fresh.named_parameters()), delta)
     for name, p in fresh.named_parameters():
         assert torch.equal(p, after[name]), name
+
+
+def test_positions_are_kept_once_on_the_weights_device_in_int32():
+    model = _model()
+    ticket = _ticket(model)
+    prepare(model, ticket)
+    from lota.sparse_model import _parametrized
+
+    for name, module, attr, p in _parametrized(model):
+        pos = p.positions()
+        assert pos is p.positions()  # the same tensor every time: no index is rebuilt
+        assert (
+            pos.dtype == torch.int32 and pos.device == module.parametrizations[attr].original.device
+        )
+        assert torch.equal(pos.long(), ticket.indices[name])
+
+
+class _HostReads:
+    """Counts the calls from lota's own code that make the host wait for a GPU."""
+
+    def __init__(self, monkeypatch):
+        import sys
+
+        self.count, self.on = 0, False
+        t = torch.Tensor
+
+        def wrap(owner, attr, when=None):
+            orig = getattr(owner, attr)
+
+            def f(*a, **k):
+                caller = sys._getframe(1).f_globals.get("__name__", "")
+                if self.on and caller.startswith("lota") and (when is None or when(*a, **k)):
+                    self.count += 1
+                return orig(*a, **k)
+
+            monkeypatch.setattr(owner, attr, f)
+
+        for attr in ("item", "tolist", "nonzero", "__bool__", "__int__", "__float__"):
+            wrap(t, attr)
+        wrap(torch, "nonzero")
+        wrap(torch, "repeat_interleave", lambda *a, **k: k.get("output_size") is None)
+        wrap(torch.amp.GradScaler, "get_scale")
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_a_sparse_step_reads_the_device_once_whatever_the_micro_batches(monkeypatch, sharded):
+    """One read per optimizer step (the summed loss and token counts), none per micro-batch or
+    per weight: the positions are kept, and a sharded weight's span is found once."""
+    from lota.dist import World
+    from lota.sparse_model import mark_sharded
+    from lota.train import MetricsLog, TrainSettings, train
+
+    model = _model()
+    prepare(model, _ticket(model))
+    if sharded:  # the FSDP2 path in one process: whole tensors are their own shards
+        mark_sharded(model)
+    reads = _HostReads(monkeypatch)
+
+    def data():
+        for step in range(100):
+            ids = _batch(step, batch=6)
+            yield {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+    def on_step(step, opt):
+        reads.on = True  # counted from the second step on (the first finds the spans)
+
+    steps = 3
+    train(
+        model,
+        trainable_parameters(model),
+        data(),
+        TrainSettings(lr=1e-3, steps=steps + 1),
+        "train",
+        MetricsLog(None),
+        show_progress=False,
+        on_step=on_step,
+        world=World(),
+        grad_accum=3,
+    )
+    assert reads.count == steps

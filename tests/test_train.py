@@ -81,6 +81,27 @@ def test_each_optimizer_gets_its_settings(name, cls):
         assert group["momentum"] == 0.9
 
 
+@pytest.mark.parametrize(
+    ("on_gpu", "expected"),
+    [
+        ((True, True), {"fused": True, "foreach": None}),
+        ((True, False), {"fused": None, "foreach": True}),
+        ((False, False), {"fused": None, "foreach": None}),
+    ],
+)
+def test_adamw_is_fused_when_every_parameter_is_on_a_gpu(monkeypatch, on_gpu, expected):
+    """Fused AdamW where every trained tensor is a floating-point CUDA tensor (the device check
+    mocked: no GPU here), foreach where some are, torch's own loop on the CPU."""
+    import lota.train as train_module
+
+    params = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))]
+    where = {id(p): gpu for p, gpu in zip(params, on_gpu)}
+    monkeypatch.setattr(train_module, "_on_cuda", lambda p: where[id(p)])
+    opt = make_optimizer(params, TrainSettings(lr=0.5, steps=1))
+    assert type(opt) is torch.optim.AdamW
+    assert {k: opt.defaults[k] for k in expected} == expected
+
+
 def test_an_unknown_optimizer_is_refused_with_the_choices():
     with pytest.raises(InputError, match="unknown optimizer 'adam'") as e:
         make_optimizer([torch.nn.Parameter(torch.zeros(1))], TrainSettings(1.0, 1, "adam"))

@@ -68,7 +68,13 @@ from .sparse_model import (
     unprepare,
 )
 from .ticket import Ticket, check_against
-from .train import MetricsLog, TrainSettings, limit_heap_growth, release_freed_memory, train
+from .train import (
+    MetricsLog,
+    TrainSettings,
+    heap_growth_limited,
+    release_freed_memory,
+    train,
+)
 
 # What a run writes into --out. A folder holding only these (and lota's temporaries of them) and
 # marked by a run of the same settings is that run, interrupted, and the same command takes it up.
@@ -222,6 +228,7 @@ class _Run:
         optimizer: torch.optim.Optimizer | None = None,
         held: dict[str, torch.Tensor] | None = None,
         masters: bool = False,
+        selects: bool = False,
     ) -> None:
         """Train ``params`` for one phase, continuing from the checkpoint when it is of this phase.
 
@@ -229,7 +236,10 @@ class _Run:
         ``held``: the tensors the phase's checkpoints keep and a resume restores, if not
         ``params`` (none for a phase that changes no weight; an earlier phase's result it starts
         from is held from its first checkpoint on). ``masters``: ``params`` are float32 copies of
-        16-bit weights (``lota.precision``)."""
+        16-bit weights (``lota.precision``). ``selects``: a ticket is selected from the phase's
+        result, and the ticket is what the next checkpoint holds: the phase's last step writes no
+        checkpoint of its own (only the ``--checkpoint-every`` ones), which for a dense
+        calibration would hold the targets and both AdamW moments."""
         start, opt_state, scaler_state = 0, None, None
         kept = params if held is None else held
         if self.state is not None and self.state["phase"] == name:
@@ -261,7 +271,7 @@ class _Run:
             self.ckpt.maybe_save(
                 name,
                 step,
-                steps,
+                None if selects else steps,
                 params=kept,
                 optimizer=opt,
                 batches=self.served[0],
@@ -313,11 +323,18 @@ def adapt(cfg: AdaptConfig) -> dict:
     run again and ends with the same outputs as an uninterrupted run. While it runs, the output
     folder is locked: a second run into it is refused.
     """
+    with dist.deterministic(cfg.deterministic):  # before CUDA is touched
+        return _adapt_in(cfg)
+
+
+def _adapt_in(cfg: AdaptConfig) -> dict:
     requested = cfg.method  # the summary names it, not the method it runs as
     cfg = sources.resolve(cfg)  # a method of the input embedding, as it runs
     if dist.accelerate_plugin() == "fsdp2" and not cfg.fsdp:  # an accelerate FSDP2 config
         cfg = dataclasses.replace(cfg, fsdp=True)
-    world = dist.world(cfg.device)  # a device that is not there is refused first
+    # a device that is not there is refused first (a bad --dist-timeout by validate)
+    timeout = cfg.dist_timeout if 0 < cfg.dist_timeout < math.inf else None
+    world = dist.world(cfg.device, timeout)
     cfg.validate()
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
@@ -372,12 +389,13 @@ def _adapt(
     model = _load(cfg, world)
     check_special_tokens(tokenizer, model, cfg.model, need_eos=True)
     stored_dtype = weights_dtype(model)
-    _check_precision(cfg, stored_dtype)
+    _check_precision(cfg, stored_dtype, world.device)
     positions = model_positions(model.config)
     max_length = fit_max_length(cfg.max_length, positions)
     data = tokenize(examples, tokenizer, max_length, where=cfg.data, positions=positions)
     targets = resolve_targets(model, cfg.targets)
     base_fp = model_fingerprint(model)
+    world.check_same_weights(base_fp, cfg.model)  # every rank loaded the same weights
     tensors = {n: tuple(p.shape) for n, p in named_weights(model).items()}
     protected = sources.protected_ticket(cfg.protect, targets, tensors)
     given = sources.load_tickets([cfg.ticket], tensors) if cfg.ticket else []
@@ -543,8 +561,11 @@ def _dense_optimizers(cfg: AdaptConfig) -> list[str]:
     return out
 
 
-def _check_precision(cfg: AdaptConfig, stored: torch.dtype) -> None:
+def _check_precision(
+    cfg: AdaptConfig, stored: torch.dtype, device: torch.device | None = None
+) -> None:
     """Refuse the precision settings that cannot train these weights, before anything is written."""
+    _check_bf16_support(cfg, stored, device)
     dense = _dense_optimizers(cfg)
     if not dense or stored not in HALF:
         return
@@ -565,6 +586,27 @@ def _check_precision(cfg: AdaptConfig, stored: torch.dtype) -> None:
             "keep --master-weights float32 (the default), or use bfloat16 weights "
             "(--dtype bfloat16)",
         )
+
+
+def _check_bf16_support(cfg: AdaptConfig, stored: torch.dtype, device: torch.device | None) -> None:
+    """A GPU without bfloat16 (before Ampere) cannot compute in it: refuse bf16 compute there."""
+    bf16 = cfg.mixed_precision == "bf16" or (
+        stored == torch.bfloat16 and cfg.mixed_precision == "no"
+    )
+    if device is None or device.type != "cuda" or not bf16 or torch.cuda.is_bf16_supported():
+        return
+    gpu = torch.cuda.get_device_name(device)
+    if cfg.mixed_precision == "bf16":
+        raise InputError(
+            f"{gpu} has no bfloat16 support",
+            "--mixed-precision",
+            "use --mixed-precision fp16 (float16 compute with loss scaling)",
+        )
+    raise InputError(
+        f"the weights are bfloat16 and {gpu} has no bfloat16 support",
+        "--dtype",
+        "load them with --dtype float32 and add --mixed-precision fp16 (or --dtype float16)",
+    )
 
 
 def _finish(info: dict, log: MetricsLog, t_start: float) -> dict:
@@ -591,9 +633,7 @@ def _dense_run(run: _Run, steps: int) -> SparseDelta:
     else:
         model, stored, params = _train_lora(run, steps), {}, {}
         run.model = model
-    full = Ticket(
-        shapes=targets, indices={n: torch.arange(math.prod(s)) for n, s in targets.items()}
-    )
+    full = Ticket.every(targets)  # no index per entry: the file stores the "full" encoding
     weights = named_weights(model)
     # the exact change of the float32 masters; then the model holds its weights' dtype again
     delta = delta_from_weights(full, run.w0, {n: dist.full_tensor(weights[n]) for n in targets})
@@ -694,8 +734,8 @@ def _sparse_run(ctx: sources.Context, steps: int) -> SparseDelta:
     if run.state is not None:
         run.state["ticket"] = None
     release_freed_memory(run.world.device)  # what the calibration freed
-    limit_heap_growth()
-    run.phase("train", delta_parameters(model), cfg.lr, steps)
+    with heap_growth_limited(run.world.device):
+        run.phase("train", delta_parameters(model), cfg.lr, steps)
     delta = extract_delta(model)
     if run.sharded:  # each rank checks its own rows of every weight
         info["frozen_verified"] = _verify_frozen_shards(
@@ -744,7 +784,13 @@ def dense_calibration(
             settings, optimizer=optimizer, momentum=0.0, weight_decay=0.0
         )
     run.phase(
-        "calibration", params, lr, cfg.calibration_steps, settings=settings, masters=bool(stored)
+        "calibration",
+        params,
+        lr,
+        cfg.calibration_steps,
+        settings=settings,
+        masters=bool(stored),
+        selects=True,
     )
     with torch.no_grad():
         if run.sharded:
@@ -803,22 +849,26 @@ def _select_sharded(run: _Run, selector: str, weights, k: int, protected) -> Tic
 
 
 def _verify_frozen(weights, w0, ticket: Ticket, protected: Ticket | None) -> bool:
-    """Every entry outside the ticket (and every protected entry) equals the start, bit for bit."""
+    """Every entry outside the ticket (and every protected entry) equals the start, bit for bit.
+
+    Compared where the weights are (a GPU's never come over to the host): each starting tensor
+    goes to the weight's device, takes the ticket's entries of the trained weight, and must then
+    equal it bit for bit."""
     for n, idx in ticket.indices.items():
-        now = weights[n].detach().reshape(-1).cpu()
-        start = w0[n].to(now.dtype).reshape(-1)
-        outside = torch.ones(now.numel(), dtype=torch.bool)
-        outside[idx] = False
-        if not _same_bits(now[outside], start[outside]):
-            raise LotaError(
-                f"entries outside the ticket of '{n}' changed", fix="report this as a lota bug"
-            )
+        now = weights[n].detach().reshape(-1)
+        start = w0[n].to(device=now.device, dtype=now.dtype, copy=True).reshape(-1)
         if protected is not None and n in protected.indices:
-            p = protected.indices[n]
+            p = protected.indices[n].to(now.device)
             if not _same_bits(now[p], start[p]):
                 raise LotaError(
                     f"protected entries of '{n}' changed", fix="report this as a lota bug"
                 )
+        idx = idx.to(now.device)
+        start[idx] = now[idx]
+        if not _same_bits(now, start):
+            raise LotaError(
+                f"entries outside the ticket of '{n}' changed", fix="report this as a lota bug"
+            )
     return True
 
 

@@ -23,7 +23,7 @@ from .errors import InputError
 from .fileio import fault
 from .models import named_weights
 from .ticket import Ticket
-from .train import limit_heap_growth
+from .train import heap_growth_limited
 
 
 class SquaredGradients(torch.optim.Optimizer):
@@ -117,7 +117,15 @@ def _squared_gradients(run, name: str, params: dict, steps: int, model=None, hel
     settings = dataclasses.replace(cfg.settings(0.0, steps), max_grad_norm=None)
     try:
         run.phase(
-            name, params, 0.0, steps, model=model, settings=settings, optimizer=acc, held=held
+            name,
+            params,
+            0.0,
+            steps,
+            model=model,
+            settings=settings,
+            optimizer=acc,
+            held=held,
+            selects=True,  # the scores' checkpoint is the ticket
         )
     finally:
         acc.close()
@@ -133,10 +141,10 @@ def fisher(run, k: int, protected: Ticket | None, selector: str) -> Ticket:
     params = {n: weights[n] for n in run.targets}
     # one gradient alive at a time, each handed back to the system when freed (as in the sparse
     # phase), so the process holds the weights, the score buffers and activations
-    limit_heap_growth()
-    # no weight changes, so the checkpoints hold the score buffers alone
-    scores = _squared_gradients(run, "calibration", params, run.cfg.calibration_steps, held={})
-    ticket = _select(run, scores.__getitem__, k, protected, selector)
+    with heap_growth_limited(run.world.device):
+        # no weight changes, so the checkpoints hold the score buffers alone
+        scores = _squared_gradients(run, "calibration", params, run.cfg.calibration_steps, held={})
+        ticket = _select(run, scores.__getitem__, k, protected, selector)
     fault("extraction")
     del scores
     for p in params.values():
@@ -186,7 +194,7 @@ def lora(run, k: int, protected: Ticket | None, selector: str) -> Ticket:
     adapter = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
     lr = cfg.calibration_rate
     if run.resumed_phase != "score":  # a run killed while scoring has its warm-up done
-        run.phase("calibration", adapter, lr, cfg.calibration_steps, model=peft_model)
+        run.phase("calibration", adapter, lr, cfg.calibration_steps, model=peft_model, selects=True)
     for p in adapter.values():
         p.requires_grad_(False)
     if cfg.lora_calibration_score == "gradient":

@@ -17,7 +17,7 @@ from transformers import TrainerCallback
 
 from . import format as fmt
 from .errors import InputError
-from .models import WeightReader, model_fingerprint, named_weights, resolve_model_path
+from .models import WeightReader, differing_weight, named_weights, resolve_model_path
 from .selection import Sparsity, numel_of, parse_sparsity
 from .task_vectors import select_difference
 from .ticket import Ticket
@@ -86,10 +86,13 @@ class CalibrationCallback(TrainerCallback):
                     "not FSDP/ZeRO-3 shards)",
                 )
         self._reader, self._shapes = reader, shapes
+        # one hash of the weights: the base's, as they are read for the comparison with the model
+        reader.hash_while_reading()
+        differs = differing_weight(model, reader) if state.global_step == 0 else None
         self.base_fingerprint = reader.fingerprint()
-        if state.global_step == 0 and model_fingerprint(model) != self.base_fingerprint:
+        if differs is not None:
             raise InputError(
-                "the model being trained is not the base model (their weight fingerprints differ)",
+                f"the model being trained is not the base model (tensor '{differs}' differs)",
                 self.base,
                 "pass the folder the model was loaded from, before any training",
             )

@@ -29,7 +29,15 @@ from .ticket import Ticket
 DIRNAME = ".lota-checkpoint"
 VERSION = 1
 # Settings that do not change the result; a checkpoint is resumable whatever their values.
-NEUTRAL = ("progress", "force", "resume", "restart", "checkpoint_every", "report_to")
+NEUTRAL = (
+    "progress",
+    "force",
+    "resume",
+    "restart",
+    "checkpoint_every",
+    "report_to",
+    "dist_timeout",
+)
 
 
 def config_hash(config: dict) -> str:
@@ -144,7 +152,8 @@ class Checkpointer:
             save_safetensors(tensors, tmp, meta)
             fault("checkpoint-save")
 
-    def maybe_save(self, phase: str, step: int, last_step: int, **kw) -> None:
+    def maybe_save(self, phase: str, step: int, last_step: int | None, **kw) -> None:
+        """Save every ``every`` steps and at ``last_step`` (None: only every ``every`` steps)."""
         if step == last_step or (self.every > 0 and step % self.every == 0):
             self.save(phase, step, **kw)
 

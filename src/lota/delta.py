@@ -160,7 +160,8 @@ def write_entries_(
     training step's write, where a non-finite loss is caught instead."""
     flat = param.data.view(-1)
     dev = flat.device  # a model on a GPU, with the delta read from a file on the CPU
-    flat.index_copy_(0, idx.to(dev), added_entries(base_vals.to(dev), values.to(dev), param.dtype))
+    # index_put_ takes int32 positions as they are (index_copy_ would want a new int64 copy)
+    flat.index_put_((idx.to(dev),), added_entries(base_vals.to(dev), values.to(dev), param.dtype))
 
 
 @torch.no_grad()
@@ -204,10 +205,12 @@ def delta_from_weights(
     tuned: dict[str, torch.Tensor],
     dtype: torch.dtype = torch.float32,
 ) -> SparseDelta:
-    """Values ``tuned - base`` at the ticket's entries."""
+    """Values ``tuned - base`` at the ticket's entries (of a tensor in the ticket entirely: the
+    whole tensors, with no gather through its indices)."""
     values = {}
     for name, idx in ticket.indices.items():
-        b = base[name].reshape(-1)[idx.to(base[name].device)].to("cpu", torch.float32)
-        t = tuned[name].reshape(-1)[idx.to(tuned[name].device)].to("cpu", torch.float32)
-        values[name] = (t - b).to(dtype)
+        b, t = base[name].reshape(-1), tuned[name].reshape(-1)
+        if idx.numel() != ticket.tensor_numel(name):
+            b, t = b[idx.to(b.device)], t[idx.to(t.device)]
+        values[name] = (t.to("cpu", torch.float32) - b.to("cpu", torch.float32)).to(dtype)
     return SparseDelta(ticket=ticket, values=values)

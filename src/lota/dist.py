@@ -18,6 +18,7 @@ exactly as in one process.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from dataclasses import dataclass, field
@@ -80,6 +81,24 @@ class World:
         padded = torch.zeros(width, dtype=t.dtype, device=t.device)
         padded[: t.numel()] = t
         return [row[: int(k)] for row, k in zip(self.gather(padded), n)]
+
+    def check_same_weights(self, fingerprint: str, where: str) -> None:
+        """Refuse, on every rank at once, a run whose ranks loaded different weights (each
+        rank's fingerprint of what it loaded, gathered)."""
+        if not self.distributed:
+            return
+        mine = torch.tensor(list(bytes.fromhex(fingerprint.split(":")[-1])), dtype=torch.long)
+        table = self.gather(mine.to(self.device)).cpu()
+        other = [r for r in range(self.size) if not torch.equal(table[r], table[0])]
+        if other:
+            ranks = ", ".join(map(str, other))
+            raise InputError(
+                f"process(es) {ranks} loaded other weights than process 0 (their fingerprints "
+                "differ)",
+                where,
+                "give every process the same model folder (a shared filesystem, or identical "
+                "copies)",
+            )
 
     def any(self, flag: bool) -> bool:
         """True on every rank when ``flag`` is true on any rank."""
@@ -157,12 +176,42 @@ def resolve_device(spec: str = "auto", option: str = "--device") -> torch.device
     return torch.device("cuda", index)
 
 
-def world(device: str | None = None) -> World:
+@contextlib.contextmanager
+def deterministic(enabled: bool):
+    """Deterministic kernels inside the block (``--deterministic``), as before it afterwards.
+
+    cuBLAS reads ``CUBLAS_WORKSPACE_CONFIG`` when it first runs on a device: it is set here,
+    before lota touches CUDA (a value the user set is kept). On the CPU lota's results are
+    bit-for-bit reproducible either way; on a GPU, atomics in backward kernels and cuBLAS's
+    split reductions otherwise vary from run to run."""
+    if not enabled:
+        yield
+        return
+    before = torch.are_deterministic_algorithms_enabled()
+    workspace = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    if workspace is None:
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+        if workspace is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+
+
+# Minutes a process waits in a collective before the run fails: the main process alone writes
+# checkpoints, the delta and the model (a 8B model's are tens of GB) while the others wait.
+DEFAULT_TIMEOUT_MINUTES = 120.0
+
+
+def world(device: str | None = None, timeout_minutes: float | None = None) -> World:
     """This process's world, joining the process group on first use when launched.
 
     ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``; see ``resolve_device``) chooses where this
     process computes; None keeps the world's device (``auto`` on first use). Under a launcher the
-    device is fixed when the process group is joined."""
+    device is fixed when the process group is joined, and so is ``timeout_minutes`` (how long a
+    collective waits; default ``DEFAULT_TIMEOUT_MINUTES``)."""
     global _WORLD
     if _WORLD is not None and (device is None or _WORLD.distributed):
         return _WORLD
@@ -172,9 +221,12 @@ def world(device: str | None = None) -> World:
     if not launched():
         _WORLD = World(device=where)
         return _WORLD
+    from datetime import timedelta
+
     from accelerate import PartialState
 
-    state = PartialState(cpu=where.type == "cpu")
+    minutes = timeout_minutes or DEFAULT_TIMEOUT_MINUTES
+    state = PartialState(cpu=where.type == "cpu", timeout=timedelta(minutes=minutes))
     _WORLD = World(
         rank=state.process_index,
         size=state.num_processes,

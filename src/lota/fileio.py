@@ -691,6 +691,10 @@ def tensor_digest(t: torch.Tensor) -> str:
     return h.hexdigest()
 
 
+# Threads that hash the tensors of one fingerprint: the host's cores, up to 4.
+HASH_THREADS = min(4, os.cpu_count() or 1)
+
+
 def fingerprint(
     named_tensors: Iterable[tuple[str, torch.Tensor | str | Callable[[], torch.Tensor]]],
 ) -> str:
@@ -702,10 +706,24 @@ def fingerprint(
     (values are hashed widened to fp32). An item may be a tensor, a callable that reads it, or
     its ``weight_digest`` already computed.
     """
+    items = sorted(named_tensors, key=lambda kv: kv[0])
+
+    def digest(t) -> str:
+        return t if isinstance(t, str) else weight_digest(t() if callable(t) else t)
+
+    # hashing releases the GIL: several tensors at once, each read or widened only when its
+    # turn comes (at most ``workers`` of them alive), combined in name order as before
+    workers = min(HASH_THREADS, len(items)) or 1
+    if workers == 1:
+        digests = [digest(t) for _, t in items]
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(workers, thread_name_prefix="lota-fingerprint") as pool:
+            digests = list(pool.map(digest, [t for _, t in items]))
     h = hashlib.blake2b(digest_size=16)
-    for name, t in sorted(named_tensors, key=lambda kv: kv[0]):
-        digest = t if isinstance(t, str) else weight_digest(t() if callable(t) else t)
-        h.update(f"{name}|{digest}\n".encode())
+    for (name, _), d in zip(items, digests):
+        h.update(f"{name}|{d}\n".encode())
     return "blake2b:" + h.hexdigest()
 
 

@@ -638,6 +638,41 @@ def model_fingerprint(model: nn.Module) -> str:
     return fingerprint(named_weights(model).items())
 
 
+def differing_weight(model: nn.Module, reader: WeightReader) -> str | None:
+    """The first parameter of ``model`` (by name) whose name, shape or values differ from the
+    folder ``reader`` reads, or None when the model holds the folder's weights exactly: then the
+    two have one fingerprint, and the folder's (``reader.fingerprint()``, hashed from the host's
+    copy as it is read, see ``hash_while_reading``) is the model's without hashing it again. Values
+    are compared as fingerprints see them (16-bit floats widened to float32, bit for bit), on the
+    parameter's device: a GPU's weights never come over to the host."""
+    live = named_weights(model)
+    names = sorted(set(live) | set(reader.shapes))
+    for name in names:
+        if name not in live or name not in reader.shapes:
+            return name
+        p = live[name].detach()
+        if tuple(p.shape) != reader.shapes[name] or not _same_values(p, reader.get(name)):
+            return name
+    return None
+
+
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bit for bit as ``weight_digest`` hashes them (floats widened to float32)."""
+
+    def widened(t: torch.Tensor) -> torch.Tensor:
+        if t.is_floating_point() and t.dtype != torch.float64:
+            t = t.float()
+        return t.contiguous().reshape(-1)
+
+    a, b = widened(a), widened(b.to(a.device))
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.is_floating_point():
+        kind = torch.int64 if a.dtype == torch.float64 else torch.int32
+        a, b = a.view(kind), b.view(kind)
+    return torch.equal(a, b)
+
+
 # ---------------------------------------------------------------------------- lazy weights
 class WeightReader:
     """Read a model folder's parameters one at a time, by their in-memory names, from the

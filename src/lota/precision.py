@@ -74,15 +74,19 @@ class Precision:
         if self.scaler is not None:
             self.scaler.unscale_(optimizer)
 
+    scale: float | None = None  # the loss scale after the last step (read once per step)
+
     def step(self, optimizer: torch.optim.Optimizer) -> bool:
-        """One optimizer step; False when the scaler skipped it (an overflow)."""
+        """One optimizer step; False when the scaler skipped it (an overflow), which lowered the
+        scale: the scale is read from the device once per step, after its update."""
         if self.scaler is None:
             optimizer.step()
             return True
-        before = self.scaler.get_scale()
+        before = self.scale if self.scale is not None else self.scaler.get_scale()
         self.scaler.step(optimizer)
         self.scaler.update()
-        return self.scaler.get_scale() >= before
+        self.scale = self.scaler.get_scale()
+        return self.scale >= before
 
     def state(self) -> dict | None:
         return self.scaler.state_dict() if self.scaler is not None else None
@@ -90,6 +94,7 @@ class Precision:
     def load_state(self, state: dict | None) -> None:
         if self.scaler is not None and state:
             self.scaler.load_state_dict(state)
+        self.scale = None
 
 
 def weights_dtype(model: torch.nn.Module) -> torch.dtype:

@@ -34,6 +34,7 @@ ScoreFn = Callable[[str], torch.Tensor]  # name -> scores (any shape, float), sa
 
 _BINS = 1 << 16
 _LITTLE_ENDIAN = sys.byteorder == "little"
+_NUMPY_ON_HOST = True  # host masks go through numpy; False: torch's own path, as on a GPU
 
 
 def parse_fraction(
@@ -151,11 +152,13 @@ def _high(key: torch.Tensor) -> torch.Tensor:
     return (key >> 16) & 0xFFFF
 
 
-def _allowed(name: str, numel: int, exclude: Ticket | None) -> torch.Tensor | None:
+def _allowed(
+    name: str, numel: int, exclude: Ticket | None, device: torch.device
+) -> torch.Tensor | None:
     if exclude is None or name not in exclude.indices or exclude.indices[name].numel() == 0:
         return None
-    keep = torch.ones(numel, dtype=torch.bool)
-    keep[exclude.indices[name]] = False
+    keep = torch.ones(numel, dtype=torch.bool, device=device)
+    keep[exclude.indices[name].to(device)] = False
     return keep
 
 
@@ -169,10 +172,17 @@ def _find_bin(hist: torch.Tensor, need: int) -> tuple[int, int]:
 
 
 def _positions(mask: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-    """Sorted int64 positions of the set entries of a 1-D bool ``mask`` (and ``keep``)."""
+    """Sorted int64 positions (on the host) of the set entries of a 1-D bool ``mask`` (and
+    ``keep``): found where the mask is, so only the positions cross to the host."""
     if keep is not None:
         mask &= keep
+    if mask.device.type != "cpu" or not _NUMPY_ON_HOST:
+        return torch.nonzero(mask).view(-1).cpu()
     return torch.from_numpy(np.flatnonzero(mask.numpy()))  # several times faster than nonzero()
+
+
+def _host_counts(counts: torch.Tensor) -> torch.Tensor:
+    return counts.cpu()  # a histogram (512 KiB) is all that crosses to the host per tensor
 
 
 def select_top_k(
@@ -225,11 +235,12 @@ def select_top_k(
         return {n: torch.zeros(0, dtype=torch.long) for n in order}
 
     def keys_of(n):
-        # keys and histograms live on the CPU: a GPU's scores come over one tensor at a time
-        key = _keys(score_fn(n).cpu(), n, nonnegative)
+        # keys, masks and histograms stay where the scores are (a GPU's scores never come over
+        # whole): only each tensor's histogram and its selected positions cross to the host
+        key = _keys(score_fn(n), n, nonnegative)
         if key.numel() != numels[n]:
             raise InputError(f"scores of '{n}' have {key.numel()} entries, expected {numels[n]}")
-        return key, _allowed(n, numels[n], exclude)
+        return key, _allowed(n, numels[n], exclude, key.device)
 
     def tick():
         if progress is not None:
@@ -245,7 +256,7 @@ def select_top_k(
             fix="the tuned weights are not finite; use a run that did not diverge",
         )
         try:
-            counts = torch.bincount(hi if keep is None else hi[keep], minlength=_BINS)
+            counts = _host_counts(torch.bincount(hi if keep is None else hi[keep], minlength=_BINS))
         except RuntimeError:  # a negative high half: a negative score under ``nonnegative``
             raise bad from None
         if nonnegative and int(counts[0x7F80:].sum()):
@@ -266,7 +277,7 @@ def select_top_k(
         hi = _high(key)
         chosen[n] = _positions(hi > hi_bin, keep)
         cand_pos[n] = _positions(hi == hi_bin, keep)
-        cand_lo[n] = (key[cand_pos[n]] & 0xFFFF).to(torch.int64)
+        cand_lo[n] = (key[cand_pos[n].to(key.device)] & 0xFFFF).to(torch.int64).cpu()
         tick()
     lo_hist = torch.bincount(torch.cat(list(cand_lo.values())), minlength=_BINS)
     if world is not None:
@@ -329,7 +340,7 @@ def _three_pass_finish(
         sel = _high(key) == hi_bin
         if keep is not None:
             sel &= keep
-        hist += torch.bincount((key[sel] & 0xFFFF).to(torch.int64), minlength=_BINS)
+        hist += _host_counts(torch.bincount((key[sel] & 0xFFFF).to(torch.int64), minlength=_BINS))
         tick()
     if world is not None:
         world.sum_(hist)

@@ -274,6 +274,11 @@ class AdaptConfig:
         False,
         help="shard weights across processes with FSDP2 (under torchrun / accelerate launch)",
     )
+    dist_timeout: float = setting(
+        120.0,
+        help="minutes a process waits for the others (the main process alone writes checkpoints "
+        "and outputs) before the run fails (default {default})",
+    )
     report_to: str = setting(
         "none",
         names=REPORT_TO,
@@ -325,12 +330,20 @@ class AdaptConfig:
         help="recompute each block's activations in the backward pass (transformers' "
         "non-reentrant checkpointing): less memory, about a third more compute",
     )
+    deterministic: bool = setting(
+        False,
+        help="on a GPU, deterministic kernels only (torch.use_deterministic_algorithms, cuBLAS's "
+        "fixed workspace), so that a resumed run ends with the same bits as an uninterrupted one; "
+        "slower, and refused by ops that have no deterministic kernel",
+    )
     values_dtype: str = setting(
         "float32", choices=VALUE_DTYPES, help="precision of the delta's values on disk"
     )
     save_model: bool = setting(False, help="also write a loadable model folder to OUT/model")
     checkpoint_every: int = setting(
-        100, help="steps between checkpoints (default {default}; phase ends always checkpoint)"
+        100,
+        help="steps between checkpoints (default {default}; every phase start and the end of "
+        "training always checkpoint, and a calibration ends in its ticket)",
     )
     force: bool = setting(False, help="write into an existing, non-empty --out")
     resume: bool = setting(False, help="continue an interrupted run (also automatic)")
@@ -436,6 +449,7 @@ class AdaptConfig:
             ("weight_decay", False),
             ("momentum", False),
             ("max_grad_norm", False),
+            ("dist_timeout", True),
         ]:
             value, flag = getattr(self, name), "--" + name.replace("_", "-")
             if value is None:

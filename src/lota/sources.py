@@ -290,12 +290,13 @@ def _check_calibrated(cfg) -> None:
 def _from_calibrated(ctx: Context) -> Ticket:
     """The task vector of a model already fine-tuned from the base, read tensor by tensor."""
     from .task_vectors import _readers, select_difference
-    from .train import limit_heap_growth
+    from .train import heap_growth_limited
 
     cfg = ctx.cfg
-    limit_heap_growth()  # per-tensor temporaries must not fragment the heap the ticket grows in
     rb, rt, shapes = _readers(cfg.model, cfg.calibrated, cfg.targets)
-    ticket = select_difference(rb, rt.get, shapes, ctx.k, ctx.selector, ctx.protected)
+    # per-tensor temporaries (read on the host) must not fragment the heap the ticket grows in
+    with heap_growth_limited("cpu"):
+        ticket = select_difference(rb, rt.get, shapes, ctx.k, ctx.selector, ctx.protected)
     ctx.info["calibrated_from"] = cfg.calibrated
     return ticket
 

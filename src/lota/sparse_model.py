@@ -26,7 +26,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .delta import SparseDelta, write_entries_
 from .errors import InputError
-from .shards import full_tensor, local_rows, span
+from .shards import full_tensor, full_tensors, local_rows, span
 from .ticket import Ticket
 
 _optimizer_steps = 0
@@ -50,8 +50,15 @@ def _sync_sharded() -> None:
     for p in alive:
         if not p.sharded and _is_dtensor(p.original()):
             p.sharded = True
-        if p.sharded:
-            p.sync_shard_()
+    _sync_shards([p for p in alive if p.sharded])
+
+
+def _sync_shards(params: list[SparseDeltaParametrization]) -> None:
+    """``sync_shard_`` of every parametrization in ``params``, their deltas gathered together:
+    one collective per step (per ``full_tensors`` bucket) instead of one per weight."""
+    deltas = full_tensors([p.delta.detach() for p in params])
+    for p, delta in zip(params, deltas):
+        p.sync_shard_(delta)
 
 
 def _is_dtensor(t) -> bool:
@@ -80,15 +87,19 @@ class _SparseTie(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return None, grad.reshape(-1)[ctx.owner.positions()].to(ctx.delta_dtype), None
+        return (
+            None,
+            grad.reshape(-1).index_select(0, ctx.owner.positions()).to(ctx.delta_dtype),
+            None,
+        )
 
 
 class SparseDeltaParametrization(nn.Module):
     """Parametrization holding one tensor's ticket (its positions), ``base_values`` and ``delta``.
 
-    Positions of a 2-D weight are kept row-compressed, an int16 column per entry (stored as two
-    bytes) plus an int32 offset per row (2 bytes per entry instead of 8), and expanded to flat
-    indices one tensor at a time when needed. Other tensors keep int32 (or int64) flat positions.
+    Positions are flat indices, sorted, int32 (int64 for a tensor of 2^31 entries or more), kept on
+    the weight's device once: the backward pass and the writes after each step use them as they
+    are, so a step builds no index and never waits for the device.
     """
 
     def __init__(
@@ -101,21 +112,10 @@ class SparseDeltaParametrization(nn.Module):
         super().__init__()
         index = index.to(device=weight.device, dtype=torch.long)
         self.shape = tuple(weight.shape)
-        if weight.dim() == 2 and weight.shape[1] <= 2**15:
-            rows, cols = index // weight.shape[1], index % weight.shape[1]
-            counts = torch.bincount(rows, minlength=weight.shape[0])
-            row_ptr = torch.zeros(weight.shape[0] + 1, dtype=torch.int32, device=weight.device)
-            row_ptr[1:] = torch.cumsum(counts, 0)
-            # int16 columns stored as bytes: collectives (gloo, NCCL) cannot broadcast int16
-            # buffers, which DDP does when it wraps the model
-            self.register_buffer("cols", cols.to(torch.int16).view(torch.uint8))
-            self.register_buffer("row_ptr", row_ptr)
-            self.register_buffer("flat_index", None)
-        else:
-            small = weight.numel() < 2**31
-            self.register_buffer("cols", None)
-            self.register_buffer("row_ptr", None)
-            self.register_buffer("flat_index", index.to(torch.int32 if small else torch.long))
+        # kept on the weight's device in the narrowest type that holds every position: each
+        # backward gathers through it and each step writes through it, with no conversion
+        small = weight.numel() < 2**31
+        self.register_buffer("flat_index", index.to(torch.int32 if small else torch.long))
         self.register_buffer("base_values", weight.detach().reshape(-1)[index])
         del index
         init = torch.zeros(self.base_values.numel(), dtype=dtype, device=weight.device)
@@ -123,6 +123,7 @@ class SparseDeltaParametrization(nn.Module):
             init.copy_(values.to(device=weight.device, dtype=dtype))
         self.delta = nn.Parameter(init)
         self._synced: tuple[int, int, int] | None = None
+        self._span: tuple[int, int, int, int] | None = None  # sharded: (start, stop, a, b)
         self._plist: weakref.ref | None = None  # the owning ParametrizationList, once registered
         self.sharded = False  # FSDP2: the ticket's entries are kept in sync on the shards
         if values is not None:
@@ -134,12 +135,8 @@ class SparseDeltaParametrization(nn.Module):
         return (id(self.delta), self.delta._version, _optimizer_steps)
 
     def positions(self) -> torch.Tensor:
-        """Flat int64 indices of the ticket's entries, sorted."""
-        if self.flat_index is not None:
-            return self.flat_index.long()
-        counts = self.row_ptr[1:] - self.row_ptr[:-1]
-        rows = torch.repeat_interleave(torch.arange(self.shape[0], device=counts.device), counts)
-        return rows * self.shape[1] + self.cols.view(torch.int16).long()
+        """Flat indices of the ticket's entries, sorted (int32, or int64 for a huge tensor)."""
+        return self.flat_index
 
     @torch.no_grad()
     def sync_(self, weight: torch.Tensor) -> None:
@@ -148,17 +145,28 @@ class SparseDeltaParametrization(nn.Module):
             write_entries_(weight, self.positions(), self.base_values, self.delta.detach())
         self._synced = self._state()
 
-    @torch.no_grad()
-    def sync_shard_(self) -> None:
-        """FSDP2: the sharded weight itself holds ``base + delta`` in this rank's rows, so that
-        every all-gather (forward and backward) sees the trained values."""
+    def local_span(self) -> tuple[torch.Tensor, int, int, int]:
+        """FSDP2: ``(local rows, first row, a, b)``: this rank's rows of the weight and the range
+        ``[a, b)`` of the ticket's entries that fall in them (found once: the layout is fixed)."""
         local, start = local_rows(self.original())
-        row = math.prod(self.shape[1:])
-        pos = self.positions()
-        a, b = span(pos, start * row, (start + local.shape[0]) * row)
-        delta = full_tensor(self.delta.detach())
+        stop = start + local.shape[0]
+        if self._span is None or self._span[:2] != (start, stop):
+            row = math.prod(self.shape[1:])
+            self._span = (start, stop, *span(self.positions(), start * row, stop * row))
+        return local, start, self._span[2], self._span[3]
+
+    @torch.no_grad()
+    def sync_shard_(self, delta: torch.Tensor | None = None) -> None:
+        """FSDP2: the sharded weight itself holds ``base + delta`` in this rank's rows, so that
+        every all-gather (forward and backward) sees the trained values. ``delta``: the whole
+        delta, gathered already (``_sync_shards`` gathers every weight's in one collective)."""
+        local, start, a, b = self.local_span()
+        if delta is None:
+            delta = full_tensor(self.delta.detach())
         if b > a:
-            write_entries_(local, pos[a:b] - start * row, self.base_values[a:b], delta[a:b])
+            row = math.prod(self.shape[1:])
+            pos = self.positions()[a:b] - start * row
+            write_entries_(local, pos, self.base_values[a:b], delta[a:b])
 
     def original(self) -> torch.Tensor | None:
         """The weight this parametrizes (its stored, possibly sharded, parameter)."""
@@ -183,9 +191,7 @@ def mark_sharded(model: nn.Module) -> None:
 def sync_shards_(model: nn.Module) -> None:
     """Rewrite the ticket's entries of a sharded model's weights from ``delta`` now (after the
     deltas were set other than by an optimizer step, e.g. restored from a checkpoint)."""
-    for _, _, _, p in _parametrized(model):
-        if p.sharded:
-            p.sync_shard_()
+    _sync_shards([p for _, _, _, p in _parametrized(model) if p.sharded])
 
 
 def _module_and_attr(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -263,7 +269,7 @@ def extract_delta(model: nn.Module, base_fingerprint: str = "") -> SparseDelta:
     shapes, indices, values = {}, {}, {}
     for name, module, attr, p in _parametrized(model):
         shapes[name] = tuple(module.parametrizations[attr].original.shape)
-        indices[name] = p.positions().detach().cpu()
+        indices[name] = p.positions().cpu().long()
         values[name] = full_tensor(p.delta.detach()).cpu().clone()
     ticket = Ticket(shapes=shapes, indices=indices, base_fingerprint=base_fingerprint)
     return SparseDelta(ticket=ticket, values=values)

@@ -35,7 +35,7 @@ from .selection import Sparsity, numel_of, require_trainable
 from .settings import check_factors
 from .sources import protected_ticket
 from .ticket import Ticket, check_against
-from .train import limit_heap_growth
+from .train import heap_growth_limited
 
 
 def _readers(base: str, tuned: str, targets: str | None):
@@ -78,11 +78,12 @@ def make_ticket(
     show_progress: bool = True,
 ) -> Ticket:
     """The exact global top-k of ``|tuned - base|`` (or another registered selector)."""
-    limit_heap_growth()  # per-tensor temporaries must not fragment the heap the ticket grows in
     rb, rt, shapes = _readers(base, tuned, targets)
     k = require_trainable(sparsity, numel_of(shapes))
     excluded = protected_ticket(protect or [], shapes, rb.shapes)
-    return select_difference(rb, rt.get, shapes, k, method, excluded, seed, show_progress)
+    # per-tensor temporaries (read on the host) must not fragment the heap the ticket grows in
+    with heap_growth_limited("cpu"):
+        return select_difference(rb, rt.get, shapes, k, method, excluded, seed, show_progress)
 
 
 def select_difference(

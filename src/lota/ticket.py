@@ -56,6 +56,17 @@ class Ticket:
         for name, idx in self.indices.items():
             check_indices(name, idx, self.tensor_numel(name))
 
+    @classmethod
+    def every(cls, shapes: dict[str, tuple[int, ...]], base_fingerprint: str = "") -> Ticket:
+        """The ticket of every entry of ``shapes`` (a dense delta's: full fine-tuning, LoRA
+        merged). Its indices are views of one ``arange`` of the largest tensor, 8 bytes per entry
+        of that tensor instead of per entry of them all; a file stores none of them (``full``)."""
+        shapes = {n: check_shape(n, s) for n, s in shapes.items()}
+        numels = {n: math.prod(s) for n, s in shapes.items()}
+        shared = torch.arange(max(numels.values(), default=0))
+        indices = {n: shared[:numel] for n, numel in numels.items()}
+        return cls(shapes=shapes, indices=indices, base_fingerprint=base_fingerprint)
+
     # -- sizes -----------------------------------------------------------------------------------
     @property
     def names(self) -> list[str]:

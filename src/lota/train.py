@@ -42,7 +42,9 @@ class TrainSettings:
 
 def make_optimizer(params: list[nn.Parameter], s: TrainSettings) -> torch.optim.Optimizer:
     if s.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+        return torch.optim.AdamW(
+            params, lr=s.lr, weight_decay=s.weight_decay, **adamw_implementation(params)
+        )
     if (
         s.optimizer == "rmsprop"
     ):  # the official LoTA setting: no momentum, no weight decay by default
@@ -58,16 +60,55 @@ def make_optimizer(params: list[nn.Parameter], s: TrainSettings) -> torch.optim.
     )
 
 
+M_MMAP_THRESHOLD = -3
+# Where glibc's own adaptive mmap threshold settles on a 64-bit host (its ceiling, 32 MiB): what
+# ``heap_growth_limited`` leaves behind, as glibc cannot be told to adapt again once it was set.
+ADAPTIVE_MMAP_CEILING = 32 << 20
+
+
+def _on_cuda(p: torch.Tensor) -> bool:
+    return p.device.type == "cuda"
+
+
+def adamw_implementation(params: list[nn.Parameter]) -> dict:
+    """AdamW's implementation for ``params``: ``fused`` (one kernel per step, the step counters
+    on the device, no host sync under a loss scaler) when every parameter is a floating-point CUDA
+    tensor; ``foreach`` where some are on a GPU; on the CPU torch's own loop, one parameter at a
+    time (``foreach`` would hold a temporary of every parameter at once: 4 more bytes per trained
+    entry at the peak). The loop and ``foreach`` give the same bits; ``fused`` rounds otherwise."""
+    on_cuda = [_on_cuda(p) for p in params]
+    if params and all(on_cuda) and all(p.is_floating_point() for p in params):
+        return {"fused": True}
+    if any(on_cuda):
+        return {"foreach": True}
+    return {}
+
+
 def limit_heap_growth(threshold: int = 1 << 20) -> bool:
     """Serve allocations of ``threshold`` bytes and more from mmap and hand them back when freed.
 
     The sparse phase allocates a transient dense gradient per weight, one layer at a time. glibc's
     adaptive threshold would soon serve those from the heap, which then fragments and grows by
     tens of MB per step; a fixed threshold keeps the process at its true working set, at the cost
-    of page faults on each such allocation. A no-op where glibc is not the allocator.
+    of page faults on each such allocation. A no-op where glibc is not the allocator. The setting
+    is process-wide: a phase uses ``heap_growth_limited``, which undoes it.
     """
     libc = _glibc()
-    return bool(libc.mallopt(-3, threshold)) if libc is not None else False  # M_MMAP_THRESHOLD
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold)) if libc is not None else False
+
+
+@contextlib.contextmanager
+def heap_growth_limited(device: torch.device | str, threshold: int = 1 << 20):
+    """``limit_heap_growth`` for the phase inside the block, where it computes on the CPU (on a
+    GPU the dense gradients are the device's, the host allocates little); afterwards large
+    allocations are served as glibc's adaptive threshold would settle (``ADAPTIVE_MMAP_CEILING``),
+    so the rest of the process (another run, in the lab) does not pay the phase's page faults."""
+    limited = torch.device(device).type == "cpu" and limit_heap_growth(threshold)
+    try:
+        yield limited
+    finally:
+        if limited:
+            limit_heap_growth(ADAPTIVE_MMAP_CEILING)
 
 
 def _glibc():
@@ -272,8 +313,9 @@ def train(
         t_step = time.perf_counter()
         batch = next(data)
         try:
-            # summed over micro-batches, then ranks: loss, tokens, completion tokens
-            totals = torch.zeros(3, dtype=torch.float64)
+            # summed over micro-batches, then ranks: loss, tokens, completion tokens; on the
+            # device, read once per step (a read per micro-batch would wait for each)
+            totals = torch.zeros(3, dtype=torch.float64, device=world.device)
             micro = micro_batches(batch, world, grad_accum)
             for a, mb in enumerate(micro):
                 last = a == len(micro) - 1
@@ -281,16 +323,15 @@ def train(
                     with precision.autocast():
                         loss = forward(**mb, **no_cache).loss
                     precision.backward(loss / grad_accum)
-                totals += torch.tensor(
+                totals += torch.stack(
                     [
-                        loss.item(),
-                        mb["attention_mask"].sum().item(),
-                        (mb["labels"] != -100).sum().item(),
-                    ],
-                    dtype=torch.float64,
+                        loss.detach().double(),
+                        mb["attention_mask"].sum().double(),
+                        (mb["labels"] != -100).sum().double(),
+                    ]
                 )
-            world.sum_(totals)
-            mean_loss = totals[0].item() / (world.size * grad_accum)
+            loss_sum, token_sum, completion_sum = world.sum_(totals).tolist()
+            mean_loss = loss_sum / (world.size * grad_accum)
             if not math.isfinite(mean_loss):
                 raise TrainingError(
                     f"the loss became {mean_loss} at step {step + 1} of {phase}",
@@ -308,7 +349,7 @@ def train(
                 fix="lower --batch-size or --max-length, or add --gradient-checkpointing "
                 "(or use a smaller --dtype)",
             ) from None
-        tokens += int(totals[1])
+        tokens += int(token_sum)
         elapsed = time.perf_counter() - start
         losses.append(mean_loss)
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
@@ -317,7 +358,7 @@ def train(
             "step": step + 1,
             "loss": losses[-1],
             "lr": s.lr,
-            "completion_tokens": int(totals[2]),
+            "completion_tokens": int(completion_sum),
             "tokens_per_s": tokens / elapsed if elapsed > 0 else math.nan,
             "step_s": round(time.perf_counter() - t_step, 6),
             "peak_rss_mb": round(peak_rss_mb(), 1),
@@ -327,7 +368,7 @@ def train(
         if cuda:
             record["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated(world.device) / 2**20, 1)
         if precision.scaler is not None:
-            record["loss_scale"] = precision.scaler.get_scale()
+            record["loss_scale"] = precision.scale
             record["skipped"] = not stepped
         log.write(record)
         if on_step is not None:
