@@ -78,6 +78,29 @@ class Quality:
             for seed in self.search_seeds
         ]
 
+    def searched_runs(self, tasks, methods, grid=None):
+        """A claim's step for every (task, method): yield the learning-rate search (each grid
+        point on the search seeds, scored on validation), choose each rate, and return every
+        seed's spec at its chosen rate, ``{(task, method, seed): spec}``. Used as
+        ``main = yield from q.searched_runs(...)``; ``grid(method)`` replaces the method table's
+        grid."""
+        plan = {
+            (t, m): self.searches(t, m)
+            if grid is None
+            else [spec(t, m, lr, seed) for lr in grid(m) for seed in self.search_seeds]
+            for t in tasks
+            for m in methods
+        }
+        yield [(s, [(t, "validation", "default")]) for (t, _), ss in plan.items() for s in ss]
+        for (t, m), ss in plan.items():
+            self.choose(t, m, ss)
+        return {
+            (t, m, seed): spec(t, m, self.chosen[(t, m)], seed)
+            for t in tasks
+            for m in methods
+            for seed in self.seeds
+        }
+
     def choose(self, task: str, method: str, specs: list[dict], label: str | None = None) -> float:
         """Pick the learning rate with the best mean validation score over the seeds its specs
         were run with (the first grid point on ties)."""

@@ -56,20 +56,7 @@ def measure(q: Quality):
     a, b = q.tasks[0], q.tasks[1]
     tests = [(a, "test", "default"), (b, "test", "default"), (GENERAL, "test", "default")]
     # ---- claim 1: the search, then every seed at the chosen rate
-    plan = {
-        (t, m): [spec(t, m, lr, seed) for lr in grid(q, m) for seed in q.search_seeds]
-        for t in (a, b)
-        for m in METHODS
-    }
-    yield [(s, [(t, "validation", "default")]) for (t, _), ss in plan.items() for s in ss]
-    for (t, m), ss in plan.items():
-        q.choose(t, m, ss)
-    main = {
-        (t, m, seed): spec(t, m, q.chosen[(t, m)], seed)
-        for t in (a, b)
-        for m in METHODS
-        for seed in q.seeds
-    }
+    main = yield from q.searched_runs((a, b), METHODS, lambda m: grid(q, m))
     yield [(s, tests) for s in main.values()]
     # ---- claims 2 and 4 train from claim 1's runs of A
     seq = {}

@@ -40,16 +40,7 @@ def measure(q: Quality):
     """LoTA vs FFT, LoRA, random and bottom-k masks of the same size; calibration length;
     sparsity sweep."""
     a, b = q.tasks[0], q.tasks[1]
-    plan = {(t, m): q.searches(t, m) for t in (a, b) for m in METHODS}
-    yield [(s, [(t, "validation", "default")]) for (t, _), ss in plan.items() for s in ss]
-    for (t, m), ss in plan.items():
-        q.choose(t, m, ss)
-    main = {
-        (t, m, seed): spec(t, m, q.chosen[(t, m)], seed)
-        for t in (a, b)
-        for m in METHODS
-        for seed in q.seeds
-    }
+    main = yield from q.searched_runs((a, b), METHODS)
     real = T.real_sql("test", limit=1) is not None
     calib = {
         (c, seed): spec(a, "lota", q.chosen[(a, "lota")], seed, calibration=c)
