@@ -5,12 +5,17 @@ Four encodings besides ``empty`` and ``full`` (which store nothing): ``bitmask``
 gaps (a quotient and a remainder stream). ``encode_indices`` picks the smallest by stored bytes.
 Invariant: ``decode_indices`` gives back exactly the indices encoded, and refuses with
 ``ValueError`` any data that no sorted unique indices in ``[0, numel)`` encode to.
+
+``write_index_blob`` / ``read_index_blob`` are the one place where an encoding's data becomes
+the named tensors and header fields of a file, and back: a ticket's indices and the positions of
+a split delta's float32 values are both stored through them.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,6 +57,54 @@ class RiceCode:
     @property
     def nbytes(self) -> int:
         return int(self.q.numel() + self.rem.numel())
+
+
+# The stored tensors of each encoding, named by what follows the key prefix of what they code
+# (``P::`` for a tensor's indices, ``P::fix_`` for a split tensor's float32 value positions).
+BLOB_KEYS = {"empty": (), "full": (), "bitmask": ("mask",), "gaps": ("gaps",)}
+BLOB_KEYS["rice"] = ("rice_q", "rice_r")
+
+
+def stored_bytes(data: torch.Tensor | RiceCode | None) -> int:
+    """Bytes of tensor data that ``encode_indices``' ``data`` stores."""
+    if data is None:
+        return 0
+    if isinstance(data, RiceCode):
+        return data.nbytes
+    return data.numel() * data.element_size()
+
+
+def write_index_blob(
+    tensors: dict[str, torch.Tensor], prefix: str, encoding: str, data
+) -> dict[str, object]:
+    """Put ``encode_indices``' ``(encoding, data)`` into a file's ``tensors`` under ``prefix``;
+    returns the header fields that go with them: ``encoding``, and ``rice_r`` for Rice."""
+    fields: dict[str, object] = {"encoding": encoding}
+    if isinstance(data, RiceCode):
+        fields["rice_r"] = data.r
+        parts = (data.q, data.rem)
+    else:
+        parts = () if data is None else (data,)
+    for suffix, t in zip(BLOB_KEYS[encoding], parts, strict=True):
+        tensors[prefix + suffix] = t.contiguous()
+    return fields
+
+
+def read_index_blob(
+    get: Callable[[str], torch.Tensor], prefix: str, fields: dict, numel: int, nnz: int, what: str
+) -> torch.Tensor:
+    """The inverse of ``write_index_blob``: the sorted indices that ``fields`` (``encoding``,
+    ``rice_r``) and the tensors ``get(prefix + suffix)`` returns code, ``nnz`` of ``numel``.
+    A decoding error is raised as ``ValueError`` naming ``what`` was coded."""
+    encoding = fields["encoding"]
+    parts = [get(prefix + suffix) for suffix in BLOB_KEYS[encoding]]
+    data = RiceCode(*parts, r=fields.get("rice_r")) if encoding == "rice" else None
+    if encoding != "rice" and parts:
+        data = parts[0]
+    try:
+        return decode_indices(encoding, data, numel, nnz)
+    except ValueError as err:
+        raise ValueError(f"{what}: {err}") from None
 
 
 def _gaps_of(idx: torch.Tensor) -> np.ndarray:
