@@ -107,7 +107,7 @@ def read_index_blob(
         raise ValueError(f"{what}: {err}") from None
 
 
-def _gaps_of(idx: torch.Tensor) -> np.ndarray:
+def gaps_of(idx: torch.Tensor) -> np.ndarray:
     """``g[j] = idx[j] - idx[j-1] - 1`` with ``idx[-1] = -1`` (int64, >= 0 for a valid ticket)."""
     a = idx.detach().cpu().to(torch.long).contiguous().numpy()
     g = np.empty_like(a)
@@ -158,7 +158,7 @@ def index_sizes(idx: torch.Tensor, numel: int) -> dict[str, int]:
 
     ``"rice_r"`` is the Rice parameter behind ``"rice"``.
     """
-    return _sizes(_gaps_of(idx), numel)
+    return _sizes(gaps_of(idx), numel)
 
 
 def _sizes(g: np.ndarray, numel: int) -> dict[str, int]:
@@ -191,7 +191,7 @@ def encode_indices(
         raise ValueError(f"cannot encode {nnz} of {numel} entries as '{encoding}'")
     if encoding == "bitmask":
         return "bitmask", _bitmask(idx, numel)
-    g = _gaps_of(idx)
+    g = gaps_of(idx)
     r = None
     if encoding is None:
         sizes = _sizes(g, numel)
