@@ -1,10 +1,12 @@
 import json
 import os
 import random
+from pathlib import Path
 
 import pytest
 import torch
 
+import lota.format
 from lota.errors import InputError
 from lota.fileio import (
     atomic_dir,
@@ -14,6 +16,9 @@ from lota.fileio import (
     write_json,
     write_text,
 )
+from lota.format import load, save
+
+from .format_files import assert_same_ticket, case_ticket
 
 
 def _weights():
@@ -313,3 +318,38 @@ def test_atomic_outputs_respect_umask(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "x.txt").stat().st_mode & 0o777 == 0o644
+
+
+# ---------------------------------------------------------------------------- atomic lota files
+def test_atomic_write_keeps_old_file_when_writer_fails(tmp_path, monkeypatch):
+    path = tmp_path / "ticket.safetensors"
+    save(case_ticket("gaps-uint8"), path)
+    before = path.read_bytes()
+
+    def broken_save_file(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half a file")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(lota.format, "save_safetensors", broken_save_file)
+    with pytest.raises(RuntimeError, match="disk full"):
+        save(case_ticket("bitmask"), path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["ticket.safetensors"]
+
+    monkeypatch.undo()
+    save(case_ticket("bitmask"), path)
+    assert_same_ticket(case_ticket("bitmask"), load(path))
+    assert [p.name for p in tmp_path.iterdir()] == ["ticket.safetensors"]
+
+
+def test_atomic_write_on_interrupt_leaves_nothing(tmp_path, monkeypatch):
+    path = tmp_path / "new.safetensors"
+
+    def interrupted(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"x")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lota.format, "save_safetensors", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save(case_ticket("full"), path)
+    assert list(tmp_path.iterdir()) == []

@@ -5,12 +5,17 @@ Four encodings besides ``empty`` and ``full`` (which store nothing): ``bitmask``
 gaps (a quotient and a remainder stream). ``encode_indices`` picks the smallest by stored bytes.
 Invariant: ``decode_indices`` gives back exactly the indices encoded, and refuses with
 ``ValueError`` any data that no sorted unique indices in ``[0, numel)`` encode to.
+
+``write_index_blob`` / ``read_index_blob`` are the one place where an encoding's data becomes
+the named tensors and header fields of a file, and back: a ticket's indices and the positions of
+a split delta's float32 values are both stored through them.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,7 +59,55 @@ class RiceCode:
         return int(self.q.numel() + self.rem.numel())
 
 
-def _gaps_of(idx: torch.Tensor) -> np.ndarray:
+# The stored tensors of each encoding, named by what follows the key prefix of what they code
+# (``P::`` for a tensor's indices, ``P::fix_`` for a split tensor's float32 value positions).
+BLOB_KEYS = {"empty": (), "full": (), "bitmask": ("mask",), "gaps": ("gaps",)}
+BLOB_KEYS["rice"] = ("rice_q", "rice_r")
+
+
+def stored_bytes(data: torch.Tensor | RiceCode | None) -> int:
+    """Bytes of tensor data that ``encode_indices``' ``data`` stores."""
+    if data is None:
+        return 0
+    if isinstance(data, RiceCode):
+        return data.nbytes
+    return data.numel() * data.element_size()
+
+
+def write_index_blob(
+    tensors: dict[str, torch.Tensor], prefix: str, encoding: str, data
+) -> dict[str, object]:
+    """Put ``encode_indices``' ``(encoding, data)`` into a file's ``tensors`` under ``prefix``;
+    returns the header fields that go with them: ``encoding``, and ``rice_r`` for Rice."""
+    fields: dict[str, object] = {"encoding": encoding}
+    if isinstance(data, RiceCode):
+        fields["rice_r"] = data.r
+        parts = (data.q, data.rem)
+    else:
+        parts = () if data is None else (data,)
+    for suffix, t in zip(BLOB_KEYS[encoding], parts, strict=True):
+        tensors[prefix + suffix] = t.contiguous()
+    return fields
+
+
+def read_index_blob(
+    get: Callable[[str], torch.Tensor], prefix: str, fields: dict, numel: int, nnz: int, what: str
+) -> torch.Tensor:
+    """The inverse of ``write_index_blob``: the sorted indices that ``fields`` (``encoding``,
+    ``rice_r``) and the tensors ``get(prefix + suffix)`` returns code, ``nnz`` of ``numel``.
+    A decoding error is raised as ``ValueError`` naming ``what`` was coded."""
+    encoding = fields["encoding"]
+    parts = [get(prefix + suffix) for suffix in BLOB_KEYS[encoding]]
+    data = RiceCode(*parts, r=fields.get("rice_r")) if encoding == "rice" else None
+    if encoding != "rice" and parts:
+        data = parts[0]
+    try:
+        return decode_indices(encoding, data, numel, nnz)
+    except ValueError as err:
+        raise ValueError(f"{what}: {err}") from None
+
+
+def gaps_of(idx: torch.Tensor) -> np.ndarray:
     """``g[j] = idx[j] - idx[j-1] - 1`` with ``idx[-1] = -1`` (int64, >= 0 for a valid ticket)."""
     a = idx.detach().cpu().to(torch.long).contiguous().numpy()
     g = np.empty_like(a)
@@ -105,7 +158,7 @@ def index_sizes(idx: torch.Tensor, numel: int) -> dict[str, int]:
 
     ``"rice_r"`` is the Rice parameter behind ``"rice"``.
     """
-    return _sizes(_gaps_of(idx), numel)
+    return _sizes(gaps_of(idx), numel)
 
 
 def _sizes(g: np.ndarray, numel: int) -> dict[str, int]:
@@ -138,7 +191,7 @@ def encode_indices(
         raise ValueError(f"cannot encode {nnz} of {numel} entries as '{encoding}'")
     if encoding == "bitmask":
         return "bitmask", _bitmask(idx, numel)
-    g = _gaps_of(idx)
+    g = gaps_of(idx)
     r = None
     if encoding is None:
         sizes = _sizes(g, numel)

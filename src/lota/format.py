@@ -1,44 +1,69 @@
-"""On-disk format of tickets and sparse deltas (see docs/format.md).
+"""On-disk format of tickets and sparse deltas (see docs/format.md): ``save``, ``load``,
+``Reader`` and ``describe``, the entry point for every other module.
 
 A lota file is a plain safetensors file. Per eligible tensor ``P`` it holds the trainable set in
 the smallest of four index encodings (``P::mask`` packed bits, ``P::gaps`` gap-coded indices in
 the narrowest unsigned integer type, ``P::rice_q`` + ``P::rice_r`` Golomb-Rice coded gaps, or
-nothing when the ticket is empty or full; the codecs are in ``lota.codecs``) and, for deltas,
-``P::values``, optionally split (``values_dtype="auto"``) into 16-bit values plus the float32
-values of the entries that 16 bits do not hold exactly (``P::fix_values`` at positions coded like
-the indices, ``P::fix_*``). A file is stamped with the oldest format version its content needs
-(``content_version``): 3 with split values, else 2 with ``rice``, else 1. The safetensors
-metadata carries ``format = "lota"``, ``kind``, ``format_version``,
-``base_fingerprint`` and a JSON ``header`` (shapes, encodings, counts, per-tensor checksums and the
-resolved config). Invariant: ``load(save(x))`` gives back the same indices and bit-identical values.
+nothing when the ticket is empty or full; the codecs, and the one writer/reader pair that stores
+them, are in ``lota.codecs``) and, for deltas, ``P::values``, optionally split
+(``values_dtype="auto"``) into 16-bit values plus the float32 values of the entries that 16 bits
+do not hold exactly (``P::fix_values`` at positions coded like the indices, ``P::fix_*``). The
+metadata, header and format versions are ``lota.container``'s. Invariant: ``load(save(x))``
+gives back the same indices and bit-identical values.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
-import re
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors import safe_open
 
-from ._version import __version__
-from .codecs import ENCODINGS, RiceCode, decode_indices, encode_indices
+from .codecs import decode_indices, encode_indices, read_index_blob, stored_bytes, write_index_blob
+from .container import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MAX_HEADER_CHARS,
+    MAX_HEADER_DEPTH,
+    SEP,
+    checked_tensor,
+    content_version,
+    error_line,
+    file_metadata,
+    json_nesting,
+    read_header,
+)
 from .delta import SparseDelta
 from .errors import FormatError, InputError, MismatchError
-from .fileio import atomic_path, check_input_file, save_safetensors, tensor_digest
-from .ticket import MAX_TENSOR_NUMEL, Ticket
+from .fileio import atomic_path, save_safetensors
+from .ticket import Ticket
 
-FORMAT_NAME = "lota"
-# The newest format version this lota reads. A file is written as the oldest version its content
-# needs (``content_version``), so that older readers can still open what they can read.
-FORMAT_VERSION = 3
-_V2_ENCODINGS = frozenset({"rice"})
-_SEP = "::"
+# What other modules use of the format, including the container's and codecs' names they reach
+# through here.
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "MAX_HEADER_CHARS",
+    "MAX_HEADER_DEPTH",
+    "MAX_UNBACKED_ENTRIES",
+    "SPLIT_OVERHEAD_BYTES",
+    "VALUES_DTYPES",
+    "Reader",
+    "SparseDelta",
+    "Ticket",
+    "content_version",
+    "decode_indices",
+    "describe",
+    "encode_indices",
+    "json_nesting",
+    "load",
+    "read_header",
+    "save",
+]
+
 _VALUE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Every dtype a delta's values are stored in and read back as: those ``--values-dtype`` names,
 # float64, and the two float8 formats (``apply`` and every other consumer computes with float8
@@ -47,17 +72,11 @@ VALUES_DTYPES = {
     str(d).removeprefix("torch."): d
     for d in (*_VALUE_DTYPES.values(), torch.float64, torch.float8_e4m3fn, torch.float8_e5m2)
 }
-_INDEX_KEYS = {"bitmask": ("mask",), "gaps": ("gaps",), "rice": ("rice_q", "rice_r")}
 _HALF_DTYPES = (torch.bfloat16, torch.float16)
 # What a split adds to the file beside its data: up to three more safetensors entries and their
 # checksums, and the "fix" object in the header, about 150 bytes each plus twice the name's length.
 SPLIT_OVERHEAD_BYTES = 450
 
-# Limits on what a file's header may ask of the reader, all checked before anything is decoded.
-# A header holds about 200 characters per tensor plus the resolved config, so 16 Mi characters
-# is a model of some 80,000 tensors; lota itself nests JSON about 4 levels deep (plus the config).
-MAX_HEADER_CHARS = 16 * 2**20
-MAX_HEADER_DEPTH = 64
 # Every encoding but "full" stores its entries, so what a tensor's indices cost in memory is
 # bounded by the file's own bytes: at most 64 bytes of int64 indices per byte of bitmask (8
 # entries), 8 per byte of gaps, 64 per byte of Rice quotients, and for deltas a value (2 bytes or
@@ -65,7 +84,6 @@ MAX_HEADER_DEPTH = 64
 # size: without the model's shapes, ``load`` materialises at most this many such entries in all
 # (2 GiB of indices). A genuine larger ticket loads with ``load(path, shapes=...)``.
 MAX_UNBACKED_ENTRIES = 2**28
-_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
 
 
 # ---------------------------------------------------------------------------- save
@@ -82,75 +100,59 @@ def save(
     delta's values must be finite, also in the ``values_dtype`` they are stored in (float16 ends
     at 65504).
     """
-    is_delta = isinstance(obj, SparseDelta)
     if not isinstance(obj, (Ticket, SparseDelta)):
         raise InputError(
             f"cannot save a {type(obj).__name__}", fix="pass a lota Ticket or SparseDelta"
         )
     obj.validate()
-    if is_delta:
+    if isinstance(obj, SparseDelta):
         obj.check_finite(str(path))
-    ticket = obj.ticket
     tensors: dict[str, torch.Tensor] = {}
-    entries = {}
-    for name in ticket.names:
-        if _SEP in name:
-            raise InputError(
-                f"parameter name '{name}' contains '{_SEP}'", fix="rename the parameter"
-            )
-        numel = ticket.tensor_numel(name)
-        idx = ticket.indices[name]
-        encoding, data = encode_indices(idx, numel, name=name)
-        entry = {"shape": list(ticket.shapes[name]), "nnz": int(idx.numel()), "encoding": encoding}
-        if isinstance(data, RiceCode):
-            entry["rice_r"] = data.r
-            tensors[f"{name}{_SEP}rice_q"] = data.q.contiguous()
-            tensors[f"{name}{_SEP}rice_r"] = data.rem.contiguous()
-        elif data is not None:
-            tensors[f"{name}{_SEP}{_INDEX_KEYS[encoding][0]}"] = data.contiguous()
-        if is_delta:
-            v = obj.values[name]
-            if values_dtype == "auto":
-                v = _split_values(name, v, tensors, entry)
-            elif values_dtype is not None:
-                v = _rounded(name, v, _value_dtype(values_dtype), str(path))
-            if v.dtype not in VALUES_DTYPES.values():
-                raise InputError(
-                    f"values of tensor '{name}' are {v.dtype}, which lota files do not store",
-                    fix=f"convert them to one of {', '.join(VALUES_DTYPES)}",
-                )
-            if v.numel():
-                tensors[f"{name}{_SEP}values"] = v.contiguous()
-            entry["values_dtype"] = str(v.dtype).removeprefix("torch.")
-        entries[name] = entry
-    header = {
-        "tensors": entries,
-        "numel": ticket.numel,
-        "nnz": ticket.nnz,
-        "checksums": {k: tensor_digest(t) for k, t in tensors.items()},
-        "config": config if config is not None else obj.meta.get("config", {}),
-        "created_by": f"lota {__version__}",
+    entries = {
+        name: _store_tensor(obj, name, tensors, values_dtype, str(path))
+        for name in obj.ticket.names
     }
-    metadata = {
-        "format": FORMAT_NAME,
-        "kind": obj.kind,
-        "format_version": str(max(map(content_version, entries.values()), default=1)),
-        "base_fingerprint": ticket.base_fingerprint,
-        "header": json.dumps(header, sort_keys=True),
-    }
+    config = config if config is not None else obj.meta.get("config", {})
+    metadata = file_metadata(obj.kind, obj.ticket, entries, tensors, config)
     with atomic_path(path) as tmp:
         save_safetensors(tensors, tmp, metadata)
     return Path(path).stat().st_size
 
 
-def content_version(entry: dict) -> int:
-    """The format version one tensor's header entry needs: 3 when its values are split (``fix``),
-    2 when its indices are Rice coded, else 1. The writer stamps a file with the largest over its
-    tensors and the reader refuses a tensor that needs more than its file says: one rule, so a
-    file lota writes is always one it reads."""
-    if "fix" in entry:
-        return 3
-    return 2 if entry["encoding"] in _V2_ENCODINGS else 1
+def _store_tensor(
+    obj: Ticket | SparseDelta, name: str, tensors: dict, values_dtype, where: str
+) -> dict:
+    """Put tensor ``name``'s indices, and a delta's values, into ``tensors``; returns its header
+    entry."""
+    if SEP in name:
+        raise InputError(f"parameter name '{name}' contains '{SEP}'", fix="rename the parameter")
+    ticket = obj.ticket
+    idx = ticket.indices[name]
+    encoding, data = encode_indices(idx, ticket.tensor_numel(name), name=name)
+    entry = {"shape": list(ticket.shapes[name]), "nnz": int(idx.numel())}
+    entry.update(write_index_blob(tensors, f"{name}{SEP}", encoding, data))
+    if isinstance(obj, SparseDelta):
+        _store_values(name, obj.values[name], tensors, entry, values_dtype, where)
+    return entry
+
+
+def _store_values(
+    name: str, v: torch.Tensor, tensors: dict, entry: dict, values_dtype, where: str
+) -> None:
+    """Put a delta tensor's values into ``tensors`` in ``values_dtype`` (as they are when None,
+    split when "auto") and name their dtype in its header ``entry``."""
+    if values_dtype == "auto":
+        v = _split_values(name, v, tensors, entry)
+    elif values_dtype is not None:
+        v = _rounded(name, v, _value_dtype(values_dtype), where)
+    if v.dtype not in VALUES_DTYPES.values():
+        raise InputError(
+            f"values of tensor '{name}' are {v.dtype}, which lota files do not store",
+            fix=f"convert them to one of {', '.join(VALUES_DTYPES)}",
+        )
+    if v.numel():
+        tensors[f"{name}{SEP}values"] = v.contiguous()
+    entry["values_dtype"] = str(v.dtype).removeprefix("torch.")
 
 
 def _value_dtype(values_dtype: str | torch.dtype) -> torch.dtype:
@@ -211,183 +213,21 @@ def _split_values(name: str, v: torch.Tensor, tensors: dict, entry: dict) -> tor
         if off.numel() == nnz:
             continue
         encoding, data = encode_indices(off, nnz, name=name)
-        size = 2 * nnz + 4 * off.numel() + _stored_bytes(data) + SPLIT_OVERHEAD_BYTES
+        size = 2 * nnz + 4 * off.numel() + stored_bytes(data) + SPLIT_OVERHEAD_BYTES
         size += 2 * len(name)
         if size < best_size:
             best, best_size = (half, off, encoding, data), size
     if best is None:
         return v
     half, off, encoding, data = best
-    fix = {"nnz": int(off.numel()), "encoding": encoding}
-    if isinstance(data, RiceCode):
-        fix["rice_r"] = data.r
-        tensors[f"{name}{_SEP}fix_rice_q"] = data.q.contiguous()
-        tensors[f"{name}{_SEP}fix_rice_r"] = data.rem.contiguous()
-    else:
-        tensors[f"{name}{_SEP}fix_{_INDEX_KEYS[encoding][0]}"] = data.contiguous()
-    tensors[f"{name}{_SEP}fix_values"] = v[off].contiguous()
+    fix = {"nnz": int(off.numel())}
+    fix.update(write_index_blob(tensors, f"{name}{SEP}fix_", encoding, data))
+    tensors[f"{name}{SEP}fix_values"] = v[off].contiguous()
     entry["fix"] = fix
     return half
 
 
-def _stored_bytes(data) -> int:
-    if isinstance(data, RiceCode):
-        return data.q.numel() + data.rem.numel()
-    return data.numel() * data.element_size()
-
-
 # ---------------------------------------------------------------------------- load
-def read_header(path: str | os.PathLike) -> tuple[dict, dict]:
-    """Return ``(metadata, header)`` after checking the file is a lota file of a known version
-    whose header has exactly the fields, types and totals lota writes."""
-    path = Path(path)
-    if not path.exists():
-        raise InputError("file not found", str(path), "check the path")
-    if path.is_dir():
-        raise InputError("is a folder, not a lota file", str(path), "pass a .safetensors file")
-    check_input_file(path, "lota file")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except PermissionError:
-        raise InputError(
-            "cannot read the file (permission denied)", str(path), "fix its permissions"
-        ) from None
-    except Exception as e:  # safetensors raises its own error types for truncated / garbled files
-        raise FormatError(
-            f"not a readable safetensors file ({_short(e)})",
-            str(path),
-            "the file is truncated or corrupted; recreate it",
-        ) from None
-    if meta.get("format") != FORMAT_NAME:
-        raise FormatError(
-            "not a lota file (no 'format: lota' in its metadata)",
-            str(path),
-            "pass a ticket or delta written by lota",
-        )
-    version_text = meta.get("format_version", "")
-    if not re.fullmatch(r"[0-9]{1,6}", version_text):
-        raise FormatError(
-            "format_version is missing or not a number", str(path), "recreate the file"
-        )
-    version = int(version_text)
-    if version < 1:
-        raise FormatError(
-            f"format version {version} does not exist", str(path), "recreate the file"
-        )
-    if version > FORMAT_VERSION:
-        raise FormatError(
-            f"format version {version} is newer than this lota reads ({FORMAT_VERSION})",
-            str(path),
-            "upgrade lota",
-        )
-    if meta.get("kind") not in ("ticket", "delta"):
-        raise FormatError(
-            f"unknown kind '{meta.get('kind')}'", str(path), "pass a ticket or delta file"
-        )
-    header = _parse_header(meta.get("header", ""), str(path))
-    try:
-        _check_header(header)
-    except ValueError as e:
-        raise FormatError(
-            f"inconsistent header ({_short(e)})", str(path), "the file is corrupted; recreate it"
-        ) from None
-    return meta, header
-
-
-def _parse_header(text: str, where: str) -> dict:
-    """The header's JSON, refused before parsing when it is too large or nested too deeply (so no
-    RecursionError or huge parse can come out of a hostile file)."""
-    if len(text) > MAX_HEADER_CHARS:
-        raise FormatError(
-            f"the header has {len(text):,} characters, more than {MAX_HEADER_CHARS:,}",
-            where,
-            "the file is corrupted; recreate it",
-        )
-    if json_nesting(text) > MAX_HEADER_DEPTH:
-        raise FormatError(
-            f"the header is nested more than {MAX_HEADER_DEPTH} levels deep",
-            where,
-            "the file is corrupted; recreate it",
-        )
-    try:
-        header = json.loads(text)
-        if not isinstance(header, dict) or not isinstance(header.get("tensors"), dict):
-            raise ValueError
-    except (ValueError, RecursionError):
-        raise FormatError(
-            "the header is missing or is not valid JSON", where, "recreate the file"
-        ) from None
-    return header
-
-
-def json_nesting(text: str) -> int:
-    """Deepest bracket nesting of JSON ``text``, brackets inside strings not counted (an upper
-    bound for malformed text, which the parser refuses anyway). Read before parsing, so that a
-    hostile text can never exhaust the parser's recursion (headers here, data lines in ``data``)."""
-    bare = _JSON_STRING.sub("", text).encode("utf-8", "surrogatepass")
-    a = np.frombuffer(bare, dtype=np.uint8)
-    step = np.zeros(a.size, dtype=np.int32)
-    step[(a == ord("{")) | (a == ord("["))] = 1
-    step[(a == ord("}")) | (a == ord("]"))] = -1
-    return int(np.cumsum(step).max(initial=0))
-
-
-def _is_int(x) -> bool:
-    return type(x) is int  # JSON true / false load as bool, a subclass of int
-
-
-def _check_header(header: dict) -> None:
-    """Raise ``ValueError`` unless every field has the type lota writes and the totals add up:
-    shapes are lists of non-negative ints, counts are ints, encodings are known strings, and the
-    top-level ``numel`` / ``nnz`` are the sums of the tensors'. Nothing is rounded or coerced."""
-    numel_total = nnz_total = 0
-    for name, e in header["tensors"].items():
-        if not isinstance(e, dict):
-            raise ValueError(f"the entry of tensor '{name}' is not an object")
-        shape = e.get("shape")
-        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-            raise ValueError(f"tensor '{name}' has shape {shape!r}, not non-negative integers")
-        numel, nnz = math.prod(shape), e.get("nnz")
-        if numel > MAX_TENSOR_NUMEL:
-            raise ValueError(f"tensor '{name}' has {numel} entries, too many for int64 indices")
-        if not _is_int(nnz) or not 0 <= nnz <= numel:
-            raise ValueError(f"tensor '{name}' claims {nnz!r} entries of {numel}")
-        encoding = e.get("encoding")
-        if not isinstance(encoding, str) or encoding not in ENCODINGS:
-            raise ValueError(f"tensor '{name}' has unknown index encoding {encoding!r}")
-        if (encoding == "empty" and nnz != 0) or (encoding == "full" and nnz != numel):
-            raise ValueError(f"tensor '{name}' is '{encoding}' but claims {nnz} of {numel}")
-        if "rice_r" in e and not _is_int(e["rice_r"]):
-            raise ValueError(f"tensor '{name}' has rice parameter {e['rice_r']!r}")
-        if "values_dtype" in e and not isinstance(e["values_dtype"], str):
-            raise ValueError(f"tensor '{name}' has values_dtype {e['values_dtype']!r}")
-        if "fix" in e:
-            _check_fix(name, e["fix"], nnz)
-        numel_total, nnz_total = numel_total + numel, nnz_total + nnz
-    for key, total in (("numel", numel_total), ("nnz", nnz_total)):
-        if not _is_int(header.get(key)) or header[key] != total:
-            raise ValueError(f"'{key}' is {header.get(key)!r}, its tensors add up to {total}")
-    checksums = header.get("checksums", {})
-    if not isinstance(checksums, dict) or not all(isinstance(v, str) for v in checksums.values()):
-        raise ValueError("'checksums' is not an object of strings")
-    if not isinstance(header.get("config", {}), dict):
-        raise ValueError("'config' is not an object")
-    if not isinstance(header.get("created_by", ""), str):
-        raise ValueError("'created_by' is not a string")
-
-
-def _check_fix(name: str, fix, nnz: int) -> None:
-    """A split tensor's ``fix`` object: how many of its ``nnz`` values are float32, and how their
-    positions among the values are coded (never "empty" or "full": those are not split)."""
-    if not isinstance(fix, dict) or not _is_int(fix.get("nnz")) or not 0 < fix["nnz"] < nnz:
-        raise ValueError(f"tensor '{name}' has a fix entry {fix!r} for {nnz} values")
-    if fix.get("encoding") not in _INDEX_KEYS:
-        raise ValueError(f"tensor '{name}' has fix encoding {fix.get('encoding')!r}")
-    if "rice_r" in fix and not _is_int(fix["rice_r"]):
-        raise ValueError(f"tensor '{name}' has fix rice parameter {fix['rice_r']!r}")
-
-
 class Reader:
     """A lota file opened for reading one tensor at a time (``with Reader(path) as r: ...``).
 
@@ -466,13 +306,13 @@ class Reader:
             raise
         except (ValueError, KeyError, TypeError, RuntimeError, OverflowError) as e:
             raise FormatError(
-                f"inconsistent content ({_short(e)})",
+                f"inconsistent content ({error_line(e)})",
                 self.where,
                 "the file is corrupted; recreate it",
             ) from None
         except Exception as e:
             raise FormatError(
-                f"unreadable content ({_short(e)})",
+                f"unreadable content ({error_line(e)})",
                 self.where,
                 "the file is corrupted; recreate it",
             ) from None
@@ -500,10 +340,33 @@ class Reader:
             "recreate the file; a genuine one loads with lota.load(path, shapes=<model shapes>)",
         )
 
+    def load(self) -> Ticket | SparseDelta:
+        """Every tensor read and verified, built into the ticket or delta the file holds."""
+        if not self._vouched and self.unbacked_entries() > MAX_UNBACKED_ENTRIES:
+            raise self._too_many_unbacked(self.unbacked_entries())
+        indices, values = {}, {}
+        for name in self.names:
+            indices[name], v = self.read(name)
+            if v is not None:
+                values[name] = v
+        meta = {"config": self.config, "path": self.where}
+        with self._errors():  # the invariant is checked again as the objects are built
+            ticket = Ticket(
+                shapes=dict(self.shapes),
+                indices=indices,
+                base_fingerprint=self.base_fingerprint,
+                meta=meta,
+            )
+            if self.kind == "ticket":
+                return ticket
+            return SparseDelta(ticket=ticket, values=values, meta=dict(meta))
+
+    def _tensor(self, key: str) -> torch.Tensor:
+        return checked_tensor(self._file, key, self._keys, self._checksums, self.verify)
+
     def _read(
         self, name: str, materialise: bool
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        f, keys, checksums, verify = self._file, self._keys, self._checksums, self.verify
         e = self.header["tensors"][name]
         numel, nnz, encoding = math.prod(self.shapes[name]), e["nnz"], e["encoding"]
         if content_version(e) > self._version:
@@ -513,62 +376,39 @@ class Reader:
             )
         # A delta's values come first: their count, checked against the header, bounds what the
         # indices may cost before any index is decoded.
-        v = None
-        if self.kind == "delta" and nnz:
-            v = _get(f, f"{name}{_SEP}values", keys, checksums, verify)
-            if v.dim() != 1 or v.numel() != nnz or not v.is_floating_point():
-                raise ValueError(f"values of '{name}' have the wrong size or type")
-            _check_values_dtype(name, e, v.dtype)
-        elif self.kind == "delta":
-            v = torch.zeros(0, dtype=VALUES_DTYPES.get(e.get("values_dtype"), torch.float32))
-        if v is not None and "fix" in e:
-            v = self._fixed(name, e["fix"], v)
+        v = self._values(name, e) if self.kind == "delta" else None
         if encoding == "full" and not materialise:
             return None, v
         if encoding == "full" and self.kind == "ticket" and not self._vouched:
             if numel > MAX_UNBACKED_ENTRIES:
                 raise self._too_many_unbacked(numel)
-        data = None
-        if encoding == "rice":
-            data = RiceCode(
-                q=_get(f, f"{name}{_SEP}rice_q", keys, checksums, verify),
-                rem=_get(f, f"{name}{_SEP}rice_r", keys, checksums, verify),
-                r=e.get("rice_r"),
-            )
-        elif encoding in _INDEX_KEYS:
-            key = f"{name}{_SEP}{_INDEX_KEYS[encoding][0]}"
-            data = _get(f, key, keys, checksums, verify)
-        try:
-            idx = decode_indices(encoding, data, numel, nnz)
-        except ValueError as err:
-            raise ValueError(f"tensor '{name}': {err}") from None
+        idx = read_index_blob(self._tensor, f"{name}{SEP}", e, numel, nnz, f"tensor '{name}'")
         if idx.numel() != nnz:
             raise ValueError(f"tensor '{name}' decodes to {idx.numel()} entries, header says {nnz}")
         return idx, v
 
-    def _fixed(self, name: str, fix: dict, v: torch.Tensor) -> torch.Tensor:
+    def _values(self, name: str, e: dict) -> torch.Tensor:
+        """A delta tensor's values, as stored, or widened to float32 with their fixes when split."""
+        if e["nnz"]:
+            v = self._tensor(f"{name}{SEP}values")
+            if v.dim() != 1 or v.numel() != e["nnz"] or not v.is_floating_point():
+                raise ValueError(f"values of '{name}' have the wrong size or type")
+            _check_values_dtype(name, e, v.dtype)
+        else:
+            v = torch.zeros(0, dtype=VALUES_DTYPES.get(e.get("values_dtype"), torch.float32))
+        return self._fixed(name, e, v) if "fix" in e else v
+
+    def _fixed(self, name: str, e: dict, v: torch.Tensor) -> torch.Tensor:
         """The float32 values of a split tensor: its 16-bit values, widened exactly, with the
         stored float32 values written at their positions."""
-        dtype = str(v.dtype).removeprefix("torch.")
-        if v.dtype not in _HALF_DTYPES or dtype != self.header["tensors"][name]["values_dtype"]:
+        dtype, fix = str(v.dtype).removeprefix("torch."), e["fix"]
+        if v.dtype not in _HALF_DTYPES or dtype != e["values_dtype"]:
             raise ValueError(f"split values of '{name}' are {dtype}, not the 16-bit dtype it says")
-        f, keys, checksums, verify = self._file, self._keys, self._checksums, self.verify
-        prefix = f"{name}{_SEP}fix_"
-        exact = _get(f, prefix + "values", keys, checksums, verify)
+        exact = self._tensor(f"{name}{SEP}fix_values")
         if exact.dtype != torch.float32 or exact.dim() != 1 or exact.numel() != fix["nnz"]:
             raise ValueError(f"fixed values of '{name}' have the wrong size or type")
-        if fix["encoding"] == "rice":
-            data = RiceCode(
-                q=_get(f, prefix + "rice_q", keys, checksums, verify),
-                rem=_get(f, prefix + "rice_r", keys, checksums, verify),
-                r=fix.get("rice_r"),
-            )
-        else:
-            data = _get(f, prefix + _INDEX_KEYS[fix["encoding"]][0], keys, checksums, verify)
-        try:
-            pos = decode_indices(fix["encoding"], data, v.numel(), fix["nnz"])
-        except ValueError as err:
-            raise ValueError(f"fixed values of '{name}': {err}") from None
+        what = f"fixed values of '{name}'"
+        pos = read_index_blob(self._tensor, f"{name}{SEP}fix_", fix, v.numel(), fix["nnz"], what)
         if pos.numel() != fix["nnz"]:
             raise ValueError(f"fixed values of '{name}' decode to {pos.numel()} positions")
         out = v.float()
@@ -587,24 +427,7 @@ def load(
     anything is read, and lifts the bound on "full" tensors (see ``MAX_UNBACKED_ENTRIES``).
     """
     with Reader(path, verify, shapes) as r:
-        if not r._vouched and r.unbacked_entries() > MAX_UNBACKED_ENTRIES:
-            raise r._too_many_unbacked(r.unbacked_entries())
-        indices, values = {}, {}
-        for name in r.names:
-            indices[name], v = r.read(name)
-            if v is not None:
-                values[name] = v
-        meta = {"config": r.config, "path": r.where}
-        with r._errors():  # the invariant is checked again as the objects are built
-            ticket = Ticket(
-                shapes=dict(r.shapes),
-                indices=indices,
-                base_fingerprint=r.base_fingerprint,
-                meta=meta,
-            )
-            if r.kind == "ticket":
-                return ticket
-            return SparseDelta(ticket=ticket, values=values, meta=dict(meta))
+        return r.load()
 
 
 def _check_values_dtype(name: str, entry: dict, dtype: torch.dtype) -> None:
@@ -616,22 +439,6 @@ def _check_values_dtype(name: str, entry: dict, dtype: torch.dtype) -> None:
         raise ValueError(
             f"values of '{name}' are {stored}, the header says {entry['values_dtype']}"
         )
-
-
-def _get(f, key: str, keys: set, checksums: dict, verify: bool) -> torch.Tensor:
-    if key not in keys:
-        raise ValueError(f"tensor '{key}' is missing")
-    t = f.get_tensor(key)
-    if verify and key in checksums and tensor_digest(t) != checksums[key]:
-        raise ValueError(f"checksum of '{key}' does not match")
-    if verify and key not in checksums:
-        raise ValueError(f"no checksum recorded for '{key}'")
-    return t
-
-
-def _short(e: Exception) -> str:
-    s = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return s[:200]
 
 
 def _stored_dtypes(entry: dict, v: torch.Tensor) -> list[str]:

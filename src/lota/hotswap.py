@@ -212,11 +212,11 @@ class DeltaBank:
     def _part(
         self, label: str, name: str, shape: tuple, idx: torch.Tensor, values: torch.Tensor
     ) -> _Part:
-        from .sparse_model import _module_and_attr
+        from .sparse_model import module_and_attr
 
         fix = "use a delta made for this architecture"
         try:
-            module, attr = _module_and_attr(self.model, name)
+            module, attr = module_and_attr(self.model, name)
             weight = _weight(module, attr)
         except (AttributeError, TypeError):
             raise InputError(

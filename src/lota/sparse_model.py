@@ -194,7 +194,8 @@ def sync_shards_(model: nn.Module) -> None:
     _sync_shards([p for _, _, _, p in _parametrized(model) if p.sharded])
 
 
-def _module_and_attr(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+def module_and_attr(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """The module holding parameter ``name`` of ``model``, and the parameter's attribute name."""
     module_name, _, attr = name.rpartition(".")
     return (model.get_submodule(module_name) if module_name else model), attr
 
@@ -227,7 +228,7 @@ def prepare(
     for p in model.parameters():
         p.requires_grad_(False)
     for name, idx in ticket.indices.items():
-        module, attr = _module_and_attr(model, name)
+        module, attr = module_and_attr(model, name)
         weight = getattr(module, attr)
         par = SparseDeltaParametrization(
             weight, idx, None if values is None else values[name], dtype

@@ -1,7 +1,7 @@
-"""Write ticket_v1.safetensors and delta_v1.safetensors, the format-v1 fixtures of test_format.py.
+"""Write ticket_v1.safetensors and delta_v1.safetensors, the format-v1 fixtures of test_container.py.
 
 Run once from anywhere: ``python tests/data/make_v1_files.py``. The files are checked in and must
-never be regenerated once released: test_format.py asserts that lota still reads them exactly.
+never be regenerated once released: test_container.py asserts that lota still reads them exactly.
 The content is deterministic; the byte order of the metadata keys is not (safetensors writes its
 metadata from a hash map), so a rerun may give different bytes with the same content.
 """

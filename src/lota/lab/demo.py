@@ -198,12 +198,12 @@ def _demo(lab, seed: int, scale: str, t0: float) -> dict:
 
 
 def _plot(rows: dict[str, dict], path: Path) -> str:
-    from .report import _bars, _plt, _save
+    from .report import bar_chart, pyplot, save_figure
 
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 3.6))
     names = list(rows)
-    _bars(
+    bar_chart(
         ax,
         [n.replace(" -> ", "\n-> ").replace(" + ", "\n+ ") for n in names],
         {
@@ -214,7 +214,7 @@ def _plot(rows: dict[str, dict], path: Path) -> str:
     )
     ax.tick_params(axis="x", labelsize=7)
     ax.set_title("lota demo: task scores of every model")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _table(rows: dict[str, dict]) -> str:

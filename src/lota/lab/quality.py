@@ -248,7 +248,7 @@ def _measure(
             "base": base,
             "base_fingerprint": lab.base_fp,
             "jobs": jobs,
-            "device": str(lab._device()),
+            "device": str(lab.resolved_device()),
             "general_text": GENERAL_TEXT
             if (Path(base) / "lab_recipe.json").exists()
             else "Python's reference documentation (pydoc_data)",

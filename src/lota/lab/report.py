@@ -44,7 +44,7 @@ def versions_line(v: dict[str, str]) -> str:
     return "Versions: " + ", ".join(f"{k} {v[k]}" for k in v) + "."
 
 
-def _plt():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -53,21 +53,21 @@ def _plt():
     return plt
 
 
-def _save(fig, path: Path) -> str:
+def save_figure(fig, path: Path) -> str:
     from ..fileio import atomic_path
 
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
-    _plt().close(fig)
+    pyplot().close(fig)
     return path.name
 
 
-def _m(s: dict | None) -> float:
+def mean_of(s: dict | None) -> float:
     return float("nan") if not s or s.get("mean") is None else s["mean"]
 
 
-def _e(s: dict | None) -> float:
+def std_of(s: dict | None) -> float:
     return 0.0 if not s or s.get("std") is None else s["std"]
 
 
@@ -117,23 +117,23 @@ def compare(name_a: str, a: dict, name_b: str, b: dict, digits: int = 3) -> str:
     return (
         f"{name_a} ({fmt(a, d)}) is {verdict} {name_b} ({fmt(b, d)}): difference "
         f"{w['diff']:+.{d}f}, {100 * (1 - ALPHA):.0f}% CI [{lo:+.{d}f}, {hi:+.{d}f}], "
-        f"Welch p {_p(w['p'])}"
+        f"Welch p {p_text(w['p'])}"
     )
 
 
-def _p(p: float) -> str:
+def p_text(p: float) -> str:
     return "< 0.001" if p < 0.001 else f"{p:.3f}"
 
 
-def _bars(ax, groups: list[str], series: dict[str, list[dict]], ylabel: str):
+def bar_chart(ax, groups: list[str], series: dict[str, list[dict]], ylabel: str):
     import numpy as np
 
     n = max(1, len(series))
     width = 0.8 / n
     x = np.arange(len(groups))
     for i, (label, stats_list) in enumerate(series.items()):
-        means = [_m(s) for s in stats_list]
-        errs = [_e(s) for s in stats_list]
+        means = [mean_of(s) for s in stats_list]
+        errs = [std_of(s) for s in stats_list]
         pos = x - 0.4 + width * (i + 0.5)
         ax.bar(pos, means, width, yerr=errs, capsize=2, label=label, color=COLORS[i % len(COLORS)])
         for p, s in zip(pos, stats_list):
@@ -157,13 +157,13 @@ def plots(results: dict, out: Path) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------- markdown
-def _table(head: list[str], rows: list[list[str]]) -> str:
+def md_table(head: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
-def _bullets(lines) -> str:
+def md_bullets(lines) -> str:
     """A markdown list followed by a blank line."""
     return "".join(f"- {x}\n" for x in lines) + "\n"
 
@@ -200,7 +200,7 @@ def render(results: dict, figs: dict[str, str]) -> str:
     if lr:
         out.append("## Learning-rate search (validation score per grid point)\n")
         out.append(
-            _table(
+            md_table(
                 ["task/method", "grid", "validation (mean over seeds)", "seeds", "chosen"],
                 [
                     [

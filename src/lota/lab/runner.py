@@ -433,7 +433,7 @@ class Lab:
         if not rows:
             return {"score": None, "n": 0}
         tokenizer = load_tokenizer(model_path)
-        model = load_model(model_path, self.scale.get("dtype", "auto"), self._device())
+        model = load_model(model_path, self.scale.get("dtype", "auto"), self.resolved_device())
         examples = [Example(prompt=r["prompt"], completion=r["completion"]) for r in rows]
         ended: list[bool] = []
         preds = generate(
@@ -466,10 +466,11 @@ class Lab:
             seq = self.recipe["seq"]
         else:  # the real base: real text none of its tasks holds
             docs, seq = T.python_docs(self.scale["general_docs"]), self.scale["general_seq"]
-        model = load_model(model_path, self.scale.get("dtype", "auto"), self._device())
+        model = load_model(model_path, self.scale.get("dtype", "auto"), self.resolved_device())
         return general_loss(model, load_tokenizer(model_path), docs, seq)
 
-    def _device(self):
+    def resolved_device(self):
+        """The torch device the lab runs on (its ``device`` setting, checked)."""
         from ..dist import resolve_device
 
         return resolve_device(self.device, "--device")

@@ -17,8 +17,7 @@ import dataclasses
 from pathlib import Path
 
 from ..quality import Quality, spec, stats
-from ..report import ALPHA, _bars, _bullets, _plt, _save, _table, fmt, welch
-from ..report import _p as format_p
+from ..report import ALPHA, bar_chart, fmt, md_bullets, md_table, p_text, pyplot, save_figure, welch
 from ..runner import CALIBRATOR_KEYS, GENERAL
 
 NAME = "calibration"
@@ -133,16 +132,16 @@ def plot(results: dict, out: Path) -> dict[str, str]:
     cal = results.get(NAME)
     if not cal:
         return {}
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 3.6))
-    _bars(
+    bar_chart(
         ax,
         cal["tasks"],
         {v: [cal["variants"][f"{t}/{v}"]["score"] for t in cal["tasks"]] for v in VARIANTS},
         "test score",
     )
     ax.set_title("Calibration: tickets from each calibration, sparsity 0.9 (dots: seeds)")
-    return {"calibration": _save(fig, out / "calibration.png")}
+    return {"calibration": save_figure(fig, out / "calibration.png")}
 
 
 def _verdict(w: dict | None) -> str:
@@ -158,7 +157,7 @@ def _ci(w: dict) -> str:
 
 
 def _p(w: dict) -> str:
-    return "-" if w["p"] is None else format_p(w["p"])
+    return "-" if w["p"] is None else p_text(w["p"])
 
 
 def render(results: dict, figs: dict[str, str]) -> list[str]:
@@ -190,7 +189,7 @@ def render(results: dict, figs: dict[str, str]) -> list[str]:
             + [fmt(r[0]["seconds"], 1)]
             + [fmt(x.get("general_forgetting"), 4) for x in r]
         )
-    out.append(_table(head, rows))
+    out.append(md_table(head, rows))
     rows = []
     for v in VARIANTS:
         for t in tasks:
@@ -198,11 +197,11 @@ def render(results: dict, figs: dict[str, str]) -> list[str]:
             if w:
                 rows.append([LABELS[v], t, f"{w['diff']:+.3f}", _ci(w), _p(w), _verdict(w)])
     out.append(
-        _table(
+        md_table(
             ["calibration", "task", "mean - AdamW's", "95 % interval", "Welch p", "verdict"], rows
         )
     )
-    out.append(_bullets(_sentences(cal)))
+    out.append(md_bullets(_sentences(cal)))
     if "calibration" in figs:
         out.append(f"![calibration]({figs['calibration']})\n")
     return out

@@ -14,7 +14,7 @@ from ...ks import input_embedding, row_ticket, run_ks, select_tokens, token_coun
 from ...models import WeightReader, load_tokenizer
 from ...task_vectors import apply_deltas
 from ..quality import Quality, spec, stats
-from ..report import COLORS, _bars, _e, _m, _plt, _save, _table, fmt
+from ..report import COLORS, bar_chart, fmt, md_table, mean_of, pyplot, save_figure, std_of
 from ..runner import GENERAL, lr_grid
 
 NAME = "ks"
@@ -151,7 +151,7 @@ def plot(results: dict, out: Path) -> dict[str, str]:
     ks = results.get(NAME)
     if not ks:
         return {}
-    fig, (a1, a2) = _plt().subplots(1, 2, figsize=(10, 3.6), gridspec_kw={"width_ratios": [1, 2]})
+    fig, (a1, a2) = pyplot().subplots(1, 2, figsize=(10, 3.6), gridspec_kw={"width_ratios": [1, 2]})
     by_corr: dict[str, list] = {}
     for key, s in ks["ticket_sizes"].items():
         alpha, corr = key.split("/")
@@ -160,8 +160,8 @@ def plot(results: dict, out: Path) -> dict[str, str]:
         pts.sort()
         a1.errorbar(
             [p[0] for p in pts],
-            [_m(p[1]) for p in pts],
-            [_e(p[1]) for p in pts],
+            [mean_of(p[1]) for p in pts],
+            [std_of(p[1]) for p in pts],
             marker="o",
             label=corr,
             color=COLORS[i],
@@ -172,7 +172,7 @@ def plot(results: dict, out: Path) -> dict[str, str]:
     a1.set_ylabel(f"ticket size (of {ks['vocab']} rows)")
     a1.legend(fontsize=7)
     names = list(ks["methods"])
-    _bars(
+    bar_chart(
         a2,
         [n.replace(" (", "\n(").replace(", ", ",\n") for n in names],
         {
@@ -186,7 +186,7 @@ def plot(results: dict, out: Path) -> dict[str, str]:
     )
     a2.tick_params(axis="x", labelsize=6)
     a2.set_title("KS-Lottery on translate", fontsize=9)
-    return {"ks": _save(fig, out / "ks.png")}
+    return {"ks": save_figure(fig, out / "ks.png")}
 
 
 def render(results: dict, figs: dict[str, str]) -> list[str]:
@@ -199,7 +199,7 @@ def render(results: dict, figs: dict[str, str]) -> list[str]:
         "occur in the training data. Ticket sizes:\n"
     )
     out.append(
-        _table(
+        md_table(
             ["alpha / correction", "ticket size"],
             [[k, fmt(v, 1)] for k, v in ks["ticket_sizes"].items()],
         )
@@ -211,7 +211,7 @@ def render(results: dict, figs: dict[str, str]) -> list[str]:
         "the model generates after it.\n"
     )
     out.append(
-        _table(
+        md_table(
             [
                 "method",
                 "chrF first line",

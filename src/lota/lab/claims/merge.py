@@ -11,7 +11,7 @@ from ... import format as fileformat
 from ...merge import MergeSettings, merge_into_model, overlap
 from ...task_vectors import make_delta
 from ..quality import Quality, spec, stats
-from ..report import _bars, _bullets, _plt, _save, _table, compare, fmt
+from ..report import bar_chart, compare, fmt, md_bullets, md_table, pyplot, save_figure
 
 NAME = "merge"
 LAMBDAS = (0.5, 0.75, 1.0)
@@ -109,16 +109,16 @@ def plot(results: dict, out: Path) -> dict[str, str]:
     merge = results.get(NAME)
     if not merge:
         return {}
-    fig, ax = _plt().subplots(figsize=(7, 3.4))
+    fig, ax = pyplot().subplots(figsize=(7, 3.4))
     names = list(merge["methods"])
-    _bars(
+    bar_chart(
         ax,
         [n.replace(" + ", "\n+ ") for n in names],
         {t: [merge["methods"][n][t] for n in names] for t in merge["tasks"]},
         "test score of the merged model",
     )
     ax.set_title("Claim 3: merging two task vectors", fontsize=9)
-    return {"merge": _save(fig, out / "merge.png")}
+    return {"merge": save_figure(fig, out / "merge.png")}
 
 
 def render(results: dict, figs: dict[str, str]) -> list[str]:
@@ -128,7 +128,7 @@ def render(results: dict, figs: dict[str, str]) -> list[str]:
     a, b = merge["tasks"]
     out = ["## Claim 3: merging\n"]
     out.append(
-        _table(
+        md_table(
             [
                 "merge",
                 "lambda",
@@ -159,7 +159,7 @@ def render(results: dict, figs: dict[str, str]) -> list[str]:
     )
     rows = merge["methods"]
     out.append(
-        _bullets(
+        md_bullets(
             compare("LoTA add (mean)", rows["LoTA add"]["mean"], n, rows[n]["mean"])
             for n in rows
             if n != "LoTA add"

@@ -23,7 +23,7 @@ from ... import format as fileformat
 from ...merge import MergeSettings, merge_into_model
 from ...task_vectors import make_delta, make_ticket
 from ..quality import Quality, spec, stats
-from ..report import _bars, _bullets, _plt, _save, _table, compare, fmt
+from ..report import bar_chart, compare, fmt, md_bullets, md_table, pyplot, save_figure
 from ..runner import GENERAL
 from .sequential import learned
 
@@ -258,9 +258,9 @@ def plot(results: dict, out: Path) -> dict[str, str]:
         return {}
     a, b = r["tasks"]
     figs = {}
-    fig, axes = _plt().subplots(1, 3, figsize=(13, 3.6))
+    fig, axes = pyplot().subplots(1, 3, figsize=(13, 3.6))
     for ax, t in zip(axes[:2], (a, b)):
-        _bars(
+        bar_chart(
             ax,
             [LABELS[m] for m in METHODS],
             {f"{t} (test)": [r["single"][f"{t}/{m}"]["score"] for m in METHODS]},
@@ -268,17 +268,17 @@ def plot(results: dict, out: Path) -> dict[str, str]:
         )
         ax.axhline(r["base"][t], color="gray", lw=0.8, ls="--")
         ax.set_title(f"one task: {t} (dashed: the base)", fontsize=9)
-    _bars(
+    bar_chart(
         axes[2],
         [LABELS[m] for m in METHODS],
         {t: [r["single"][f"{t}/{m}"]["forgetting"] for m in METHODS] for t in (a, b)},
         "general forgetting (nats/token)",
     )
     axes[2].set_title("general forgetting after one task", fontsize=9)
-    figs["real_single"] = _save(fig, out / "real_single.png")
-    fig, ax = _plt().subplots(figsize=(10, 3.6))
+    figs["real_single"] = save_figure(fig, out / "real_single.png")
+    fig, ax = pyplot().subplots(figsize=(10, 3.6))
     names = list(r["sequential"])
-    _bars(
+    bar_chart(
         ax,
         [n.replace(" + ", "\n+ ").replace(" (", "\n(") for n in names],
         {
@@ -289,7 +289,7 @@ def plot(results: dict, out: Path) -> dict[str, str]:
         "score",
     )
     ax.set_title(f"{a} then {b}", fontsize=9)
-    figs["real_sequential"] = _save(fig, out / "real_sequential.png")
+    figs["real_sequential"] = save_figure(fig, out / "real_sequential.png")
     return figs
 
 
@@ -311,7 +311,7 @@ def render(results: dict, figs: dict[str, str]) -> list[str]:
     )
     out.append("### Claim 1: one task\n")
     out.append(
-        _table(
+        md_table(
             ["task", "method", "lr", "score", "other task", "general forgetting", "entries"],
             [
                 [
@@ -344,13 +344,13 @@ def render(results: dict, figs: dict[str, str]) -> list[str]:
                     4,
                 )
             )
-    out.append(_bullets(lines))
+    out.append(md_bullets(lines))
     if "real_single" in figs:
         out.append(f"![claim 1, real]({figs['real_single']})\n")
     seq = r["sequential"]
     out.append(f"### Claim 2: {a} then {b}\n")
     out.append(
-        _table(
+        md_table(
             ["variant", f"{a} before", f"{a} after", f"{a} lost", b, "general forgetting"],
             [
                 [
@@ -370,13 +370,13 @@ def render(results: dict, figs: dict[str, str]) -> list[str]:
     for n in SEQUENTIAL[1:]:
         lines.append(compare(f"{a} lost under {n}", seq[n]["a_lost"], "FFT", fft["a_lost"]))
         lines.append(compare(f"{b} under {n}", seq[n]["b"], "FFT", fft["b"]))
-    out.append(_bullets(lines))
+    out.append(md_bullets(lines))
     if "real_sequential" in figs:
         out.append(f"![claim 2, real]({figs['real_sequential']})\n")
     merge = r["merge"]
     out.append(f"### Claim 3: merging {a} and {b}\n")
     out.append(
-        _table(
+        md_table(
             ["merge", a, b, "mean", "general forgetting"],
             [
                 [n, fmt(x[a]), fmt(x[b]), fmt(x["mean"]), fmt(x["forgetting"], 4)]
@@ -385,7 +385,7 @@ def render(results: dict, figs: dict[str, str]) -> list[str]:
         )
     )
     out.append(
-        _bullets(
+        md_bullets(
             compare("LoTA add (mean)", merge["LoTA add"]["mean"], n, merge[n]["mean"])
             for n in MERGES[1:]
         )
@@ -397,7 +397,7 @@ def render(results: dict, figs: dict[str, str]) -> list[str]:
         f"refusal task; it is then fine-tuned on {a}.\n"
     )
     out.append(
-        _table(
+        md_table(
             ["model", "refusal rate (harmful)", "over-refusal (benign)", a, "general forgetting"],
             [
                 [
@@ -413,7 +413,7 @@ def render(results: dict, figs: dict[str, str]) -> list[str]:
     )
     rows = s["rows"]
     out.append(
-        _bullets(
+        md_bullets(
             [
                 compare(
                     "refusals after LoTTO",

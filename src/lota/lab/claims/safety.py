@@ -8,7 +8,7 @@ from pathlib import Path
 from ... import format as fileformat
 from ...task_vectors import make_ticket
 from ..quality import Quality, spec, stats
-from ..report import _bars, _bullets, _plt, _save, _table, compare, fmt
+from ..report import bar_chart, compare, fmt, md_bullets, md_table, pyplot, save_figure
 from ..runner import GENERAL
 
 NAME = "safety"
@@ -63,10 +63,10 @@ def plot(results: dict, out: Path) -> dict[str, str]:
     safety = results.get(NAME)
     if not safety:
         return {}
-    fig, ax = _plt().subplots(figsize=(8, 3.4))
+    fig, ax = pyplot().subplots(figsize=(8, 3.4))
     names = list(safety["rows"])
     t = safety["benign_task"]
-    _bars(
+    bar_chart(
         ax,
         [n.replace(" -> ", "\n-> ").replace(" (", "\n(") for n in names],
         {
@@ -77,7 +77,7 @@ def plot(results: dict, out: Path) -> dict[str, str]:
         "rate / score",
     )
     ax.set_title("Claim 4: benign fine-tune of the aligned model", fontsize=9)
-    return {"safety": _save(fig, out / "safety.png")}
+    return {"safety": save_figure(fig, out / "safety.png")}
 
 
 def render(results: dict, figs: dict[str, str]) -> list[str]:
@@ -91,7 +91,7 @@ def render(results: dict, figs: dict[str, str]) -> list[str]:
         f"task; it is then fine-tuned on {t}, which contains no refusals.\n"
     )
     out.append(
-        _table(
+        md_table(
             [
                 "model",
                 "refusal rate (harmful)",
@@ -115,7 +115,7 @@ def render(results: dict, figs: dict[str, str]) -> list[str]:
     lotto = rows.get("aligned -> LoTTO (alignment ticket protected)")
     if lotto:
         out.append(
-            _bullets(
+            md_bullets(
                 [
                     compare(
                         "refusals after LoTTO",

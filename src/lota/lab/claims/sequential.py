@@ -8,7 +8,20 @@ import statistics
 from pathlib import Path
 
 from ..quality import Quality, spec, stats
-from ..report import ALPHA, COLORS, _bars, _bullets, _e, _m, _p, _plt, _save, _table, compare, fmt
+from ..report import (
+    ALPHA,
+    COLORS,
+    bar_chart,
+    compare,
+    fmt,
+    md_bullets,
+    md_table,
+    mean_of,
+    p_text,
+    pyplot,
+    save_figure,
+    std_of,
+)
 from ..runner import GENERAL, lr_grid
 
 NAME = "sequential"
@@ -186,21 +199,21 @@ def learned(method: str, task: str, score: dict, base: float) -> str:
     else:
         p = float(st.ttest_1samp(vals, base, alternative="greater").pvalue)
     verdict = "learnable within its budget" if p < ALPHA else "**not shown learnable**"
-    return f"{head}, one-sided t-test p {_p(p)} -> {verdict}"
+    return f"{head}, one-sided t-test p {p_text(p)} -> {verdict}"
 
 
 def plot(results: dict, out: Path) -> dict[str, str]:
     seq = results.get(NAME)
     if not seq:
         return {}
-    plt = _plt()
+    plt = pyplot()
     figs = {}
     orders = seq["orders"]
     fig, axes = plt.subplots(1, len(orders), figsize=(5 * len(orders), 3.6), squeeze=False)
     for ax, (order, rows) in zip(axes[0], orders.items()):
         x, y = order.split(" -> ")
         names = list(rows)
-        _bars(
+        bar_chart(
             ax,
             [n.replace(" -> ", "\n-> ") for n in names],
             {
@@ -211,7 +224,7 @@ def plot(results: dict, out: Path) -> dict[str, str]:
             "test score",
         )
         ax.set_title(f"Claim 2: {order}", fontsize=9)
-    figs["sequential"] = _save(fig, out / "sequential.png")
+    figs["sequential"] = save_figure(fig, out / "sequential.png")
     if seq.get("chain"):
         chain = seq["chain"]
         fig, axes = plt.subplots(1, len(chain), figsize=(5 * len(chain), 3.4), squeeze=False)
@@ -221,15 +234,15 @@ def plot(results: dict, out: Path) -> dict[str, str]:
                 xs = list(range(i, len(stages)))
                 ax.errorbar(
                     xs,
-                    [_m(stages[d]["scores"][t]) for d in xs],
-                    [_e(stages[d]["scores"][t]) for d in xs],
+                    [mean_of(stages[d]["scores"][t]) for d in xs],
+                    [std_of(stages[d]["scores"][t]) for d in xs],
                     marker="o",
                     label=t,
                     color=COLORS[i % len(COLORS)],
                 )
             solo = (seq.get("chain_solo") or {}).get("LoTA" if method == "LoTTO" else "FFT")
             for i, t in enumerate(tasks if solo else []):
-                ax.axhline(_m(solo[t]["score"]), color=COLORS[i % len(COLORS)], ls=":", lw=1)
+                ax.axhline(mean_of(solo[t]["score"]), color=COLORS[i % len(COLORS)], ls=":", lw=1)
             if method == "LoTTO":
                 ax.plot(
                     range(len(stages)),
@@ -242,7 +255,7 @@ def plot(results: dict, out: Path) -> dict[str, str]:
             ax.set_ylim(-0.05, 1.05)
             ax.set_title(f"chain, {method} (dotted: each task trained alone)", fontsize=9)
             ax.legend(fontsize=7)
-        figs["chain"] = _save(fig, out / "chain.png")
+        figs["chain"] = save_figure(fig, out / "chain.png")
     return figs
 
 
@@ -255,7 +268,7 @@ def render(results: dict, figs: dict[str, str]) -> list[str]:
         x, y = order.split(" -> ")
         out.append(f"**{order}**\n")
         out.append(
-            _table(
+            md_table(
                 [
                     "method",
                     f"{x} before",
@@ -284,7 +297,7 @@ def render(results: dict, figs: dict[str, str]) -> list[str]:
         ):
             if key in fft:
                 out.append(
-                    _bullets(
+                    md_bullets(
                         f"{order}: "
                         + compare(
                             f"{label} under {n}", r[key], "under FFT -> FFT", fft[key], digits
@@ -305,7 +318,7 @@ def render(results: dict, figs: dict[str, str]) -> list[str]:
                 "learnable alone)\n"
             )
             out.append(
-                _table(
+                md_table(
                     ["solo", *tasks, *[f"general forgetting ({t})" for t in tasks]],
                     [
                         ["base (no training)"]
@@ -321,7 +334,7 @@ def render(results: dict, figs: dict[str, str]) -> list[str]:
                 )
             )
             out.append(
-                _bullets(
+                md_bullets(
                     learned(m, t, r[t]["score"], r[t]["base"])
                     for m, r in solo.items()
                     for t in tasks
@@ -332,7 +345,7 @@ def render(results: dict, figs: dict[str, str]) -> list[str]:
             tasks = [s["task"] for s in stages]
             general = "general_forgetting" in stages[0]
             out.append(
-                _table(
+                md_table(
                     [f"{method}: after", "free capacity", *tasks]
                     + (["general forgetting"] if general else []),
                     [

@@ -11,15 +11,15 @@ from ..quality import Quality, spec, stats
 from ..report import (
     ALPHA,
     COLORS,
-    _bars,
-    _bullets,
-    _e,
-    _m,
-    _plt,
-    _save,
-    _table,
+    bar_chart,
     compare,
     fmt,
+    md_bullets,
+    md_table,
+    mean_of,
+    pyplot,
+    save_figure,
+    std_of,
     welch,
 )
 from ..runner import GENERAL
@@ -134,25 +134,27 @@ def plot(results: dict, out: Path) -> dict[str, str]:
     single = results.get(NAME)
     if not single:
         return {}
-    plt = _plt()
+    plt = pyplot()
     figs = {}
     fig, ax = plt.subplots(figsize=(7, 3.6))
     methods = _methods(single)
-    _bars(
+    bar_chart(
         ax,
         single["tasks"],
         {m: [single["methods"][f"{t}/{m}"]["score"] for t in single["tasks"]] for m in methods},
         "test score",
     )
     ax.set_title("Claim 1: single task, same number of trained entries for the masks")
-    figs["single"] = _save(fig, out / "single.png")
+    figs["single"] = save_figure(fig, out / "single.png")
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(8, 3.2))
     cal = {k: v for k, v in single["calibration_steps"].items() if k != "random mask"}
     xs = list(cal)
-    a1.errorbar(range(len(xs)), [_m(cal[x]) for x in xs], [_e(cal[x]) for x in xs], marker="o")
+    a1.errorbar(
+        range(len(xs)), [mean_of(cal[x]) for x in xs], [std_of(cal[x]) for x in xs], marker="o"
+    )
     rnd = single["calibration_steps"]["random mask"]
-    a1.axhline(_m(rnd), color="gray", ls="--", label="random mask")
+    a1.axhline(mean_of(rnd), color="gray", ls="--", label="random mask")
     a1.set_xticks(range(len(xs)))
     a1.set_xticklabels(xs)
     a1.set_xlabel("calibration steps")
@@ -162,15 +164,15 @@ def plot(results: dict, out: Path) -> dict[str, str]:
     sp = list(sw)
     a2.errorbar(
         [1 - float(s) for s in sp],
-        [_m(sw[s]["score"]) for s in sp],
-        [_e(sw[s]["score"]) for s in sp],
+        [mean_of(sw[s]["score"]) for s in sp],
+        [std_of(sw[s]["score"]) for s in sp],
         marker="o",
     )
     a2.set_xscale("log")
     a2.set_xlabel("trainable fraction (1 - sparsity)")
     a2.set_title("LoTA sparsity sweep", fontsize=9)
     a1.set_title("LoTA calibration length", fontsize=9)
-    figs["calibration_sparsity"] = _save(fig, out / "calibration_sparsity.png")
+    figs["calibration_sparsity"] = save_figure(fig, out / "calibration_sparsity.png")
     if any(r.get("memory_mb") for r in single["methods"].values()):
         figs["memory_score"] = _memory_plot(plt, single, methods, out)
     figs["size_score"] = _size_plot(plt, single, methods, out)
@@ -206,9 +208,9 @@ def _memory_plot(plt, single: dict, methods: list[str], out: Path) -> str:
                 mid = _median(mem)
                 ax.errorbar(
                     mid,
-                    _m(row["score"]),
+                    mean_of(row["score"]),
                     xerr=[[mid - mem["min"]], [mem["max"] - mid]],
-                    yerr=_e(row["score"]),
+                    yerr=std_of(row["score"]),
                     marker=PHASE_MARKERS.get(phase, "^"),
                     mfc="none" if phase == "calibration" else COLORS[i % len(COLORS)],
                     color=COLORS[i % len(COLORS)],
@@ -219,7 +221,7 @@ def _memory_plot(plt, single: dict, methods: list[str], out: Path) -> str:
         ax.set_ylabel(f"{t} test score")
         ax.set_title(f"{t}: memory against score (hollow: calibration)", fontsize=9)
         ax.legend(fontsize=6)
-    return _save(fig, out / "memory_score.png")
+    return save_figure(fig, out / "memory_score.png")
 
 
 def _size_plot(plt, single: dict, methods: list[str], out: Path) -> str:
@@ -236,8 +238,8 @@ def _size_plot(plt, single: dict, methods: list[str], out: Path) -> str:
             for kind, size in files.items():
                 ax.errorbar(
                     size,
-                    _m(row["score"]),
-                    yerr=_e(row["score"]),
+                    mean_of(row["score"]),
+                    yerr=std_of(row["score"]),
                     marker="o" if kind != "merged delta" else "x",
                     color=COLORS[i % len(COLORS)],
                     label=m if kind == "delta" else f"{m} ({kind})",
@@ -248,7 +250,7 @@ def _size_plot(plt, single: dict, methods: list[str], out: Path) -> str:
         ax.set_ylabel(f"{t} test score")
         ax.set_title(f"{t}: file size against score", fontsize=9)
         ax.legend(fontsize=6)
-    return _save(fig, out / "size_score.png")
+    return save_figure(fig, out / "size_score.png")
 
 
 def forgetting_verdicts(single: dict) -> list[str]:
@@ -308,7 +310,7 @@ def render(results: dict, figs: dict[str, str]) -> list[str]:
         + (["0"] * len(single["tasks"]) if general else [])
         + ["-", "-", "-"]
     )
-    out.append(_table(head, rows))
+    out.append(md_table(head, rows))
     if general:
         out.append(
             "General forgetting: the mean per-token cross-entropy on held-out text of the base's "
@@ -316,7 +318,7 @@ def render(results: dict, figs: dict[str, str]) -> list[str]:
             f"the base's ({single['base_general_loss']:.4f}); positive means the model forgot. "
             f"Welch's t-test over seeds at alpha {ALPHA}.\n"
         )
-        out.append(_bullets(forgetting_verdicts(single)))
+        out.append(md_bullets(forgetting_verdicts(single)))
     if single.get("real_sql_available") and "sql/fft" in single["methods"]:
         out.append(
             "Real sql-create-context test (first "
@@ -339,13 +341,13 @@ def render(results: dict, figs: dict[str, str]) -> list[str]:
         f"{a}: "
         + compare("LoTA after 1 calibration step", cal["1"], "a random mask", cal["random mask"])
     )
-    out.append(_bullets(verdicts))
+    out.append(md_bullets(verdicts))
     if "single" in figs:
         out.append(f"![claim 1]({figs['single']})\n")
     out.append(f"Calibration length and sparsity on {a}:\n")
-    out.append(_table(["calibration steps", "score"], [[k, fmt(v)] for k, v in cal.items()]))
+    out.append(md_table(["calibration steps", "score"], [[k, fmt(v)] for k, v in cal.items()]))
     out.append(
-        _table(
+        md_table(
             ["sparsity", "trained entries", "delta bytes", "score"],
             [
                 [k, f"{v['trained_entries']:,}", f"{v['delta_bytes']:,}", fmt(v["score"])]
@@ -386,7 +388,7 @@ def _render_memory(single: dict, methods: list[str], figs: dict[str, str]) -> li
                 + [fmt(single["methods"][f"{t}/{m}"]["score"]) for t in tasks]
             )
         out.append(
-            _table(
+            md_table(
                 ["method", *[f"{p} MiB ({tasks[0]})" for p in phases], *tasks],
                 rows,
             )
