@@ -303,3 +303,35 @@ def test_auto_delta_with_split_and_rice_tensors_is_read_by_inspect_apply_merge(t
     f32 = fmt.load(files["float32"])
     for name, v in fmt.load(merged).values.items():
         assert torch.equal(bits(v), bits(2 * f32.values[name])), name
+
+
+LOOSE_FIXES = {
+    "fix encoding a list": lambda fix: fix.update(encoding=["gaps"]),
+    "fix encoding an object": lambda fix: fix.update(encoding={"gaps": 1}),
+    "fix encoding a number": lambda fix: fix.update(encoding=3),
+    "fix count a string": lambda fix: fix.update(nnz=str(fix["nnz"])),
+    "fix rice parameter a list": lambda fix: fix.update(rice_r=[2]),
+}
+
+
+@pytest.mark.parametrize("case", LOOSE_FIXES)
+def test_loosely_typed_fix_fields_of_a_split_file_are_refused_in_one_line(
+    half, tmp_path, capsys, case
+):
+    _, _, _, files = half
+    tensors = load_file(str(files["auto"]))
+    with safe_open(str(files["auto"]), framework="pt") as f:
+        meta = dict(f.metadata())
+    header = json.loads(meta["header"])
+    split = [e for e in header["tensors"].values() if "fix" in e]
+    assert split, "the auto file has a split tensor"
+    LOOSE_FIXES[case](split[0]["fix"])
+    meta["header"] = json.dumps(header)
+    path = tmp_path / "loose.safetensors"
+    save_file(tensors, str(path), metadata=meta)
+    with pytest.raises(FormatError, match=str(path)):
+        fmt.load(path)
+    capsys.readouterr()
+    assert main(["inspect", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and str(path) in err

@@ -226,8 +226,9 @@ def _check_fix(name: str, fix, nnz: int) -> None:
     positions among the values are coded (never "empty" or "full": those are not split)."""
     if not isinstance(fix, dict) or not _is_int(fix.get("nnz")) or not 0 < fix["nnz"] < nnz:
         raise ValueError(f"tensor '{name}' has a fix entry {fix!r} for {nnz} values")
-    if fix.get("encoding") not in _FIX_ENCODINGS:
-        raise ValueError(f"tensor '{name}' has fix encoding {fix.get('encoding')!r}")
+    encoding = fix.get("encoding")
+    if not isinstance(encoding, str) or encoding not in _FIX_ENCODINGS:
+        raise ValueError(f"tensor '{name}' has fix encoding {encoding!r}")
     if "rice_r" in fix and not _is_int(fix["rice_r"]):
         raise ValueError(f"tensor '{name}' has fix rice parameter {fix['rice_r']!r}")
 
