@@ -33,8 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-import child
-
+from bench.common import child
 from lota.selection import ticket_size
 
 NUMPY = r"""

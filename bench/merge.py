@@ -40,9 +40,10 @@ import sys
 import time
 from pathlib import Path
 
-import child
 import torch
 from safetensors.torch import load_file
+
+from bench.common import child
 
 
 def run_child(cmd: list[str]) -> tuple[float, float, int, str]:
