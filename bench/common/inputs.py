@@ -7,12 +7,12 @@ import json
 from pathlib import Path
 
 
-def save_llama(folder: Path, **shape) -> Path:
-    """A random Llama (``lota.toy.tiny_llama(**shape)``) with the byte tokenizer in ``folder``,
-    written once: an existing folder is reused. Returns the model, or None if it was reused."""
+def save_llama(folder: Path, reuse: bool = True, **shape):
+    """A random Llama (``lota.toy.tiny_llama(**shape)``) with the byte tokenizer in ``folder``.
+    Returns the model, or None when ``reuse`` and the folder holds a model already."""
     from lota.toy import byte_tokenizer, tiny_llama
 
-    if (folder / "config.json").exists():
+    if reuse and (folder / "config.json").exists():
         return None
     model = tiny_llama(**shape)
     model.save_pretrained(folder, safe_serialization=True)
