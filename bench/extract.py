@@ -21,7 +21,7 @@ Methods, each in its own process (peak memory is the child's peak resident set):
 lota and numpy run ``--repeats`` times, interleaved (medians with ranges); official runs once.
 Prints each run to stderr and one JSON line last on stdout.
 
-    python bench/extract.py --workdir /tmp/benchextract [--layers 20] [--dtype bfloat16] [--repeats 3]
+    python -m bench.extract --workdir /tmp/benchextract [--layers 20] [--dtype bfloat16] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -33,8 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-import child
-
+from bench.common import child
 from lota.selection import ticket_size
 
 NUMPY = r"""

@@ -24,7 +24,7 @@ mergekit installs beside lota's torch in its own environment (see docs/benchmark
 
     python3 -m venv /tmp/mk/venv && /tmp/mk/venv/bin/pip install torch==2.13.0
     echo torch==2.13.0 > /tmp/mk/c.txt && /tmp/mk/venv/bin/pip install mergekit -c /tmp/mk/c.txt
-    python bench/merge.py --workdir /tmp/benchmerge [--mergekit /tmp/mk/venv/bin/mergekit-yaml]
+    python -m bench.merge --workdir /tmp/benchmerge [--mergekit /tmp/mk/venv/bin/mergekit-yaml]
 
 Prints each run to stderr and one JSON line last on stdout.
 """
@@ -40,9 +40,10 @@ import sys
 import time
 from pathlib import Path
 
-import child
 import torch
 from safetensors.torch import load_file
+
+from bench.common import child
 
 
 def run_child(cmd: list[str]) -> tuple[float, float, int, str]:

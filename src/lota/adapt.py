@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from . import dist, selection, sources
+from . import dist, events, selection, sources
 from . import format as fmt
 from .checkpoint import DIRNAME, Checkpointer, config_hash
 from .data import (
@@ -546,6 +546,7 @@ def _adapt(
 def _load(cfg: AdaptConfig, world: dist.World) -> torch.nn.Module:
     """The run's model on its device (read straight onto a GPU), checkpointing if asked."""
     model = load_model(cfg.model, cfg.dtype, world.device).to(world.device)
+    events.emit("model_loaded", model=model)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     return model

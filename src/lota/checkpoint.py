@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from . import events
 from . import format as fmt
 from .errors import FormatError
 from .fileio import atomic_path, fault, save_safetensors, tensor_digest, write_json
@@ -101,10 +102,12 @@ class Checkpointer:
 
     # -- writing ---------------------------------------------------------------------------------
     def save_ticket(self, ticket: Ticket) -> None:
+        events.emit("checkpoint_start", what="ticket", path=self.ticket_path)
         if not self.writer:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
         fmt.save(ticket, self.ticket_path, config={"checkpoint_config_hash": self.hash})
+        events.emit("checkpoint_saved", what="ticket", path=self.ticket_path)
 
     def save(
         self,
@@ -116,6 +119,7 @@ class Checkpointer:
         metric_lines: int,
         scaler: dict | None = None,
     ) -> None:
+        events.emit("checkpoint_start", phase, step, what="state", path=self.state_path)
         # Sharded (FSDP2) tensors are gathered first, by every rank in the same order.
         tensors = {f"param/{n}": _whole(p) for n, p in params.items()}
         scalars: dict = {}
@@ -151,6 +155,7 @@ class Checkpointer:
         with atomic_path(self.state_path) as tmp:
             save_safetensors(tensors, tmp, meta)
             fault("checkpoint-save")
+        events.emit("checkpoint_saved", phase, step, what="state", path=self.state_path)
 
     def maybe_save(self, phase: str, step: int, last_step: int | None, **kw) -> None:
         """Save every ``every`` steps and at ``last_step`` (None: only every ``every`` steps)."""

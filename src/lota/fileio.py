@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
+from . import events
 from .errors import InputError, OutputError
 
 try:
@@ -729,6 +730,7 @@ def fingerprint(
 
 def weight_digest(t: torch.Tensor) -> str:
     """Digest of one weight's shape and values (fp16/bf16 widened to fp32 exactly)."""
+    events.emit("weight_hashed", numel=t.numel())
     t = t.detach().cpu()
     if t.is_floating_point() and t.dtype != torch.float64:
         t = t.float()

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import events
 from .checkpoint import load_optimizer_state
 from .dist import World
 from .errors import InputError, TrainingError
@@ -303,6 +304,7 @@ def train(
         initial=start_step,
         total=s.steps,
     )
+    events.emit("phase_start", phase, start_step)
     reset_peak_rss()
     cuda = world.device.type == "cuda"
     if cuda:
@@ -373,8 +375,10 @@ def train(
         log.write(record)
         if on_step is not None:
             on_step(step + 1, opt)
+        events.emit("step_end", phase, step + 1, metrics=record)
         fault(f"{phase}:{step + 1}")
     bar.close()
+    events.emit("phase_end", phase, s.steps)
     model.eval()
     return losses
 
