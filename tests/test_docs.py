@@ -174,3 +174,41 @@ def test_each_section_shows_its_command_in_use(commands):
             continue  # `lota lab` and `lota bench` only group their commands
         uses = [ln for ln in _example_lines(sections.get(name, "")) if f"lota {name}" in ln]
         assert uses, f"docs/commands.md: the section on `lota {name}` has no usage line"
+
+
+def _anchors(text: str) -> set[str]:
+    """GitHub's anchors for a markdown file's headings (code blocks skipped; a repeated heading
+    gets -1, -2, ...)."""
+    found: set[str] = set()
+    block = False
+    for line in text.splitlines():
+        if line.startswith("```"):
+            block = not block
+        elif not block and re.match(r"^#{1,6} ", line):
+            slug = re.sub(r"[^\w\- ]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
+            n, anchor = 0, slug
+            while anchor in found:
+                n += 1
+                anchor = f"{slug}-{n}"
+            found.add(anchor)
+    return found
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [README, ROOT / "bench" / "README.md", *sorted((ROOT / "docs").glob("*.md"))],
+    ids=lambda p: str(p.relative_to(ROOT)),
+)
+def test_relative_links_point_to_files_and_headings_that_exist(doc):
+    text = doc.read_text(encoding="utf-8")
+    broken = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"^[a-z]+:", target):  # https:, mailto:
+            continue
+        path, _, anchor = target.partition("#")
+        file = (doc.parent / path).resolve() if path else doc
+        if not file.exists():
+            broken.append(target)
+        elif anchor and file.suffix == ".md" and anchor not in _anchors(file.read_text("utf-8")):
+            broken.append(target)
+    assert not broken, f"{doc.relative_to(ROOT)}: links to nothing: {broken}"
