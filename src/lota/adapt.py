@@ -68,6 +68,7 @@ from .sparse_model import (
     unprepare,
 )
 from .ticket import Ticket, check_against
+from .ticketfiles import load_tickets, protected_ticket
 from .train import (
     MetricsLog,
     TrainSettings,
@@ -397,8 +398,8 @@ def _adapt(
     base_fp = model_fingerprint(model)
     world.check_same_weights(base_fp, cfg.model)  # every rank loaded the same weights
     tensors = {n: tuple(p.shape) for n, p in named_weights(model).items()}
-    protected = sources.protected_ticket(cfg.protect, targets, tensors)
-    given = sources.load_tickets([cfg.ticket], tensors) if cfg.ticket else []
+    protected = protected_ticket(cfg.protect, targets, tensors)
+    given = load_tickets([cfg.ticket], tensors) if cfg.ticket else []
     if given:
         check_against(targets, given[0], "ticket")
     if given and given[0].nnz == 0:

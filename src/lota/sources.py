@@ -282,18 +282,18 @@ def calibration_names() -> tuple[str, ...]:
 
 def _check_calibrated(cfg) -> None:
     """The fine-tuned model exists and has the base's target tensors."""
-    from .task_vectors import _readers
+    from .task_vectors import model_pair
 
-    _readers(cfg.model, cfg.calibrated, cfg.targets)
+    model_pair(cfg.model, cfg.calibrated, cfg.targets)
 
 
 def _from_calibrated(ctx: Context) -> Ticket:
     """The task vector of a model already fine-tuned from the base, read tensor by tensor."""
-    from .task_vectors import _readers, select_difference
+    from .task_vectors import model_pair, select_difference
     from .train import heap_growth_limited
 
     cfg = ctx.cfg
-    rb, rt, shapes = _readers(cfg.model, cfg.calibrated, cfg.targets)
+    rb, rt, shapes = model_pair(cfg.model, cfg.calibrated, cfg.targets)
     # per-tensor temporaries (read on the host) must not fragment the heap the ticket grows in
     with heap_growth_limited("cpu"):
         ticket = select_difference(rb, rt.get, shapes, ctx.k, ctx.selector, ctx.protected)
@@ -595,27 +595,3 @@ def calibration_errors(cfg) -> list[str]:
             f"{' or '.join(calibrating)}, without --ticket, --calibrated or --protect-mode flip)"
         )
     return errors
-
-
-# ---------------------------------------------------------------------------- tickets from files
-def load_tickets(paths: list[str], shapes: dict[str, tuple[int, ...]]) -> list[Ticket]:
-    """The tickets of ticket or delta files, each checked against ``shapes`` (the model's
-    tensors) as it loads, so an error names the file."""
-    from . import format as fmt
-
-    return [fmt.load(p, shapes=shapes).ticket for p in paths]
-
-
-def protected_ticket(
-    paths: list[str],
-    shapes: dict[str, tuple[int, ...]],
-    model_shapes: dict[str, tuple[int, ...]] | None = None,
-) -> Ticket | None:
-    """The union of the tickets to protect (``--protect``) over ``shapes`` (the targets); None
-    without any. Each file is checked against ``model_shapes`` (every tensor of the model;
-    default ``shapes``): its entries outside the targets are frozen anyway."""
-    if not paths:
-        return None
-    from .ticket import Ticket
-
-    return Ticket.union(load_tickets(paths, model_shapes or shapes), shapes)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from ..quality import Quality, spec, stats
+from ..context import Quality, spec, stats
 from ..report import ALPHA, _bars, _bullets, _plt, _save, _table, fmt, welch
 from ..report import _p as format_p
 from ..runner import CALIBRATOR_KEYS, GENERAL

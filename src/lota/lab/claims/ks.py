@@ -13,7 +13,7 @@ from ... import format as fileformat
 from ...ks import input_embedding, row_ticket, run_ks, select_tokens, token_counts
 from ...models import WeightReader, load_tokenizer
 from ...task_vectors import apply_deltas
-from ..quality import Quality, spec, stats
+from ..context import Quality, spec, stats
 from ..report import COLORS, _bars, _e, _m, _plt, _save, _table, fmt
 from ..runner import GENERAL, lr_grid
 

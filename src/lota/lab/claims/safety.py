@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ... import format as fileformat
 from ...task_vectors import make_ticket
-from ..quality import Quality, spec, stats
+from ..context import Quality, spec, stats
 from ..report import _bars, _bullets, _plt, _save, _table, compare, fmt
 from ..runner import GENERAL
 

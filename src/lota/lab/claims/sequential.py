@@ -7,7 +7,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from ..quality import Quality, spec, stats
+from ..context import Quality, spec, stats
 from ..report import ALPHA, COLORS, _bars, _bullets, _e, _m, _p, _plt, _save, _table, compare, fmt
 from ..runner import GENERAL, lr_grid
 
