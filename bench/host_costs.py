@@ -182,7 +182,7 @@ def syncs_part(args, work: Path) -> dict:
 def checkpoint_part(args, folder: Path, data: Path, work: Path) -> dict:
     from lota import checkpoint
     from lota.adapt import adapt
-    from lota.settings import AdaptConfig
+    from lota.adapt_config import AdaptConfig
 
     writes: list[dict] = []
     save, save_ticket = checkpoint.Checkpointer.save, checkpoint.Checkpointer.save_ticket
@@ -310,8 +310,8 @@ def selection_part(args, folder: Path) -> dict:
 def fingerprint_part(args, folder: Path, data: Path, work: Path) -> dict:
     from lota import fileio
     from lota.adapt import adapt
+    from lota.adapt_config import AdaptConfig
     from lota.models import load_model, model_fingerprint
-    from lota.settings import AdaptConfig
 
     model = load_model(str(folder))
     seconds = []

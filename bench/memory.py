@@ -97,7 +97,7 @@ print(json.dumps(rows))
 
 PIPELINE = r"""
 import json, sys, time
-import lota.adapt as A
+import lota.phases as A
 import lota.train as T
 from lota import cli
 
