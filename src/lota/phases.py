@@ -77,24 +77,7 @@ class Run:
             self.stored_dtype,
             masters,
         )
-
-        def on_step(step, opt):
-            if self.sharded and (name != "train" or self.dense):
-                return  # a sharded dense phase would gather the whole model: phase starts only
-            self.ckpt.maybe_save(
-                name,
-                step,
-                None if selects else steps,
-                params=kept,
-                optimizer=opt,
-                batches=self.served[0],
-                metric_lines=len(self.log.records),
-                scaler=precision.state(),
-            )
-
-        if (
-            start == 0
-        ):  # a phase boundary is a checkpoint too, so a kill before step 1 loses nothing
+        if start == 0:  # a phase start is a checkpoint too: a kill before step 1 loses nothing
             self.ckpt.save(
                 name,
                 0,
@@ -113,7 +96,7 @@ class Run:
             self.cfg.progress,
             start_step=start,
             optimizer_state=opt_state,
-            on_step=on_step,
+            on_step=self._checkpointing(name, kept, None if selects else steps, precision),
             world=self.world,
             grad_accum=self.cfg.grad_accum,
             sharded=self.sharded,
@@ -121,6 +104,26 @@ class Run:
             precision=precision,
             scaler_state=scaler_state,
         )
+
+    def _checkpointing(self, name: str, kept: dict, last: int | None, precision: Precision):
+        """The ``on_step`` of a phase: its ``--checkpoint-every`` checkpoints (and one at step
+        ``last``, its end, unless None)."""
+
+        def on_step(step, opt):
+            if self.sharded and (name != "train" or self.dense):
+                return  # a sharded dense phase would gather the whole model: phase starts only
+            self.ckpt.maybe_save(
+                name,
+                step,
+                last,
+                params=kept,
+                optimizer=opt,
+                batches=self.served[0],
+                metric_lines=len(self.log.records),
+                scaler=precision.state(),
+            )
+
+        return on_step
 
     def _resume(self, name: str, kept: dict[str, torch.Tensor]) -> tuple[int, Any, Any]:
         """Restore the checkpoint's tensors and random state if it is of phase ``name``; returns
