@@ -52,13 +52,18 @@ class Environment:
 
 @dataclass
 class AdaptConfig:
-    """The settings of one ``lota adapt`` run; written, resolved, beside its outputs."""
+    """The settings of one ``lota adapt`` run; written, resolved, beside its outputs.
 
+    The fields are grouped by concern in the order they always had: the order of ``--help`` and
+    of the keys of ``config.yaml``."""
+
+    # -- what is adapted, on what, and where the outputs go
     model: str = setting(
         positional=True, help="model folder (config, safetensors weights, tokenizer)"
     )
     data: str = setting(required=True, help="training data, JSONL of prompt/completion or messages")
     out: str = setting(required=True, help="output folder")
+    # -- the method and its ticket: size, calibration (each calibration's own settings)
     method: str = setting(
         sources.DEFAULT_METHOD, help="{names} (default {default})", names=sources.method_names()
     )
@@ -91,6 +96,7 @@ class AdaptConfig:
         help="--calibration lora: the ticket from the adapter's merged change or the full "
         "weights' squared gradients, {names} (default {default})",
     )
+    # -- training: length, rate, batches, optimizer
     steps: int | None = setting(None, type=int, help="training steps (default: one epoch)")
     epochs: float | None = setting(None, type=float, help="training epochs instead of --steps")
     lr: float = setting(1e-5, help="learning rate (default 1e-5)")
@@ -111,6 +117,7 @@ class AdaptConfig:
         help="micro-batches per process and step; --batch-size is the global batch "
         "(default {default})",
     )
+    # -- processes, logging, seed
     fsdp: bool = setting(
         False,
         help="shard weights across processes with FSDP2 (under torchrun / accelerate launch)",
@@ -126,6 +133,7 @@ class AdaptConfig:
         help="also log metrics to: {names} (OUT/tensorboard); OUT/metrics.jsonl always",
     )
     seed: int = setting(0)
+    # -- which entries: targets, a given ticket, protected tickets; example length; LoRA's rank
     targets: str | None = setting(
         None, help="regex of parameter names to adapt (default: linear layers in blocks)"
     )
@@ -148,6 +156,7 @@ class AdaptConfig:
     )
     lora_r: int = setting(16)
     lora_alpha: int = setting(32)
+    # -- device, precision and memory
     device: str = setting(
         "auto",
         help="where to train: auto (cuda when torch sees a GPU, else cpu), cpu, cuda, cuda:N "
@@ -177,6 +186,7 @@ class AdaptConfig:
         "fixed workspace), so that a resumed run ends with the same bits as an uninterrupted one; "
         "slower, and refused by ops that have no deterministic kernel",
     )
+    # -- outputs, checkpoints and resume
     values_dtype: str = setting(
         "float32", choices=VALUE_DTYPES, help="precision of the delta's values on disk"
     )

@@ -1,6 +1,7 @@
 """``lota bench quality``: SPEC section 6's claims measured on the lab's base model.
 
-Each claim (``lab/claims/``, one module each) is a generator over the shared ``Quality`` context.
+Each claim (``lab/claims/``, one module each) is a generator over the shared ``Quality`` context
+(``lab/context.py``); this driver sits above the claims.
 It yields the runs it needs next (with the scores it will read), the driver trains all yielded runs
 of every claim together (in parallel with ``--jobs``), and the claims then read the cached results.
 Everything is cached (``runner.Lab``), so an interrupted bench continues where it stopped and a

@@ -1,6 +1,6 @@
 """Plots (PNG, matplotlib) and the markdown report of ``lota bench quality``: the report's frame
 and the helpers every claim's section uses (each claim's own plot and section are in
-``lab/claims/``).
+``lab/claims/``, which import this module: ``plots`` and ``render`` receive the claims).
 
 Every sentence that compares methods is computed from the numbers in ``results.json``: Welch's
 t-test of the per-seed values at ``ALPHA`` (two-sided). A difference counts only where the test
