@@ -305,7 +305,7 @@ def one_run(
     save_model: bool,
 ) -> tuple[dict, Path]:
     from lota.adapt import adapt
-    from lota.settings import AdaptConfig
+    from lota.adapt_config import AdaptConfig
 
     out = runs / (method + ("-checkpointing" if checkpointing else ""))
     shutil.rmtree(out, ignore_errors=True)

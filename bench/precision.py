@@ -39,10 +39,10 @@ def main() -> None:
     args = ap.parse_args()
 
     from lota.adapt import adapt
+    from lota.adapt_config import AdaptConfig
     from lota.lab.base import default_base
     from lota.lab.tasks import generate
     from lota.models import load_model, load_tokenizer, quiet_transformers
-    from lota.settings import AdaptConfig
 
     quiet_transformers()
     out = Path(args.out)

@@ -274,8 +274,8 @@ def test_the_frozen_check_compares_on_the_weights_device_and_catches_any_change(
     """``_verify_frozen`` brings the starting weights to the trained ones' device and compares
     there (no trained weight is copied to the host), and still fails on one changed bit outside
     the ticket or in a protected entry."""
-    from lota.adapt import _verify_frozen
     from lota.errors import LotaError
+    from lota.frozen import verify_frozen as _verify_frozen
     from lota.ticket import Ticket
 
     g = torch.Generator().manual_seed(0)

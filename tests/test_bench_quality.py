@@ -13,7 +13,7 @@ import torch
 from lota import format as fmt
 from lota.cli import main
 from lota.lab.base import pretrain
-from lota.lab.quality import stats
+from lota.lab.context import stats
 from lota.lab.report import compare
 from lota.lab.runner import CALIBRATOR_KEYS, Lab, lr_grid
 from lota.merge import overlap
@@ -217,7 +217,7 @@ class _ScoredLab:
 
 
 def test_learning_rate_is_chosen_on_the_mean_of_two_seeds():
-    from lota.lab.quality import Quality
+    from lota.lab.context import Quality
 
     grid = lr_grid("lota", 3)
     # the first grid point has the best single seed, the second the best mean of two

@@ -13,11 +13,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lota import calibration as cal_module
+from lota import calibrations, selection
+from lota import fileio as fileio_module
 from lota import format as fmt
-from lota import selection, sources
 from lota import train as train_module
 from lota.adapt import AdaptConfig, adapt
+from lota.calibrations import dense as dense_module
+from lota.calibrations import scoring as cal_module
 from lota.data import model_positions
 from lota.models import load_model, load_tokenizer, named_weights
 from lota.toy import byte_tokenizer
@@ -114,7 +116,7 @@ class Spy:
 
     def __init__(self, monkeypatch):
         self.scores, self.weights = {}, {}
-        select, pick = selection.select, cal_module._select
+        select, pick = selection.select, cal_module.select_top
 
         def spy_select(method, shapes, k, delta_fn=None, **kw):
             if delta_fn is not None:
@@ -130,7 +132,7 @@ class Spy:
             return pick(run, *args)
 
         monkeypatch.setattr(selection, "select", spy_select)
-        monkeypatch.setattr(cal_module, "_select", spy_pick)
+        monkeypatch.setattr(cal_module, "select_top", spy_pick)
 
 
 def run(base, data, out, monkeypatch=None, **kw):
@@ -300,7 +302,7 @@ def kill_at(monkeypatch, point):
         if p == point:
             raise Killed(p)
 
-    for module in (train_module, cal_module, sys.modules["lota.adapt"]):
+    for module in (train_module, fileio_module, dense_module, sys.modules["lota.adapt"]):
         monkeypatch.setattr(module, "fault", fault)
 
 
@@ -453,13 +455,13 @@ def test_calibrations_that_do_not_shard_refuse_fsdp(monkeypatch):
         cfg = AdaptConfig(model="m", data="d", out="o", calibration=name, fsdp=True)
         with pytest.raises(InputError) as e:
             cfg.validate()
-        assert e.value.what == sources.CALIBRATIONS[name].fsdp_refusal
+        assert e.value.what == calibrations.CALIBRATIONS[name].fsdp_refusal
     AdaptConfig(model="m", data="d", out="o", calibration="adamw", fsdp=True).validate()
     AdaptConfig(model="m", data="d", out="o", calibration="sgd").validate()
 
 
 def test_calibration_names_are_the_tables():
-    assert sources.calibration_names() == ("adamw", "sgd", "fisher", "lora")
-    assert set(VARIANTS[v]["calibration"] for v in VARIANTS) == set(sources.CALIBRATIONS)
-    for c in sources.CALIBRATIONS.values():
+    assert calibrations.names() == ("adamw", "sgd", "fisher", "lora")
+    assert set(VARIANTS[v]["calibration"] for v in VARIANTS) == set(calibrations.CALIBRATIONS)
+    for c in calibrations.CALIBRATIONS.values():
         assert c.help and c.memory and c.select is not None

@@ -261,16 +261,16 @@ def test_bad_distributed_settings_are_one_line_errors(workdir, tmp_path, monkeyp
 
 PERTURBED = """
 import sys, torch
-import lota.adapt as A
+import lota.phases as A
 from lota.cli import main
-load = A._load
+load = A.load_run_model
 def perturbed(cfg, world):  # one rank reads other weights (a stale copy on its node, say)
     model = load(cfg, world)
     if world.rank == 1:
         with torch.no_grad():
             next(model.parameters()).view(-1)[0] += 1.0
     return model
-A._load = perturbed
+A.load_run_model = perturbed
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -300,7 +300,7 @@ def test_the_process_group_waits_as_long_as_asked(monkeypatch):
     import accelerate
 
     from lota import dist
-    from lota.settings import AdaptConfig
+    from lota.adapt_config import AdaptConfig
 
     seen = []
 

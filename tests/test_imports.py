@@ -8,6 +8,7 @@ each child imports lota from scratch, without paying for torch again.
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import pkgutil
@@ -124,3 +125,187 @@ def test_the_version_is_the_one_pyproject_declares():
     pyproject = (SRC.parents[1] / "pyproject.toml").read_text(encoding="utf-8")
     declared = re.search(r'^version = "([^"]+)"', pyproject, re.MULTILINE)
     assert declared and declared.group(1) == lota.__version__
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["adapt", "--help"], ["merge", "--help"]])
+def test_help_loads_no_torch(argv):
+    """``lota --help`` (and a command's) prints its options without loading torch."""
+    code = (
+        "import sys; from lota.cli import main\n"
+        "try:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+        "print('LOADED', sorted({'torch', 'transformers', 'peft', 'numpy'} & set(sys.modules)))"
+    )
+    r = _python(code, *argv)
+    assert r.returncode == 0, r.stderr
+    assert "usage: lota" in r.stdout and r.stdout.strip().endswith("LOADED []"), r.stdout[-500:]
+
+
+# ---------------------------------------------------------------------------- one-way layers
+# lota's modules from the bottom up: a module imports only from its own layer and the layers below
+# it (imports inside functions count too), and no modules import each other in a circle. Every
+# module is in exactly one layer: a new module is placed here. ``x.*`` stands for every module of
+# package ``x`` (not the package itself).
+LAYERS = (
+    ("foundation", ["lota._version", "lota.errors", "lota.keymap", "lota.shards", "lota.precision", "lota.toy", "lota.events"]),
+    ("files, option declarations", ["lota.fileio", "lota.settings"]),
+    ("tickets and deltas", ["lota.ticket", "lota.delta", "lota.codecs", "lota.selection"]),
+    ("file format", ["lota.container", "lota.format", "lota.ticketfiles", "lota.lora_config"]),
+    ("models and training", ["lota.models", "lota.sparse_model", "lota.dist", "lota.checkpoint", "lota.data", "lota.train", "lota.official"]),
+    ("library commands", ["lota.task_vectors", "lota.merge", "lota.hotswap", "lota.evaluate", "lota.ks", "lota.lora_import", "lota.peft_export", "lota.callbacks"]),
+    ("adapt: the run and its phases", ["lota.phases"]),
+    ("adapt: calibrations", ["lota.calibrations", "lota.calibrations.*"]),
+    ("adapt: ticket sources and methods", ["lota.sources"]),
+    ("adapt: settings", ["lota.adapt_config"]),
+    ("adapt: plan, trainers, frozen check, output folder", ["lota.plan", "lota.trainers", "lota.frozen", "lota.run_folder"]),
+    ("adapt: the recipe", ["lota.adapt"]),
+    ("lab: base, tasks, report helpers", ["lota.lab", "lota.lab.tasks", "lota.lab.base", "lota.lab.realbase", "lota.lab.report"]),
+    ("lab: runs", ["lota.lab.runner"]),
+    ("lab: what claims measure with", ["lota.lab.context"]),
+    ("lab: claims", ["lota.lab.claims.*"]),
+    ("lab: the claim registry", ["lota.lab.claims"]),
+    ("lab: the quality bench and the demo", ["lota.lab.quality", "lota.lab.demo"]),
+    ("command line and package", ["lota.cli", "lota"]),
+)  # fmt: skip
+
+
+def _sources(root: Path = SRC) -> dict[str, Path]:
+    """``{module: file}`` of every module under ``root`` (a package's is its ``__init__.py``)."""
+    out = {}
+    for path in sorted(root.rglob("*.py")):
+        parts = list(path.relative_to(root.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        out[".".join(parts)] = path
+    return out
+
+
+def import_edges(modules: dict[str, Path]) -> list[tuple[str, int, str]]:
+    """``(importer, line, imported)`` for every import of one module of ``modules`` by another,
+    wherever it stands (in functions, under ``TYPE_CHECKING``), relative ones resolved; a name
+    imported from a package is its module if it is one, else the package."""
+
+    def nearest(name: str) -> str | None:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    edges = set()
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+            if isinstance(node, ast.Import):
+                targets = [nearest(a.name) for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                    base = ".".join(up + ([node.module] if node.module else []))
+                targets = [nearest(f"{base}.{a.name}") for a in node.names]
+            else:
+                continue
+            edges |= {(name, node.lineno, t) for t in targets if t is not None and t != name}
+    return sorted(edges)
+
+
+def layer_of(module: str, layers=LAYERS) -> list[int]:
+    """The indices of the layers that name ``module``."""
+    found = []
+    for i, (_, names) in enumerate(layers):
+        for entry in names:
+            if module == entry or (entry.endswith(".*") and module.startswith(entry[:-1])):
+                found.append(i)
+    return found
+
+
+def layering_errors(modules: dict[str, Path], layers=LAYERS) -> list[str]:
+    """Modules in no layer or in several, upward imports and import cycles, one line each."""
+    errors = []
+    for m in modules:
+        if len(layer_of(m, layers)) != 1:
+            errors.append(f"{m} is in {len(layer_of(m, layers))} layers of LAYERS; place it in one")
+    edges = import_edges(modules)
+    rel = {  # the file as a path from the folder that holds the lota package
+        m: p.relative_to(p.parents[len(m.split(".")) - (p.name != "__init__.py")])
+        for m, p in modules.items()
+    }
+    for m, line, t in edges:
+        lm, lt = layer_of(m, layers), layer_of(t, layers)
+        if len(lm) == len(lt) == 1 and lt[0] > lm[0]:
+            errors.append(
+                f"{rel[m]}:{line}: {m} (layer '{layers[lm[0]][0]}') imports {t}, which is above "
+                f"it (layer '{layers[lt[0]][0]}')"
+            )
+    for cycle in _cycles({(m, t) for m, _, t in edges}):
+        hops = [f"{rel[m]}:{line} {m} -> {t}" for m, line, t in edges if m in cycle and t in cycle]
+        errors.append(f"import cycle among {', '.join(sorted(cycle))}: " + "; ".join(hops))
+    return errors
+
+
+def _cycles(edges: set[tuple[str, str]]) -> list[set[str]]:
+    """The strongly connected components of more than one module (Tarjan's algorithm)."""
+    graph: dict[str, set[str]] = {}
+    for a, b in edges:
+        graph.setdefault(a, set()).add(b)
+        graph.setdefault(b, set())
+    index, low, stack, on, out = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = set()
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                component.add(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                out.append(component)
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_modules_import_only_downward_and_never_in_a_circle():
+    errors = layering_errors(_sources())
+    assert not errors, "\n".join(errors)
+
+
+def test_the_layer_check_names_upward_imports_and_cycles(tmp_path):
+    """The check itself: an upward import inside a function, a relative import cycle and a
+    module in no layer are each reported with the importing file and line."""
+    pkg = tmp_path / "lota"
+    (pkg / "sub").mkdir(parents=True)
+    files = {
+        "__init__.py": "",
+        "low.py": "def f():\n    from .high import x\n",
+        "high.py": "from . import low\n",
+        "sub/__init__.py": "",
+        "sub/a.py": "from .b import y\n",
+        "sub/b.py": "import lota.sub.a\n",
+        "stray.py": "",
+    }
+    for name, text in files.items():
+        (pkg / name).write_text(text)
+    layers = (
+        ("low", ["lota.low", "lota.sub", "lota.sub.*"]),
+        ("high", ["lota.high", "lota"]),
+    )
+    errors = layering_errors(_sources(pkg), layers)
+    assert errors[0] == "lota.stray is in 0 layers of LAYERS; place it in one"
+    assert "lota/low.py:2: lota.low (layer 'low') imports lota.high, which is above it" in errors[1]
+    cycles = sorted(e for e in errors if e.startswith("import cycle"))
+    assert len(errors) == 4 and len(cycles) == 2
+    assert cycles[0].startswith("import cycle among lota.high, lota.low: ")
+    assert "lota/low.py:2 lota.low -> lota.high" in cycles[0]
+    assert "lota/sub/b.py:1 lota.sub.b -> lota.sub.a" in cycles[1]

@@ -15,12 +15,13 @@ import torch
 import lota
 from lota import dist, sources
 from lota import format as fmt
-from lota.adapt import _check_precision, adapt
+from lota.adapt import adapt
+from lota.adapt_config import AdaptConfig
 from lota.data import Tokenized, batches, read_jsonl, tokenize
 from lota.errors import InputError
 from lota.models import WeightReader, load_model
+from lota.plan import check_precision as _check_precision
 from lota.precision import Precision
-from lota.settings import AdaptConfig
 from lota.toy import byte_tokenizer, tiny_llama
 
 from .conftest import addition_rows, assert_only_ticket_changed, write_jsonl
@@ -432,10 +433,10 @@ def count_block_forwards(monkeypatch) -> list[int]:
     """Count the forward calls of the first projection inside every decoder block of the runs'
     models: with gradient checkpointing the backward pass recomputes the block's forward, up to
     the last activation it needs (the block's own hooks stay outside the checkpoint)."""
-    from lota import adapt as adapt_module
+    from lota import phases
 
     calls = [0]
-    load = adapt_module._load
+    load = phases.load_run_model
 
     def counted(cfg, world):
         model = load(cfg, world)
@@ -444,7 +445,7 @@ def count_block_forwards(monkeypatch) -> list[int]:
                 module.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
         return model
 
-    monkeypatch.setattr(adapt_module, "_load", counted)
+    monkeypatch.setattr(phases, "load_run_model", counted)
     return calls
 
 

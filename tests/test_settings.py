@@ -392,6 +392,7 @@ def test_optimizer_names_are_the_trainers():
 def test_adapt_config_is_one_class_everywhere():
     import lota
     from lota import adapt as adapt_module
+    from lota import adapt_config as decl
 
     assert adapt_module.AdaptConfig is lota.AdaptConfig is decl.AdaptConfig
 

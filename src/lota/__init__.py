@@ -26,7 +26,7 @@ _LAZY = {
     "FormatError": ("errors", "FormatError"),
     "MismatchError": ("errors", "MismatchError"),
     "TrainingError": ("errors", "TrainingError"),
-    "AdaptConfig": ("settings", "AdaptConfig"),
+    "AdaptConfig": ("adapt_config", "AdaptConfig"),
     "adapt": ("adapt", "adapt"),
     "make_ticket": ("task_vectors", "make_ticket"),
     "make_delta": ("task_vectors", "make_delta"),

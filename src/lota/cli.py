@@ -13,9 +13,9 @@ import re
 import sys
 import warnings
 
+from .adapt_config import AdaptConfig
 from .errors import InputError, LotaError
 from .settings import (
-    AdaptConfig,
     MergeSettings,
     add_arguments,
     as_config,

@@ -7,8 +7,8 @@ builds the ticket. A source is the method's own, or chosen by a setting (``--tic
 ``--calibrated``, ``--protect-mode flip``), the first such in table order winning.
 ``AdaptConfig.validate``, ``lota adapt``'s dispatch, the ``--method`` help and the lab's lists read
 this table and nothing else, so a new source is one entry in this file. How the calibrating
-sources (``lota``, ``bottomk``) score the entries is the sub-table ``CALIBRATIONS``
-(``--calibration``): a new calibration is one entry there.
+sources (``lota``, ``bottomk``) score the entries is ``--calibration``: one module per calibration
+in ``lota.calibrations``.
 
 Invariant: importing this module loads neither torch nor transformers (the CLI builds its parser
 from it); implementations import what they need when they run.
@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .calibrations import CALIBRATIONS
+from .calibrations import DEFAULT as DEFAULT_CALIBRATION
 from .errors import InputError
 
 if TYPE_CHECKING:
@@ -67,7 +69,7 @@ class Context:
     k: int
     protected: Ticket | None
     given: list[Ticket]
-    run: Any  # lota.adapt's run: model, data stream, log, checkpoints
+    run: Any  # the run (lota.phases.Run): model, data stream, log, checkpoints
     info: dict  # the run's summary, which a source may add to
     source: Source
 
@@ -165,135 +167,31 @@ def _random(ctx: Context) -> Ticket:
 
 
 def _calibration(ctx: Context) -> Ticket:
-    from .adapt import calibrate_and_select
-
-    return calibrate_and_select(ctx.run, ctx.k, ctx.protected, ctx.info, ctx.source.selector)
-
-
-# ---------------------------------------------------------------------------- calibrations
-@dataclass(frozen=True)
-class Calibration:
-    """How a calibrating source (``lota``, ``bottomk``) scores the target entries before
-    selecting its ticket (``--calibration``).
-
-    ``memory``: what it holds besides activations, in words. ``settings``: the ``AdaptConfig``
-    fields it reads besides the calibration steps and rate. ``select(run, k, protected,
-    selector)``: runs the calibration on ``lota.adapt``'s run, returns the exact top-k ticket of
-    its scores (disjoint from ``protected``) and leaves the targets at their starting weights,
-    frozen. ``check(targets)``: refuses targets it cannot calibrate, before anything is written.
-    ``fsdp_refusal``: why it cannot run under ``--fsdp``, if it cannot. ``recorded``: the
-    settings the run's summary records beside the calibration's name.
-    """
-
-    name: str
-    help: str
-    memory: str
-    settings: tuple[str, ...]
-    select: Callable[[Any, int, Any, str], Ticket]
-    check: Callable[[dict], None] | None = None
-    fsdp_refusal: str | None = None
-    recorded: tuple[str, ...] = ()
-
-
-def _dense_calibration(optimizer: str | None):
-    def select(run, k, protected, selector):
-        from .adapt import dense_calibration
-
-        return dense_calibration(run, k, protected, selector, optimizer)
-
-    return select
-
-
-def _fisher(run, k, protected, selector):
-    from .calibration import fisher
-
-    return fisher(run, k, protected, selector)
-
-
-def _lora_warmup(run, k, protected, selector):
-    from .calibration import lora
-
-    return lora(run, k, protected, selector)
-
-
-def _lora_targets(targets: dict) -> None:
-    from .calibration import lora_modules
-
-    lora_modules(targets, "--calibration")
-
-
-CALIBRATIONS: dict[str, Calibration] = {
-    c.name: c
-    for c in (
-        Calibration(
-            "adamw",
-            "dense training of the targets with --optimizer (AdamW by default), then the top-k "
-            "of |task vector| and a reset",
-            "the weights, their gradients and the optimizer's state (two buffers for AdamW)",
-            ("optimizer", "weight_decay", "momentum", "max_grad_norm"),
-            _dense_calibration(None),
-        ),
-        Calibration(
-            "sgd",
-            "dense training of the targets with plain SGD (no momentum, no weight decay), then "
-            "the top-k of |task vector| and a reset",
-            "the weights and their gradients (no optimizer state)",
-            ("max_grad_norm",),
-            _dense_calibration("sgd"),
-            # its tickets often leave a tensor without entries, which the sharded sparse phase
-            # cannot train
-            fsdp_refusal="--calibration sgd does not run under --fsdp; use --calibration adamw "
-            "or drop --fsdp",
-        ),
-        Calibration(
-            "fisher",
-            "the squared gradients of the calibration batches summed per entry (diagonal "
-            "Fisher); no weight changes",
-            "the weights, their gradients and one score buffer (--fisher-dtype)",
-            ("fisher_dtype",),
-            _fisher,
-            fsdp_refusal="--calibration fisher does not run under --fsdp; use --calibration adamw "
-            "or drop --fsdp",
-            recorded=("fisher_dtype",),
-        ),
-        Calibration(
-            "lora",
-            "a PEFT LoRA warm-up, then the top-k of its merged change or of the full weights' "
-            "squared gradients (--lora-calibration-score); the adapter is then removed",
-            "about what LoRA training needs (gradient score: plus one gradient step of the "
-            "targets)",
-            ("lora_r", "lora_alpha", "lora_calibration_score"),
-            _lora_warmup,
-            check=_lora_targets,
-            fsdp_refusal="--calibration lora does not run under --fsdp; use --calibration adamw "
-            "or drop --fsdp",
-            recorded=("lora_calibration_score",),
-        ),
-    )
-}
-DEFAULT_CALIBRATION = "adamw"
-FISHER_DTYPES = ("float32", "bfloat16")
-LORA_CALIBRATION_SCORES = ("change", "gradient")
-
-
-def calibration_names() -> tuple[str, ...]:
-    return tuple(CALIBRATIONS)
+    """Run the ``--calibration``: it selects the ticket of ``k`` entries from its scores with the
+    source's selector and leaves the targets at the starting weights."""
+    cfg = ctx.cfg
+    calibration = CALIBRATIONS[cfg.calibration]
+    ticket = calibration.select(ctx.run, ctx.k, ctx.protected, ctx.source.selector)
+    ctx.info["calibration"] = cfg.calibration
+    ctx.info["calibration_steps"] = cfg.calibration_steps
+    ctx.info.update({name: getattr(cfg, name) for name in calibration.recorded})
+    return ticket
 
 
 def _check_calibrated(cfg) -> None:
     """The fine-tuned model exists and has the base's target tensors."""
-    from .task_vectors import _readers
+    from .task_vectors import model_pair
 
-    _readers(cfg.model, cfg.calibrated, cfg.targets)
+    model_pair(cfg.model, cfg.calibrated, cfg.targets)
 
 
 def _from_calibrated(ctx: Context) -> Ticket:
     """The task vector of a model already fine-tuned from the base, read tensor by tensor."""
-    from .task_vectors import _readers, select_difference
+    from .task_vectors import model_pair, select_difference
     from .train import heap_growth_limited
 
     cfg = ctx.cfg
-    rb, rt, shapes = _readers(cfg.model, cfg.calibrated, cfg.targets)
+    rb, rt, shapes = model_pair(cfg.model, cfg.calibrated, cfg.targets)
     # per-tensor temporaries (read on the host) must not fragment the heap the ticket grows in
     with heap_growth_limited("cpu"):
         ticket = select_difference(rb, rt.get, shapes, ctx.k, ctx.selector, ctx.protected)
@@ -576,15 +474,9 @@ def calibration_errors(cfg) -> list[str]:
     errors = []
     if cfg.calibration not in CALIBRATIONS:
         errors.append(f"--calibration '{cfg.calibration}' is not one of {', '.join(CALIBRATIONS)}")
-    if cfg.fisher_dtype not in FISHER_DTYPES:
-        errors.append(
-            f"--fisher-dtype '{cfg.fisher_dtype}' is not one of {', '.join(FISHER_DTYPES)}"
-        )
-    if cfg.lora_calibration_score not in LORA_CALIBRATION_SCORES:
-        errors.append(
-            f"--lora-calibration-score '{cfg.lora_calibration_score}' is not one of "
-            + ", ".join(LORA_CALIBRATION_SCORES)
-        )
+    for c in CALIBRATIONS.values():
+        if c.errors is not None:
+            errors += c.errors(cfg)
     m = METHODS.get(cfg.method)
     if cfg.calibration != DEFAULT_CALIBRATION and m is not None and not calibration_runs(cfg):
         calibrating = [
@@ -595,27 +487,3 @@ def calibration_errors(cfg) -> list[str]:
             f"{' or '.join(calibrating)}, without --ticket, --calibrated or --protect-mode flip)"
         )
     return errors
-
-
-# ---------------------------------------------------------------------------- tickets from files
-def load_tickets(paths: list[str], shapes: dict[str, tuple[int, ...]]) -> list[Ticket]:
-    """The tickets of ticket or delta files, each checked against ``shapes`` (the model's
-    tensors) as it loads, so an error names the file."""
-    from . import format as fmt
-
-    return [fmt.load(p, shapes=shapes).ticket for p in paths]
-
-
-def protected_ticket(
-    paths: list[str],
-    shapes: dict[str, tuple[int, ...]],
-    model_shapes: dict[str, tuple[int, ...]] | None = None,
-) -> Ticket | None:
-    """The union of the tickets to protect (``--protect``) over ``shapes`` (the targets); None
-    without any. Each file is checked against ``model_shapes`` (every tensor of the model;
-    default ``shapes``): its entries outside the targets are frozen anyway."""
-    if not paths:
-        return None
-    from .ticket import Ticket
-
-    return Ticket.union(load_tickets(paths, model_shapes or shapes), shapes)

@@ -33,12 +33,14 @@ from .models import (
 )
 from .selection import Sparsity, numel_of, require_trainable
 from .settings import check_factors
-from .sources import protected_ticket
 from .ticket import Ticket, check_against
+from .ticketfiles import protected_ticket
 from .train import heap_growth_limited
 
 
-def _readers(base: str, tuned: str, targets: str | None):
+def model_pair(base: str, tuned: str, targets: str | None):
+    """Readers of a base and a model fine-tuned from it, and the shapes of their ``targets``
+    (refused where the two differ in them)."""
     rb, rt = WeightReader(base, "base model"), WeightReader(tuned, "tuned model")
     shapes = rb.targets(targets)
     other = rt.targets(targets)
@@ -78,7 +80,7 @@ def make_ticket(
     show_progress: bool = True,
 ) -> Ticket:
     """The exact global top-k of ``|tuned - base|`` (or another registered selector)."""
-    rb, rt, shapes = _readers(base, tuned, targets)
+    rb, rt, shapes = model_pair(base, tuned, targets)
     k = require_trainable(sparsity, numel_of(shapes))
     excluded = protected_ticket(protect or [], shapes, rb.shapes)
     # per-tensor temporaries (read on the host) must not fragment the heap the ticket grows in
@@ -138,7 +140,7 @@ def make_delta(
         raise InputError(
             "give either a ticket or a sparsity", "lota delta", "pass --ticket FILE or --sparsity S"
         )
-    rb, rt, shapes = _readers(base, tuned, targets)
+    rb, rt, shapes = model_pair(base, tuned, targets)
     if ticket is None:
         ticket = make_ticket(base, tuned, sparsity, targets, protect, show_progress=show_progress)
     else:

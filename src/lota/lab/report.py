@@ -1,6 +1,6 @@
 """Plots (PNG, matplotlib) and the markdown report of ``lota bench quality``: the report's frame
 and the helpers every claim's section uses (each claim's own plot and section are in
-``lab/claims/``).
+``lab/claims/``, which import this module: ``plots`` and ``render`` receive the claims).
 
 Every sentence that compares methods is computed from the numbers in ``results.json``: Welch's
 t-test of the per-seed values at ``ALPHA`` (two-sided). A difference counts only where the test
@@ -146,12 +146,10 @@ def bar_chart(ax, groups: list[str], series: dict[str, list[dict]], ylabel: str)
 
 
 # ---------------------------------------------------------------------------- plots
-def plots(results: dict, out: Path) -> dict[str, str]:
-    """Every claim's figures, ``{figure: file name}``."""
-    from .claims import CLAIMS
-
+def plots(results: dict, out: Path, claims) -> dict[str, str]:
+    """The figures of every claim in ``claims`` (``lab.claims.CLAIMS``), ``{figure: file name}``."""
     figs: dict[str, str] = {}
-    for claim in CLAIMS:
+    for claim in claims:
         figs.update(claim.plot(results, out))
     return figs
 
@@ -168,10 +166,9 @@ def md_bullets(lines) -> str:
     return "".join(f"- {x}\n" for x in lines) + "\n"
 
 
-def render(results: dict, figs: dict[str, str]) -> str:
-    """The report: its header, settings and learning-rate searches, then every claim's section."""
-    from .claims import CLAIMS
-
+def render(results: dict, figs: dict[str, str], claims) -> str:
+    """The report: its header, settings and learning-rate searches, then the section of every
+    claim in ``claims`` (``lab.claims.CLAIMS``)."""
     meta = results["meta"]
     out = [
         "# lota quality bench\n",
@@ -214,6 +211,6 @@ def render(results: dict, figs: dict[str, str]) -> str:
                 ],
             )
         )
-    for claim in CLAIMS:
+    for claim in claims:
         out.extend(claim.render(results, figs))
     return "\n".join(out)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from ..quality import Quality, spec, stats
+from ..context import Quality, spec, stats
 from ..report import ALPHA, bar_chart, fmt, md_bullets, md_table, p_text, pyplot, save_figure, welch
 from ..runner import CALIBRATOR_KEYS, GENERAL
 

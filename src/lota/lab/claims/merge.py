@@ -10,7 +10,7 @@ from pathlib import Path
 from ... import format as fileformat
 from ...merge import MergeSettings, merge_into_model, overlap
 from ...task_vectors import make_delta
-from ..quality import Quality, spec, stats
+from ..context import Quality, spec, stats
 from ..report import bar_chart, compare, fmt, md_bullets, md_table, pyplot, save_figure
 
 NAME = "merge"

@@ -22,7 +22,7 @@ from pathlib import Path
 from ... import format as fileformat
 from ...merge import MergeSettings, merge_into_model
 from ...task_vectors import make_delta, make_ticket
-from ..quality import Quality, spec, stats
+from ..context import Quality, spec, stats
 from ..report import bar_chart, compare, fmt, md_bullets, md_table, pyplot, save_figure
 from ..runner import GENERAL
 from .sequential import learned

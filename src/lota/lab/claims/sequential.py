@@ -7,7 +7,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from ..quality import Quality, spec, stats
+from ..context import Quality, spec, stats
 from ..report import (
     ALPHA,
     COLORS,

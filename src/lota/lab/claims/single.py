@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ... import sources
 from .. import tasks as T
-from ..quality import Quality, spec, stats
+from ..context import Quality, spec, stats
 from ..report import (
     ALPHA,
     COLORS,
