@@ -15,8 +15,8 @@ import torch
 
 from lota import format as fmt
 from lota import merge as merge_module
+from lota import names, sources, train
 from lota import settings as decl
-from lota import sources, train
 from lota.adapt import AdaptConfig
 from lota.cli import build_parser, main
 from lota.delta import SparseDelta
@@ -63,7 +63,11 @@ def test_merge_parser_accepts_exactly_todays_flags():
 
 
 def test_method_names_are_the_registered_methods():
-    assert decl.MERGE_METHODS == tuple(sorted(merge_module.METHODS))
+    # one list: the option offers it, and merge registers every name in it and no other
+    assert decl.MERGE_METHODS is names.MERGE_METHODS
+    assert tuple(sorted(merge_module.METHODS)) == names.MERGE_METHODS
+    with pytest.raises(ValueError, match="'mean' is not listed"):
+        merge_module.merge_method("mean")
 
 
 def test_defaults_are_the_dataclass_defaults():
@@ -386,7 +390,11 @@ def test_adapt_options_fill_their_fields():
 
 
 def test_optimizer_names_are_the_trainers():
-    assert decl.OPTIMIZERS == tuple(train.OPTIMIZERS)
+    # one list: the option offers it, and the trainer builds every name in it
+    assert decl.OPTIMIZERS is names.OPTIMIZERS is train.OPTIMIZERS
+    for name in names.OPTIMIZERS:
+        p = torch.nn.Parameter(torch.zeros(1))
+        train.make_optimizer([p], train.TrainSettings(lr=0.1, steps=1, optimizer=name))
 
 
 def test_adapt_config_is_one_class_everywhere():

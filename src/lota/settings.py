@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from . import sources
+from . import names, sources
 from .errors import InputError
 
 if TYPE_CHECKING:
@@ -193,12 +193,11 @@ def check_factors(values: list[float], name: str, where: str, fix: str) -> None:
 
 
 # ---------------------------------------------------------------------------- lota adapt
-# the names of train.OPTIMIZERS, known here without importing torch (a test keeps them equal)
-OPTIMIZERS = ("adamw", "rmsprop", "sgd")
+OPTIMIZERS = names.OPTIMIZERS
 PROTECT_MODES = ("constrained", "flip")
 REPORT_TO = ("none", "tensorboard")  # metrics.jsonl is always written
-LOAD_DTYPES = ("auto", "float32", "bfloat16", "float16")
-VALUE_DTYPES = ("float32", "bfloat16", "float16")
+LOAD_DTYPES = names.LOAD_DTYPES
+VALUE_DTYPES = names.VALUE_DTYPES
 MIXED_PRECISION = ("no", "bf16", "fp16")
 MASTER_WEIGHTS = ("float32", "none")
 LARGE_LR = 1.0  # far above any rate that fine-tunes a pretrained model without wrecking it
@@ -496,17 +495,7 @@ class AdaptConfig:
 
 
 # ---------------------------------------------------------------------------- lota merge
-# the names of merge.METHODS, known here without importing torch (a test keeps them equal)
-MERGE_METHODS = (
-    "add",
-    "breadcrumbs",
-    "dare-linear",
-    "dare-ties",
-    "della",
-    "stack",
-    "task-arithmetic",
-    "ties",
-)
+MERGE_METHODS = names.MERGE_METHODS
 
 
 @dataclass
