@@ -70,6 +70,28 @@ def test_method_names_are_the_registered_methods():
         merge_module.merge_method("mean")
 
 
+def test_an_included_settings_class_adds_its_options_in_place():
+    @dataclass(kw_only=True)
+    class Command:
+        inputs: list[str] = setting(positional=True, nargs="+")
+        merge: MergeSettings = decl.included(MergeSettings)
+        out: str = setting(required=True)
+
+    p = argparse.ArgumentParser()
+    decl.add_arguments(p, Command)
+    merge_flags = MERGE_FLAGS[MERGE_FLAGS.index("--method") : MERGE_FLAGS.index("--base")]
+    assert decl.flags(MergeSettings) == merge_flags
+    assert decl.flags(Command) == ["inputs", *merge_flags, "--out"]
+    assert [s for a in p._actions for s in a.option_strings] == [
+        "-h",
+        "--help",
+        *merge_flags,
+        "--out",
+    ]
+    s = decl.from_args(Command, p.parse_args(["a", "b", "--method", "ties", "--out", "m"]))
+    assert s == Command(inputs=["a", "b"], merge=MergeSettings(method="ties"), out="m")
+
+
 def test_defaults_are_the_dataclass_defaults():
     a = parse()
     assert decl.from_args(MergeSettings, a) == MergeSettings()
