@@ -419,6 +419,17 @@ def test_optimizer_names_are_the_trainers():
         train.make_optimizer([p], train.TrainSettings(lr=0.1, steps=1, optimizer=name))
 
 
+def test_every_listed_values_dtype_is_one_lota_writes(tmp_path):
+    # one list: --values-dtype offers it, and lota.save stores values in each of its dtypes
+    t = Ticket({"w": (3, 4)}, {"w": torch.tensor([1, 5])})
+    for name in ("auto", *names.VALUE_DTYPES):
+        path = tmp_path / f"{name}.lota"
+        fmt.save(SparseDelta(t, {"w": torch.tensor([1.0, -2.0])}), path, values_dtype=name)
+        assert fmt.load(path).values["w"].tolist() == [1.0, -2.0]
+        if name != "auto":
+            assert fmt.describe(path)["values_dtype"] == [name]
+
+
 def test_adapt_config_is_one_class_everywhere():
     import lota
     from lota import adapt as adapt_module

@@ -31,6 +31,7 @@ from .codecs import ENCODINGS, RiceCode, decode_indices, encode_indices
 from .delta import SparseDelta
 from .errors import FormatError, InputError, MismatchError
 from .fileio import atomic_path, check_input_file, save_safetensors, tensor_digest
+from .names import VALUE_DTYPES
 from .ticket import MAX_TENSOR_NUMEL, Ticket
 
 FORMAT_NAME = "lota"
@@ -39,7 +40,7 @@ FORMAT_NAME = "lota"
 FORMAT_VERSION = 3
 _V2_ENCODINGS = frozenset({"rice"})
 _SEP = "::"
-_VALUE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_VALUE_DTYPES = {name: getattr(torch, name) for name in VALUE_DTYPES}  # --values-dtype
 # Every dtype a delta's values are stored in and read back as: those ``--values-dtype`` names,
 # float64, and the two float8 formats (``apply`` and every other consumer computes with float8
 # values in float32, ``delta.arithmetic_dtype``).
