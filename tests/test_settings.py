@@ -15,8 +15,8 @@ import torch
 
 from lota import format as fmt
 from lota import merge as merge_module
-from lota import names, sources, train
 from lota import settings as decl
+from lota import sources
 from lota.adapt import AdaptConfig
 from lota.cli import build_parser, main
 from lota.delta import SparseDelta
@@ -60,14 +60,6 @@ def test_merge_parser_accepts_exactly_todays_flags():
     assert [a.dest for a in merge_parser()._actions if not a.option_strings] == ["inputs"]
     lam = next(a for a in merge_parser()._actions if "--lambda" in a.option_strings)
     assert (lam.dest, lam.type, lam.metavar) == ("lam", float, None)
-
-
-def test_method_names_are_the_registered_methods():
-    # one list: the option offers it, and merge registers every name in it and no other
-    assert decl.MERGE_METHODS is names.MERGE_METHODS
-    assert tuple(sorted(merge_module.METHODS)) == names.MERGE_METHODS
-    with pytest.raises(ValueError, match="'mean' is not listed"):
-        merge_module.merge_method("mean")
 
 
 def test_an_included_settings_class_adds_its_options_in_place():
@@ -409,25 +401,6 @@ def test_adapt_options_fill_their_fields():
         "bfloat16",
     )
     assert cfg.progress is True and decl.explicit(AdaptConfig, parse_adapt()) == {"data", "out"}
-
-
-def test_optimizer_names_are_the_trainers():
-    # one list: the option offers it, and the trainer builds every name in it
-    assert decl.OPTIMIZERS is names.OPTIMIZERS is train.OPTIMIZERS
-    for name in names.OPTIMIZERS:
-        p = torch.nn.Parameter(torch.zeros(1))
-        train.make_optimizer([p], train.TrainSettings(lr=0.1, steps=1, optimizer=name))
-
-
-def test_every_listed_values_dtype_is_one_lota_writes(tmp_path):
-    # one list: --values-dtype offers it, and lota.save stores values in each of its dtypes
-    t = Ticket({"w": (3, 4)}, {"w": torch.tensor([1, 5])})
-    for name in ("auto", *names.VALUE_DTYPES):
-        path = tmp_path / f"{name}.lota"
-        fmt.save(SparseDelta(t, {"w": torch.tensor([1.0, -2.0])}), path, values_dtype=name)
-        assert fmt.load(path).values["w"].tolist() == [1.0, -2.0]
-        if name != "auto":
-            assert fmt.describe(path)["values_dtype"] == [name]
 
 
 def test_adapt_config_is_one_class_everywhere():

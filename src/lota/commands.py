@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from . import names
 from . import options as opt
 from .settings import AdaptConfig, MergeSettings, included, setting
 
@@ -73,7 +74,7 @@ class MaskSettings:
     out: str = opt.out()
     targets: str | None = opt.targets()
     protect: list[str] = opt.protect()
-    selector: str = setting("magnitude", help="magnitude | bottomk | random")
+    selector: str = setting("magnitude", names=names.SELECTORS, help="{names}")
     seed: int = opt.seed()
     force: bool = opt.force()
 
@@ -137,9 +138,11 @@ class KsSettings:
     model: str = setting(positional=True, help="the model before embedding tuning")
     tuned: str = setting(positional=True, help="the model after embedding tuning")
     alpha: float = setting(0.05)
-    correction: str = setting("none", help="none | bonferroni | bh (default none)")
+    correction: str = setting(
+        "none", names=names.KS_CORRECTIONS, help="{names} (default {default})"
+    )
     top: int | None = setting(None, type=int, help="the N rows of largest statistic instead")
-    mode: str = setting("auto", help="p-values: auto | exact | asymp (as scipy)")
+    mode: str = setting("auto", names=names.KS_MODES, help="p-values: {names} (as scipy)")
     data: str | None = setting(None, help="training data, to count each token's occurrences")
     out: str = opt.out("folder for ticket, transfer delta and listing")
     force: bool = opt.force("--out folder")
@@ -257,7 +260,7 @@ class BenchQualitySettings:
 class EvalSettings:
     model: str = setting(positional=True)
     data: str = setting(required=True)
-    metric: str = setting("answer", help="answer | exact | contains (default answer)")
+    metric: str = setting("answer", names=names.METRICS, help="{names} (default {default})")
     max_new_tokens: int = setting(64)
     batch_size: int = setting(16)
     limit: int | None = setting(None, type=int, help="score only the first N examples")

@@ -23,6 +23,16 @@ MERGE_METHODS = (
     "ties",
 )
 
+# ``lota mask --selector``: the selectors ``selection`` registers with ``@selector``
+SELECTORS = ("magnitude", "bottomk", "random")
+
+# ``lota eval --metric``: the metrics ``evaluate`` registers with ``@metric``
+METRICS = ("answer", "exact", "contains")
+
+# ``lota ks --correction`` and ``--mode``: multiple-testing corrections, p-value modes (as scipy)
+KS_CORRECTIONS = ("none", "bonferroni", "bh")
+KS_MODES = ("auto", "exact", "asymp")
+
 # ``--dtype``: the precisions a model loads in (``auto``: the checkpoint's own)
 LOAD_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
