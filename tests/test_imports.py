@@ -146,7 +146,7 @@ def test_help_loads_no_torch(argv):
 # module is in exactly one layer: a new module is placed here. ``x.*`` stands for every module of
 # package ``x`` (not the package itself).
 LAYERS = (
-    ("foundation", ["lota._version", "lota.errors", "lota.keymap", "lota.shards", "lota.precision", "lota.toy", "lota.events"]),
+    ("foundation", ["lota._version", "lota.errors", "lota.keymap", "lota.shards", "lota.precision", "lota.toy", "lota.events", "lota.names"]),
     ("files, option declarations", ["lota.fileio", "lota.settings"]),
     ("tickets and deltas", ["lota.ticket", "lota.delta", "lota.codecs", "lota.selection"]),
     ("file format", ["lota.container", "lota.format", "lota.ticketfiles", "lota.lora_config"]),
@@ -164,7 +164,7 @@ LAYERS = (
     ("lab: claims", ["lota.lab.claims.*"]),
     ("lab: the claim registry", ["lota.lab.claims"]),
     ("lab: the quality bench and the demo", ["lota.lab.quality", "lota.lab.demo"]),
-    ("command line and package", ["lota.cli", "lota"]),
+    ("command line and package", ["lota.options", "lota.commands", "lota.cli", "lota"]),
 )  # fmt: skip
 
 

@@ -16,7 +16,7 @@ import torch
 from lota import format as fmt
 from lota import merge as merge_module
 from lota import settings as decl
-from lota import sources, train
+from lota import sources
 from lota.adapt import AdaptConfig
 from lota.cli import build_parser, main
 from lota.delta import SparseDelta
@@ -62,8 +62,26 @@ def test_merge_parser_accepts_exactly_todays_flags():
     assert (lam.dest, lam.type, lam.metavar) == ("lam", float, None)
 
 
-def test_method_names_are_the_registered_methods():
-    assert decl.MERGE_METHODS == tuple(sorted(merge_module.METHODS))
+def test_an_included_settings_class_adds_its_options_in_place():
+    @dataclass(kw_only=True)
+    class Command:
+        inputs: list[str] = setting(positional=True, nargs="+")
+        merge: MergeSettings = decl.included(MergeSettings)
+        out: str = setting(required=True)
+
+    p = argparse.ArgumentParser()
+    decl.add_arguments(p, Command)
+    merge_flags = MERGE_FLAGS[MERGE_FLAGS.index("--method") : MERGE_FLAGS.index("--base")]
+    assert decl.flags(MergeSettings) == merge_flags
+    assert decl.flags(Command) == ["inputs", *merge_flags, "--out"]
+    assert [s for a in p._actions for s in a.option_strings] == [
+        "-h",
+        "--help",
+        *merge_flags,
+        "--out",
+    ]
+    s = decl.from_args(Command, p.parse_args(["a", "b", "--method", "ties", "--out", "m"]))
+    assert s == Command(inputs=["a", "b"], merge=MergeSettings(method="ties"), out="m")
 
 
 def test_defaults_are_the_dataclass_defaults():
@@ -383,10 +401,6 @@ def test_adapt_options_fill_their_fields():
         "bfloat16",
     )
     assert cfg.progress is True and decl.explicit(AdaptConfig, parse_adapt()) == {"data", "out"}
-
-
-def test_optimizer_names_are_the_trainers():
-    assert decl.OPTIMIZERS == tuple(train.OPTIMIZERS)
 
 
 def test_adapt_config_is_one_class_everywhere():

@@ -20,11 +20,17 @@ from .dist import resolve_device
 from .errors import InputError
 from .fileio import first_repeat
 from .models import check_special_tokens, load_model, load_tokenizer
+from .names import METRICS as METRIC_NAMES
 
 METRICS: dict[str, Callable[[str, str], float]] = {}
 
 
 def metric(name: str):
+    """Register ``fn(generated, expected) -> score`` under ``name``, one of ``names.METRICS``
+    (the list ``--metric`` offers)."""
+    if name not in METRIC_NAMES:
+        raise ValueError(f"metric '{name}' is not listed in lota.names.METRICS")
+
     def wrap(fn):
         METRICS[name] = fn
         return fn

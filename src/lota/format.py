@@ -39,6 +39,7 @@ from .container import (
 from .delta import SparseDelta
 from .errors import FormatError, InputError, MismatchError
 from .fileio import atomic_path, save_safetensors
+from .names import VALUE_DTYPES
 from .ticket import Ticket
 
 # What other modules use of the format, including the container's and codecs' names they reach
@@ -64,7 +65,7 @@ __all__ = [
     "save",
 ]
 
-_VALUE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_VALUE_DTYPES = {name: getattr(torch, name) for name in VALUE_DTYPES}  # --values-dtype
 # Every dtype a delta's values are stored in and read back as: those ``--values-dtype`` names,
 # float64, and the two float8 formats (``apply`` and every other consumer computes with float8
 # values in float32, ``delta.arithmetic_dtype``).

@@ -17,15 +17,14 @@ import numpy as np
 import torch
 
 from .errors import InputError
-
-CORRECTIONS = ("none", "bonferroni", "bh")
-
+from .names import KS_CORRECTIONS as CORRECTIONS
+from .names import KS_MODES
 
 MAX_EXACT_N = 10000  # scipy's "auto" mode is exact up to this sample size
 
 
 def _exact_mode(n1: int, n2: int, mode: str) -> bool:
-    if mode not in ("auto", "exact", "asymp"):
+    if mode not in KS_MODES:
         raise InputError(f"unknown p-value mode '{mode}'", "--mode", "choose auto, exact or asymp")
     g = math.gcd(n1, n2)
     if mode == "auto":

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from . import format as fmt
 from .delta import SparseDelta, finite_sum, require_finite
 from .errors import InputError, MismatchError
+from .names import MERGE_METHODS
 from .selection import parse_fraction
 from .settings import MergeSettings, check_factors, fallbacks
 from .ticket import Ticket
@@ -66,7 +67,10 @@ USES: dict[str, set[str]] = {}
 
 
 def merge_method(name: str, uses: tuple[str, ...] = ()):
-    """Register ``fn(TensorInputs) -> merged values`` under ``name``."""
+    """Register ``fn(TensorInputs) -> merged values`` under ``name``, one of
+    ``names.MERGE_METHODS`` (the list ``--method`` offers)."""
+    if name not in MERGE_METHODS:
+        raise ValueError(f"merge method '{name}' is not listed in lota.names.MERGE_METHODS")
 
     def wrap(fn: MergeFn) -> MergeFn:
         METHODS[name] = fn

@@ -29,13 +29,9 @@ from torch import nn
 from .errors import InputError, MismatchError
 from .fileio import atomic_dir, check_folder_files, fingerprint, weight_digest
 from .keymap import KeyMap, KeyMapError
+from .names import LOAD_DTYPES
 
-_DTYPES = {
-    "auto": "auto",
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
+_DTYPES = {name: name if name == "auto" else getattr(torch, name) for name in LOAD_DTYPES}
 _BLOCK = re.compile(r"(^|\.)\d+\.")
 _BLOCK_INDEX = re.compile(r"(?:^|\.)(\d+)\.")  # its first match in a key: the block's index
 _INDEX = "model.safetensors.index.json"

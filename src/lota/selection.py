@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from .errors import InputError
+from .names import SELECTORS as SELECTOR_NAMES
 from .ticket import Ticket
 
 ScoreFn = Callable[[str], torch.Tensor]  # name -> scores (any shape, float), same values each call
@@ -385,7 +386,10 @@ SELECTORS: dict[str, Selector] = {}
 
 
 def selector(name: str, nonnegative: bool = False, whole: bool = False):
-    """Register ``fn(delta_fn, names, shapes, seed) -> score_fn`` under ``name``."""
+    """Register ``fn(delta_fn, names, shapes, seed) -> score_fn`` under ``name``, one of
+    ``names.SELECTORS`` (the list ``--selector`` offers)."""
+    if name not in SELECTOR_NAMES:
+        raise ValueError(f"selector '{name}' is not listed in lota.names.SELECTORS")
 
     def wrap(fn):
         SELECTORS[name] = Selector(name, fn, nonnegative, whole)

@@ -6,7 +6,11 @@ declaration:
 - ``add_arguments(parser, cls)`` adds the options, in field order;
 - ``from_args(cls, args)`` builds the dataclass from the parsed namespace;
 - ``explicit(cls, args)`` names the settings the user set on the command line;
-- ``as_config(obj)`` is the resolved config written into file metadata, keyed by config key.
+- ``as_config(obj)`` is the resolved config written into file metadata, keyed by config key;
+- ``flags(cls)`` lists the option strings, in order.
+
+A field declared with ``included(Other)`` holds an ``Other`` whose options are added in its place:
+a command's settings take in a shared settings class (``lota merge`` takes ``MergeSettings``).
 
 Options never fill in a default themselves (``argparse.SUPPRESS``): a setting left out is absent
 from the namespace, so ``explicit`` sees exactly what was typed and the dataclass supplies every
@@ -26,9 +30,11 @@ from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field
 from typing import Any
 
+from . import names
 from .errors import InputError
 
 _KEY = "lota.setting"
+_INCLUDED = "lota.included"
 
 
 @dataclass(frozen=True)
@@ -85,6 +91,11 @@ def setting(
     return field(default=default, default_factory=factory, metadata={_KEY: option})
 
 
+def included(cls):
+    """A dataclass field holding a ``cls`` whose options the command line adds in its place."""
+    return field(default_factory=cls, metadata={_INCLUDED: cls})
+
+
 def declared(cls) -> list[tuple[dataclasses.Field, Option]]:
     """The fields of ``cls`` declared with ``setting``, in order, with their options."""
     return [(f, f.metadata[_KEY]) for f in dataclasses.fields(cls) if _KEY in f.metadata]
@@ -99,11 +110,18 @@ def key_of(f: dataclasses.Field, option: Option) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
-    """Add one option per declared field of ``cls`` to ``parser``, in field order."""
+    """Add one option per declared field of ``cls`` to ``parser``, in field order (the options of
+    an ``included`` field in its place). An ``exclusive`` group lies within one class."""
     fields = declared(cls)
     required = {o.exclusive for _, o in fields if o.exclusive and o.kwargs.get("required")}
     groups: dict[str, Any] = {}
-    for f, option in fields:
+    for f in dataclasses.fields(cls):
+        if _INCLUDED in f.metadata:
+            add_arguments(parser, f.metadata[_INCLUDED])
+            continue
+        if _KEY not in f.metadata:
+            continue
+        option = f.metadata[_KEY]
         kw = _add_argument_kwargs(f, option)
         if option.positional:
             parser.add_argument(f.name, **kw)
@@ -138,11 +156,27 @@ def from_args(cls, args: argparse.Namespace, **extra: Any):
     rest, and ``extra`` for fields that are not options."""
     given = vars(args)
     values = {}
-    for f, option in declared(cls):
-        if f.name in given:
-            value = given[f.name]
+    for f in dataclasses.fields(cls):
+        if _INCLUDED in f.metadata:
+            values[f.name] = from_args(f.metadata[_INCLUDED], args)
+        elif _KEY in f.metadata and f.name in given:
+            option, value = f.metadata[_KEY], given[f.name]
             values[f.name] = option.parse(value, flag_of(f, option)) if option.parse else value
     return cls(**values, **extra)
+
+
+def flags(cls) -> list[str]:
+    """The option strings of ``cls`` (aliases too, ``included`` ones in place), in order;
+    positionals by their field names."""
+    out = []
+    for f in dataclasses.fields(cls):
+        if _INCLUDED in f.metadata:
+            out += flags(f.metadata[_INCLUDED])
+        elif _KEY in f.metadata:
+            option = f.metadata[_KEY]
+            out += [f.name] if option.positional else [flag_of(f, option)]
+            out += [alias for alias, _ in option.aliases]
+    return out
 
 
 def explicit(cls, args: argparse.Namespace) -> set[str]:
@@ -189,12 +223,11 @@ def check_factors(values: list[float], name: str, where: str, fix: str) -> None:
 
 
 # ---------------------------------------------------------------------------- lota adapt's values
-# the names of train.OPTIMIZERS, known here without importing torch (a test keeps them equal)
-OPTIMIZERS = ("adamw", "rmsprop", "sgd")
+OPTIMIZERS = names.OPTIMIZERS
 PROTECT_MODES = ("constrained", "flip")
 REPORT_TO = ("none", "tensorboard")  # metrics.jsonl is always written
-LOAD_DTYPES = ("auto", "float32", "bfloat16", "float16")
-VALUE_DTYPES = ("float32", "bfloat16", "float16")
+LOAD_DTYPES = names.LOAD_DTYPES
+VALUE_DTYPES = names.VALUE_DTYPES
 MIXED_PRECISION = ("no", "bf16", "fp16")
 MASTER_WEIGHTS = ("float32", "none")
 LARGE_LR = 1.0  # far above any rate that fine-tunes a pretrained model without wrecking it
@@ -206,17 +239,7 @@ def zero_is_none(value: float, flag: str) -> float | None:
 
 
 # ---------------------------------------------------------------------------- lota merge
-# the names of merge.METHODS, known here without importing torch (a test keeps them equal)
-MERGE_METHODS = (
-    "add",
-    "breadcrumbs",
-    "dare-linear",
-    "dare-ties",
-    "della",
-    "stack",
-    "task-arithmetic",
-    "ties",
-)
+MERGE_METHODS = names.MERGE_METHODS
 
 
 @dataclass

@@ -25,9 +25,8 @@ from .checkpoint import load_optimizer_state
 from .dist import World
 from .errors import InputError, TrainingError
 from .fileio import fault, write_text
+from .names import OPTIMIZERS
 from .precision import Precision
-
-OPTIMIZERS = ("adamw", "rmsprop", "sgd")
 
 
 @dataclass
