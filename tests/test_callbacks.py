@@ -144,17 +144,17 @@ def test_callback_hashes_each_base_weight_once(workdir, tmp_path, monkeypatch):
     the fingerprint is the base folder's, hashed once as its tensors are read."""
     from types import SimpleNamespace
 
-    import lota.fileio as fileio
+    import lota.digests as digests
     import lota.models as models
 
     hashed = []
-    digest = fileio.weight_digest
+    digest = digests.weight_digest
 
     def counted(t):
         hashed.append(tuple(t.shape))
         return digest(t)
 
-    monkeypatch.setattr(fileio, "weight_digest", counted)
+    monkeypatch.setattr(digests, "weight_digest", counted)
     monkeypatch.setattr(models, "weight_digest", counted)
     model = load_model(str(workdir / "base"))
     cb = lota.CalibrationCallback(str(workdir / "base"), str(tmp_path / "t.safetensors"), 1)

@@ -20,8 +20,8 @@ import torch
 
 import lota
 from lota import format as fmt
+from lota.digests import tensor_digest
 from lota.errors import FormatError, InputError, MismatchError
-from lota.fileio import tensor_digest
 from lota.ticket import Ticket
 
 from .conftest import ADAPT, watch_fifo

@@ -147,7 +147,7 @@ def test_help_loads_no_torch(argv):
 # package ``x`` (not the package itself).
 LAYERS = (
     ("foundation", ["lota._version", "lota.errors", "lota.keymap", "lota.shards", "lota.precision", "lota.toy", "lota.events", "lota.names"]),
-    ("files, option declarations", ["lota.fileio", "lota.settings"]),
+    ("files, option declarations", ["lota.input_files", "lota.digests", "lota.fileio", "lota.output_checks", "lota.settings"]),
     ("tickets and deltas", ["lota.ticket", "lota.delta", "lota.codecs", "lota.selection"]),
     ("file format", ["lota.container", "lota.format", "lota.ticketfiles", "lota.lora_config"]),
     ("models and training", ["lota.models", "lota.sparse_model", "lota.dist", "lota.checkpoint", "lota.data", "lota.train", "lota.official"]),

@@ -10,8 +10,8 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import lota
+from lota.digests import fingerprint
 from lota.errors import InputError
-from lota.fileio import fingerprint
 from lota.models import (
     WeightReader,
     default_targets,

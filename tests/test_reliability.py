@@ -16,8 +16,8 @@ import torch
 
 from lota import format as fmt
 from lota.cli import main
+from lota.digests import tensor_digest
 from lota.errors import LotaError
-from lota.fileio import tensor_digest
 from lota.selection import select
 
 from .test_cli import ADAPT, assert_refused, lota

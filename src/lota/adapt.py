@@ -25,8 +25,9 @@ from .checkpoint import DIRNAME, Checkpointer
 from .data import batches, pad_id
 from .delta import SparseDelta, apply_delta_
 from .errors import InputError
-from .fileio import check_folder_files, fault
+from .fileio import fault
 from .frozen import verify
+from .input_files import check_folder_files
 from .models import WeightReader, load_model, named_weights
 from .phases import Run, counted
 from .plan import Inputs, Plan, load_inputs, make_plan

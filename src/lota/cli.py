@@ -254,8 +254,8 @@ def _run_lab_pretrain(s: C.LabPretrainSettings, a: argparse.Namespace) -> None:
 
 
 def _run_lab_real_base(s: C.LabRealBaseSettings, a: argparse.Namespace) -> None:
-    from .fileio import check_new_folder
     from .lab.realbase import obtain
+    from .output_checks import check_new_folder
 
     if s.out is not None:
         check_new_folder(s.out, s.force)
@@ -374,7 +374,7 @@ def _run_demo(s: C.DemoSettings, a: argparse.Namespace) -> None:
 
 
 def _check_new_file(path: str, force: bool, inputs: list) -> None:
-    from .fileio import check_new_file
+    from .output_checks import check_new_file
 
     check_new_file(path, force, inputs=inputs)
 

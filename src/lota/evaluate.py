@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from .data import Example, pad_id, prompt_ids, read_jsonl
 from .dist import resolve_device
 from .errors import InputError
-from .fileio import first_repeat
+from .input_files import first_repeat
 from .models import check_special_tokens, load_model, load_tokenizer
 from .names import METRICS as METRIC_NAMES
 

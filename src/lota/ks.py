@@ -294,7 +294,7 @@ def run_ks(
     """``lota ks``: select token rows, write the ticket, the listing and the transfer delta. The
     rows are sorted for their statistic on ``device`` (``lota.dist.resolve_device``). ``out`` is
     locked from its check to its swap, and may not be an input or hold one."""
-    from .fileio import writing_folder
+    from .output_checks import writing_folder
 
     with writing_folder(out, force, inputs=[model, tuned, data]):
         return _run_ks(model, tuned, out, alpha, correction, top, mode, data, device)

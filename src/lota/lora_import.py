@@ -24,7 +24,7 @@ import torch
 
 from .delta import SparseDelta
 from .errors import FormatError, InputError, MismatchError
-from .fileio import check_folder_files
+from .input_files import check_folder_files
 from .lora_config import SAVED, Settings, read_settings
 from .ticket import Ticket
 

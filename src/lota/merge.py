@@ -492,7 +492,7 @@ def merge_into_model(
     """Write ``base + merged delta`` as a model folder, adding each merged tensor as it is made
     (the merged delta is never held whole). ``out`` is locked from its check to its swap, and may
     not be the base or hold an input."""
-    from .fileio import writing_folder
+    from .output_checks import writing_folder
 
     with writing_folder(out, force, "--out-model", inputs=[*paths, base]):
         return _merge_into_model(paths, settings, base, out, targets, show_progress)

@@ -26,8 +26,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .digests import fingerprint, weight_digest
 from .errors import InputError, MismatchError
-from .fileio import atomic_dir, check_folder_files, fingerprint, weight_digest
+from .fileio import atomic_dir
+from .input_files import check_folder_files
 from .keymap import KeyMap, KeyMapError
 from .names import LOAD_DTYPES
 

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from .errors import FormatError, InputError, MismatchError
-from .fileio import atomic_path, check_input_file
+from .fileio import atomic_path
+from .input_files import check_input_file
 from .ticket import Ticket
 
 

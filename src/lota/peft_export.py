@@ -30,8 +30,9 @@ from . import format as fmt
 from ._version import __version__
 from .delta import SparseDelta, arithmetic_dtype, finite_sum
 from .errors import InputError, MismatchError
-from .fileio import atomic_dir, atomic_path, save_safetensors, write_json, writing_folder
+from .fileio import atomic_dir, atomic_path, save_safetensors, write_json
 from .models import tied_names
+from .output_checks import writing_folder
 
 KIND = "peft-export"
 FORMAT_VERSION = 1

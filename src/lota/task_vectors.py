@@ -22,7 +22,6 @@ from . import format as fmt
 from . import selection
 from .delta import SparseDelta, apply_delta_
 from .errors import InputError, MismatchError
-from .fileio import writing_folder
 from .models import (
     WeightReader,
     load_model,
@@ -31,6 +30,7 @@ from .models import (
     named_weights,
     save_model,
 )
+from .output_checks import writing_folder
 from .selection import Sparsity, numel_of, require_trainable
 from .settings import check_factors
 from .ticket import Ticket, check_against

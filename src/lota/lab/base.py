@@ -267,7 +267,7 @@ def pretrain(
     """Build the tokenizer and model of recipe ``size`` and pretrain it; writes the model folder
     with ``lab_recipe.json`` and ``loss_curve.json`` to ``out`` (locked while it runs; an existing
     folder is replaced only with ``force``)."""
-    from ..fileio import writing_folder
+    from ..output_checks import writing_folder
 
     with writing_folder(out, force):
         return _pretrain(out, size, steps, show_progress)
