@@ -35,8 +35,8 @@ _LAZY = {
     "MergeSettings": ("merge", "MergeSettings"),
     "merge_method": ("merge", "merge_method"),
     "evaluate": ("evaluate", "evaluate"),
-    "resolve_targets": ("models", "resolve_targets"),
-    "model_fingerprint": ("models", "model_fingerprint"),
+    "resolve_targets": ("targets", "resolve_targets"),
+    "model_fingerprint": ("weights", "model_fingerprint"),
     "CalibrationCallback": ("callbacks", "CalibrationCallback"),
     "DeltaBank": ("hotswap", "DeltaBank"),
 }

@@ -89,7 +89,7 @@ def _run_delta(s: C.DeltaSettings, a: argparse.Namespace) -> None:
     _check_new_file(s.out, s.force, [s.base, s.tuned, s.ticket, *s.protect])
     ticket = None
     if s.ticket:
-        from .models import WeightReader
+        from .weights import WeightReader
 
         # checked against the base's tensors, which also vouch for a ticket of whole tensors
         ticket = fmt.load(s.ticket, shapes=WeightReader(s.base, "base").shapes)

@@ -315,7 +315,8 @@ def _run_ks(
     from .delta import SparseDelta
     from .dist import resolve_device
     from .fileio import atomic_dir, write_json
-    from .models import WeightReader, load_tokenizer
+    from .models import load_tokenizer
+    from .weights import WeightReader
 
     where = resolve_device(device)
     rb, rt = WeightReader(model, "base model"), WeightReader(tuned, "tuned model")

@@ -238,7 +238,7 @@ class _ModelInput:
     """A fine-tuned model folder: its dense delta against the base, taken tensor by tensor."""
 
     def __init__(self, path: str, base, targets: str | None):
-        from .models import WeightReader
+        from .weights import WeightReader
 
         self.path = path
         self.model = WeightReader(path, "model to merge")
@@ -342,7 +342,7 @@ def _overflow_fix(method: str) -> str:
 
 def _open_inputs(paths: list[str], base: str | None, targets: str | None):
     """Open every input; returns ``(inputs, base_fingerprint)`` after checking they agree."""
-    from .models import WeightReader
+    from .weights import WeightReader
 
     if len(paths) < 2:
         raise InputError("merge needs at least two inputs", "lota merge", "give two or more deltas")
@@ -506,7 +506,8 @@ def _merge_into_model(
     targets: str | None,
     show_progress: bool,
 ) -> dict:
-    from .models import load_model, load_tokenizer, named_weights, save_model
+    from .models import load_model, load_tokenizer, save_model
+    from .targets import named_weights
 
     shapes, base_fp, tensors = merge_tensors(paths, settings, base, targets, show_progress)
     tokenizer = load_tokenizer(base)

@@ -60,7 +60,7 @@ def import_official(path: str, base: str | None = None) -> Ticket:
         _check_entry(name, m, path)
     fingerprint = ""
     if base is not None:  # every shape checked against the model before any mask is expanded
-        from .models import WeightReader
+        from .weights import WeightReader
 
         reader = WeightReader(base, "base model")
         for name, m in masks.items():

@@ -31,8 +31,8 @@ from ._version import __version__
 from .delta import SparseDelta, arithmetic_dtype, finite_sum
 from .errors import InputError, MismatchError
 from .fileio import atomic_dir, atomic_path, save_safetensors, write_json
-from .models import tied_names
 from .output_checks import writing_folder
+from .targets import tied_names
 
 KIND = "peft-export"
 FORMAT_VERSION = 1
@@ -188,7 +188,7 @@ def export_peft(
 
 
 def _export_peft(delta_path: str, base: str, out: str, allow_mismatch: bool) -> dict:
-    from .models import WeightReader
+    from .weights import WeightReader
 
     where = str(delta_path)
     delta = fmt.load(delta_path)

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from .. import format as fmt
 from ..fileio import write_json, write_text
-from ..models import quiet_transformers
+from ..model_folder import quiet_transformers
 from .report import versions, versions_line
 
 TASK_A, TASK_B = "math", "sql"

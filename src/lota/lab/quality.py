@@ -48,7 +48,7 @@ def run_quality(
     ``ledger``: a folder that keeps every run's and model's results without weights (see
     ``runner.Lab``); with ``commit_ledger`` each entry is committed with git as it is written."""
     from ..errors import InputError
-    from ..models import quiet_transformers
+    from ..model_folder import quiet_transformers
     from .claims import BY_NAME, DEFAULT
     from .runner import SCALES
 

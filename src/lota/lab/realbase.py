@@ -162,7 +162,8 @@ def _convert(gguf_path: Path, out: Path, progress: bool) -> None:
     import transformers
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from ..models import WeightReader, quiet_transformers
+    from ..model_folder import quiet_transformers
+    from ..weights import WeightReader
 
     quiet_transformers()
     _say(progress, "real-base: dequantizing Q4_1 -> bf16 with transformers' GGUF loader")

@@ -179,7 +179,8 @@ class Lab:
         commit: bool = False,
         device: str = "auto",
     ):
-        from ..models import WeightReader, load_tokenizer
+        from ..models import load_tokenizer
+        from ..weights import WeightReader
         from .base import lab_recipe
         from .realbase import is_real_base
 
@@ -570,7 +571,7 @@ def _worker_init() -> None:
     warnings.filterwarnings("ignore")  # as in the main process: library deprecation chatter
     torch.set_num_threads(1)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from ..models import quiet_transformers
+    from ..model_folder import quiet_transformers
 
     quiet_transformers()
 

@@ -11,8 +11,9 @@ import torch
 
 from ... import format as fileformat
 from ...ks import input_embedding, row_ticket, run_ks, select_tokens, token_counts
-from ...models import WeightReader, load_tokenizer
+from ...models import load_tokenizer
 from ...task_vectors import apply_deltas
+from ...weights import WeightReader
 from ..context import Quality, spec, stats
 from ..report import COLORS, bar_chart, fmt, md_table, mean_of, pyplot, save_figure, std_of
 from ..runner import GENERAL, lr_grid
