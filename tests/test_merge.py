@@ -14,7 +14,8 @@ from peft.utils import merge_utils
 from lota import format as fmt
 from lota.cli import main
 from lota.delta import SparseDelta
-from lota.merge import METHODS, MergeSettings, TensorInputs, merge, random_keep
+from lota.merge import MergeSettings, merge
+from lota.merge_methods import METHODS, TensorInputs, random_keep
 from lota.ticket import Ticket
 
 SHAPES = {"a.weight": (12, 10), "b.weight": (7, 9), "c.weight": (5, 4)}

@@ -33,7 +33,7 @@ _LAZY = {
     "apply_deltas": ("task_vectors", "apply_deltas"),
     "merge_deltas": ("merge", "merge"),
     "MergeSettings": ("merge", "MergeSettings"),
-    "merge_method": ("merge", "merge_method"),
+    "merge_method": ("merge_methods", "merge_method"),
     "evaluate": ("evaluate", "evaluate"),
     "resolve_targets": ("targets", "resolve_targets"),
     "model_fingerprint": ("weights", "model_fingerprint"),
