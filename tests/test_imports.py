@@ -158,7 +158,7 @@ LAYERS = (
     ("adapt: settings", ["lota.adapt_config"]),
     ("adapt: plan, trainers, frozen check, output folder", ["lota.plan", "lota.trainers", "lota.frozen", "lota.run_folder"]),
     ("adapt: the recipe", ["lota.adapt"]),
-    ("lab: base, tasks, report helpers", ["lota.lab", "lota.lab.tasks", "lota.lab.base", "lota.lab.realbase", "lota.lab.report"]),
+    ("lab: base, tasks, report helpers", ["lota.lab", "lota.lab.tasks", "lota.lab.base", "lota.lab.realbase", "lota.lab.report", "lota.lab.scales", "lota.lab.ledger"]),
     ("lab: runs", ["lota.lab.runner"]),
     ("lab: what claims measure with", ["lota.lab.context"]),
     ("lab: claims", ["lota.lab.claims.*"]),

@@ -50,7 +50,7 @@ def run_quality(
     from ..errors import InputError
     from ..model_folder import quiet_transformers
     from .claims import BY_NAME, DEFAULT
-    from .runner import SCALES
+    from .scales import SCALES
 
     if scale not in SCALES:
         raise InputError(f"unknown scale '{scale}'", "--scale", f"choose {', '.join(SCALES)}")
@@ -112,7 +112,7 @@ def _measure(
     from ..fileio import write_json, write_text
     from .claims import BY_NAME, CLAIMS
     from .report import plots, render
-    from .runner import SCALES
+    from .scales import SCALES
 
     out, scale, base, jobs = lab.out, lab.scale_name, lab.base, lab.jobs
     q = Quality(lab, tasks, seeds)

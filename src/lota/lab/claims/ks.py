@@ -16,7 +16,7 @@ from ...task_vectors import apply_deltas
 from ...weights import WeightReader
 from ..context import Quality, spec, stats
 from ..report import COLORS, bar_chart, fmt, md_table, mean_of, pyplot, save_figure, std_of
-from ..runner import GENERAL, lr_grid
+from ..scales import GENERAL, lr_grid
 
 NAME = "ks"
 ALPHAS = (0.05, 0.01, 0.001)

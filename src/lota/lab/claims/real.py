@@ -24,7 +24,7 @@ from ...merge import MergeSettings, merge_into_model
 from ...task_vectors import make_delta, make_ticket
 from ..context import Quality, spec, stats
 from ..report import bar_chart, compare, fmt, md_bullets, md_table, pyplot, save_figure
-from ..runner import GENERAL
+from ..scales import GENERAL
 from .sequential import learned
 
 NAME = "real"

@@ -22,7 +22,7 @@ from ..report import (
     save_figure,
     std_of,
 )
-from ..runner import GENERAL, lr_grid
+from ..scales import GENERAL, lr_grid
 
 NAME = "sequential"
 

@@ -22,7 +22,7 @@ from ..report import (
     std_of,
     welch,
 )
-from ..runner import GENERAL
+from ..scales import GENERAL
 
 NAME = "single"
 METHODS = sources.lab_methods()  # fft, lora, lota, random, bottomk
