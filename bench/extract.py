@@ -72,7 +72,7 @@ print(json.dumps({"read_s": t1 - t0, "partition_s": t2 - t1, "indices_s": t3 - t
 
 OFFICIAL = r"""
 import json, sys, time, torch
-from lota.models import WeightReader
+from lota.weights import WeightReader
 base, tuned, k = WeightReader(sys.argv[1]), WeightReader(sys.argv[2]), int(sys.argv[3])
 t = time.perf_counter()
 try:

@@ -23,7 +23,7 @@ Per run and phase:
 - the losses (all finite), and, for ``lota``, the summary's ``frozen_verified``.
 
 An independent frozen check follows the first ``lota`` run (written with ``save_model``): every
-tensor of the saved model is compared with the base, read with ``lota.models.WeightReader``, bit
+tensor of the saved model is compared with the base, read with ``lota.weights.WeightReader``, bit
 for bit, on ``--device``: the whole tensor where the delta has no entries, every entry outside the
 delta's ticket otherwise. It also counts the ticket entries whose stored value changed.
 
@@ -210,7 +210,7 @@ def counts(shape: dict) -> dict:
     """Parameters of the config and of lota's default targets, from a model on the meta device."""
     from transformers import LlamaForCausalLM
 
-    from lota.models import resolve_targets
+    from lota.targets import resolve_targets
 
     with torch.device("meta"):
         model = LlamaForCausalLM(llama_config(shape))
@@ -378,7 +378,7 @@ def one_run(
 def frozen_check(base_dir: Path, run_dir: Path, device: torch.device) -> dict:
     """Every tensor of the saved model against the base, bit for bit, outside the delta's ticket."""
     from lota import format as fmt
-    from lota.models import WeightReader
+    from lota.weights import WeightReader
 
     t = time.perf_counter()
     delta = fmt.load(run_dir / "delta.safetensors")
@@ -628,7 +628,7 @@ def main(argv: list[str] | None = None) -> int:
     except LotaError as e:
         print(f"gpu_check: error: {e.line()}", file=sys.stderr)
         return 2
-    from lota.models import quiet_transformers
+    from lota.model_folder import quiet_transformers
 
     quiet_transformers()
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecation notes

@@ -54,7 +54,8 @@ def lota_pair(model, density: float, seed: int = 0):
     """Two random deltas on disjoint tickets of ``density`` each, for ``model``'s base."""
     import lota
     from lota.delta import SparseDelta
-    from lota.models import model_fingerprint, resolve_targets
+    from lota.targets import resolve_targets
+    from lota.weights import model_fingerprint
 
     targets = resolve_targets(model)
     numel = sum(torch.Size(s).numel() for s in targets.values())
@@ -75,7 +76,7 @@ def lora_model(model, r: int, adapters=("ta", "tb")):
     """A PeftModel on a copy of ``model`` with random (non-zero) LoRA adapters."""
     from peft import LoraConfig, get_peft_model
 
-    from lota.models import resolve_targets
+    from lota.targets import resolve_targets
 
     modules = sorted({n.rsplit(".", 2)[-2] for n in resolve_targets(model)})
     torch.manual_seed(0)
@@ -391,7 +392,7 @@ def main() -> None:
     ap.add_argument("--parts", default="switches,exactness,tokens", help="what to measure")
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    from lota.models import quiet_transformers
+    from lota.model_folder import quiet_transformers
 
     quiet_transformers()
     t0 = time.time()

@@ -53,7 +53,8 @@ def run_child(cmd: list[str]) -> tuple[float, float, int, str]:
 
 
 def build(work: Path, n: int, hidden: int, layers: int) -> tuple[Path, list[Path]]:
-    from lota.models import default_targets, load_model, load_tokenizer, save_model
+    from lota.models import load_model, load_tokenizer, save_model
+    from lota.targets import default_targets
     from lota.toy import save_toy_model
 
     base = work / "base"

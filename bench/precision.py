@@ -42,7 +42,8 @@ def main() -> None:
     from lota.adapt_config import AdaptConfig
     from lota.lab.base import default_base
     from lota.lab.tasks import generate
-    from lota.models import load_model, load_tokenizer, quiet_transformers
+    from lota.model_folder import quiet_transformers
+    from lota.models import load_model, load_tokenizer
 
     quiet_transformers()
     out = Path(args.out)

@@ -17,7 +17,8 @@ import os
 
 import lota
 from lota.data import collate, read_jsonl, tokenize
-from lota.models import load_model, load_tokenizer, model_fingerprint
+from lota.models import load_model, load_tokenizer
+from lota.weights import model_fingerprint
 
 
 def main(argv: list[str] | None = None) -> str:

@@ -26,7 +26,8 @@ import os
 import lota
 from lota.data import read_jsonl
 from lota.errors import InputError
-from lota.models import load_model, load_tokenizer, model_fingerprint
+from lota.models import load_model, load_tokenizer
+from lota.weights import model_fingerprint
 
 
 def sft_rows(path: str) -> list[dict]:

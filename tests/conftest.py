@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lota.models import quiet_transformers
+from lota.model_folder import quiet_transformers
 from lota.toy import save_toy_model
 
 quiet_transformers()
@@ -73,7 +73,7 @@ def trained(workdir) -> Path:
 
 def assert_only_ticket_changed(before, after, ticket) -> None:
     """Every entry outside ``ticket`` (a ticket or a delta) of every tensor is bit-identical
-    between two ``lota.models.WeightReader``s or two name -> tensor dicts (a tensor not in the
+    between two ``lota.weights.WeightReader``s or two name -> tensor dicts (a tensor not in the
     ticket: all of it)."""
     for name in getattr(before, "shapes", before):
         w0, w1 = before.get(name), after.get(name)
@@ -111,8 +111,8 @@ def constant_delta(base: Path, path: Path, value: float, n: int = 8) -> Path:
     q_proj (a linear weight), saved to ``path``."""
     from lota import format as fmt
     from lota.delta import SparseDelta
-    from lota.models import WeightReader
     from lota.ticket import Ticket
+    from lota.weights import WeightReader
 
     reader = WeightReader(str(base))
     name = "model.layers.0.self_attn.q_proj.weight"

@@ -10,8 +10,8 @@ import safetensors.torch
 import torch
 
 from lota.delta import SparseDelta
+from lota.digests import tensor_digest
 from lota.errors import FormatError
-from lota.fileio import tensor_digest
 from lota.format import describe, load, save
 from lota.ticket import Ticket
 

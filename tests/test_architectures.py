@@ -23,9 +23,11 @@ import transformers as T
 from lota import format as fmt
 from lota.cli import main
 from lota.delta import apply_delta_
-from lota.models import WeightReader, default_targets, load_model, named_weights
+from lota.models import load_model
 from lota.selection import Sparsity, numel_of, require_trainable
+from lota.targets import default_targets, named_weights
 from lota.toy import byte_tokenizer
+from lota.weights import WeightReader
 
 from .conftest import ADAPT, addition_rows, assert_only_ticket_changed, reverse_rows, write_jsonl
 

@@ -15,7 +15,8 @@ from lota.cli import main
 from lota.lab.base import pretrain
 from lota.lab.context import stats
 from lota.lab.report import compare
-from lota.lab.runner import CALIBRATOR_KEYS, Lab, lr_grid
+from lota.lab.runner import CALIBRATOR_KEYS, Lab
+from lota.lab.scales import lr_grid
 from lota.merge import overlap
 
 

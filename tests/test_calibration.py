@@ -21,7 +21,8 @@ from lota.adapt import AdaptConfig, adapt
 from lota.calibrations import dense as dense_module
 from lota.calibrations import scoring as cal_module
 from lota.data import model_positions
-from lota.models import load_model, load_tokenizer, named_weights
+from lota.models import load_model, load_tokenizer
+from lota.targets import named_weights
 from lota.toy import byte_tokenizer
 
 # max_grad_norm 0: no clipping, so each reference is the plain formula
@@ -70,7 +71,7 @@ def protect(bases, tmp_path_factory):
     folder = tmp_path_factory.mktemp("protect")
     out = {}
     for arch, base in bases.items():
-        from lota.models import resolve_targets
+        from lota.targets import resolve_targets
 
         targets = resolve_targets(load_model(str(base), "auto"))
         ticket = selection.select("random", targets, 500, seed=7)

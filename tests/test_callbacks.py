@@ -13,8 +13,9 @@ import torch
 import lota
 from lota.cli import main
 from lota.data import collate, read_jsonl, tokenize
-from lota.models import load_model, load_tokenizer, model_fingerprint
+from lota.models import load_model, load_tokenizer
 from lota.toy import save_toy_model
+from lota.weights import model_fingerprint
 
 pytest.importorskip("accelerate")
 
@@ -144,18 +145,18 @@ def test_callback_hashes_each_base_weight_once(workdir, tmp_path, monkeypatch):
     the fingerprint is the base folder's, hashed once as its tensors are read."""
     from types import SimpleNamespace
 
-    import lota.fileio as fileio
-    import lota.models as models
+    import lota.digests as digests
+    import lota.weights as weights
 
     hashed = []
-    digest = fileio.weight_digest
+    digest = digests.weight_digest
 
     def counted(t):
         hashed.append(tuple(t.shape))
         return digest(t)
 
-    monkeypatch.setattr(fileio, "weight_digest", counted)
-    monkeypatch.setattr(models, "weight_digest", counted)
+    monkeypatch.setattr(digests, "weight_digest", counted)
+    monkeypatch.setattr(weights, "weight_digest", counted)
     model = load_model(str(workdir / "base"))
     cb = lota.CalibrationCallback(str(workdir / "base"), str(tmp_path / "t.safetensors"), 1)
     state = SimpleNamespace(global_step=0, is_world_process_zero=True)

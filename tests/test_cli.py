@@ -161,7 +161,7 @@ def assert_refused(code, out, err, *words, exit_code=2):
 
 
 def test_negative_numbers_are_values_also_after_a_space(workdir, trained, capsys, tmp_path):
-    from lota.models import WeightReader
+    from lota.weights import WeightReader
 
     base, delta = workdir / "base", trained / "delta.safetensors"
     for form, out in [(["--scales", "-1,0.5"], "a"), (["--scales=-1,0.5"], "b")]:

@@ -183,7 +183,8 @@ def _swap(out, version, fault=None):
 
 @pytest.mark.parametrize("fault", ["save:run", "swap:run"])
 def test_a_kill_during_the_folder_swap_is_finished_by_the_next_writer(tmp_path, fault):
-    from lota.fileio import atomic_dir, check_new_folder
+    from lota.fileio import atomic_dir
+    from lota.output_checks import check_new_folder
 
     out = tmp_path / "run"
     assert _swap(out, "old").returncode == 0

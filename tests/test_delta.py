@@ -133,7 +133,8 @@ def test_float8_values_apply_merge_export_and_eval_consistently(
 
     from lota import format as fmt
     from lota.hotswap import DeltaBank
-    from lota.models import load_model, named_weights
+    from lota.models import load_model
+    from lota.targets import named_weights
 
     from .test_cli import lota
 

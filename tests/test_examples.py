@@ -57,7 +57,8 @@ def test_trl_sft_example_trains_only_the_ticket_and_resumes_to_the_same_delta(
     workdir, trained, tmp_path, monkeypatch
 ):
     pytest.importorskip("trl")
-    from lota.models import load_model, named_weights
+    from lota.models import load_model
+    from lota.targets import named_weights
 
     example = _load("trl_sft")
     models = []  # the trained models, captured where the example extracts its delta

@@ -7,15 +7,9 @@ import pytest
 import torch
 
 import lota.format
+from lota.digests import fingerprint, tensor_digest
 from lota.errors import InputError
-from lota.fileio import (
-    atomic_dir,
-    atomic_path,
-    fingerprint,
-    tensor_digest,
-    write_json,
-    write_text,
-)
+from lota.fileio import atomic_dir, atomic_path, write_json, write_text
 from lota.format import load, save
 
 from .format_files import assert_same_ticket, case_ticket
@@ -49,12 +43,12 @@ def test_fingerprint_is_order_independent():
 def test_fingerprint_is_the_same_hashed_on_several_threads(monkeypatch):
     """Tensors are hashed in parallel and combined in name order: the string of one thread, and
     the fixed digest of these weights (a fingerprint never changes between versions)."""
-    import lota.fileio as fileio
+    import lota.digests as digests
 
     w = _weights()
     expected = "blake2b:" + _sequential_digest(w)
     for threads in (1, 2, 4):
-        monkeypatch.setattr(fileio, "HASH_THREADS", threads)
+        monkeypatch.setattr(digests, "HASH_THREADS", threads)
         assert fingerprint(w.items()) == expected
         assert fingerprint((n, lambda t=t: t) for n, t in w.items()) == expected
 
@@ -63,7 +57,7 @@ def _sequential_digest(w: dict) -> str:
     """The fingerprint's definition, one tensor after the other."""
     import hashlib
 
-    from lota.fileio import weight_digest
+    from lota.digests import weight_digest
 
     h = hashlib.blake2b(digest_size=16)
     for name in sorted(w):

@@ -20,8 +20,8 @@ import torch
 
 import lota
 from lota import format as fmt
+from lota.digests import tensor_digest
 from lota.errors import FormatError, InputError, MismatchError
-from lota.fileio import tensor_digest
 from lota.ticket import Ticket
 
 from .conftest import ADAPT, watch_fifo
@@ -418,7 +418,7 @@ def test_int64_indices_are_kept_not_copied():
 def test_commands_with_a_model_vouch_for_a_ticket_of_whole_tensors(
     workdir, trained, capsys, tmp_path, monkeypatch
 ):
-    from lota.models import WeightReader
+    from lota.weights import WeightReader
 
     targets = WeightReader(str(workdir / "base")).targets()
     ticket = lota.select("random", targets, sum(math.prod(s) for s in targets.values()), seed=0)

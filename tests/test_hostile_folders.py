@@ -163,7 +163,8 @@ def test_fifo_in_a_model_folder_is_refused_without_blocking(
 def test_symlinked_and_sharded_folders_still_load(workdir, capsys, tmp_path):
     """Regular files reached through symlinks (as in a hub cache) and sharded weights with a
     well-formed index are fine."""
-    from lota.models import load_model, named_weights
+    from lota.models import load_model
+    from lota.targets import named_weights
 
     linked = tmp_path / "linked"
     linked.mkdir()

@@ -14,9 +14,11 @@ import lota
 from lota import format as fmt
 from lota.delta import SparseDelta, apply_delta_
 from lota.hotswap import DeltaBank
-from lota.models import load_model, model_fingerprint, named_weights, resolve_targets
+from lota.models import load_model
 from lota.selection import select
+from lota.targets import named_weights, resolve_targets
 from lota.toy import tiny_llama
+from lota.weights import model_fingerprint
 
 from .conftest import ADAPT
 from .test_cli import assert_refused

@@ -189,7 +189,7 @@ def test_generation_reports_which_completions_stopped_at_eos():
 
 @pytest.mark.parametrize("name", sorted(TASKS))
 def test_every_task_fills_the_full_bench_splits(name):
-    from lota.lab.runner import SCALES
+    from lota.lab.scales import SCALES
 
     s = SCALES["full"]
     d = generate(name, 0, s["n_train"], s["n_val"], s["n_test"])

@@ -12,8 +12,9 @@ from peft import LoraConfig, get_peft_model
 from lota import format as fmt
 from lota.cli import main
 from lota.delta import apply_delta_
-from lota.models import load_model, named_weights
+from lota.models import load_model
 from lota.selection import ticket_size
+from lota.targets import named_weights
 from lota.toy import byte_tokenizer
 
 from .test_cli import assert_refused

@@ -14,7 +14,8 @@ from peft.utils import merge_utils
 from lota import format as fmt
 from lota.cli import main
 from lota.delta import SparseDelta
-from lota.merge import METHODS, MergeSettings, TensorInputs, merge, random_keep
+from lota.merge import MergeSettings, merge
+from lota.merge_methods import METHODS, TensorInputs, random_keep
 from lota.ticket import Ticket
 
 SHAPES = {"a.weight": (12, 10), "b.weight": (7, 9), "c.weight": (5, 4)}
@@ -229,7 +230,8 @@ def test_every_registered_method_runs_through_the_cli(files, tmp_path, capsys):
 
 
 def test_model_folders_merge_as_their_dense_deltas(workdir, tmp_path):
-    from lota.models import load_model, load_tokenizer, named_weights, resolve_targets, save_model
+    from lota.models import load_model, load_tokenizer, save_model
+    from lota.targets import named_weights, resolve_targets
 
     base = workdir / "base"
     model = load_model(str(base))
@@ -254,7 +256,7 @@ def test_model_folders_merge_as_their_dense_deltas(workdir, tmp_path):
         show_progress=False,
     )
     assert set(out.ticket.shapes) == set(targets)
-    from lota.models import WeightReader
+    from lota.weights import WeightReader
 
     assert out.base_fingerprint == WeightReader(str(base)).fingerprint()
     for name in targets:

@@ -10,17 +10,12 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import lota
+from lota.digests import fingerprint
 from lota.errors import InputError
-from lota.fileio import fingerprint
-from lota.models import (
-    WeightReader,
-    default_targets,
-    model_fingerprint,
-    named_weights,
-    resolve_targets,
-)
+from lota.targets import default_targets, named_weights, resolve_targets
 from lota.ticket import Ticket
 from lota.toy import tiny_llama
+from lota.weights import WeightReader, model_fingerprint
 
 LINEARS = [
     "mlp.down_proj",

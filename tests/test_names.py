@@ -9,7 +9,7 @@ import torch
 
 from lota import evaluate, ks, names, selection, train
 from lota import format as fmt
-from lota import merge as merge_module
+from lota import merge_methods as merge_module
 from lota import settings as decl
 from lota.delta import SparseDelta
 from lota.errors import InputError

@@ -9,8 +9,10 @@ import torch
 
 from lota import format as fmt
 from lota.cli import main
-from lota.models import WeightReader, load_model, resolve_targets
+from lota.models import load_model
 from lota.selection import select
+from lota.targets import resolve_targets
+from lota.weights import WeightReader
 
 
 def run(capsys, *args):

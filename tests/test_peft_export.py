@@ -12,10 +12,12 @@ from safetensors import safe_open
 from lota import format as fmt
 from lota.cli import main
 from lota.delta import SparseDelta
-from lota.models import load_model, model_fingerprint, named_weights
+from lota.models import load_model
 from lota.selection import select
+from lota.targets import named_weights
 from lota.ticket import Ticket
 from lota.toy import byte_tokenizer, save_toy_model
+from lota.weights import model_fingerprint
 
 
 def lota(capsys, *args):

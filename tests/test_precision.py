@@ -19,10 +19,11 @@ from lota.adapt import adapt
 from lota.adapt_config import AdaptConfig
 from lota.data import Tokenized, batches, read_jsonl, tokenize
 from lota.errors import InputError
-from lota.models import WeightReader, load_model
+from lota.models import load_model
 from lota.plan import check_precision as _check_precision
 from lota.precision import Precision
 from lota.toy import byte_tokenizer, tiny_llama
+from lota.weights import WeightReader
 
 from .conftest import addition_rows, assert_only_ticket_changed, write_jsonl
 from .test_calibration import assert_same_delta, bits

@@ -25,8 +25,10 @@ from lota.delta import apply_delta_
 from lota.errors import LotaError
 from lota.hotswap import DeltaBank
 from lota.lab import realbase
-from lota.models import WeightReader, load_model, named_weights
+from lota.models import load_model
+from lota.targets import named_weights
 from lota.ticket import Ticket
+from lota.weights import WeightReader
 
 from .conftest import (
     addition_rows,

@@ -16,8 +16,8 @@ import torch
 
 from lota import format as fmt
 from lota.cli import main
+from lota.digests import tensor_digest
 from lota.errors import LotaError
-from lota.fileio import tensor_digest
 from lota.selection import select
 
 from .test_cli import ADAPT, assert_refused, lota
@@ -482,7 +482,8 @@ def test_missing_path_every_command(workdir, trained, capsys, tmp_path, case):
 def test_disk_full_every_writing_command(workdir, capsys, monkeypatch, tmp_path, command):
     from transformers import PreTrainedModel
 
-    from lota.models import load_model, resolve_targets
+    from lota.models import load_model
+    from lota.targets import resolve_targets
 
     t = select("random", resolve_targets(load_model(str(workdir / "base"))), 10, seed=0)
     sample = tmp_path / "sample.safetensors"
@@ -777,7 +778,7 @@ def test_hypothesis_fuzz_of_adapter_configs(workdir, tmp_path):
 
     from lota.errors import InputError
     from lota.lora_import import lora_deltas
-    from lota.models import WeightReader
+    from lota.weights import WeightReader
 
     from .test_lora_import import QKV, peft_adapter
 
@@ -831,14 +832,14 @@ def test_hypothesis_fuzz_of_official_mask_files(workdir, tmp_path, monkeypatch):
     from hypothesis import HealthCheck, settings
     from hypothesis import strategies as st
 
-    from lota import models
+    from lota import weights
     from lota.errors import InputError
-    from lota.models import WeightReader
     from lota.official import import_official
+    from lota.weights import WeightReader
 
     base = str(workdir / "base")
     reader = WeightReader(base)  # read once: the fuzz is about the mask files
-    monkeypatch.setattr(models, "WeightReader", lambda *a, **k: reader)
+    monkeypatch.setattr(weights, "WeightReader", lambda *a, **k: reader)
     shapes = reader.shapes
     names = sorted(shapes)[:6]
     dtypes = [torch.bool, torch.uint8, torch.int64, torch.float32, torch.bfloat16, torch.complex64]

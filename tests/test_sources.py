@@ -15,7 +15,7 @@ from lota import format as fmt
 from lota import sources
 from lota.adapt import AdaptConfig, adapt
 from lota.errors import InputError
-from lota.lab.runner import lr_grid
+from lota.lab.scales import lr_grid
 from lota.ticket import Ticket
 
 # What each --method name trained and where its ticket came from before the table existed:

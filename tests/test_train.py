@@ -11,7 +11,7 @@ import torch
 import lota
 from lota.dist import World
 from lota.errors import InputError, TrainingError
-from lota.models import named_weights, resolve_targets
+from lota.targets import named_weights, resolve_targets
 from lota.ticket import Ticket
 from lota.toy import tiny_llama
 from lota.train import (

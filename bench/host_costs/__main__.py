@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from lota.models import load_model, quiet_transformers
+    from lota.model_folder import quiet_transformers
+    from lota.models import load_model
 
     quiet_transformers()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="lota-host-costs-"))

@@ -99,7 +99,8 @@ def rss_part(args, folder: Path, data: Path, work: Path) -> dict:
 # ------------------------------------------------------------------------- selection, hashes
 def selection_part(args, folder: Path) -> dict:
     from lota import selection
-    from lota.models import load_model, named_weights, resolve_targets
+    from lota.models import load_model
+    from lota.targets import named_weights, resolve_targets
 
     model = load_model(str(folder))
     targets = resolve_targets(model)
@@ -121,7 +122,8 @@ def selection_part(args, folder: Path) -> dict:
 
 
 def fingerprint_part(args, folder: Path, data: Path, work: Path) -> dict:
-    from lota.models import load_model, model_fingerprint
+    from lota.models import load_model
+    from lota.weights import model_fingerprint
 
     model = load_model(str(folder))
     seconds = []

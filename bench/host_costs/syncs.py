@@ -66,8 +66,9 @@ def syncs_part(args, work: Path) -> dict:
     from lota import selection, sparse_model
     from lota.data import batches, read_jsonl, tokenize
     from lota.dist import World
-    from lota.models import load_model, load_tokenizer, resolve_targets
+    from lota.models import load_model, load_tokenizer
     from lota.precision import Precision
+    from lota.targets import resolve_targets
     from lota.train import MetricsLog, TrainSettings, train
 
     folder = work / "small"

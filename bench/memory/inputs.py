@@ -13,7 +13,7 @@ from bench.common.inputs import save_llama, sums_data, write_jsonl
 def build(work: Path, args) -> tuple[Path, Path, Path]:
     """A random Llama of the requested size, a ticket at sparsity 0.9, and short training data."""
     import lota
-    from lota.models import resolve_targets
+    from lota.targets import resolve_targets
 
     model_dir, data, ticket = work / "model", work / "data.jsonl", work / "ticket.safetensors"
     shape = dict(vocab_size=args.vocab, hidden=args.hidden, layers=args.layers)

@@ -16,7 +16,8 @@ import torch
 
 from lota import load
 from lota.data import batches, read_jsonl, tokenize
-from lota.models import load_model, load_tokenizer, named_weights, resolve_targets
+from lota.models import load_model, load_tokenizer
+from lota.targets import named_weights, resolve_targets
 from lota.train import current_peak_rss_mb, reset_peak_rss
 
 

@@ -27,7 +27,7 @@ def counts(config) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from lota.models import resolve_targets
+    from lota.targets import resolve_targets
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)

@@ -54,7 +54,7 @@ def synthetic_pairs(tok, max_prompt: int, limit: int, seed: int) -> list[dict]:
 def build(work: Path, args) -> dict:
     """Write the model folder (a random Llama, fp32, byte tokenizer) and lota's prompt/completion
     JSONL; returns what they hold."""
-    from lota.models import resolve_targets
+    from lota.targets import resolve_targets
     from lota.toy import byte_tokenizer
 
     tok = byte_tokenizer()

@@ -27,7 +27,7 @@ def main(kind: str, spec: dict) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from lota.models import resolve_targets
+    from lota.targets import resolve_targets
 
     gate = Gate(*spec["gate"]) if spec["gate"] else None  # when taking turns with lota
 

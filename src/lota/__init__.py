@@ -33,10 +33,10 @@ _LAZY = {
     "apply_deltas": ("task_vectors", "apply_deltas"),
     "merge_deltas": ("merge", "merge"),
     "MergeSettings": ("merge", "MergeSettings"),
-    "merge_method": ("merge", "merge_method"),
+    "merge_method": ("merge_methods", "merge_method"),
     "evaluate": ("evaluate", "evaluate"),
-    "resolve_targets": ("models", "resolve_targets"),
-    "model_fingerprint": ("models", "model_fingerprint"),
+    "resolve_targets": ("targets", "resolve_targets"),
+    "model_fingerprint": ("weights", "model_fingerprint"),
     "CalibrationCallback": ("callbacks", "CalibrationCallback"),
     "DeltaBank": ("hotswap", "DeltaBank"),
 }

@@ -25,14 +25,17 @@ from .checkpoint import DIRNAME, Checkpointer
 from .data import batches, pad_id
 from .delta import SparseDelta, apply_delta_
 from .errors import InputError
-from .fileio import check_folder_files, fault
+from .fileio import fault
 from .frozen import verify
-from .models import WeightReader, load_model, named_weights
+from .input_files import check_folder_files
+from .models import load_model
 from .phases import Run, counted
 from .plan import Inputs, Plan, load_inputs, make_plan
 from .run_folder import Hold, checkpointer, finished, write_outputs, write_summary
+from .targets import named_weights
 from .train import MetricsLog
 from .trainers import ticket_of, train_dense, train_sparse
+from .weights import WeightReader
 
 
 def adapt(cfg: AdaptConfig) -> dict:

@@ -17,10 +17,12 @@ from transformers import TrainerCallback
 
 from . import format as fmt
 from .errors import InputError
-from .models import WeightReader, differing_weight, named_weights, resolve_model_path
+from .model_folder import resolve_model_path
 from .selection import Sparsity, numel_of, parse_sparsity
+from .targets import named_weights
 from .task_vectors import select_difference
 from .ticket import Ticket
+from .weights import WeightReader, differing_weight
 
 
 class CalibrationCallback(TrainerCallback):

@@ -23,8 +23,9 @@ from safetensors import safe_open
 
 from . import events
 from . import format as fmt
+from .digests import tensor_digest
 from .errors import FormatError
-from .fileio import atomic_path, fault, save_safetensors, tensor_digest, write_json
+from .fileio import atomic_path, fault, save_safetensors, write_json
 from .ticket import Ticket
 
 DIRNAME = ".lota-checkpoint"

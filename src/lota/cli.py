@@ -89,7 +89,7 @@ def _run_delta(s: C.DeltaSettings, a: argparse.Namespace) -> None:
     _check_new_file(s.out, s.force, [s.base, s.tuned, s.ticket, *s.protect])
     ticket = None
     if s.ticket:
-        from .models import WeightReader
+        from .weights import WeightReader
 
         # checked against the base's tensors, which also vouch for a ticket of whole tensors
         ticket = fmt.load(s.ticket, shapes=WeightReader(s.base, "base").shapes)
@@ -254,8 +254,8 @@ def _run_lab_pretrain(s: C.LabPretrainSettings, a: argparse.Namespace) -> None:
 
 
 def _run_lab_real_base(s: C.LabRealBaseSettings, a: argparse.Namespace) -> None:
-    from .fileio import check_new_folder
     from .lab.realbase import obtain
+    from .output_checks import check_new_folder
 
     if s.out is not None:
         check_new_folder(s.out, s.force)
@@ -374,7 +374,7 @@ def _run_demo(s: C.DemoSettings, a: argparse.Namespace) -> None:
 
 
 def _check_new_file(path: str, force: bool, inputs: list) -> None:
-    from .fileio import check_new_file
+    from .output_checks import check_new_file
 
     check_new_file(path, force, inputs=inputs)
 

@@ -23,8 +23,9 @@ from safetensors import safe_open
 
 from ._version import __version__
 from .codecs import ENCODINGS
+from .digests import tensor_digest
 from .errors import FormatError, InputError
-from .fileio import check_input_file, tensor_digest
+from .input_files import check_input_file
 from .ticket import MAX_TENSOR_NUMEL, Ticket
 
 FORMAT_NAME = "lota"

@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 
 from .errors import InputError
-from .fileio import check_input_file
 from .format import json_nesting
+from .input_files import check_input_file
 
 IGNORE = -100
 MAX_LINE_CHARS = 16 * 2**20  # far beyond any example that fits a model's positions

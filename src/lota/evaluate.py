@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from .data import Example, pad_id, prompt_ids, read_jsonl
 from .dist import resolve_device
 from .errors import InputError
-from .fileio import first_repeat
+from .input_files import first_repeat
 from .models import check_special_tokens, load_model, load_tokenizer
 from .names import METRICS as METRIC_NAMES
 
@@ -213,44 +213,15 @@ def evaluate(
     """Score ``model_path`` on ``data_path``, generating on ``device`` (``lota.dist.resolve_device``). With ``deltas``, the deltas are switched into the
     loaded base in place (``DeltaBank``), no model folder is written: all of them together, or
     with ``each`` one after another on the same loaded base, giving ``{"results": [...]}``."""
-    if metric_name not in METRICS:
-        raise InputError(
-            f"unknown metric '{metric_name}'",
-            "--metric",
-            f"choose one of {', '.join(sorted(METRICS))}",
-        )
-    if max_new_tokens < 1 or batch_size < 1 or (limit is not None and limit < 1):
-        raise InputError(
-            "--max-new-tokens, --batch-size and --limit must be >= 1",
-            "lota eval",
-            "fix the numbers",
-        )
-    deltas = [str(d) for d in deltas or []]
-    if each and not deltas:
-        raise InputError("--each needs deltas to score", "--each", "add --delta FILE (repeatable)")
-    repeat = first_repeat(deltas)  # by identity: a link or another spelling is the same file
-    if len(set(deltas)) != len(deltas) or repeat:
-        given = f" ('{repeat[1]}' is '{repeat[0]}')" if repeat and repeat[0] != repeat[1] else ""
-        raise InputError(
-            f"a delta is given twice{given}, so it would be added twice",
-            "--delta",
-            "give each file once",
-        )
+    _check_numbers(metric_name, max_new_tokens, batch_size, limit)
+    deltas = _checked_deltas(deltas, each)
     where = resolve_device(device)
     examples = read_jsonl(data_path)[:limit]
     tokenizer = load_tokenizer(model_path)
     model = load_model(model_path, device=where).to(where)
     check_special_tokens(tokenizer, model, model_path, need_eos=False)
     _check_prompts(model, tokenizer, examples, max_new_tokens, data_path)
-    bank = None
-    if deltas:
-        from .hotswap import DeltaBank
-
-        bank = DeltaBank(model, allow_overlap=allow_overlap)
-        for d in deltas:  # every file is checked before anything is scored
-            bank.add(d, d, allow_mismatch=allow_mismatch)
-        if not each:
-            bank.activate(*deltas)
+    bank = _delta_bank(model, deltas, each, allow_mismatch, allow_overlap) if deltas else None
 
     def run(active: list[str]) -> dict:
         r = evaluate_model(
@@ -266,3 +237,47 @@ def evaluate(
         with bank.using(d):
             results.append(run([d]))
     return {"model": model_path, "data": data_path, "metric": metric_name, "results": results}
+
+
+def _check_numbers(metric_name: str, max_new_tokens: int, batch_size: int, limit: int | None):
+    if metric_name not in METRICS:
+        raise InputError(
+            f"unknown metric '{metric_name}'",
+            "--metric",
+            f"choose one of {', '.join(sorted(METRICS))}",
+        )
+    if max_new_tokens < 1 or batch_size < 1 or (limit is not None and limit < 1):
+        raise InputError(
+            "--max-new-tokens, --batch-size and --limit must be >= 1",
+            "lota eval",
+            "fix the numbers",
+        )
+
+
+def _checked_deltas(deltas: list[str] | None, each: bool) -> list[str]:
+    """The deltas to switch in, each given once (``each`` needs at least one)."""
+    deltas = [str(d) for d in deltas or []]
+    if each and not deltas:
+        raise InputError("--each needs deltas to score", "--each", "add --delta FILE (repeatable)")
+    repeat = first_repeat(deltas)  # by identity: a link or another spelling is the same file
+    if len(set(deltas)) != len(deltas) or repeat:
+        given = f" ('{repeat[1]}' is '{repeat[0]}')" if repeat and repeat[0] != repeat[1] else ""
+        raise InputError(
+            f"a delta is given twice{given}, so it would be added twice",
+            "--delta",
+            "give each file once",
+        )
+    return deltas
+
+
+def _delta_bank(model, deltas: list[str], each: bool, allow_mismatch: bool, allow_overlap: bool):
+    """The deltas switched into the loaded ``model`` in place: every file checked before anything
+    is scored; all of them active unless ``each`` activates them one at a time."""
+    from .hotswap import DeltaBank
+
+    bank = DeltaBank(model, allow_overlap=allow_overlap)
+    for d in deltas:  # every file is checked before anything is scored
+        bank.add(d, d, allow_mismatch=allow_mismatch)
+    if not each:
+        bank.activate(*deltas)
+    return bank

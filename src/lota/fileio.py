@@ -1,34 +1,30 @@
-"""Atomic file output, output checks, the lock on an output folder, and fingerprints of base
-weights.
+"""Atomic file output, the lock on an output folder, and folder swaps.
 
 Invariant: no lota output ever appears under its final name half-written. Files go to a temporary
 name in the same folder, are flushed to disk and then renamed; folders are built beside their
 final place and swapped in (``atomic_dir``), and a swap a kill interrupted is finished by the next
-lota command that writes there. One process at a time writes a folder (``FolderLock``). An
-existing output, file or link, is replaced only on ``--force``, a link is replaced itself, never
-written through, and no output replaces an input (``check_not_an_input``). Write failures the
-user can act on (disk full, read-only, no permission) become one ``OutputError`` naming the output.
+lota command that writes there. One process at a time writes a folder (``FolderLock``). Write
+failures the user can act on (disk full, read-only, no permission) become one ``OutputError``
+naming the output. What an output must not be (an existing file without ``--force``, an input) is
+checked in ``output_checks``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import os
 import re
 import shutil
 import signal
-import stat
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 
-from . import events
 from .errors import InputError, OutputError
 
 try:
@@ -38,15 +34,6 @@ except ImportError:  # not POSIX: runs are not locked
 
 LOCKNAME = ".lota.lock"  # inside a folder whose parent is not writable
 LOCK_SUFFIX = ".lota.lock"  # PARENT/.NAME.lota.lock: the lock of folder NAME
-
-# What a path may be instead of a regular file or a folder. Opening a FIFO blocks until something
-# writes to it, and a device (/dev/zero, /dev/urandom) never ends: lota refuses them unopened.
-_SPECIAL = {
-    stat.S_IFIFO: "a FIFO",
-    stat.S_IFCHR: "a character device",
-    stat.S_IFBLK: "a block device",
-    stat.S_IFSOCK: "a socket",
-}
 
 # errno: (what the user reads, how to fix it, exit code). A full disk fails a valid run (1); a
 # read-only or forbidden location is a wrong choice of output (2).
@@ -101,7 +88,7 @@ def write_error(e: BaseException, where: str | None) -> OutputError | None:
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it onto ``path``."""
-    _refuse_folder_name(path)
+    refuse_folder_name(path)
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
     _ensure_dir(parent)
@@ -172,7 +159,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     writer is refused, so the ``.NAME.new`` or temporaries found here are never a live writer's.
     A command that checks ``NAME`` before it computes holds the lock from there (``writing_folder``).
     """
-    final = _output_folder(path)
+    final = output_folder(path)
     _ensure_dir(final.parent)
     with FolderLock(final):
         recover_dir(final)
@@ -279,7 +266,7 @@ def _remove(p: Path) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def _output_folder(path: str | os.PathLike, option: str = "--out") -> Path:
+def output_folder(path: str | os.PathLike, option: str = "--out") -> Path:
     """``path`` made absolute (``.``, ``..`` and a trailing slash resolved); refuses the current
     folder and the folders above it, which a swap would move away from under the shell and the
     command's own inputs."""
@@ -299,7 +286,7 @@ def _output_folder(path: str | os.PathLike, option: str = "--out") -> Path:
     return final
 
 
-def _refuse_folder_name(path: str | os.PathLike) -> None:
+def refuse_folder_name(path: str | os.PathLike) -> None:
     s = os.fspath(path)
     if (
         s.endswith(("/", os.sep))
@@ -307,49 +294,6 @@ def _refuse_folder_name(path: str | os.PathLike) -> None:
         or (os.path.isdir(s) and not os.path.islink(s))
     ):
         raise InputError("output path is a folder", s, "give a file name, e.g. out.safetensors")
-
-
-def special_kind(path: str | os.PathLike) -> str | None:
-    """``"a FIFO"``, ``"a character device"``, ... when ``path`` (a symlink counts as what it
-    points to) is neither a regular file nor a folder; None otherwise, or when it cannot be
-    stat'ed (then opening it fails at once, and nothing waits). Only ``stat``: nothing is opened."""
-    try:
-        return _SPECIAL.get(stat.S_IFMT(os.stat(path).st_mode))
-    except (OSError, ValueError):
-        return None
-
-
-def check_input_file(path: str | os.PathLike, what: str = "file") -> None:
-    """Refuse an input path that is a FIFO, device or socket, before anything opens it: reading
-    one would block (a FIFO nobody writes to) or never end (``/dev/zero``). Every file lota reads
-    from a path it was given goes through this check first."""
-    kind = special_kind(path)
-    if kind:
-        raise InputError(
-            f"the {what} is {kind}, not a regular file, and reading it could block or never end",
-            str(path),
-            "pass a regular file (save what the pipe or device gives into a file first)",
-        )
-
-
-def check_folder_files(
-    folder: str | os.PathLike, what: str, subfolders: Iterable[str] = ()
-) -> None:
-    """``check_input_file`` for every entry of ``folder`` (and of its ``subfolders``), for a
-    folder whose files are opened by name (a model folder, an adapter, a run's output)."""
-    for place in (Path(folder), *(Path(folder) / s for s in subfolders)):
-        if not place.is_dir():
-            continue
-        with os.scandir(place) as entries:
-            for entry in entries:
-                kind = special_kind(entry.path)
-                if kind:
-                    raise InputError(
-                        f"{entry.name} in the {what} folder is {kind}, not a regular file, and "
-                        "opening it could block",
-                        entry.path,
-                        "replace it with the file itself (a symlink to a regular file is fine)",
-                    )
 
 
 def fault(point: str) -> None:
@@ -363,128 +307,6 @@ def fault(point: str) -> None:
     """
     if os.environ.get("LOTA_FAULT") == point:
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-def check_new_file(
-    path: str | os.PathLike,
-    force: bool,
-    option: str = "--out",
-    inputs: Iterable[str | os.PathLike | None] = (),
-) -> None:
-    """Refuse an output file name that is a folder, one whose writing would replace all or part of
-    one of ``inputs`` (``check_not_an_input``), and an existing file or link unless ``force`` (a
-    link, even one pointing nowhere, counts as existing: it is replaced, not followed)."""
-    _refuse_folder_name(path)
-    check_not_an_input(path, inputs, option)
-    if os.path.lexists(path) and not force:
-        raise InputError(
-            "output exists", str(path), f"choose a new {option}, or pass --force to replace it"
-        )
-
-
-def check_new_folder(path: str | os.PathLike, force: bool, option: str = "--out") -> None:
-    """Refuse an output folder that already holds something (or is a file or a link) unless
-    ``force``; the current folder and those above it are refused always. A swap a killed lota
-    left half-done there is finished first, so the check sees the output as it really is. An
-    output that swap put in place is not refused: it is the killed command's, which never
-    reported it, and that command run again replaces it with the same output and succeeds."""
-    _output_folder(path, option)
-    if recover_dir(path):
-        return
-    out = Path(path)
-    if out.is_symlink() or (out.exists() and (not out.is_dir() or any(out.iterdir()))):
-        if not force:
-            raise InputError(
-                "output exists", str(path), f"choose a new {option}, or pass --force to replace it"
-            )
-
-
-@contextlib.contextmanager
-def writing_folder(
-    path: str | os.PathLike,
-    force: bool,
-    option: str = "--out",
-    inputs: Iterable[str | os.PathLike | None] = (),
-) -> Iterator[Path]:
-    """Hold ``path``, an output folder a command writes as a whole (``atomic_dir``), from its checks
-    to its swap: its lock is taken first (a second writer is refused naming this one), then it is
-    checked (``check_new_folder``) and refused where replacing it would replace one of ``inputs``
-    (``check_not_an_input``). Folders made for the lock's file are removed again if the command
-    fails."""
-    final = _output_folder(path, option)
-    created = create_folder(final.parent)
-    try:
-        with FolderLock(path, option):
-            check_not_an_input(path, inputs, option)
-            check_new_folder(path, force, option)
-            yield final
-    except BaseException:
-        for folder in created:  # only the empty ones: an output written there stays
-            with contextlib.suppress(OSError):
-                folder.rmdir()
-        raise
-
-
-def check_not_an_input(
-    path: str | os.PathLike, inputs: Iterable[str | os.PathLike | None], option: str = "--out"
-) -> None:
-    """Refuse an output ``path`` whose writing would replace all or part of an input: what is at
-    ``path`` now is an input, holds one, or lies inside an input folder. Paths are compared by
-    identity (device and inode along their real paths), so a link, a ``..`` or a second mount of
-    the same file is recognised. A new output inside an input folder replaces nothing and passes,
-    and so does a link at ``path`` to an input (the link is replaced, never what it points to)."""
-    final = Path(os.path.abspath(path))
-    real_parent = Path(os.path.realpath(final.parent))
-    try:
-        replaced = os.lstat(real_parent / final.name)
-    except OSError:
-        return  # nothing there to replace
-    around = [_stat(p) for p in (real_parent, *real_parent.parents)]  # what holds the output
-    for given in inputs:
-        if given is None or not str(given):
-            continue
-        ids = [_stat(Path(given)), _stat(Path(given), follow=False)]  # it, or a link to it
-        holders = [_stat(p) for p in Path(os.path.realpath(given)).parents]
-        if _is(replaced, ids):
-            what = "is"
-        elif _is(replaced, holders):
-            what = "holds"
-        elif any(a is not None and _is(a, ids) for a in around):
-            what = "lies inside"
-        else:
-            continue
-        raise InputError(
-            f"the output {what} the input '{given}', and writing it would replace that input",
-            str(path),
-            f"choose a {option} outside the command's inputs",
-        )
-
-
-def _stat(p: Path, follow: bool = True) -> os.stat_result | None:
-    try:
-        return os.stat(p) if follow else os.lstat(p)
-    except OSError:
-        return None
-
-
-def _is(a: os.stat_result, candidates) -> bool:
-    return any(c is not None and os.path.samestat(a, c) for c in candidates)
-
-
-def first_repeat(paths: Iterable[str | os.PathLike]) -> tuple[str, str] | None:
-    """The first two of ``paths`` that name one file (the same path, a link to it, a hard link:
-    compared by device and inode), or None. Paths that cannot be read are left to their reader."""
-    seen: dict[tuple[int, int], str] = {}
-    for p in paths:
-        try:
-            st = os.stat(p)
-        except OSError:
-            continue
-        key = (st.st_dev, st.st_ino)
-        if key in seen:
-            return seen[key], str(p)
-        seen[key] = str(p)
-    return None
 
 
 class FolderLock:
@@ -680,63 +502,3 @@ def _fsync_dir(folder: Path) -> None:
 def _fsync(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
-
-
-def tensor_digest(t: torch.Tensor) -> str:
-    """A short content hash of one tensor exactly as stored (dtype, shape and bytes)."""
-    t = t.detach().contiguous().cpu()
-    h = hashlib.blake2b(digest_size=16)
-    h.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
-    if t.numel():
-        h.update(t.reshape(-1).view(torch.uint8).numpy().data)
-    return h.hexdigest()
-
-
-# Threads that hash the tensors of one fingerprint: the host's cores, up to 4.
-HASH_THREADS = min(4, os.cpu_count() or 1)
-
-
-def fingerprint(
-    named_tensors: Iterable[tuple[str, torch.Tensor | str | Callable[[], torch.Tensor]]],
-) -> str:
-    """Fingerprint of a set of base weights: names, shapes and values.
-
-    Each tensor is hashed on its own (``weight_digest``) and the digests are combined in name
-    order, so tensors can be hashed in any order, as they stream past, or in parallel. The same
-    weights always give the same string, in whichever floating-point precision they were loaded
-    (values are hashed widened to fp32). An item may be a tensor, a callable that reads it, or
-    its ``weight_digest`` already computed.
-    """
-    items = sorted(named_tensors, key=lambda kv: kv[0])
-
-    def digest(t) -> str:
-        return t if isinstance(t, str) else weight_digest(t() if callable(t) else t)
-
-    # hashing releases the GIL: several tensors at once, each read or widened only when its
-    # turn comes (at most ``workers`` of them alive), combined in name order as before
-    workers = min(HASH_THREADS, len(items)) or 1
-    if workers == 1:
-        digests = [digest(t) for _, t in items]
-    else:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(workers, thread_name_prefix="lota-fingerprint") as pool:
-            digests = list(pool.map(digest, [t for _, t in items]))
-    h = hashlib.blake2b(digest_size=16)
-    for (name, _), d in zip(items, digests):
-        h.update(f"{name}|{d}\n".encode())
-    return "blake2b:" + h.hexdigest()
-
-
-def weight_digest(t: torch.Tensor) -> str:
-    """Digest of one weight's shape and values (fp16/bf16 widened to fp32 exactly)."""
-    events.emit("weight_hashed", numel=t.numel())
-    t = t.detach().cpu()
-    if t.is_floating_point() and t.dtype != torch.float64:
-        t = t.float()
-    t = t.contiguous()
-    h = hashlib.blake2b(digest_size=16)
-    h.update(f"{'float' if t.is_floating_point() else t.dtype}|{tuple(t.shape)}|".encode())
-    if t.numel():
-        h.update(t.reshape(-1).view(torch.uint8).numpy().data)  # hashlib releases the GIL here
-    return h.hexdigest()

@@ -11,8 +11,8 @@ import torch
 
 from . import dist
 from .errors import LotaError
-from .models import named_weights
 from .phases import Run
+from .targets import named_weights
 from .ticket import Ticket
 
 

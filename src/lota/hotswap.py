@@ -138,7 +138,7 @@ class DeltaBank:
                     "DeltaBank",
                     "add deltas before activating any, or pass base_fingerprint=",
                 )
-            from .models import model_fingerprint
+            from .weights import model_fingerprint
 
             self._fingerprint = model_fingerprint(self.model)
         return self._fingerprint
@@ -195,7 +195,7 @@ class DeltaBank:
             return None
         key = tuple(self._entries)
         if self._chain[0] != key:
-            from .models import model_fingerprint
+            from .weights import model_fingerprint
 
             with self.using(*key, allow_overlap=True):
                 self._chain = (key, model_fingerprint(self.model))

@@ -294,7 +294,7 @@ def run_ks(
     """``lota ks``: select token rows, write the ticket, the listing and the transfer delta. The
     rows are sorted for their statistic on ``device`` (``lota.dist.resolve_device``). ``out`` is
     locked from its check to its swap, and may not be an input or hold one."""
-    from .fileio import writing_folder
+    from .output_checks import writing_folder
 
     with writing_folder(out, force, inputs=[model, tuned, data]):
         return _run_ks(model, tuned, out, alpha, correction, top, mode, data, device)
@@ -315,43 +315,22 @@ def _run_ks(
     from .delta import SparseDelta
     from .dist import resolve_device
     from .fileio import atomic_dir, write_json
-    from .models import WeightReader, load_tokenizer
+    from .models import load_tokenizer
+    from .weights import WeightReader
 
     where = resolve_device(device)
     rb, rt = WeightReader(model, "base model"), WeightReader(tuned, "tuned model")
-    name = input_embedding(rb)
-    if input_embedding(rt) != name or rb.shapes[name] != rt.shapes[name]:
-        raise InputError(
-            "the two models' input embeddings differ in name or shape",
-            tuned,
-            "compare a model with a fine-tune of that same model",
-        )
+    name = _same_embedding(rb, rt, tuned)
     vocab, dim = rb.shapes[name]
     tokenizer = load_tokenizer(model)
     counts = token_counts(data, tokenizer, vocab) if data else None  # bad data fails early
     before, after = rb.get(name), rt.get(name)
     sel = select_tokens(before, after, alpha, correction, top, mode, device=where)
-    if not sel.token_ids:
-        raise InputError(
-            f"no token row of {name} passes the test at alpha {alpha} (correction {correction}), "
-            "so the ticket would be empty",
-            tuned,
-            "select rows with a larger --alpha (e.g. 0.5) or a fixed number with --top N",
-        )
+    _check_selected(sel, name, alpha, correction, tuned)
     rows = torch.tensor(sel.token_ids, dtype=torch.long)
     ticket = row_ticket(name, (vocab, dim), rows, rb.fingerprint())
     values = (after.to(torch.float32) - before.to(torch.float32))[rows].reshape(-1)
-    selected = [
-        {
-            "token_id": int(j),
-            "token": tokenizer.decode([int(j)]),
-            "D": float(sel.statistic[j]),
-            "p_value": float(sel.p_value[j]),
-            "shift": float(sel.shift[j]),
-            **({"count_in_data": int(counts[j])} if counts is not None else {}),
-        }
-        for j in sel.token_ids
-    ]
+    selected = _listing(sel, tokenizer, counts)
     config = {
         "command": "ks",
         "model": model,
@@ -375,14 +354,52 @@ def _run_ks(
         fmt.save(ticket, tmp / "ticket.safetensors", config=config)
         fmt.save(SparseDelta(ticket, {name: values}), tmp / "transfer.safetensors", config=config)
         write_json(tmp / "tokens.json", report)
-        lines = [
-            "token_id,token,D,p_value,shift" + (",count_in_data" if counts is not None else "")
-        ]
-        for r in selected:
-            token = '"' + r["token"].replace('"', '""') + '"'
-            extra = f",{r['count_in_data']}" if counts is not None else ""
-            lines.append(
-                f"{r['token_id']},{token},{r['D']!r},{r['p_value']!r},{r['shift']!r}{extra}"
-            )
-        (tmp / "tokens.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        (tmp / "tokens.csv").write_text(_csv(selected, counts is not None), encoding="utf-8")
     return report
+
+
+def _same_embedding(rb, rt, tuned: str) -> str:
+    """The input embedding's name, the same tensor of the same shape in both models."""
+    name = input_embedding(rb)
+    if input_embedding(rt) != name or rb.shapes[name] != rt.shapes[name]:
+        raise InputError(
+            "the two models' input embeddings differ in name or shape",
+            tuned,
+            "compare a model with a fine-tune of that same model",
+        )
+    return name
+
+
+def _check_selected(sel: Selection, name: str, alpha: float, correction: str, tuned: str):
+    if not sel.token_ids:
+        raise InputError(
+            f"no token row of {name} passes the test at alpha {alpha} (correction {correction}), "
+            "so the ticket would be empty",
+            tuned,
+            "select rows with a larger --alpha (e.g. 0.5) or a fixed number with --top N",
+        )
+
+
+def _listing(sel: Selection, tokenizer, counts: torch.Tensor | None) -> list[dict]:
+    """Every selected row: its token, statistic, p-value and shift (and count in the data)."""
+    return [
+        {
+            "token_id": int(j),
+            "token": tokenizer.decode([int(j)]),
+            "D": float(sel.statistic[j]),
+            "p_value": float(sel.p_value[j]),
+            "shift": float(sel.shift[j]),
+            **({"count_in_data": int(counts[j])} if counts is not None else {}),
+        }
+        for j in sel.token_ids
+    ]
+
+
+def _csv(selected: list[dict], counted: bool) -> str:
+    """``tokens.csv``: the listing, one row per selected token (tokens quoted)."""
+    lines = ["token_id,token,D,p_value,shift" + (",count_in_data" if counted else "")]
+    for r in selected:
+        token = '"' + r["token"].replace('"', '""') + '"'
+        extra = f",{r['count_in_data']}" if counted else ""
+        lines.append(f"{r['token_id']},{token},{r['D']!r},{r['p_value']!r},{r['shift']!r}{extra}")
+    return "\n".join(lines) + "\n"

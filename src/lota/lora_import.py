@@ -24,7 +24,7 @@ import torch
 
 from .delta import SparseDelta
 from .errors import FormatError, InputError, MismatchError
-from .fileio import check_folder_files
+from .input_files import check_folder_files
 from .lora_config import SAVED, Settings, read_settings
 from .ticket import Ticket
 
@@ -122,7 +122,7 @@ def _kind(module) -> str | None:
 
 def plan_merge(layers, whole, shapes, s: Settings, reader, where: str) -> dict[str, Plan]:
     """Every parameter the adapter changes, each tensor's shape checked against the base."""
-    from .models import tied_names
+    from .targets import tied_names
 
     aliases = {n: g for g in tied_names(reader.skeleton).values() if len(g) > 1 for n in g}
     modules = dict(reader.skeleton.named_modules())
@@ -321,7 +321,7 @@ def _merged(p: Plan, get, base, s: Settings, where: str) -> torch.Tensor:
 
 def lora_deltas(adapter: str, reader) -> dict[str, torch.Tensor]:
     """``{parameter name: dense float32 change}`` that merging the PEFT LoRA adapter folder
-    ``adapter`` into the base of ``reader`` (a ``models.WeightReader``) makes."""
+    ``adapter`` into the base of ``reader`` (a ``weights.WeightReader``) makes."""
     from safetensors import safe_open
 
     folder = Path(adapter)
@@ -358,7 +358,7 @@ def lora_deltas(adapter: str, reader) -> dict[str, torch.Tensor]:
 def import_lora(adapter: str, base: str, sparsity: str | None = None) -> SparseDelta:
     """The adapter's change as a delta for ``base`` (dense, or its top-k at ``sparsity``)."""
     from . import selection
-    from .models import WeightReader
+    from .weights import WeightReader
 
     reader = WeightReader(base, "base model")
     changes = lora_deltas(adapter, reader)

@@ -7,21 +7,15 @@ on the fly. For each tensor, the inputs' entries are aligned on the union of the
 is ``lambda`` times it. Memory is the inputs' sparse size of one tensor plus that matrix, never a
 dense model per input.
 
-Methods are registered with ``@merge_method(name)``; each receives a ``TensorInputs`` and returns
-the merged values. Every merged tensor is checked finite in float32 (weights, lambda and DARE's
-rescaling can overflow it) and a merge whose every value is 0 is refused, before anything is
-written. Randomness (DARE, DELLA) is drawn per input and tensor from a generator seeded
-by ``(seed, input number, tensor name)``, over the input's own entries in position order, so a
-result depends only on the seed and the inputs.
+Methods live in ``merge_methods`` (``@merge_method(name)``); this module aligns the inputs, runs
+the method and checks what it returns. Every merged tensor is checked finite in float32 (weights,
+lambda and DARE's rescaling can overflow it) and a merge whose every value is 0 is refused, before
+anything is written.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -31,179 +25,10 @@ from tqdm.auto import tqdm
 from . import format as fmt
 from .delta import SparseDelta, finite_sum, require_finite
 from .errors import InputError, MismatchError
-from .names import MERGE_METHODS
+from .merge_methods import METHODS, USES, Overlap, TensorInputs
 from .selection import parse_fraction
 from .settings import MergeSettings, check_factors, fallbacks
 from .ticket import Ticket
-
-
-# ---------------------------------------------------------------------------- per-tensor inputs
-@dataclass
-class TensorInputs:
-    """One tensor's inputs, aligned on the union of their supports."""
-
-    name: str
-    numel: int
-    index: torch.Tensor  # (m,) int64, sorted union positions
-    values: torch.Tensor  # (n, m) float32, zero where an input has no entry
-    present: torch.Tensor  # (n, m) bool
-    weights: torch.Tensor  # (n,) float32
-    settings: dict = field(default_factory=dict)
-    seed: int = 0
-
-    def generator(self, i: int) -> torch.Generator:
-        digest = hashlib.blake2b(f"{self.seed}|{i}|{self.name}".encode(), digest_size=8).digest()
-        return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
-
-    def keep_count(self, fraction: Fraction) -> int:
-        """``floor(fraction * numel)``, exactly."""
-        return math.floor(fraction * self.numel)
-
-
-MergeFn = Callable[[TensorInputs], torch.Tensor]
-METHODS: dict[str, MergeFn] = {}
-# the settings each method reads (anything else given on the command line is refused)
-USES: dict[str, set[str]] = {}
-
-
-def merge_method(name: str, uses: tuple[str, ...] = ()):
-    """Register ``fn(TensorInputs) -> merged values`` under ``name``, one of
-    ``names.MERGE_METHODS`` (the list ``--method`` offers)."""
-    if name not in MERGE_METHODS:
-        raise ValueError(f"merge method '{name}' is not listed in lota.names.MERGE_METHODS")
-
-    def wrap(fn: MergeFn) -> MergeFn:
-        METHODS[name] = fn
-        USES[name] = set(uses)
-        return fn
-
-    return wrap
-
-
-# ---------------------------------------------------------------------------- building blocks
-def top_by_magnitude(values: torch.Tensor, present: torch.Tensor, k: int) -> torch.Tensor:
-    """Mask of the ``k`` present entries of largest |value| (ties: lower position first)."""
-    keep = torch.zeros_like(present)
-    if k <= 0:
-        return keep
-    cand = present.nonzero().view(-1)
-    if k >= cand.numel():
-        keep[cand] = True
-        return keep
-    mag = values[cand].abs()
-    threshold = torch.kthvalue(mag, cand.numel() - k + 1).values  # the k-th largest magnitude
-    above = mag > threshold
-    ties = (mag == threshold).nonzero().view(-1)[: k - int(above.sum())]  # lowest positions
-    keep[cand[above]] = True
-    keep[cand[ties]] = True
-    return keep
-
-
-def sign_elected_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """TIES' merge: elect each entry's sign by the sum of the (unweighted) values, then average
-    the weighted values that agree with it (zeros never agree)."""
-    majority = torch.where(values.sum(0) >= 0, 1.0, -1.0)
-    agree = values.sign() == majority
-    total = (values * weights[:, None] * agree).sum(0)
-    return total / agree.sum(0).clamp(min=1)
-
-
-def random_keep(inp: TensorInputs, keep_prob: torch.Tensor | float) -> torch.Tensor:
-    """Bernoulli mask over each input's present entries, drawn in position order."""
-    mask = torch.zeros_like(inp.present)
-    for i in range(inp.values.shape[0]):
-        where = inp.present[i].nonzero().view(-1)
-        p = keep_prob if isinstance(keep_prob, float) else keep_prob[i, where]
-        draws = torch.rand(where.numel(), generator=inp.generator(i))
-        mask[i, where[draws < p]] = True
-    return mask
-
-
-# ---------------------------------------------------------------------------- methods
-@merge_method("add")
-def _add(inp: TensorInputs) -> torch.Tensor:
-    """Plain sum of the deltas (what LoTA recommends for dissimilar tasks)."""
-    return inp.values.sum(0)
-
-
-@merge_method("task-arithmetic", uses=("weights", "lambda"))
-def _task_arithmetic(inp: TensorInputs) -> torch.Tensor:
-    return (inp.values * inp.weights[:, None]).sum(0)
-
-
-@merge_method("ties", uses=("weights", "lambda", "density"))
-def _ties(inp: TensorInputs) -> torch.Tensor:
-    """Trim each delta to its top ``density`` fraction of the tensor's entries by magnitude, elect
-    signs, average the agreeing entries."""
-    k = inp.keep_count(inp.settings["density"])
-    trimmed = torch.stack([v * top_by_magnitude(v, p, k) for v, p in zip(inp.values, inp.present)])
-    return sign_elected_mean(trimmed, inp.weights)
-
-
-def _dare_values(inp: TensorInputs) -> torch.Tensor:
-    keep = 1.0 - float(inp.settings["drop"])
-    return inp.values * random_keep(inp, keep) / keep
-
-
-@merge_method("dare-linear", uses=("weights", "lambda", "drop", "seed"))
-def _dare_linear(inp: TensorInputs) -> torch.Tensor:
-    """Drop each entry with probability ``drop``, rescale the rest by ``1 / (1 - drop)``, sum."""
-    return (_dare_values(inp) * inp.weights[:, None]).sum(0)
-
-
-@merge_method("dare-ties", uses=("weights", "lambda", "drop", "seed"))
-def _dare_ties(inp: TensorInputs) -> torch.Tensor:
-    """DARE's random drop and rescale, then TIES' sign election and mean."""
-    return sign_elected_mean(_dare_values(inp), inp.weights)
-
-
-@merge_method("breadcrumbs", uses=("weights", "lambda", "density", "gamma"))
-def _breadcrumbs(inp: TensorInputs) -> torch.Tensor:
-    """Model Breadcrumbs: per delta and tensor, discard the largest ``gamma`` fraction of entries
-    by magnitude (outliers) and keep the next ``density`` fraction; weighted sum."""
-    top = inp.keep_count(inp.settings["gamma"])
-    k = inp.keep_count(inp.settings["density"])
-    kept = []
-    for v, p in zip(inp.values, inp.present):
-        outliers = top_by_magnitude(v, p, top)
-        kept.append(v * top_by_magnitude(v, p & ~outliers, k))
-    return (torch.stack(kept) * inp.weights[:, None]).sum(0)
-
-
-@merge_method("della", uses=("weights", "lambda", "drop", "epsilon", "seed"))
-def _della(inp: TensorInputs) -> torch.Tensor:
-    """DELLA (MagPrune): drop probabilities spread linearly over ``drop ± epsilon`` by magnitude
-    rank within each delta's entries (smallest magnitude, highest drop), rescale each kept entry by
-    ``1 / (1 - p)``, then TIES' sign election and mean."""
-    drop, eps = float(inp.settings["drop"]), float(inp.settings["epsilon"])
-    keep_prob = torch.zeros_like(inp.values)
-    for i, (v, p) in enumerate(zip(inp.values, inp.present)):
-        where = p.nonzero().view(-1)
-        n = where.numel()
-        if n == 0:
-            continue
-        order = torch.sort(v[where].abs(), stable=True).indices  # ascending magnitude
-        ranks = torch.empty(n, dtype=torch.float32)
-        ranks[order] = torch.arange(n, dtype=torch.float32)
-        spread = ranks / (n - 1) if n > 1 else torch.full((1,), 0.5)
-        keep_prob[i, where] = 1.0 - ((drop + eps) - 2 * eps * spread)
-    mask = random_keep(inp, keep_prob)
-    scaled = torch.where(mask, inp.values / keep_prob.clamp(min=1e-12), 0.0)
-    return sign_elected_mean(scaled, inp.weights)
-
-
-@merge_method("stack", uses=("weights", "lambda"))
-def _stack(inp: TensorInputs) -> torch.Tensor:
-    """Disjoint tickets stacked: refuses any entry held by two inputs, else the weighted sum."""
-    shared = inp.present.sum(0) > 1
-    if bool(shared.any()):
-        raise _Overlap(inp.name, int(shared.sum()), inp.present[:, shared].any(1))
-    return (inp.values * inp.weights[:, None]).sum(0)
-
-
-class _Overlap(Exception):
-    def __init__(self, name: str, count: int, which: torch.Tensor):
-        self.name, self.count, self.which = name, count, which.nonzero().view(-1).tolist()
 
 
 # ---------------------------------------------------------------------------- inputs
@@ -238,7 +63,7 @@ class _ModelInput:
     """A fine-tuned model folder: its dense delta against the base, taken tensor by tensor."""
 
     def __init__(self, path: str, base, targets: str | None):
-        from .models import WeightReader
+        from .weights import WeightReader
 
         self.path = path
         self.model = WeightReader(path, "model to merge")
@@ -342,7 +167,7 @@ def _overflow_fix(method: str) -> str:
 
 def _open_inputs(paths: list[str], base: str | None, targets: str | None):
     """Open every input; returns ``(inputs, base_fingerprint)`` after checking they agree."""
-    from .models import WeightReader
+    from .weights import WeightReader
 
     if len(paths) < 2:
         raise InputError("merge needs at least two inputs", "lota merge", "give two or more deltas")
@@ -445,7 +270,7 @@ def _merge_one(name, shape, inputs, paths, fn, opts, weights, settings):
     inp = TensorInputs(name, numel, union, vals, present, weights, opts, settings.seed)
     try:
         merged = fn(inp)
-    except _Overlap as e:
+    except Overlap as e:
         who = " and ".join(paths[w] for w in e.which[:2])
         raise InputError(
             f"{e.count} entries of tensor '{name}' are held by more than one input ({who})",
@@ -492,7 +317,7 @@ def merge_into_model(
     """Write ``base + merged delta`` as a model folder, adding each merged tensor as it is made
     (the merged delta is never held whole). ``out`` is locked from its check to its swap, and may
     not be the base or hold an input."""
-    from .fileio import writing_folder
+    from .output_checks import writing_folder
 
     with writing_folder(out, force, "--out-model", inputs=[*paths, base]):
         return _merge_into_model(paths, settings, base, out, targets, show_progress)
@@ -506,7 +331,8 @@ def _merge_into_model(
     targets: str | None,
     show_progress: bool,
 ) -> dict:
-    from .models import load_model, load_tokenizer, named_weights, save_model
+    from .models import load_model, load_tokenizer, save_model
+    from .targets import named_weights
 
     shapes, base_fp, tensors = merge_tensors(paths, settings, base, targets, show_progress)
     tokenizer = load_tokenizer(base)

@@ -11,7 +11,7 @@ from __future__ import annotations
 # ``lota adapt --optimizer``: the optimizers ``train.make_optimizer`` builds
 OPTIMIZERS = ("adamw", "rmsprop", "sgd")
 
-# ``lota merge --method``: the methods ``merge`` registers with ``@merge_method``, sorted
+# ``lota merge --method``: the methods ``merge_methods`` registers with ``@merge_method``, sorted
 MERGE_METHODS = (
     "add",
     "breadcrumbs",

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from .errors import FormatError, InputError, MismatchError
-from .fileio import atomic_path, check_input_file
+from .fileio import atomic_path
+from .input_files import check_input_file
 from .ticket import Ticket
 
 
@@ -33,6 +34,30 @@ def import_official(path: str, base: str | None = None) -> Ticket:
             "is a folder, not a mask file", path, "pass the .pt file saved by the official code"
         )
     check_input_file(p, "mask file")
+    masks = _load_masks(p, path)
+    for name, m in masks.items():
+        _check_entry(name, m, path)
+    fingerprint = ""
+    if base is not None:  # every shape checked against the model before any mask is expanded
+        fingerprint = _check_base_shapes(masks, base, path)
+    shapes, indices = {}, {}
+    for name, m in masks.items():
+        if m.dtype != torch.bool:
+            if bool(((m != 0) & (m != 1)).any()):
+                raise FormatError(
+                    f"mask of '{name}' holds values other than 0 and 1",
+                    path,
+                    "pass an official mask file (True or 1 = frozen)",
+                )
+            m = m != 0
+        shapes[name] = tuple(m.shape)
+        trainable = ~m.reshape(-1)
+        indices[name] = torch.from_numpy(np.flatnonzero(trainable.numpy()))
+    return Ticket(shapes=shapes, indices=indices, base_fingerprint=fingerprint)
+
+
+def _load_masks(p: Path, path: str) -> dict:
+    """The file's dict of masks, read with ``weights_only`` (plain tensors only)."""
     try:
         masks = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -55,37 +80,25 @@ def import_official(path: str, base: str | None = None) -> Ticket:
         raise FormatError(
             "expected a dict of parameter name -> mask tensor", path, "pass an official mask file"
         )
-    for name, m in masks.items():
-        _check_entry(name, m, path)
-    fingerprint = ""
-    if base is not None:  # every shape checked against the model before any mask is expanded
-        from .models import WeightReader
+    return masks
 
-        reader = WeightReader(base, "base model")
-        for name, m in masks.items():
-            have = reader.shapes.get(name)
-            if have != tuple(m.shape):
-                raise MismatchError(
-                    f"mask '{name}' has shape {list(m.shape)}, the base "
-                    + ("has no such parameter" if have is None else f"has {list(have)}"),
-                    path,
-                    "import masks made for this base model",
-                )
-        fingerprint = reader.fingerprint()
-    shapes, indices = {}, {}
+
+def _check_base_shapes(masks: dict, base: str, path: str) -> str:
+    """Every mask has the shape of the base's parameter of its name; returns the base's
+    fingerprint."""
+    from .weights import WeightReader
+
+    reader = WeightReader(base, "base model")
     for name, m in masks.items():
-        if m.dtype != torch.bool:
-            if bool(((m != 0) & (m != 1)).any()):
-                raise FormatError(
-                    f"mask of '{name}' holds values other than 0 and 1",
-                    path,
-                    "pass an official mask file (True or 1 = frozen)",
-                )
-            m = m != 0
-        shapes[name] = tuple(m.shape)
-        trainable = ~m.reshape(-1)
-        indices[name] = torch.from_numpy(np.flatnonzero(trainable.numpy()))
-    return Ticket(shapes=shapes, indices=indices, base_fingerprint=fingerprint)
+        have = reader.shapes.get(name)
+        if have != tuple(m.shape):
+            raise MismatchError(
+                f"mask '{name}' has shape {list(m.shape)}, the base "
+                + ("has no such parameter" if have is None else f"has {list(have)}"),
+                path,
+                "import masks made for this base model",
+            )
+    return reader.fingerprint()
 
 
 _MASK_DTYPES = {torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64}

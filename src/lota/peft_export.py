@@ -30,8 +30,9 @@ from . import format as fmt
 from ._version import __version__
 from .delta import SparseDelta, arithmetic_dtype, finite_sum
 from .errors import InputError, MismatchError
-from .fileio import atomic_dir, atomic_path, save_safetensors, write_json, writing_folder
-from .models import tied_names
+from .fileio import atomic_dir, atomic_path, save_safetensors, write_json
+from .output_checks import writing_folder
+from .targets import tied_names
 
 KIND = "peft-export"
 FORMAT_VERSION = 1
@@ -187,32 +188,12 @@ def export_peft(
 
 
 def _export_peft(delta_path: str, base: str, out: str, allow_mismatch: bool) -> dict:
-    from .models import WeightReader
+    from .weights import WeightReader
 
     where = str(delta_path)
-    delta = fmt.load(delta_path)
-    if not isinstance(delta, SparseDelta):
-        raise InputError(
-            "is a ticket, not a delta: it has no values to export",
-            where,
-            "make a delta with 'lota delta BASE TUNED --ticket FILE'",
-        )
-    delta.check_finite(where)
+    delta = _load_delta(delta_path)
     reader = WeightReader(base, "base model")
-    for name, shape in delta.ticket.shapes.items():
-        if name not in reader.shapes:
-            raise MismatchError(
-                f"the delta has tensor '{name}' that the base does not have",
-                where,
-                "export the delta against the architecture it was made for",
-            )
-        if tuple(reader.shapes[name]) != tuple(shape):
-            raise MismatchError(
-                f"the delta's tensor '{name}' has shape {list(shape)}, the base has "
-                f"{list(reader.shapes[name])}",
-                where,
-                "export the delta against the architecture it was made for",
-            )
+    _check_shapes(delta, reader, where)
     layers = adapter_layers(delta, reader.skeleton, where)
     names = sorted(layers)
     r = shira_rank(delta, names, where)
@@ -228,24 +209,7 @@ def _export_peft(delta_path: str, base: str, out: str, allow_mismatch: bool) -> 
         )
 
     entries = sum(int(delta.ticket.indices[n].numel()) for n in names)
-    tensors: dict[str, torch.Tensor] = {}
-    stored, inexact, max_error = 0, 0, 0.0
-    for name in names:
-        out_f, in_f = delta.ticket.shapes[name]
-        # taken out of the delta as converted, so that it and the adapter are not both held whole
-        idx, v = delta.ticket.indices.pop(name), delta.values.pop(name)
-        w = reader.get(name).reshape(-1)[idx]
-        a, applied = adapter_values(w, v, name, where)
-        got = peft_applied(w, a)
-        if not torch.equal(got, applied):
-            inexact += int((got != applied).sum())
-            max_error = max(max_error, float((got.double() - applied.double()).abs().max()))
-        flat, vals = layer_entries(idx, a, r * (in_f + out_f), out_f * in_f)
-        key = PEFT_PREFIX + layers[name]
-        tensors[key + ".shira_indices"] = torch.stack([flat // in_f, flat % in_f]).to(torch.int32)
-        tensors[key + ".shira_weight"] = vals.to(torch.float32).contiguous()
-        stored += flat.numel()
-
+    tensors, stored, inexact, max_error = _adapter_tensors(delta, reader, layers, r, where)
     metadata = {
         "format": fmt.FORMAT_NAME,
         "kind": KIND,
@@ -272,3 +236,61 @@ def _export_peft(delta_path: str, base: str, out: str, allow_mismatch: bool) -> 
         "inexact_entries": inexact,
         "max_error": max_error,
     }
+
+
+def _load_delta(delta_path: str) -> SparseDelta:
+    """The delta to export: a delta (not a ticket) whose values are all finite."""
+    where = str(delta_path)
+    delta = fmt.load(delta_path)
+    if not isinstance(delta, SparseDelta):
+        raise InputError(
+            "is a ticket, not a delta: it has no values to export",
+            where,
+            "make a delta with 'lota delta BASE TUNED --ticket FILE'",
+        )
+    delta.check_finite(where)
+    return delta
+
+
+def _check_shapes(delta: SparseDelta, reader, where: str) -> None:
+    """Every tensor of the delta is one of the base's, of the same shape."""
+    for name, shape in delta.ticket.shapes.items():
+        if name not in reader.shapes:
+            raise MismatchError(
+                f"the delta has tensor '{name}' that the base does not have",
+                where,
+                "export the delta against the architecture it was made for",
+            )
+        if tuple(reader.shapes[name]) != tuple(shape):
+            raise MismatchError(
+                f"the delta's tensor '{name}' has shape {list(shape)}, the base has "
+                f"{list(reader.shapes[name])}",
+                where,
+                "export the delta against the architecture it was made for",
+            )
+
+
+def _adapter_tensors(
+    delta: SparseDelta, reader, layers: dict[str, str], r: int, where: str
+) -> tuple[dict[str, torch.Tensor], int, int, float]:
+    """The SHiRA indices and weights of every layer (in name order), how many entries they
+    store, and how many entries PEFT's merge would not reproduce exactly, with the largest
+    error. Each layer is taken out of ``delta`` as it is converted."""
+    tensors: dict[str, torch.Tensor] = {}
+    stored, inexact, max_error = 0, 0, 0.0
+    for name in sorted(layers):
+        out_f, in_f = delta.ticket.shapes[name]
+        # taken out of the delta as converted, so that it and the adapter are not both held whole
+        idx, v = delta.ticket.indices.pop(name), delta.values.pop(name)
+        w = reader.get(name).reshape(-1)[idx]
+        a, applied = adapter_values(w, v, name, where)
+        got = peft_applied(w, a)
+        if not torch.equal(got, applied):
+            inexact += int((got != applied).sum())
+            max_error = max(max_error, float((got.double() - applied.double()).abs().max()))
+        flat, vals = layer_entries(idx, a, r * (in_f + out_f), out_f * in_f)
+        key = PEFT_PREFIX + layers[name]
+        tensors[key + ".shira_indices"] = torch.stack([flat // in_f, flat % in_f]).to(torch.int32)
+        tensors[key + ".shira_weight"] = vals.to(torch.float32).contiguous()
+        stored += flat.numel()
+    return tensors, stored, inexact, max_error

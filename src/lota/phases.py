@@ -16,10 +16,12 @@ import torch
 from . import dist, events
 from .checkpoint import Checkpointer
 from .errors import InputError
-from .models import WeightReader, enable_gradient_checkpointing, load_model, named_weights
+from .models import enable_gradient_checkpointing, load_model
 from .precision import Precision, hold_float32_
 from .sparse_model import sync_shards_
+from .targets import named_weights
 from .train import MetricsLog, TrainSettings, train
+from .weights import WeightReader
 
 
 @dataclass

@@ -23,16 +23,12 @@ from .adapt_config import AdaptConfig, Environment
 from .calibrations import CALIBRATIONS
 from .data import fit_max_length, model_positions, read_jsonl, steps_for, tokenize
 from .errors import InputError
-from .models import (
-    check_special_tokens,
-    load_tokenizer,
-    model_fingerprint,
-    named_weights,
-    resolve_targets,
-)
+from .models import check_special_tokens, load_tokenizer
 from .precision import HALF, weights_dtype
+from .targets import named_weights, resolve_targets
 from .ticket import Ticket, check_against
 from .ticketfiles import load_tickets, protected_ticket
+from .weights import model_fingerprint
 
 
 @dataclass

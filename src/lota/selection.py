@@ -214,24 +214,8 @@ def select_top_k(
     world = shard.world if shard is not None else None
     numels = {n: shard.numels[n] if shard else math.prod(shapes[n]) for n in order}
     if exclude is not None and shard is not None:
-        exclude = Ticket(
-            shapes={n: (numels[n],) for n in order},
-            indices={
-                n: shard.local_indices(n, exclude.indices[n]) for n in order if n in exclude.indices
-            },
-        )
-    available = sum(numels.values()) - (
-        sum(int(exclude.indices[n].numel()) for n in order if n in exclude.indices)
-        if exclude
-        else 0
-    )
-    if world is not None:
-        available = int(world.sum_(torch.tensor([available], dtype=torch.long)).item())
-    if k < 0 or k > available:
-        raise InputError(
-            f"cannot select {k:,} entries: only {available:,} are eligible and not protected",
-            fix="raise --sparsity or protect fewer tickets",
-        )
+        exclude = _local_exclude(exclude, shard, order, numels)
+    _check_eligible(k, _available(order, numels, exclude, world))
     if k == 0:
         return {n: torch.zeros(0, dtype=torch.long) for n in order}
 
@@ -247,7 +231,48 @@ def select_top_k(
         if progress is not None:
             progress.update(1)
 
-    # Pass 1: histogram of the high 16 bits.
+    hist = _high_histogram(order, keys_of, nonnegative, tick, world)
+    hi_bin, above_hi = _find_bin(hist, k)
+    if int(hist[hi_bin]) > candidate_budget:
+        out = _three_pass_finish(order, keys_of, hi_bin, above_hi, k, tick, world)
+    else:
+        out = _two_pass_finish(order, keys_of, hi_bin, above_hi, k, tick, world)
+    return _globalize(out, shard, k)
+
+
+def _local_exclude(exclude: Ticket, shard, order: list[str], numels: dict[str, int]) -> Ticket:
+    """The protected entries that fall in this rank's slices, at their local positions."""
+    return Ticket(
+        shapes={n: (numels[n],) for n in order},
+        indices={
+            n: shard.local_indices(n, exclude.indices[n]) for n in order if n in exclude.indices
+        },
+    )
+
+
+def _available(order: list[str], numels: dict[str, int], exclude: Ticket | None, world) -> int:
+    """How many entries are eligible and not protected (over all ranks)."""
+    available = sum(numels.values()) - (
+        sum(int(exclude.indices[n].numel()) for n in order if n in exclude.indices)
+        if exclude
+        else 0
+    )
+    if world is not None:
+        available = int(world.sum_(torch.tensor([available], dtype=torch.long)).item())
+    return available
+
+
+def _check_eligible(k: int, available: int) -> None:
+    if k < 0 or k > available:
+        raise InputError(
+            f"cannot select {k:,} entries: only {available:,} are eligible and not protected",
+            fix="raise --sparsity or protect fewer tickets",
+        )
+
+
+def _high_histogram(order, keys_of, nonnegative: bool, tick, world=None) -> torch.Tensor:
+    """Pass 1: the histogram of the keys' high 16 bits (summed over the ranks); scores that are
+    not finite, or negative under ``nonnegative``, are refused."""
     hist = torch.zeros(_BINS, dtype=torch.int64)
     for n in order:
         key, keep = keys_of(n)
@@ -266,12 +291,14 @@ def select_top_k(
         tick()
     if world is not None:
         world.sum_(hist)
-    hi_bin, above_hi = _find_bin(hist, k)
-    if int(hist[hi_bin]) > candidate_budget:
-        out = _three_pass_finish(order, keys_of, hi_bin, above_hi, k, tick, world)
-        return _globalize(out, shard, k)
+    return hist
 
-    # Pass 2: everything above the bin, and the bin's entries as candidates.
+
+def _two_pass_finish(
+    order, keys_of, hi_bin: int, above_hi: int, k: int, tick, world=None
+) -> dict[str, torch.Tensor]:
+    """Pass 2: everything above the bin, and the bin's entries as candidates, among which the
+    exact threshold and the tie-break are settled in memory."""
     chosen, cand_pos, cand_lo = {}, {}, {}
     for n in order:
         key, keep = keys_of(n)
@@ -292,7 +319,7 @@ def select_top_k(
     for n in order:  # ties go to the lowest global positions: tensors in name order, then index
         above = cand_pos[n][cand_lo[n] > lo_bin]
         out[n] = _merge(chosen.pop(n), torch.cat([above, ties[n][: quota[n]]]))
-    return _globalize(out, shard, k)
+    return out
 
 
 def _tie_quota(order, counts: dict[str, int], need: int, world) -> dict[str, int]:

@@ -143,8 +143,8 @@ def _flip_back(ctx: Context, delta: SparseDelta, model) -> SparseDelta:
     import torch
 
     from .delta import apply_delta_, delta_from_weights
-    from .models import named_weights
     from .selection import select
+    from .targets import named_weights
 
     trained = delta.to_dense()
     own = select(
@@ -394,7 +394,7 @@ def resolve(cfg):
     import re
 
     from .ks import input_embedding
-    from .models import WeightReader
+    from .weights import WeightReader
 
     if cfg.targets is not None:
         raise InputError(

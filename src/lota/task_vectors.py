@@ -22,20 +22,15 @@ from . import format as fmt
 from . import selection
 from .delta import SparseDelta, apply_delta_
 from .errors import InputError, MismatchError
-from .fileio import writing_folder
-from .models import (
-    WeightReader,
-    load_model,
-    load_tokenizer,
-    model_fingerprint,
-    named_weights,
-    save_model,
-)
+from .models import load_model, load_tokenizer, save_model
+from .output_checks import writing_folder
 from .selection import Sparsity, numel_of, require_trainable
 from .settings import check_factors
+from .targets import named_weights
 from .ticket import Ticket, check_against
 from .ticketfiles import protected_ticket
 from .train import heap_growth_limited
+from .weights import WeightReader, model_fingerprint
 
 
 def model_pair(base: str, tuned: str, targets: str | None):

@@ -273,72 +273,25 @@ def train(
     world = world or World()
     precision = precision or Precision(world.device.type)
     precision.load_state(scaler_state)
-    if not params:
-        raise InputError(
-            "nothing to train: no trainable parameters", fix="check --targets and the ticket"
-        )
-    opt = optimizer if optimizer is not None else make_optimizer(params, s)
-    if optimizer_state:
-        load_optimizer_state(opt, optimizer_state)
+    opt = _phase_optimizer(params, s, optimizer, optimizer_state)
     model.train()
-    forward = model
-    if world.distributed and not sharded:
-        from torch.nn.parallel import DistributedDataParallel
-
-        # every rank built the same model from the same files: no initial broadcast is needed,
-        # and buffers (the ticket's positions and base values) never change
-        forward = DistributedDataParallel(
-            model, device_ids=_device_ids(world), init_sync=False, broadcast_buffers=False
-        )
+    forward = _distributed(model, world, sharded)
     # training never reads a KV cache: building one would only cost memory
     no_cache = {"use_cache": False} if hasattr(getattr(model, "config", None), "use_cache") else {}
     losses = []
-    bar = tqdm(
-        range(start_step, s.steps),
-        desc=phase,
-        unit="step",
-        disable=not (show_progress and world.main),
-        leave=False,
-        file=sys.stderr,
-        initial=start_step,
-        total=s.steps,
-    )
+    bar = _progress_bar(phase, start_step, s.steps, show_progress and world.main)
     events.emit("phase_start", phase, start_step)
-    reset_peak_rss()
-    cuda = world.device.type == "cuda"
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(world.device)
+    _reset_peak_memory(world)
     start = time.perf_counter()
     tokens = 0
     for step in bar:
         t_step = time.perf_counter()
         batch = next(data)
         try:
-            # summed over micro-batches, then ranks: loss, tokens, completion tokens; on the
-            # device, read once per step (a read per micro-batch would wait for each)
-            totals = torch.zeros(3, dtype=torch.float64, device=world.device)
-            micro = micro_batches(batch, world, grad_accum)
-            for a, mb in enumerate(micro):
-                last = a == len(micro) - 1
-                with contextlib.nullcontext() if last or forward is model else forward.no_sync():
-                    with precision.autocast():
-                        loss = forward(**mb, **no_cache).loss
-                    precision.backward(loss / grad_accum)
-                totals += torch.stack(
-                    [
-                        loss.detach().double(),
-                        mb["attention_mask"].sum().double(),
-                        (mb["labels"] != -100).sum().double(),
-                    ]
-                )
+            totals = _accumulate(forward, model, batch, precision, grad_accum, no_cache, world)
             loss_sum, token_sum, completion_sum = world.sum_(totals).tolist()
             mean_loss = loss_sum / (world.size * grad_accum)
-            if not math.isfinite(mean_loss):
-                raise TrainingError(
-                    f"the loss became {mean_loss} at step {step + 1} of {phase}",
-                    fix="lower --lr (or --calibration-lr) or enable gradient clipping; "
-                    "the last checkpoint is kept",
-                )
+            _check_finite(mean_loss, step, phase)
             if s.max_grad_norm:
                 precision.unscale_(opt)
                 torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
@@ -354,23 +307,10 @@ def train(
         elapsed = time.perf_counter() - start
         losses.append(mean_loss)
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
-        record = {
-            "phase": phase,
-            "step": step + 1,
-            "loss": losses[-1],
-            "lr": s.lr,
-            "completion_tokens": int(completion_sum),
-            "tokens_per_s": tokens / elapsed if elapsed > 0 else math.nan,
-            "step_s": round(time.perf_counter() - t_step, 6),
-            "peak_rss_mb": round(peak_rss_mb(), 1),
-            "phase_peak_rss_mb": round(current_peak_rss_mb(), 1),
-            "elapsed_s": round(elapsed, 3),
-        }
-        if cuda:
-            record["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated(world.device) / 2**20, 1)
-        if precision.scaler is not None:
-            record["loss_scale"] = precision.scale
-            record["skipped"] = not stepped
+        record = _step_record(
+            phase, step, losses[-1], s.lr, completion_sum, tokens, elapsed, t_step, world
+        )
+        _add_precision(record, precision, stepped)
         log.write(record)
         if on_step is not None:
             on_step(step + 1, opt)
@@ -380,6 +320,135 @@ def train(
     events.emit("phase_end", phase, s.steps)
     model.eval()
     return losses
+
+
+def _phase_optimizer(
+    params: list[nn.Parameter],
+    s: TrainSettings,
+    optimizer: torch.optim.Optimizer | None,
+    optimizer_state: dict | None,
+) -> torch.optim.Optimizer:
+    """The phase's optimizer (the one given, or the one ``s`` names), its checkpointed state
+    restored; no parameters to train is refused."""
+    if not params:
+        raise InputError(
+            "nothing to train: no trainable parameters", fix="check --targets and the ticket"
+        )
+    opt = optimizer if optimizer is not None else make_optimizer(params, s)
+    if optimizer_state:
+        load_optimizer_state(opt, optimizer_state)
+    return opt
+
+
+def _distributed(model: nn.Module, world: World, sharded: bool) -> nn.Module:
+    """What the phase calls forward: with several processes (and no FSDP2 sharding) the model
+    wrapped in ``DistributedDataParallel``, else the model itself."""
+    if not world.distributed or sharded:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    # every rank built the same model from the same files: no initial broadcast is needed,
+    # and buffers (the ticket's positions and base values) never change
+    return DistributedDataParallel(
+        model, device_ids=_device_ids(world), init_sync=False, broadcast_buffers=False
+    )
+
+
+def _progress_bar(phase: str, start_step: int, steps: int, show: bool):
+    return tqdm(
+        range(start_step, steps),
+        desc=phase,
+        unit="step",
+        disable=not show,
+        leave=False,
+        file=sys.stderr,
+        initial=start_step,
+        total=steps,
+    )
+
+
+def _reset_peak_memory(world: World) -> None:
+    """Restart the peak counters (resident memory; on a GPU, its allocator's), so the phase's
+    own peaks are logged."""
+    reset_peak_rss()
+    if world.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(world.device)
+
+
+def _accumulate(
+    forward: nn.Module,
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    precision: Precision,
+    grad_accum: int,
+    no_cache: dict,
+    world: World,
+) -> torch.Tensor:
+    """Forward and backward over this rank's micro-batches, gradients accumulating (synchronized
+    across ranks on the last only); returns the sums of loss, tokens and completion tokens."""
+    # summed over micro-batches, then ranks: loss, tokens, completion tokens; on the
+    # device, read once per step (a read per micro-batch would wait for each)
+    totals = torch.zeros(3, dtype=torch.float64, device=world.device)
+    micro = micro_batches(batch, world, grad_accum)
+    for a, mb in enumerate(micro):
+        last = a == len(micro) - 1
+        with contextlib.nullcontext() if last or forward is model else forward.no_sync():
+            with precision.autocast():
+                loss = forward(**mb, **no_cache).loss
+            precision.backward(loss / grad_accum)
+        totals += torch.stack(
+            [
+                loss.detach().double(),
+                mb["attention_mask"].sum().double(),
+                (mb["labels"] != -100).sum().double(),
+            ]
+        )
+    return totals
+
+
+def _check_finite(mean_loss: float, step: int, phase: str) -> None:
+    if not math.isfinite(mean_loss):
+        raise TrainingError(
+            f"the loss became {mean_loss} at step {step + 1} of {phase}",
+            fix="lower --lr (or --calibration-lr) or enable gradient clipping; "
+            "the last checkpoint is kept",
+        )
+
+
+def _step_record(
+    phase: str,
+    step: int,
+    loss: float,
+    lr: float,
+    completion_sum: float,
+    tokens: int,
+    elapsed: float,
+    t_step: float,
+    world: World,
+) -> dict:
+    """The metrics line of one step: loss, throughput, time and peak memory."""
+    record = {
+        "phase": phase,
+        "step": step + 1,
+        "loss": loss,
+        "lr": lr,
+        "completion_tokens": int(completion_sum),
+        "tokens_per_s": tokens / elapsed if elapsed > 0 else math.nan,
+        "step_s": round(time.perf_counter() - t_step, 6),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "phase_peak_rss_mb": round(current_peak_rss_mb(), 1),
+        "elapsed_s": round(elapsed, 3),
+    }
+    if world.device.type == "cuda":
+        record["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated(world.device) / 2**20, 1)
+    return record
+
+
+def _add_precision(record: dict, precision: Precision, stepped: bool) -> None:
+    """Under a loss scaler: the scale, and whether the step was skipped (an overflow)."""
+    if precision.scaler is not None:
+        record["loss_scale"] = precision.scale
+        record["skipped"] = not stepped
 
 
 def _device_ids(world: World) -> list[int] | None:

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from . import dist, phases, sources
 from .delta import SparseDelta, delta_from_weights
-from .models import named_weights
 from .phases import Run, masters, shard, train_only
 from .precision import restore_dtype_
 from .sparse_model import delta_parameters, extract_delta, prepare, unprepare
+from .targets import named_weights
 from .ticket import Ticket
 from .train import heap_growth_limited, release_freed_memory
 

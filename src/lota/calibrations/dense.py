@@ -10,9 +10,9 @@ import torch
 
 from .. import dist, selection
 from ..fileio import fault
-from ..models import named_weights
 from ..phases import Run, masters, shard, train_only
 from ..precision import restore_dtype_
+from ..targets import named_weights
 from ..ticket import Ticket
 
 

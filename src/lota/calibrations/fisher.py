@@ -14,8 +14,8 @@ DTYPES = ("float32", "bfloat16")  # of the score buffer (--fisher-dtype)
 def _select(run, k, protected, selector):
     """The ticket of the largest summed squared gradients over the calibration batches."""
     from ..fileio import fault
-    from ..models import named_weights
     from ..phases import train_only
+    from ..targets import named_weights
     from ..train import heap_growth_limited
     from . import scoring
 

@@ -16,8 +16,8 @@ def _select(run, k, protected, selector):
     """A LoRA warm-up, the ticket from its change or from the full weights' squared gradients
     (``--lora-calibration-score``), and the model without the adapter."""
     from ..fileio import fault
-    from ..models import named_weights
     from ..phases import lora_model
+    from ..targets import named_weights
     from . import scoring
 
     cfg = run.cfg

@@ -267,17 +267,47 @@ def pretrain(
     """Build the tokenizer and model of recipe ``size`` and pretrain it; writes the model folder
     with ``lab_recipe.json`` and ``loss_curve.json`` to ``out`` (locked while it runs; an existing
     folder is replaced only with ``force``)."""
-    from ..fileio import writing_folder
+    from ..output_checks import writing_folder
 
     with writing_folder(out, force):
         return _pretrain(out, size, steps, show_progress)
 
 
 def _pretrain(out: str, size: str, steps: int | None, show_progress: bool) -> dict:
-    from tqdm.auto import tqdm
-
     from ..errors import InputError
     from ..models import save_model
+
+    recipe = _recipe(size, steps)
+    t0 = time.time()
+    docs = corpus(recipe["docs"], recipe["seed"])
+    tokenizer = train_tokenizer(docs, recipe["vocab"])
+    model = build_model(recipe, tokenizer)
+    ids = [t for d in docs for t in tokenizer(d)["input_ids"] + [tokenizer.eos_token_id]]
+    stream = torch.tensor(ids, dtype=torch.long)
+    windows = (stream.numel() - 1) // recipe["seq"]
+    if windows < recipe["batch"]:
+        raise InputError("the corpus is too small for one batch", "--size", "use a larger recipe")
+    curve = _pretrain_steps(model, stream, windows, recipe, show_progress)
+    params = sum(p.numel() for p in model.parameters())
+    info = {
+        "recipe": recipe,
+        "params": params,
+        "tokens": stream.numel(),
+        "wall_s": round(time.time() - t0, 1),
+    }
+    save_model(
+        model,
+        tokenizer,
+        out,
+        extra={"lab_recipe": recipe},
+        json_files={"lab_recipe.json": info, "loss_curve.json": curve},
+    )
+    return {**info, "final_loss": curve[-1]["loss"], "first_loss": curve[0]["loss"]}
+
+
+def _recipe(size: str, steps: int | None) -> dict:
+    """Recipe ``size``, with ``steps`` in place of its own where given."""
+    from ..errors import InputError
 
     if size not in RECIPES:
         raise InputError(f"unknown recipe '{size}'", "--size", f"choose {', '.join(RECIPES)}")
@@ -288,16 +318,17 @@ def _pretrain(out: str, size: str, steps: int | None, show_progress: bool) -> di
                 f"--steps {steps} must be at least 1", "--steps", "give a positive count"
             )
         recipe["steps"] = steps
-    t0 = time.time()
-    docs = corpus(recipe["docs"], recipe["seed"])
-    tokenizer = train_tokenizer(docs, recipe["vocab"])
-    model = build_model(recipe, tokenizer)
-    ids = [t for d in docs for t in tokenizer(d)["input_ids"] + [tokenizer.eos_token_id]]
-    stream = torch.tensor(ids, dtype=torch.long)
+    return recipe
+
+
+def _pretrain_steps(
+    model, stream: torch.Tensor, windows: int, recipe: dict, show_progress: bool
+) -> list[dict]:
+    """AdamW on random windows of the token stream, with a linear warmup and a cosine decay to
+    a tenth of the rate; returns the loss of every step."""
+    from tqdm.auto import tqdm
+
     seq, batch = recipe["seq"], recipe["batch"]
-    windows = (stream.numel() - 1) // seq
-    if windows < batch:
-        raise InputError("the corpus is too small for one batch", "--size", "use a larger recipe")
     g = torch.Generator().manual_seed(recipe["seed"])
     opt = torch.optim.AdamW(
         model.parameters(), lr=recipe["lr"], weight_decay=0.1, betas=(0.9, 0.95)
@@ -327,18 +358,4 @@ def _pretrain(out: str, size: str, steps: int | None, show_progress: bool) -> di
         curve.append({"step": step, "loss": loss.item()})
         bar.set_postfix(loss=f"{curve[-1]['loss']:.3f}")
     model.eval()
-    params = sum(p.numel() for p in model.parameters())
-    info = {
-        "recipe": recipe,
-        "params": params,
-        "tokens": stream.numel(),
-        "wall_s": round(time.time() - t0, 1),
-    }
-    save_model(
-        model,
-        tokenizer,
-        out,
-        extra={"lab_recipe": recipe},
-        json_files={"lab_recipe.json": info, "loss_curve.json": curve},
-    )
-    return {**info, "final_loss": curve[-1]["loss"], "first_loss": curve[0]["loss"]}
+    return curve

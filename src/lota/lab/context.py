@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import statistics
 
-from .runner import Lab, lr_grid
+from .runner import Lab
+from .scales import lr_grid
 
 SEARCH_SEEDS = 2  # a learning rate is chosen on the mean validation score of this many seeds
 

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from .. import format as fmt
 from ..fileio import write_json, write_text
-from ..models import quiet_transformers
+from ..model_folder import quiet_transformers
 from .report import versions, versions_line
 
 TASK_A, TASK_B = "math", "sql"
@@ -80,74 +80,18 @@ def run_demo(
 
 
 def _demo(lab, seed: int, scale: str, t0: float) -> dict:
-    from ..merge import MergeSettings, merge_into_model
-
     root = lab.out
-
-    def spec(task, method, **extra):
-        return {"task": task, "method": method, "lr": LR[(task, method)], "seed": seed, **extra}
-
-    fft_a, lora_a, lota_a, lota_b = (
-        spec(TASK_A, "fft"),
-        spec(TASK_A, "lora"),
-        spec(TASK_A, "lota"),
-        spec(TASK_B, "lota"),
-    )
-    fft_ab = spec(TASK_B, "fft", start=fft_a)
-    lotto_ab = spec(TASK_B, "lota", start=lota_a, protect=[lota_a])
+    runs = _specs(seed)
+    fft_a, lota_a = runs["FFT A"], runs["LoTA A"]
     both = [(TASK_A, "test", "default"), (TASK_B, "test", "default")]
-    lab.prefetch([(s, both) for s in (fft_a, lora_a, lota_a, lota_b)])
-    lab.prefetch([(s, both) for s in (fft_ab, lotto_ab)])
+    lab.prefetch([(runs[n], both) for n in ("FFT A", "LoRA A", "LoTA A", "LoTA B")])
+    lab.prefetch([(runs[n], both) for n in ("FFT A -> FFT B", "LoTA A -> LoTTO B")])
 
-    runs = {
-        "FFT A": fft_a,
-        "LoRA A": lora_a,
-        "LoTA A": lota_a,
-        "LoTA B": lota_b,
-        "FFT A -> FFT B": fft_ab,
-        "LoTA A -> LoTTO B": lotto_ab,
-    }
     rows: dict[str, dict] = {"base": {"model": lab.base}}
     for name, s in runs.items():
-        r = lab.run(s)
-        rows[name] = {
-            "model": r.model,
-            "method": s["method"],
-            "task": s["task"],
-            "lr": s["lr"],
-            "trained_entries": r.info["k"],
-            # LoRA trains its adapter (r x (in + out) per layer); its delta is the merged change
-            "trained_parameters": r.info.get("trained_parameters", r.info["k"]),
-            "lora_r": r.info.get("lora_r"),
-            "delta_bytes": r.info["delta_bytes"],
-            "adapter_bytes": r.info.get("adapter_bytes"),
-            "seconds": r.info["seconds"],
-        }
-    deltas = [lab.run(lota_a).delta, lab.run(lota_b).delta]
-    t = time.perf_counter()
-    merged = lab.derived(
-        f"demo-merge-s{seed}",
-        {"inputs": deltas, "method": "add"},
-        lambda o: merge_into_model(deltas, MergeSettings("add"), lab.base, o, show_progress=False),
-    )
-    trained = rows["LoTA A"]["trained_entries"] + rows["LoTA B"]["trained_entries"]
-    rows["LoTA A + LoTA B (merge)"] = {
-        "model": merged,
-        "method": "add",
-        "trained_entries": trained,
-        "trained_parameters": trained,
-        "delta_bytes": sum(Path(d).stat().st_size for d in deltas),
-        "seconds": round(time.perf_counter() - t, 2),
-    }
-    for row in rows.values():
-        row["score_A"] = lab.score(row["model"], TASK_A)["score"]
-        # general ability: held-out pretraining-style text, loss after minus before
-        row["forgetting_general"] = (
-            lab.forgetting(row["model"]) if row is not rows["base"] else None
-        )
-        row["score_B"] = lab.score(row["model"], TASK_B)["score"]
-    for name, after in (("FFT A -> FFT B", "FFT A"), ("LoTA A -> LoTTO B", "LoTA A")):
-        rows[name]["forgetting_A"] = rows[after]["score_A"] - rows[name]["score_A"]
+        rows[name] = _run_row(lab, s)
+    rows["LoTA A + LoTA B (merge)"] = _merge_row(lab, seed, rows, lota_a, runs["LoTA B"])
+    _score(lab, rows)
     changed, total = changed_entries(
         rows["LoTA A"]["model"], rows["LoTA A -> LoTTO B"]["model"], lab.run(lota_a).delta
     )
@@ -184,6 +128,87 @@ def _demo(lab, seed: int, scale: str, t0: float) -> dict:
     ]
     print(table.replace("|", " ").rstrip())
     print("\n".join(lines))
+    _write_report(root, rows, results, table, lines)
+    return results
+
+
+def _specs(seed: int) -> dict[str, dict]:
+    """The demo's runs by row name: A's four from the base, then the two B-after-A chains."""
+
+    def spec(task, method, **extra):
+        return {"task": task, "method": method, "lr": LR[(task, method)], "seed": seed, **extra}
+
+    fft_a, lora_a, lota_a, lota_b = (
+        spec(TASK_A, "fft"),
+        spec(TASK_A, "lora"),
+        spec(TASK_A, "lota"),
+        spec(TASK_B, "lota"),
+    )
+    return {
+        "FFT A": fft_a,
+        "LoRA A": lora_a,
+        "LoTA A": lota_a,
+        "LoTA B": lota_b,
+        "FFT A -> FFT B": spec(TASK_B, "fft", start=fft_a),
+        "LoTA A -> LoTTO B": spec(TASK_B, "lota", start=lota_a, protect=[lota_a]),
+    }
+
+
+def _run_row(lab, s: dict) -> dict:
+    """A trained run's row: its model, what it trained and the size of what it saved."""
+    r = lab.run(s)
+    return {
+        "model": r.model,
+        "method": s["method"],
+        "task": s["task"],
+        "lr": s["lr"],
+        "trained_entries": r.info["k"],
+        # LoRA trains its adapter (r x (in + out) per layer); its delta is the merged change
+        "trained_parameters": r.info.get("trained_parameters", r.info["k"]),
+        "lora_r": r.info.get("lora_r"),
+        "delta_bytes": r.info["delta_bytes"],
+        "adapter_bytes": r.info.get("adapter_bytes"),
+        "seconds": r.info["seconds"],
+    }
+
+
+def _merge_row(lab, seed: int, rows: dict, lota_a: dict, lota_b: dict) -> dict:
+    """The two LoTA deltas added into the base (``lota merge --method add``)."""
+    from ..merge import MergeSettings, merge_into_model
+
+    deltas = [lab.run(lota_a).delta, lab.run(lota_b).delta]
+    t = time.perf_counter()
+    merged = lab.derived(
+        f"demo-merge-s{seed}",
+        {"inputs": deltas, "method": "add"},
+        lambda o: merge_into_model(deltas, MergeSettings("add"), lab.base, o, show_progress=False),
+    )
+    trained = rows["LoTA A"]["trained_entries"] + rows["LoTA B"]["trained_entries"]
+    return {
+        "model": merged,
+        "method": "add",
+        "trained_entries": trained,
+        "trained_parameters": trained,
+        "delta_bytes": sum(Path(d).stat().st_size for d in deltas),
+        "seconds": round(time.perf_counter() - t, 2),
+    }
+
+
+def _score(lab, rows: dict[str, dict]) -> None:
+    """Both tasks' test scores and the general forgetting of every row's model; the forgetting
+    of A under each B-after-A chain."""
+    for row in rows.values():
+        row["score_A"] = lab.score(row["model"], TASK_A)["score"]
+        # general ability: held-out pretraining-style text, loss after minus before
+        row["forgetting_general"] = (
+            lab.forgetting(row["model"]) if row is not rows["base"] else None
+        )
+        row["score_B"] = lab.score(row["model"], TASK_B)["score"]
+    for name, after in (("FFT A -> FFT B", "FFT A"), ("LoTA A -> LoTTO B", "LoTA A")):
+        rows[name]["forgetting_A"] = rows[after]["score_A"] - rows[name]["score_A"]
+
+
+def _write_report(root: Path, rows: dict, results: dict, table: str, lines: list[str]) -> None:
     figure = _plot(rows, root / "demo.png")
     write_json(root / "results.json", results)
     write_text(
@@ -194,7 +219,6 @@ def _demo(lab, seed: int, scale: str, t0: float) -> dict:
         + "".join(f"- {x}\n" for x in lines)
         + f"\n![scores]({figure})\n",
     )
-    return results
 
 
 def _plot(rows: dict[str, dict], path: Path) -> str:

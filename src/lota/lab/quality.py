@@ -48,38 +48,15 @@ def run_quality(
     ``ledger``: a folder that keeps every run's and model's results without weights (see
     ``runner.Lab``); with ``commit_ledger`` each entry is committed with git as it is written."""
     from ..errors import InputError
-    from ..models import quiet_transformers
-    from .claims import BY_NAME, DEFAULT
-    from .runner import SCALES
+    from ..model_folder import quiet_transformers
+    from .claims import DEFAULT
+    from .scales import SCALES
 
     if scale not in SCALES:
         raise InputError(f"unknown scale '{scale}'", "--scale", f"choose {', '.join(SCALES)}")
     claims = list(claims or DEFAULT)
-    for c in claims:
-        if c not in BY_NAME:
-            raise InputError(
-                f"unknown claim '{c}'", "--claims", f"choose from {', '.join(BY_NAME)}"
-            )
-    for t in tasks:
-        if t == "sql-real":
-            if T.real_sql("test", limit=1) is None:
-                raise InputError(
-                    "task 'sql-real' needs the sql-create-context data",
-                    "--tasks",
-                    "set LOTA_DATA to the folder that holds sql_create_context/all.json",
-                )
-        elif t not in T.TASKS or t == "safety":
-            raise InputError(
-                f"'{t}' is not a fine-tuning task of the bench",
-                "--tasks",
-                f"choose from {', '.join(x for x in T.TASKS if x != 'safety')}, sql-real",
-            )
-    if len(tasks) < 2 or len(set(tasks)) != len(tasks):
-        raise InputError(
-            "the bench needs at least two different tasks",
-            "--tasks",
-            "e.g. --tasks math,sql,instruct",
-        )
+    _check_claims(claims)
+    _check_tasks(tasks)
     seeds = SCALES[scale]["seeds"] if seeds is None else seeds
     if seeds < 1:
         raise InputError(f"--seeds {seeds} must be at least 1", "--seeds", "give e.g. 3")
@@ -100,6 +77,43 @@ def run_quality(
         return _measure(lab, tasks, seeds, claims, progress, commit, t0)
 
 
+def _check_claims(claims: list[str]) -> None:
+    from ..errors import InputError
+    from .claims import BY_NAME
+
+    for c in claims:
+        if c not in BY_NAME:
+            raise InputError(
+                f"unknown claim '{c}'", "--claims", f"choose from {', '.join(BY_NAME)}"
+            )
+
+
+def _check_tasks(tasks: list[str]) -> None:
+    """At least two different fine-tuning tasks of the bench (sql-real where its data is)."""
+    from ..errors import InputError
+
+    for t in tasks:
+        if t == "sql-real":
+            if T.real_sql("test", limit=1) is None:
+                raise InputError(
+                    "task 'sql-real' needs the sql-create-context data",
+                    "--tasks",
+                    "set LOTA_DATA to the folder that holds sql_create_context/all.json",
+                )
+        elif t not in T.TASKS or t == "safety":
+            raise InputError(
+                f"'{t}' is not a fine-tuning task of the bench",
+                "--tasks",
+                f"choose from {', '.join(x for x in T.TASKS if x != 'safety')}, sql-real",
+            )
+    if len(tasks) < 2 or len(set(tasks)) != len(tasks):
+        raise InputError(
+            "the bench needs at least two different tasks",
+            "--tasks",
+            "e.g. --tasks math,sql,instruct",
+        )
+
+
 def _measure(
     lab: Lab,
     tasks: list[str],
@@ -110,12 +124,31 @@ def _measure(
     t0: float,
 ) -> dict:
     from ..fileio import write_json, write_text
-    from .claims import BY_NAME, CLAIMS
+    from .claims import CLAIMS
     from .report import plots, render
-    from .runner import SCALES
 
-    out, scale, base, jobs = lab.out, lab.scale_name, lab.base, lab.jobs
+    out = lab.out
     q = Quality(lab, tasks, seeds)
+    _run_claims(lab, q, claims, progress)
+    results = {
+        "format": "lota",
+        "kind": "quality-bench",
+        "format_version": 1,
+        "meta": _meta(lab, tasks, seeds, claims, commit, t0),
+        "learning_rates": q.search,
+        **q.results,
+    }
+    write_json(Path(out) / "results.json", results)
+    figures = plots(results, Path(out), CLAIMS)
+    write_text(Path(out) / "report.md", render(results, figures, CLAIMS))
+    return results
+
+
+def _run_claims(lab: Lab, q: Quality, claims: list[str], progress: bool) -> None:
+    """Step every claim's generator in rounds: the runs all claims request in a round are trained
+    together, until every claim has filled its results."""
+    from .claims import BY_NAME
+
     gens = [BY_NAME[c].measure(q) for c in claims]
     rounds = 0
     while gens:
@@ -133,37 +166,35 @@ def _measure(
 
             tqdm.write(f"round {rounds}: {len(batch)} runs requested")
         lab.prefetch(batch)
-    results = {
-        "format": "lota",
-        "kind": "quality-bench",
-        "format_version": 1,
-        "meta": {
-            "commit": commit,
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-            "versions": versions(),
-            "scale": scale,
-            "settings": SCALES[scale],
-            "seeds": seeds,
-            "tasks": tasks,
-            "claims": claims,
-            "base": base,
-            "base_fingerprint": lab.base_fp,
-            "jobs": jobs,
-            "device": str(lab.resolved_device()),
-            "general_text": GENERAL_TEXT
-            if (Path(base) / "lab_recipe.json").exists()
-            else "Python's reference documentation (pydoc_data)",
-            "python": platform.python_version(),
-            "wall_s_this_invocation": round(time.time() - t0, 1),
-            "train_seconds_total": _train_seconds(lab),
-        },
-        "learning_rates": q.search,
-        **q.results,
+
+
+def _meta(
+    lab: Lab, tasks: list[str], seeds: int, claims: list[str], commit: str | None, t0: float
+) -> dict:
+    """What the results were measured with: code, versions, scale, tasks, base and device."""
+    from .scales import SCALES
+
+    scale, base = lab.scale_name, lab.base
+    return {
+        "commit": commit,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "versions": versions(),
+        "scale": scale,
+        "settings": SCALES[scale],
+        "seeds": seeds,
+        "tasks": tasks,
+        "claims": claims,
+        "base": base,
+        "base_fingerprint": lab.base_fp,
+        "jobs": lab.jobs,
+        "device": str(lab.resolved_device()),
+        "general_text": GENERAL_TEXT
+        if (Path(base) / "lab_recipe.json").exists()
+        else "Python's reference documentation (pydoc_data)",
+        "python": platform.python_version(),
+        "wall_s_this_invocation": round(time.time() - t0, 1),
+        "train_seconds_total": _train_seconds(lab),
     }
-    write_json(Path(out) / "results.json", results)
-    figures = plots(results, Path(out), CLAIMS)
-    write_text(Path(out) / "report.md", render(results, figures, CLAIMS))
-    return results
 
 
 def _commit() -> str | None:

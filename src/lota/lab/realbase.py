@@ -158,15 +158,34 @@ def _extract(wheel: Path, tmp: Path, progress: bool) -> Path:
 
 
 def _convert(gguf_path: Path, out: Path, progress: bool) -> None:
-    import torch
     import transformers
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from ..models import WeightReader, quiet_transformers
+    from ..fileio import write_json
+    from ..model_folder import quiet_transformers
+    from ..weights import WeightReader
 
     quiet_transformers()
     _say(progress, "real-base: dequantizing Q4_1 -> bf16 with transformers' GGUF loader")
     t0 = time.time()
+    model, tokenizer = _dequantized(gguf_path)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    fingerprint = WeightReader(str(out), "real base").fingerprint()
+    if FINGERPRINT is not None and fingerprint != FINGERPRINT:
+        raise LotaError(
+            f"the converted weights have fingerprint {fingerprint}, not the pinned {FINGERPRINT}",
+            "lota lab real-base",
+            f"convert with the pinned transformers and gguf (constraints.txt); got transformers "
+            f"{transformers.__version__}",
+        )
+    write_json(out / PROVENANCE, _provenance(model, fingerprint, t0))
+
+
+def _dequantized(gguf_path: Path):
+    """The GGUF's model, dequantized to bfloat16 (read in float32), and its tokenizer."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
     folder, name = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
@@ -179,48 +198,40 @@ def _convert(gguf_path: Path, out: Path, progress: bool) -> None:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict(), strict=True)
     del loaded
-    model = model.to(torch.bfloat16)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    fingerprint = WeightReader(str(out), "real base").fingerprint()
-    if FINGERPRINT is not None and fingerprint != FINGERPRINT:
-        raise LotaError(
-            f"the converted weights have fingerprint {fingerprint}, not the pinned {FINGERPRINT}",
-            "lota lab real-base",
-            f"convert with the pinned transformers and gguf (constraints.txt); got transformers "
-            f"{transformers.__version__}",
-        )
+    return model.to(torch.bfloat16), tokenizer
+
+
+def _provenance(model, fingerprint: str, t0: float) -> dict:
+    """Where the converted weights come from and what converted them."""
     from importlib.metadata import version
 
-    from ..fileio import write_json
+    import torch
+    import transformers
 
-    write_json(
-        out / PROVENANCE,
-        {
-            "format": "lota",
-            "kind": "real-base-provenance",
-            "format_version": 1,
-            "model": "SmolLM2-135M-Instruct",
-            "license": "Apache-2.0",
-            "package": PACKAGE,
-            "package_version": VERSION,
-            "wheel": WHEEL,
-            "wheel_sha256": WHEEL_SHA256,
-            "gguf_file": GGUF,
-            "gguf_sha256": GGUF_SHA256,
-            "quantization": "Q4_1",
-            "note": "the Q4_1 GGUF dequantized to bfloat16, not the original bf16 release",
-            "dtype": "bfloat16",
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "base_fingerprint": fingerprint,
-            "converted_with": {
-                "transformers": transformers.__version__,
-                "gguf": version("gguf"),
-                "torch": torch.__version__,
-            },
-            "convert_seconds": round(time.time() - t0, 1),
+    return {
+        "format": "lota",
+        "kind": "real-base-provenance",
+        "format_version": 1,
+        "model": "SmolLM2-135M-Instruct",
+        "license": "Apache-2.0",
+        "package": PACKAGE,
+        "package_version": VERSION,
+        "wheel": WHEEL,
+        "wheel_sha256": WHEEL_SHA256,
+        "gguf_file": GGUF,
+        "gguf_sha256": GGUF_SHA256,
+        "quantization": "Q4_1",
+        "note": "the Q4_1 GGUF dequantized to bfloat16, not the original bf16 release",
+        "dtype": "bfloat16",
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "base_fingerprint": fingerprint,
+        "converted_with": {
+            "transformers": transformers.__version__,
+            "gguf": version("gguf"),
+            "torch": torch.__version__,
         },
-    )
+        "convert_seconds": round(time.time() - t0, 1),
+    }
 
 
 def _copy_folder(src: Path, dst: Path) -> None:

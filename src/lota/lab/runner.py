@@ -25,124 +25,10 @@ from pathlib import Path
 
 import torch
 
-from .. import sources
 from ..fileio import FolderLock, create_folder, remove_folders, write_json, write_text
 from . import tasks as T
-
-# ---------------------------------------------------------------------------- scales
-SCALES = {
-    # the committed results: 5 seeds, every learning rate of the grid searched on validation
-    # (the mean of two seeds)
-    "full": {
-        "n_train": 2000,
-        "n_val": 100,
-        "n_test": 200,
-        "steps": 150,
-        "batch": 16,
-        "calibration": 20,
-        "long_calibration": 150,
-        "calibration_lr": 1e-3,
-        "lr_points": 3,
-        "seeds": 5,
-        "eval_batch": 100,
-        "real_sql": 200,
-        "general_docs": 256,  # held-out documents of the general-text loss (forgetting)
-    },
-    # ``lota demo``: one seed, fixed learning rates, small test sets, inside five minutes
-    "demo": {
-        "n_train": 2000,
-        "n_val": 50,
-        "n_test": 100,
-        "steps": 150,
-        "batch": 16,
-        "calibration": 20,
-        "long_calibration": 150,
-        "calibration_lr": 1e-3,
-        "lr_points": 1,
-        "seeds": 1,
-        "eval_batch": 100,
-        "real_sql": 0,
-        "general_docs": 256,
-    },
-    # a quick pass through every claim (tests, ``--scale smoke``)
-    "smoke": {
-        "n_train": 48,
-        "n_val": 6,
-        "n_test": 6,
-        "steps": 2,
-        "batch": 4,
-        "calibration": 1,
-        "long_calibration": 3,
-        "calibration_lr": 1e-3,
-        "lr_points": 1,
-        "seeds": 1,
-        "eval_batch": 8,
-        "real_sql": 4,
-        "max_new_tokens": 6,
-        "general_docs": 16,
-    },
-    # the real base (SmolLM2-135M-Instruct, ``--base real``): see docs/lab.md for the budget
-    "real": {
-        "n_train": 2000,
-        "n_val": 40,
-        "n_test": 100,
-        "steps": 40,
-        "batch": 8,
-        "calibration": 8,
-        "calibration_lr": 1e-4,
-        "lr_points": 2,
-        "seeds": 3,
-        "eval_batch": 50,
-        "real_sql": 100,
-        "max_length": 192,
-        "general_docs": 32,
-        "general_seq": 256,
-        # train and score in float32: a CPU without bfloat16 instructions computes the bf16
-        # weights about 3x slower than float32 (measured on SmolLM2, batch 8 x 80 tokens)
-        "dtype": "float32",
-    },
-    # the same protocol in seconds (tests)
-    "real-smoke": {
-        "n_train": 16,
-        "n_val": 2,
-        "n_test": 2,
-        "steps": 1,
-        "batch": 2,
-        "calibration": 1,
-        "calibration_lr": 1e-4,
-        "lr_points": 1,
-        "seeds": 1,
-        "eval_batch": 2,
-        "real_sql": 2,
-        "max_length": 64,
-        "max_new_tokens": 4,
-        "general_docs": 2,
-        "general_seq": 32,
-        "dtype": "float32",
-    },
-}
-# learning-rate grids, from the method table (every method of a family gets the same number of
-# points); the middle points are used when a scale searches only one
-LR_GRID = sources.lr_grids()
-MAX_NEW_TOKENS = {
-    "math": 24,
-    "sql": 40,
-    "sql-real": 64,
-    "instruct": 32,
-    "translate": 28,
-    "safety": 32,
-}
-GENERAL = "general"  # the pseudo-task of the general-text loss (forgetting), scored like a task
-DATA_SEED = 0  # the task data is the same for every seed; seeds change initialisation and order
-
-
-def lr_grid(method: str, points: int) -> list[float]:
-    grid = list(sources.METHODS[method].lr_grid)
-    if points >= len(grid):
-        return list(grid)
-    mid = len(grid) // 2
-    lo = mid - points // 2
-    return grid[lo : lo + points]
+from .ledger import Ledger
+from .scales import DATA_SEED, GENERAL, MAX_NEW_TOKENS, SCALES
 
 
 def _digest(obj) -> str:
@@ -179,15 +65,15 @@ class Lab:
         commit: bool = False,
         device: str = "auto",
     ):
-        from ..models import WeightReader, load_tokenizer
+        from ..models import load_tokenizer
+        from ..weights import WeightReader
         from .base import lab_recipe
         from .realbase import is_real_base
 
         # The ledger (optional) keeps what the report needs of every run and model, without
-        # weights: a JSON file each, written as it finishes (and committed with git when asked),
-        # so a bench continued on another machine retrains only what a missing result needs.
-        self.ledger = Path(ledger) if ledger is not None else None
-        self.commit = commit
+        # weights, so a bench continued on another machine retrains only what a missing result
+        # needs.
+        self.ledger = Ledger(ledger, commit) if ledger is not None else None
         self.device = device  # training and scoring: auto is the GPU when torch sees one
         self._builders: dict[str, object] = {}  # derived folder name -> its build function
         self.out = Path(out)
@@ -269,7 +155,7 @@ class Lab:
             self._train(spec, folder)
         result = json.loads((folder / "result.json").read_text())
         if self.ledger is not None and "info" not in self._entry(folder.name):
-            self._record(folder.name, spec=spec, info=result["info"])
+            self.ledger.record(folder.name, spec=spec, info=result["info"])
         return Run(folder.name, folder, spec, result["info"])
 
     def materialize(self, spec: dict) -> Run:
@@ -342,7 +228,7 @@ class Lab:
             write_json(self._scores_path(model), cached)
             name = self._ledger_name(model)
             if name is not None:
-                self._record(name, scores=cached)
+                self.ledger.record(name, scores=cached)
         return cached[key]
 
     def _cached_scores(self, model: str) -> dict:
@@ -353,17 +239,7 @@ class Lab:
 
     # ------------------------------------------------------------------------ the ledger
     def _entry(self, name: str) -> dict:
-        if self.ledger is None:
-            return {}
-        path = self.ledger / f"{name}.json"
-        return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
-
-    def _record(self, name: str, **fields) -> None:
-        entry = {**self._entry(name), **fields}
-        path = self.ledger / f"{name}.json"
-        write_json(path, entry)
-        if self.commit:
-            _git_commit(path, f"lab ledger: {name}")
+        return {} if self.ledger is None else self.ledger.entry(name)
 
     def _ledger_name(self, model: str) -> str | None:
         if self.ledger is None:
@@ -493,7 +369,7 @@ class Lab:
         if not (folder / "done.json").exists() and "recipe" not in self._entry(folder.name):
             make()
             if self.ledger is not None:
-                self._record(folder.name, recipe=recipe)
+                self.ledger.record(folder.name, recipe=recipe)
         return str(folder / "model")
 
     # ------------------------------------------------------------------------ parallel prefetch
@@ -546,31 +422,13 @@ class Lab:
             tqdm.write(f"  done: {self.key(spec)}")
 
 
-def _git_commit(path: Path, message: str) -> None:
-    """Commit one ledger file (only it) in the git repository that holds it; a folder outside
-    git, or a git that fails, leaves the file written and uncommitted."""
-    import subprocess
-
-    cwd = path.parent
-    try:
-        subprocess.run(["git", "add", "--", path.name], cwd=cwd, check=True, capture_output=True)
-        subprocess.run(
-            ["git", "commit", "-q", "-m", message, "--", path.name],
-            cwd=cwd,
-            check=True,
-            capture_output=True,
-        )
-    except (OSError, subprocess.CalledProcessError):
-        pass
-
-
 def _worker_init() -> None:
     import warnings
 
     warnings.filterwarnings("ignore")  # as in the main process: library deprecation chatter
     torch.set_num_threads(1)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from ..models import quiet_transformers
+    from ..model_folder import quiet_transformers
 
     quiet_transformers()
 

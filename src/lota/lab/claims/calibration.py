@@ -18,7 +18,8 @@ from pathlib import Path
 
 from ..context import Quality, spec, stats
 from ..report import ALPHA, bar_chart, fmt, md_bullets, md_table, p_text, pyplot, save_figure, welch
-from ..runner import CALIBRATOR_KEYS, GENERAL
+from ..runner import CALIBRATOR_KEYS
+from ..scales import GENERAL
 
 NAME = "calibration"
 # variant -> (method, calibration settings as AdaptConfig fields). A setting equal to the config's

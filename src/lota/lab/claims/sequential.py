@@ -22,9 +22,18 @@ from ..report import (
     save_figure,
     std_of,
 )
-from ..runner import GENERAL, lr_grid
+from ..scales import GENERAL, lr_grid
 
 NAME = "sequential"
+
+
+VARIANTS = {
+    "FFT -> FFT": ("fft", "fft", {}),
+    "LoRA -> LoRA": ("lora", "lora", {}),
+    "LoTA -> FFT": ("lota", "fft", {}),
+    "LoTA -> LoTTO": ("lota", "lota", {"protect_mode": "constrained"}),
+    "LoTA -> LoTTO flip": ("lota", "lota", {"protect_mode": "flip"}),
+}
 
 
 def measure(q: Quality):
@@ -32,23 +41,30 @@ def measure(q: Quality):
     through every task with its capacity curve."""
     yield []  # the learning rates come from claim 1's search
     a, b = q.tasks[0], q.tasks[1]
-    stage2 = {}
-    variants = {
-        "FFT -> FFT": ("fft", "fft", {}),
-        "LoRA -> LoRA": ("lora", "lora", {}),
-        "LoTA -> FFT": ("lota", "fft", {}),
-        "LoTA -> LoTTO": ("lota", "lota", {"protect_mode": "constrained"}),
-        "LoTA -> LoTTO flip": ("lota", "lota", {"protect_mode": "flip"}),
-    }
     firsts = {
         (x, m1, seed): spec(x, m1, q.lr_for(x, m1), seed)
         for x in (a, b)
-        for m1, _, _ in variants.values()
+        for m1, _, _ in VARIANTS.values()
         for seed in q.seeds
     }
     yield [(s1, [(x, "test", "default")]) for (x, _, _), s1 in firsts.items()]
-    # flip trains the whole complement of the first ticket, a dense run: it gets its own
-    # search over the FFT grid instead of borrowing the sparse learning rate
+    yield from _search_flip(q, a, b, firsts)
+    stage2 = _second_stages(q, a, b, firsts)
+    yield [
+        (s2, [(x, "test", "default"), (y, "test", "default"), (GENERAL, "test", "default")])
+        for (x, y, _, _), (_, s2) in stage2.items()
+    ]
+    q.results[NAME] = {"orders": _orders(q, a, b, stage2)}
+    # the chain: every task in turn, LoTTO (constrained) vs FFT
+    if len(q.tasks) < 3:
+        q.results[NAME]["chain"] = None
+        return
+    yield from _chain(q)
+
+
+def _search_flip(q: Quality, a: str, b: str, firsts: dict):
+    """Flip trains the whole complement of the first ticket, a dense run: it gets its own search
+    over the FFT grid instead of borrowing the sparse learning rate."""
     flip_search = {}
     for x, y in ((a, b), (b, a)):
         flip_search[(x, y)] = [
@@ -67,8 +83,13 @@ def measure(q: Quality):
     yield [(s, [(y, "validation", "default")]) for (_, y), ss in flip_search.items() for s in ss]
     for (x, y), ss in flip_search.items():
         q.choose(y, "lotto-flip", ss, label=f"{x} -> {y}/LoTTO flip")
+
+
+def _second_stages(q: Quality, a: str, b: str, firsts: dict) -> dict:
+    """``{(first task, second task, variant, seed): (first spec, second spec)}``."""
+    stage2 = {}
     for x, y in ((a, b), (b, a)):
-        for name, (m1, m2, extra) in variants.items():
+        for name, (m1, m2, extra) in VARIANTS.items():
             for seed in q.seeds:
                 first = firsts[(x, m1, seed)]
                 more = dict(extra)
@@ -79,14 +100,15 @@ def measure(q: Quality):
                     first,
                     spec(y, m2, lr or q.lr_for(y, m2), seed, start=first, **more),
                 )
-    yield [
-        (s2, [(x, "test", "default"), (y, "test", "default"), (GENERAL, "test", "default")])
-        for (x, y, _, _), (_, s2) in stage2.items()
-    ]
+    return stage2
+
+
+def _orders(q: Quality, a: str, b: str, stage2: dict) -> dict:
+    """Every variant's scores before and after the second task, in both orders."""
     orders = {}
     for x, y in ((a, b), (b, a)):
         rows = {}
-        for name in variants:
+        for name in VARIANTS:
             before, after_x, after_y, general = [], [], [], []
             for seed in q.seeds:
                 s1, s2 = stage2[(x, y, name, seed)]
@@ -104,11 +126,11 @@ def measure(q: Quality):
                 "general_forgetting": stats(general),
             }
         orders[f"{x} -> {y}"] = rows
-    q.results[NAME] = {"orders": orders}
-    # the chain: every task in turn, LoTTO (constrained) vs FFT
-    if len(q.tasks) < 3:
-        q.results[NAME]["chain"] = None
-        return
+    return orders
+
+
+def _chain(q: Quality):
+    """Every task in turn, LoTTO (constrained) vs FFT, beside every task trained alone."""
     # every task of the chain must be learnable on its own within its budget, or the chain
     # measures failure to learn rather than forgetting: the tasks beyond claim 1's two get the
     # same learning-rate search, and every task's solo runs (from the base) are reported
@@ -126,6 +148,23 @@ def measure(q: Quality):
     yield [
         (s, [(t, "test", "default"), (GENERAL, "test", "default")]) for (t, _, _), s in solo.items()
     ]
+    chains = _chain_specs(q)
+    for depth in range(len(q.tasks)):
+        yield [
+            (
+                c[depth],
+                [(t, "test", "default") for t in q.tasks[: depth + 1]]
+                + [(GENERAL, "test", "default")],
+            )
+            for c in chains.values()
+        ]
+    q.results[NAME]["chain"] = _chain_stages(q, chains)
+    q.results[NAME]["chain_solo"] = _chain_solo(q, solo)
+
+
+def _chain_specs(q: Quality) -> dict:
+    """``{(method, seed): [spec of each stage]}``: each stage starts from the one before, and
+    under LoTTO protects every ticket before it."""
     chains = {}
     for method in ("lota", "fft"):
         for seed in q.seeds:
@@ -138,15 +177,11 @@ def measure(q: Quality):
                         extra["protect"] = list(prev)
                 prev.append(spec(t, method, q.lr_for(t, method), seed, **extra))
             chains[(method, seed)] = prev
-    for depth in range(len(q.tasks)):
-        yield [
-            (
-                c[depth],
-                [(t, "test", "default") for t in q.tasks[: depth + 1]]
-                + [(GENERAL, "test", "default")],
-            )
-            for c in chains.values()
-        ]
+    return chains
+
+
+def _chain_stages(q: Quality, chains: dict) -> dict:
+    """Each stage's free capacity and the scores of every task trained so far."""
     chain = {}
     for method in ("lota", "fft"):
         stages = []
@@ -166,8 +201,12 @@ def measure(q: Quality):
                 }
             )
         chain["LoTTO" if method == "lota" else "FFT"] = stages
-    q.results[NAME]["chain"] = chain
-    q.results[NAME]["chain_solo"] = {
+    return chain
+
+
+def _chain_solo(q: Quality, solo: dict) -> dict:
+    """Every task of the chain trained alone from the base, against the base's score."""
+    return {
         ("LoTA" if m == "lota" else "FFT"): {
             t: {
                 "lr": q.lr_for(t, m),
@@ -265,100 +304,108 @@ def render(results: dict, figs: dict[str, str]) -> list[str]:
         return []
     out = ["## Claim 2: sequential tasks\n"]
     for order, rows in seq["orders"].items():
-        x, y = order.split(" -> ")
-        out.append(f"**{order}**\n")
-        out.append(
-            md_table(
-                [
-                    "method",
-                    f"{x} before",
-                    f"{x} after",
-                    f"forgetting of {x}",
-                    f"{y}",
-                    "general forgetting",
-                ],
-                [
-                    [
-                        n,
-                        fmt(r["first_before"]),
-                        fmt(r["first_after"]),
-                        fmt(r["forgetting"]),
-                        fmt(r["second"]),
-                        fmt(r.get("general_forgetting"), 4),
-                    ]
-                    for n, r in rows.items()
-                ],
-            )
-        )
-        fft = rows["FFT -> FFT"]
-        for key, label, digits in (
-            ("forgetting", "forgetting", 3),
-            ("general_forgetting", "general forgetting", 4),
-        ):
-            if key in fft:
-                out.append(
-                    md_bullets(
-                        f"{order}: "
-                        + compare(
-                            f"{label} under {n}", r[key], "under FFT -> FFT", fft[key], digits
-                        )
-                        for n, r in rows.items()
-                        if n != "FFT -> FFT"
-                    )
-                )
+        out.extend(_render_order(order, rows))
     if "sequential" in figs:
         out.append(f"![claim 2]({figs['sequential']})\n")
     if seq.get("chain"):
-        solo = seq.get("chain_solo")
-        if solo:
-            tasks = list(next(iter(solo.values())))
-            out.append(
-                "**Every task of the chain on its own** (trained from the base with the chain's "
-                "budget and learning rate; the chain measures forgetting only where a task is "
-                "learnable alone)\n"
-            )
-            out.append(
-                md_table(
-                    ["solo", *tasks, *[f"general forgetting ({t})" for t in tasks]],
-                    [
-                        ["base (no training)"]
-                        + [f"{solo['FFT'][t]['base']:.3f}" for t in tasks]
-                        + ["0"] * len(tasks)
-                    ]
-                    + [
-                        [m]
-                        + [fmt(r[t]["score"]) for t in tasks]
-                        + [fmt(r[t]["general_forgetting"], 4) for t in tasks]
-                        for m, r in solo.items()
-                    ],
-                )
-            )
-            out.append(
-                md_bullets(
-                    learned(m, t, r[t]["score"], r[t]["base"])
-                    for m, r in solo.items()
-                    for t in tasks
-                )
-            )
-        out.append("**Chain through every task** (score of each task after each stage)\n")
-        for method, stages in seq["chain"].items():
-            tasks = [s["task"] for s in stages]
-            general = "general_forgetting" in stages[0]
-            out.append(
-                md_table(
-                    [f"{method}: after", "free capacity", *tasks]
-                    + (["general forgetting"] if general else []),
-                    [
-                        [
-                            st["task"],
-                            f"{st['free_before']:.2f}",
-                            *[fmt(st["scores"].get(t)) for t in tasks],
-                        ]
-                        + ([fmt(st["general_forgetting"], 4)] if general else [])
-                        for st in stages
-                    ],
-                )
-            )
+        if seq.get("chain_solo"):
+            out.extend(_render_solo(seq["chain_solo"]))
+        out.extend(_render_chain(seq["chain"]))
         if "chain" in figs:
             out.append(f"![chain]({figs['chain']})\n")
+    return out
+
+
+def _render_order(order: str, rows: dict) -> list[str]:
+    """One order's table, and every variant's forgetting against FFT -> FFT's."""
+    x, y = order.split(" -> ")
+    out = [f"**{order}**\n"]
+    out.append(
+        md_table(
+            [
+                "method",
+                f"{x} before",
+                f"{x} after",
+                f"forgetting of {x}",
+                f"{y}",
+                "general forgetting",
+            ],
+            [
+                [
+                    n,
+                    fmt(r["first_before"]),
+                    fmt(r["first_after"]),
+                    fmt(r["forgetting"]),
+                    fmt(r["second"]),
+                    fmt(r.get("general_forgetting"), 4),
+                ]
+                for n, r in rows.items()
+            ],
+        )
+    )
+    fft = rows["FFT -> FFT"]
+    for key, label, digits in (
+        ("forgetting", "forgetting", 3),
+        ("general_forgetting", "general forgetting", 4),
+    ):
+        if key in fft:
+            out.append(
+                md_bullets(
+                    f"{order}: "
+                    + compare(f"{label} under {n}", r[key], "under FFT -> FFT", fft[key], digits)
+                    for n, r in rows.items()
+                    if n != "FFT -> FFT"
+                )
+            )
+    return out
+
+
+def _render_solo(solo: dict) -> list[str]:
+    """Every task of the chain trained alone, and whether each is learnable."""
+    tasks = list(next(iter(solo.values())))
+    return [
+        "**Every task of the chain on its own** (trained from the base with the chain's "
+        "budget and learning rate; the chain measures forgetting only where a task is "
+        "learnable alone)\n",
+        md_table(
+            ["solo", *tasks, *[f"general forgetting ({t})" for t in tasks]],
+            [
+                ["base (no training)"]
+                + [f"{solo['FFT'][t]['base']:.3f}" for t in tasks]
+                + ["0"] * len(tasks)
+            ]
+            + [
+                [m]
+                + [fmt(r[t]["score"]) for t in tasks]
+                + [fmt(r[t]["general_forgetting"], 4) for t in tasks]
+                for m, r in solo.items()
+            ],
+        ),
+        md_bullets(
+            learned(m, t, r[t]["score"], r[t]["base"]) for m, r in solo.items() for t in tasks
+        ),
+    ]
+
+
+def _render_chain(chain: dict) -> list[str]:
+    """The score of each task after each stage of the chain, per method."""
+    out = ["**Chain through every task** (score of each task after each stage)\n"]
+    for method, stages in chain.items():
+        tasks = [s["task"] for s in stages]
+        general = "general_forgetting" in stages[0]
+        out.append(
+            md_table(
+                [f"{method}: after", "free capacity", *tasks]
+                + (["general forgetting"] if general else []),
+                [
+                    [
+                        st["task"],
+                        f"{st['free_before']:.2f}",
+                        *[fmt(st["scores"].get(t)) for t in tasks],
+                    ]
+                    + ([fmt(st["general_forgetting"], 4)] if general else [])
+                    for st in stages
+                ],
+            )
+        )
     return out

@@ -22,7 +22,7 @@ from ..report import (
     std_of,
     welch,
 )
-from ..runner import GENERAL
+from ..scales import GENERAL
 
 NAME = "single"
 METHODS = sources.lab_methods()  # fft, lora, lota, random, bottomk
@@ -64,46 +64,10 @@ def measure(q: Quality):
         + [(s, [(a, "test", "default")]) for s in sweep.values()]
     )
     base = {t: q.test(q.lab.base, t)["score"] for t in (a, b)}
-    table = {}
-    for t in (a, b):
-        for m in METHODS:
-            runs = [q.lab.run(main[(t, m, seed)]) for seed in q.seeds]
-            row = {
-                "lr": q.chosen[(t, m)],
-                "score": stats([q.test(r, t)["score"] for r in runs]),
-                "trained_entries": runs[0].info["k"],
-                # LoRA trains r x (in + out) per layer; its delta is the merged dense change
-                "trained_parameters": runs[0].info.get("trained_parameters", runs[0].info["k"]),
-                "lora_r": runs[0].info.get("lora_r"),
-                "delta_bytes": runs[0].info["delta_bytes"],
-                "adapter_bytes": runs[0].info.get("adapter_bytes"),
-                "seconds": stats([r.info["seconds"] for r in runs]),
-                # general ability: held-out pretraining-style text, loss after minus before
-                "forgetting": stats([q.lab.forgetting(r.model) for r in runs]),
-                # measured peak resident memory each phase added to its process
-                "memory_mb": {
-                    phase: stats([_memory(r).get("phase_added_mb", {}).get(phase) for r in runs])
-                    for phase in _memory(runs[0]).get("phase_added_mb", {})
-                },
-                "peak_memory_mb": stats([_memory(r).get("peak_added_mb") for r in runs]),
-            }
-            if t == "sql" and real:
-                row["sql_real"] = stats([q.test(r, "sql-real")["score"] for r in runs])
-            table[f"{t}/{m}"] = row
-    cal = {}
-    for c in (1, q.lab.scale["calibration"], q.lab.scale["long_calibration"]):
-        specs = [calib[(c, s)] if (c, s) in calib else main[(a, "lota", s)] for s in q.seeds]
-        cal[str(c)] = stats([q.test(q.lab.run(s), a)["score"] for s in specs])
+    table = {f"{t}/{m}": _method_row(q, t, m, main, real) for t in (a, b) for m in METHODS}
+    cal = _calibration_scores(q, a, calib, main)
     cal["random mask"] = table[f"{a}/random"]["score"]
-    sw = {}
-    for sp in SPARSITIES:
-        specs = [sweep[(sp, s)] if (sp, s) in sweep else main[(a, "lota", s)] for s in q.seeds]
-        runs = [q.lab.run(s) for s in specs]
-        sw[sp] = {
-            "score": stats([q.test(r, a)["score"] for r in runs]),
-            "trained_entries": runs[0].info["k"],
-            "delta_bytes": runs[0].info["delta_bytes"],
-        }
+    sw = _sparsity_sweep(q, a, sweep, main)
     q.results[NAME] = {
         "tasks": [a, b],
         "base": base,
@@ -114,6 +78,56 @@ def measure(q: Quality):
         "sparsity_task": a,
         "real_sql_available": real,
     }
+
+
+def _method_row(q: Quality, t: str, m: str, main: dict, real: bool) -> dict:
+    """Method ``m`` on task ``t`` over the seeds: score, sizes, time, forgetting and memory."""
+    runs = [q.lab.run(main[(t, m, seed)]) for seed in q.seeds]
+    row = {
+        "lr": q.chosen[(t, m)],
+        "score": stats([q.test(r, t)["score"] for r in runs]),
+        "trained_entries": runs[0].info["k"],
+        # LoRA trains r x (in + out) per layer; its delta is the merged dense change
+        "trained_parameters": runs[0].info.get("trained_parameters", runs[0].info["k"]),
+        "lora_r": runs[0].info.get("lora_r"),
+        "delta_bytes": runs[0].info["delta_bytes"],
+        "adapter_bytes": runs[0].info.get("adapter_bytes"),
+        "seconds": stats([r.info["seconds"] for r in runs]),
+        # general ability: held-out pretraining-style text, loss after minus before
+        "forgetting": stats([q.lab.forgetting(r.model) for r in runs]),
+        # measured peak resident memory each phase added to its process
+        "memory_mb": {
+            phase: stats([_memory(r).get("phase_added_mb", {}).get(phase) for r in runs])
+            for phase in _memory(runs[0]).get("phase_added_mb", {})
+        },
+        "peak_memory_mb": stats([_memory(r).get("peak_added_mb") for r in runs]),
+    }
+    if t == "sql" and real:
+        row["sql_real"] = stats([q.test(r, "sql-real")["score"] for r in runs])
+    return row
+
+
+def _calibration_scores(q: Quality, a: str, calib: dict, main: dict) -> dict:
+    """LoTA's score on ``a`` by the number of calibration steps (the scale's own from ``main``)."""
+    cal = {}
+    for c in (1, q.lab.scale["calibration"], q.lab.scale["long_calibration"]):
+        specs = [calib[(c, s)] if (c, s) in calib else main[(a, "lota", s)] for s in q.seeds]
+        cal[str(c)] = stats([q.test(q.lab.run(s), a)["score"] for s in specs])
+    return cal
+
+
+def _sparsity_sweep(q: Quality, a: str, sweep: dict, main: dict) -> dict:
+    """LoTA's score and sizes on ``a`` at every sparsity (0.9 from ``main``)."""
+    sw = {}
+    for sp in SPARSITIES:
+        specs = [sweep[(sp, s)] if (sp, s) in sweep else main[(a, "lota", s)] for s in q.seeds]
+        runs = [q.lab.run(s) for s in specs]
+        sw[sp] = {
+            "score": stats([q.test(r, a)["score"] for r in runs]),
+            "trained_entries": runs[0].info["k"],
+            "delta_bytes": runs[0].info["delta_bytes"],
+        }
+    return sw
 
 
 def _memory(run) -> dict:
@@ -285,11 +299,54 @@ def render(results: dict, figs: dict[str, str]) -> list[str]:
     a = single["tasks"][0]
     out = ["## Claim 1: LoTA vs FFT, LoRA, random and bottom-k masks\n"]
     general = "forgetting" in next(iter(single["methods"].values()))
+    methods = _methods(single)
+    out.append(_methods_table(single, methods, general))
+    if general:
+        out.append(
+            "General forgetting: the mean per-token cross-entropy on held-out text of the base's "
+            "pretraining distribution (documents its pretraining never saw), after training minus "
+            f"the base's ({single['base_general_loss']:.4f}); positive means the model forgot. "
+            f"Welch's t-test over seeds at alpha {ALPHA}.\n"
+        )
+        out.append(md_bullets(forgetting_verdicts(single)))
+    if single.get("real_sql_available") and "sql/fft" in single["methods"]:
+        out.append(
+            "Real sql-create-context test (first "
+            f"{meta['settings']['real_sql']} questions), models trained on the generated sql "
+            "task: "
+            + "; ".join(
+                f"{m} {fmt(single['methods'][f'sql/{m}'].get('sql_real'))}" for m in methods
+            )
+            + ".\n"
+        )
+    out.append(md_bullets(_score_verdicts(single)))
+    if "single" in figs:
+        out.append(f"![claim 1]({figs['single']})\n")
+    cal = single["calibration_steps"]
+    out.append(f"Calibration length and sparsity on {a}:\n")
+    out.append(md_table(["calibration steps", "score"], [[k, fmt(v)] for k, v in cal.items()]))
+    out.append(
+        md_table(
+            ["sparsity", "trained entries", "delta bytes", "score"],
+            [
+                [k, f"{v['trained_entries']:,}", f"{v['delta_bytes']:,}", fmt(v["score"])]
+                for k, v in single["sparsity"].items()
+            ],
+        )
+    )
+    if "calibration_sparsity" in figs:
+        out.append(f"![calibration and sparsity]({figs['calibration_sparsity']})\n")
+    out.extend(_render_memory(single, methods, figs))
+    return out
+
+
+def _methods_table(single: dict, methods: list[str], general: bool) -> str:
+    """Every method's score (and general forgetting) on each task, with what it trains and
+    saves; the base last."""
     head = ["method", *single["tasks"]]
     head += [f"general forgetting ({t})" for t in single["tasks"]] if general else []
     head += ["trained parameters", "delta bytes", "adapter bytes"]
     rows = []
-    methods = _methods(single)
     for m in methods:
         r = [single["methods"][f"{t}/{m}"] for t in single["tasks"]]
         lora = f" (LoRA r={r[0]['lora_r']})" if r[0].get("lora_r") else ""
@@ -310,25 +367,12 @@ def render(results: dict, figs: dict[str, str]) -> list[str]:
         + (["0"] * len(single["tasks"]) if general else [])
         + ["-", "-", "-"]
     )
-    out.append(md_table(head, rows))
-    if general:
-        out.append(
-            "General forgetting: the mean per-token cross-entropy on held-out text of the base's "
-            "pretraining distribution (documents its pretraining never saw), after training minus "
-            f"the base's ({single['base_general_loss']:.4f}); positive means the model forgot. "
-            f"Welch's t-test over seeds at alpha {ALPHA}.\n"
-        )
-        out.append(md_bullets(forgetting_verdicts(single)))
-    if single.get("real_sql_available") and "sql/fft" in single["methods"]:
-        out.append(
-            "Real sql-create-context test (first "
-            f"{meta['settings']['real_sql']} questions), models trained on the generated sql "
-            "task: "
-            + "; ".join(
-                f"{m} {fmt(single['methods'][f'sql/{m}'].get('sql_real'))}" for m in methods
-            )
-            + ".\n"
-        )
+    return md_table(head, rows)
+
+
+def _score_verdicts(single: dict) -> list[str]:
+    """LoTA's score against each baseline per task, and one calibration step against a random
+    mask."""
     verdicts = []
     for t in single["tasks"]:
         lota = single["methods"][f"{t}/lota"]["score"]
@@ -337,28 +381,12 @@ def render(results: dict, figs: dict[str, str]) -> list[str]:
                 f"{t}: " + compare("LoTA", lota, LABELS[m], single["methods"][f"{t}/{m}"]["score"])
             )
     cal = single["calibration_steps"]
+    a = single["tasks"][0]
     verdicts.append(
         f"{a}: "
         + compare("LoTA after 1 calibration step", cal["1"], "a random mask", cal["random mask"])
     )
-    out.append(md_bullets(verdicts))
-    if "single" in figs:
-        out.append(f"![claim 1]({figs['single']})\n")
-    out.append(f"Calibration length and sparsity on {a}:\n")
-    out.append(md_table(["calibration steps", "score"], [[k, fmt(v)] for k, v in cal.items()]))
-    out.append(
-        md_table(
-            ["sparsity", "trained entries", "delta bytes", "score"],
-            [
-                [k, f"{v['trained_entries']:,}", f"{v['delta_bytes']:,}", fmt(v["score"])]
-                for k, v in single["sparsity"].items()
-            ],
-        )
-    )
-    if "calibration_sparsity" in figs:
-        out.append(f"![calibration and sparsity]({figs['calibration_sparsity']})\n")
-    out.extend(_render_memory(single, methods, figs))
-    return out
+    return verdicts
 
 
 def _render_memory(single: dict, methods: list[str], figs: dict[str, str]) -> list[str]:
