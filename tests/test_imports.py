@@ -309,3 +309,63 @@ def test_the_layer_check_names_upward_imports_and_cycles(tmp_path):
     assert cycles[0].startswith("import cycle among lota.high, lota.low: ")
     assert "lota/low.py:2 lota.low -> lota.high" in cycles[0]
     assert "lota/sub/b.py:1 lota.sub.b -> lota.sub.a" in cycles[1]
+
+
+def _shown(path: Path) -> Path:
+    return path.relative_to(SRC.parent) if path.is_relative_to(SRC.parent) else path
+
+
+def private_crossings(modules: dict[str, Path]) -> list[str]:
+    """``file:line`` of every use of another lota module's private name: ``from .x import _name``
+    and ``x._name`` where ``x`` is a lota module imported under that name."""
+    out = []
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+        aliases = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                    base = ".".join(up + ([node.module] if node.module else []))
+                if not base.startswith("lota"):
+                    continue
+                for a in node.names:
+                    if f"{base}.{a.name}" in modules:  # a module imported by name
+                        aliases.add(a.asname or a.name)
+                    elif a.name.startswith("_") and not a.name.startswith("__"):
+                        out.append(f"{_shown(path)}:{node.lineno} imports {a.name}")
+            elif isinstance(node, ast.Import):
+                aliases |= {a.asname for a in node.names if a.asname and a.name.startswith("lota")}
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name)
+                and node.value.id in aliases
+                and node.attr.startswith("_")
+                and not node.attr.startswith("__")
+            ):
+                out.append(f"{_shown(path)}:{node.lineno} uses {node.value.id}.{node.attr}")
+    return out
+
+
+def test_no_module_uses_another_modules_private_names():
+    crossings = private_crossings(_sources())
+    assert not crossings, "\n".join(crossings)
+
+
+def test_the_private_name_check_finds_both_forms(tmp_path):
+    pkg = tmp_path / "lota"
+    pkg.mkdir()
+    files = {
+        "__init__.py": "",
+        "a.py": "def _hidden():\n    pass\n",
+        "b.py": "from .a import _hidden\n",
+        "c.py": "from . import a\n\ndef f():\n    return a._hidden()\n",
+        "d.py": "from .a import __doc__\nfrom . import a\nx = a.__name__\n",
+    }
+    for name, text in files.items():
+        (pkg / name).write_text(text)
+    found = private_crossings(_sources(pkg))
+    assert [f.split(" ", 1)[1] for f in found] == ["imports _hidden", "uses a._hidden"]

@@ -280,9 +280,9 @@ def test_positions_are_kept_once_on_the_weights_device_in_int32():
     model = _model()
     ticket = _ticket(model)
     prepare(model, ticket)
-    from lota.sparse_model import _parametrized
+    from lota.sparse_model import parametrized_modules
 
-    for name, module, attr, p in _parametrized(model):
+    for name, module, attr, p in parametrized_modules(model):
         pos = p.positions()
         assert pos is p.positions()  # the same tensor every time: no index is rebuilt
         assert (

@@ -55,10 +55,10 @@ def verify_frozen(weights, w0, ticket: Ticket, protected: Ticket | None) -> bool
 def verify_frozen_shards(model, w0, ticket: Ticket, protected, world: dist.World) -> bool:
     """``verify_frozen`` on this rank's rows of each sharded weight; true only if every rank's
     rows check out (a failure on any rank fails the run on all)."""
-    from .sparse_model import _parametrized
+    from .sparse_model import parametrized_modules
 
     failed = None
-    for name, module, attr, _ in _parametrized(model):
+    for name, module, attr, _ in parametrized_modules(model):
         local, start = dist.local_rows(module.parametrizations[attr].original)
         stop = start + local.shape[0]
         shard = dist.Shard(world, {name: local.numel()}, {name: start * local[0].numel()})

@@ -184,14 +184,14 @@ def mark_sharded(model: nn.Module) -> None:
     every optimizer step (see ``sync_shard_``) instead of being rewritten in each forward. FSDP2
     weights are also recognised by themselves at the first optimizer step; declaring them keeps
     the forward passes before it from writing into gathered copies."""
-    for _, _, _, p in _parametrized(model):
+    for _, _, _, p in parametrized_modules(model):
         p.sharded = True
 
 
 def sync_shards_(model: nn.Module) -> None:
     """Rewrite the ticket's entries of a sharded model's weights from ``delta`` now (after the
     deltas were set other than by an optimizer step, e.g. restored from a checkpoint)."""
-    _sync_shards([p for _, _, _, p in _parametrized(model) if p.sharded])
+    _sync_shards([p for _, _, _, p in parametrized_modules(model) if p.sharded])
 
 
 def module_and_attr(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -239,7 +239,8 @@ def prepare(
     return model
 
 
-def _parametrized(model: nn.Module):
+def parametrized_modules(model: nn.Module):
+    """``(name, module, attr, parametrization)`` of every ticket tensor ``prepare`` put on ``model``."""
     for module_name, module in model.named_modules():
         if parametrize.is_parametrized(module):
             for attr, plist in module.parametrizations.items():
@@ -250,16 +251,16 @@ def _parametrized(model: nn.Module):
 
 
 def is_prepared(model: nn.Module) -> bool:
-    return any(True for _ in _parametrized(model))
+    return any(True for _ in parametrized_modules(model))
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
-    return [p.delta for _, _, _, p in _parametrized(model)]
+    return [p.delta for _, _, _, p in parametrized_modules(model)]
 
 
 def delta_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """``{tensor name: its trainable delta}`` for a prepared model."""
-    return {name: p.delta for name, _, _, p in _parametrized(model)}
+    return {name: p.delta for name, _, _, p in parametrized_modules(model)}
 
 
 @torch.no_grad()
@@ -268,7 +269,7 @@ def extract_delta(model: nn.Module, base_fingerprint: str = "") -> SparseDelta:
 
     On an FSDP2-sharded model this is a collective: every rank must call it."""
     shapes, indices, values = {}, {}, {}
-    for name, module, attr, p in _parametrized(model):
+    for name, module, attr, p in parametrized_modules(model):
         shapes[name] = tuple(module.parametrizations[attr].original.shape)
         indices[name] = p.positions().cpu().long()
         values[name] = full_tensor(p.delta.detach()).cpu().clone()
@@ -279,7 +280,7 @@ def extract_delta(model: nn.Module, base_fingerprint: str = "") -> SparseDelta:
 @torch.no_grad()
 def unprepare(model: nn.Module) -> nn.Module:
     """Remove lota's parametrizations, leaving plain weights that hold ``w0 + delta``."""
-    for _, module, attr, p in list(_parametrized(model)):
+    for _, module, attr, p in list(parametrized_modules(model)):
         original = module.parametrizations[attr].original
         p.sync_(original)
         parametrize.remove_parametrizations(module, attr, leave_parametrized=False)
