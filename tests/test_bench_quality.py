@@ -449,3 +449,30 @@ def test_the_real_protocol_runs_every_claim_and_resumes_from_its_ledger(tiny_bas
     assert again == r
     assert not (tmp_path / "two" / "cache" / "runs").exists()
     assert not (tmp_path / "two" / "cache" / "models").exists()
+    # a report from a ledger that lacks one LoTTO run: the parts that need it wait for it, the
+    # rest equals the full results, and nothing is trained or written to the ledger
+    ledger = tmp_path / "ledger"
+    lotto = [
+        p for p in ledger.glob("*.json") if json.loads(p.read_text()).get("spec", {}).get("protect")
+    ]
+    lotto[0].unlink()
+    before = {p.name: p.read_bytes() for p in ledger.glob("*.json")}
+    out = tmp_path / "partial"
+    assert main(["bench", "quality", "--base", tiny_base, "--claims", "real", "--tasks", "math,sql",
+          "--scale", "smoke", "--out", str(out), "--ledger", str(ledger), "--report-only",
+          "--quiet"]) == 0  # fmt: skip
+    part = _results(out)["real"]
+    assert part["sequential"] == {"pending": lotto[0].stem}
+    assert part["single"] == r["single"] and part["merge"] == r["merge"]
+    assert part["safety"] == r["safety"]
+    assert {p.name: p.read_bytes() for p in ledger.glob("*.json")} == before
+    assert not (out / "cache" / "runs").exists() and not (out / "cache" / "models").exists()
+    report = (out / "report.md").read_text()
+    assert f"*Pending*: waits for `{lotto[0].stem}`" in report and "--report-only" in report
+
+
+def test_report_only_refuses_to_commit_the_ledger(tmp_path, capsys):
+    code = main(["bench", "quality", "--out", str(tmp_path / "q"), "--ledger", str(tmp_path / "l"),
+                 "--commit", "--report-only"])  # fmt: skip
+    assert code == 2 and "--report-only never writes the ledger" in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()

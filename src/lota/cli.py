@@ -273,6 +273,12 @@ def _run_bench_quality(s: C.BenchQualitySettings, a: argparse.Namespace) -> None
 
     if s.commit and s.ledger is None:
         raise InputError("--commit commits ledger entries", "--commit", "give --ledger DIR too")
+    if s.commit and s.report_only:
+        raise InputError(
+            "--report-only never writes the ledger",
+            "--commit",
+            "leave out --commit or --report-only",
+        )
     real = s.base == "real"
     if real:
         from .lab.realbase import obtain
@@ -294,6 +300,7 @@ def _run_bench_quality(s: C.BenchQualitySettings, a: argparse.Namespace) -> None
         ledger=s.ledger,
         commit_ledger=s.commit,
         device=s.device,
+        train=not s.report_only,
     )
     _summary(
         f"bench quality: {', '.join(c for c in results['meta']['claims'])} in "

@@ -250,6 +250,11 @@ class BenchQualitySettings:
         help="folder keeping each run's results without weights, so a bench continues elsewhere",
     )
     commit: bool = setting(False, help="git-commit each ledger entry as it is written")
+    report_only: bool = setting(
+        False,
+        help="write the report from the ledger and cache, training nothing; parts whose runs "
+        "are not done are marked pending (the ledger is only read)",
+    )
     device: str = opt.device("train and score the runs")
     jobs: int = opt.jobs(1)
     quiet: bool = opt.quiet("no progress output")

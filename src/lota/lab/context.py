@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import statistics
 
-from .runner import Lab
+from .runner import Lab, Pending
 from .scales import lr_grid
 
 SEARCH_SEEDS = 2  # a learning rate is chosen on the mean validation score of this many seeds
@@ -28,6 +28,15 @@ def stats(values: list[float | None]) -> dict:
         "n": len(v),
         "values": v,
     }
+
+
+def partial(fn, *args) -> dict:
+    """``fn(*args)``, a part of a claim's results; where a run or model it needs is not done (a
+    report from the ledger while the bench is still running), ``{"pending": its name}``."""
+    try:
+        return fn(*args)
+    except Pending as e:
+        return {"pending": str(e)}
 
 
 def spec(task: str, method: str, lr: float, seed: int, **extra) -> dict:

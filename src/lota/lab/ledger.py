@@ -14,18 +14,30 @@ from ..fileio import write_json
 
 
 class Ledger:
-    """The ledger in ``folder``; with ``commit`` each entry is committed with git as written."""
+    """The ledger in ``folder``; with ``commit`` each entry is committed with git as written.
+    A ``read_only`` ledger keeps what is recorded in memory and never writes (a report made from
+    the ledger while a bench fills it)."""
 
-    def __init__(self, folder: str | Path, commit: bool = False):
+    def __init__(self, folder: str | Path, commit: bool = False, read_only: bool = False):
         self.folder = Path(folder)
-        self.commit = commit
+        self.commit = commit and not read_only
+        self.read_only = read_only
+        self._memory: dict[str, dict] = {}
 
     def entry(self, name: str) -> dict:
         path = self.folder / f"{name}.json"
-        return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+        stored = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+        return {**stored, **self._memory.get(name, {})}
+
+    def names(self) -> list[str]:
+        """Every entry's name."""
+        return sorted({p.stem for p in self.folder.glob("*.json")} | set(self._memory))
 
     def record(self, name: str, **fields) -> None:
         entry = {**self.entry(name), **fields}
+        if self.read_only:
+            self._memory[name] = entry
+            return
         path = self.folder / f"{name}.json"
         write_json(path, entry)
         if self.commit:

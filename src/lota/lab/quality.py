@@ -24,7 +24,7 @@ from pathlib import Path
 from . import tasks as T
 from .context import Quality
 from .report import GENERAL_TEXT, versions
-from .runner import Lab
+from .runner import Lab, Pending
 
 
 # ---------------------------------------------------------------------------- driver
@@ -40,13 +40,16 @@ def run_quality(
     ledger: str | None = None,
     commit_ledger: bool = False,
     device: str = "auto",
+    train: bool = True,
 ) -> dict:
     """Run (or resume) the bench and write ``results.json``, ``report.md`` and plots to ``out``
     (locked while the bench fills it; a base that is neither a lab base nor the real base is
     refused before any work).
 
     ``ledger``: a folder that keeps every run's and model's results without weights (see
-    ``runner.Lab``); with ``commit_ledger`` each entry is committed with git as it is written."""
+    ``runner.Lab``); with ``commit_ledger`` each entry is committed with git as it is written.
+    ``train=False`` writes the report from what the ledger and the cache hold, training nothing:
+    a claim (or a part of one) whose runs are missing is reported as pending."""
     from ..errors import InputError
     from ..model_folder import quiet_transformers
     from .claims import DEFAULT
@@ -72,6 +75,7 @@ def run_quality(
         ledger=ledger,
         commit=commit_ledger,
         device=device,
+        trains=train,
     )
     with lab.writing():
         return _measure(lab, tasks, seeds, claims, progress, commit, t0)
@@ -149,16 +153,18 @@ def _run_claims(lab: Lab, q: Quality, claims: list[str], progress: bool) -> None
     together, until every claim has filled its results."""
     from .claims import BY_NAME
 
-    gens = [BY_NAME[c].measure(q) for c in claims]
+    gens = [(c, BY_NAME[c].measure(q)) for c in claims]
     rounds = 0
     while gens:
         batch, alive = [], []
-        for g in gens:
+        for c, g in gens:
             try:
                 batch.extend(next(g))
-                alive.append(g)
+                alive.append((c, g))
             except StopIteration:
                 pass
+            except Pending as e:  # a report from what is done: this claim waits for a run
+                q.results.setdefault(c, {"pending": str(e)})
         gens = alive
         rounds += 1
         if progress and batch:
@@ -194,6 +200,8 @@ def _meta(
         "python": platform.python_version(),
         "wall_s_this_invocation": round(time.time() - t0, 1),
         "train_seconds_total": _train_seconds(lab),
+        **_ledger_totals(lab),
+        "report_only": not lab.trains,
     }
 
 
@@ -215,6 +223,19 @@ def _commit() -> str | None:
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return None
+
+
+def _ledger_totals(lab: Lab) -> dict:
+    """How many runs the ledger holds and their summed training seconds (over every machine and
+    invocation that added to it)."""
+    if lab.ledger is None:
+        return {}
+    infos = [lab.ledger.entry(n).get("info") for n in lab.ledger.names()]
+    infos = [i for i in infos if i]
+    return {
+        "ledger_runs": len(infos),
+        "ledger_train_seconds": round(sum(i.get("seconds") or 0.0 for i in infos), 1),
+    }
 
 
 def _train_seconds(lab: Lab) -> float:

@@ -150,8 +150,14 @@ def plots(results: dict, out: Path, claims) -> dict[str, str]:
     """The figures of every claim in ``claims`` (``lab.claims.CLAIMS``), ``{figure: file name}``."""
     figs: dict[str, str] = {}
     for claim in claims:
-        figs.update(claim.plot(results, out))
+        if not _pending(results, claim):
+            figs.update(claim.plot(results, out))
     return figs
+
+
+def _pending(results: dict, claim) -> str | None:
+    """The run a claim waits for, in a report made from what is done (``pending``)."""
+    return (results.get(claim.NAME) or {}).get("pending")
 
 
 # ---------------------------------------------------------------------------- markdown
@@ -174,7 +180,7 @@ def render(results: dict, figs: dict[str, str], claims) -> str:
         "# lota quality bench\n",
         f"Commit `{meta['commit']}`, {meta['date']}; scale `{meta['scale']}`, {meta['seeds']} "
         f"seed(s), tasks {', '.join(meta['tasks'])}; base fingerprint `{meta['base_fingerprint'][:16]}`. "
-        f"Training time summed over all cached runs: {meta['train_seconds_total']:.0f} s. "
+        + _time_line(meta)
         + (versions_line(meta["versions"]) if "versions" in meta else "")
         + "\n",
         "Scores are test-set means ± sample standard deviation over seeds. Learning rates were "
@@ -211,6 +217,31 @@ def render(results: dict, figs: dict[str, str], claims) -> str:
                 ],
             )
         )
+    if meta.get("report_only"):
+        out.append(
+            "This report was made from the ledger without training (`--report-only`): a part "
+            "marked *pending* waits for runs that are not done yet.\n"
+        )
     for claim in claims:
-        out.extend(claim.render(results, figs))
+        waits = _pending(results, claim)
+        if waits:
+            out.append(
+                f"## {claim.NAME}\n\n*Pending*: waits for `{waits}` and the runs after it.\n"
+            )
+        else:
+            out.extend(claim.render(results, figs))
     return "\n".join(out)
+
+
+def pending_line(part: dict) -> list[str]:
+    """The line of a claim's part that waits for a run (see ``context.partial``)."""
+    return [f"*Pending*: waits for `{part['pending']}` and the runs after it.\n"]
+
+
+def _time_line(meta: dict) -> str:
+    if "ledger_runs" in meta:
+        return (
+            f"Training time summed over the {meta['ledger_runs']} runs of the ledger: "
+            f"{meta['ledger_train_seconds']:.0f} s. "
+        )
+    return f"Training time summed over all cached runs: {meta['train_seconds_total']:.0f} s. "

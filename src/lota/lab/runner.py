@@ -51,6 +51,11 @@ class Run:
         return str(self.folder / "delta.safetensors")
 
 
+class Pending(Exception):
+    """A result the lab would have to train for, asked of a lab that does not train; the message
+    is the run's or model's name."""
+
+
 class Lab:
     """Data, runs and scores of one bench directory."""
 
@@ -64,6 +69,7 @@ class Lab:
         ledger: str | Path | None = None,
         commit: bool = False,
         device: str = "auto",
+        trains: bool = True,
     ):
         from ..models import load_tokenizer
         from ..weights import WeightReader
@@ -73,7 +79,10 @@ class Lab:
         # The ledger (optional) keeps what the report needs of every run and model, without
         # weights, so a bench continued on another machine retrains only what a missing result
         # needs.
-        self.ledger = Ledger(ledger, commit) if ledger is not None else None
+        self.ledger = Ledger(ledger, commit, read_only=not trains) if ledger is not None else None
+        # ``trains=False`` (a report from what is done): nothing is trained, a run or model
+        # whose results are missing raises ``Pending``, and the ledger is only read
+        self.trains = trains
         self.device = device  # training and scoring: auto is the GPU when torch sees one
         self._builders: dict[str, object] = {}  # derived folder name -> its build function
         self.out = Path(out)
@@ -171,6 +180,8 @@ class Lab:
         return self.base if start is None else self.materialize(start).model
 
     def _train(self, spec: dict, folder: Path) -> None:
+        if not self.trains:
+            raise Pending(folder.name)
         # what the run starts from and protects is trained first: each takes (and gives back)
         # its own lock
         model = self.start_model(spec)
@@ -253,6 +264,8 @@ class Lab:
     def _rebuild(self, model: str) -> None:
         """Make the weights of a model the ledger knows but this cache lacks."""
         folder = Path(model).parent
+        if not self.trains:
+            raise Pending(folder.name)
         if folder.name in self._builders:
             self._builders[folder.name]()
             return
@@ -367,6 +380,8 @@ class Lab:
 
         self._builders[folder.name] = make
         if not (folder / "done.json").exists() and "recipe" not in self._entry(folder.name):
+            if not self.trains:
+                raise Pending(folder.name)
             make()
             if self.ledger is not None:
                 self.ledger.record(folder.name, recipe=recipe)
@@ -377,7 +392,10 @@ class Lab:
         """Train the specs not yet cached and compute the listed scores of each, in parallel.
 
         ``items``: (spec, [(task, split, template), ...]). Specs whose start or protected runs are
-        not finished yet are left for the serial pass (they depend on another item)."""
+        not finished yet are left for the serial pass (they depend on another item). A lab that
+        does not train fetches nothing."""
+        if not self.trains:
+            return
         todo, seen = [], set()
         for spec, scores in items:
             key = self.key(spec)

@@ -22,8 +22,17 @@ from pathlib import Path
 from ... import format as fileformat
 from ...merge import MergeSettings, merge_into_model
 from ...task_vectors import make_delta, make_ticket
-from ..context import Quality, spec, stats
-from ..report import bar_chart, compare, fmt, md_bullets, md_table, pyplot, save_figure
+from ..context import Quality, partial, spec, stats
+from ..report import (
+    bar_chart,
+    compare,
+    fmt,
+    md_bullets,
+    md_table,
+    pending_line,
+    pyplot,
+    save_figure,
+)
 from ..scales import GENERAL
 from .sequential import learned
 
@@ -78,10 +87,10 @@ def measure(q: Quality):
     results = {
         "tasks": [a, b],
         "base": base,
-        "single": _single(q, a, b, main, base),
-        "sequential": _sequential(q, a, b, seq),
-        "merge": _merge(q, a, b, main),
-        "safety": _safety(q, a, aligned, safety),
+        "single": partial(_single, q, a, b, main, base),
+        "sequential": partial(_sequential, q, a, b, seq),
+        "merge": partial(_merge, q, a, b, main),
+        "safety": partial(_safety, q, a, aligned, safety),
         "lr_grid": {m: list(grid(q, m)) for m in METHODS},
     }
     q.results[NAME] = results
@@ -271,6 +280,14 @@ def plot(results: dict, out: Path) -> dict[str, str]:
         return {}
     a, b = r["tasks"]
     figs = {}
+    if "pending" not in r["single"]:
+        figs["real_single"] = _plot_single(r, a, b, out)
+    if "pending" not in r["sequential"]:
+        figs["real_sequential"] = _plot_sequential(r, a, b, out)
+    return figs
+
+
+def _plot_single(r: dict, a: str, b: str, out: Path) -> str:
     fig, axes = pyplot().subplots(1, 3, figsize=(13, 3.6))
     for ax, t in zip(axes[:2], (a, b)):
         bar_chart(
@@ -288,7 +305,10 @@ def plot(results: dict, out: Path) -> dict[str, str]:
         "general forgetting (nats/token)",
     )
     axes[2].set_title("general forgetting after one task", fontsize=9)
-    figs["real_single"] = save_figure(fig, out / "real_single.png")
+    return save_figure(fig, out / "real_single.png")
+
+
+def _plot_sequential(r: dict, a: str, b: str, out: Path) -> str:
     fig, ax = pyplot().subplots(figsize=(10, 3.6))
     names = list(r["sequential"])
     bar_chart(
@@ -302,8 +322,7 @@ def plot(results: dict, out: Path) -> dict[str, str]:
         "score",
     )
     ax.set_title(f"{a} then {b}", fontsize=9)
-    figs["real_sequential"] = save_figure(fig, out / "real_sequential.png")
-    return figs
+    return save_figure(fig, out / "real_sequential.png")
 
 
 # ---------------------------------------------------------------------------- report
@@ -321,15 +340,20 @@ def render(results: dict, figs: dict[str, str]) -> list[str]:
         "forgetting is measured on Python's own reference documentation (`pydoc_data`), which no "
         "task here contains.\n"
     )
-    out.extend(_render_single(a, b, base, r["single"], figs))
-    out.extend(_render_sequential(a, b, r["sequential"], figs))
-    out.extend(_render_merge(a, b, r["merge"]))
-    out.extend(_render_safety(a, r["safety"]))
+    parts = (
+        ("single", "Claim 1: one task", lambda x: _render_single(a, b, base, x, figs)),
+        ("sequential", f"Claim 2: {a} then {b}", lambda x: _render_sequential(a, b, x, figs)),
+        ("merge", f"Claim 3: merging {a} and {b}", lambda x: _render_merge(a, b, x)),
+        ("safety", "Claim 4: safety", lambda x: _render_safety(a, x)),
+    )
+    for key, title, draw in parts:
+        out.append(f"### {title}\n")
+        out.extend(pending_line(r[key]) if "pending" in r[key] else draw(r[key]))
     return out
 
 
 def _render_single(a: str, b: str, base: dict, single: dict, figs: dict[str, str]) -> list[str]:
-    out = ["### Claim 1: one task\n"]
+    out = []
     out.append(
         md_table(
             ["task", "method", "lr", "score", "other task", "general forgetting", "entries"],
@@ -371,7 +395,7 @@ def _render_single(a: str, b: str, base: dict, single: dict, figs: dict[str, str
 
 
 def _render_sequential(a: str, b: str, seq: dict, figs: dict[str, str]) -> list[str]:
-    out = [f"### Claim 2: {a} then {b}\n"]
+    out = []
     out.append(
         md_table(
             ["variant", f"{a} before", f"{a} after", f"{a} lost", b, "general forgetting"],
@@ -401,7 +425,6 @@ def _render_sequential(a: str, b: str, seq: dict, figs: dict[str, str]) -> list[
 
 def _render_merge(a: str, b: str, merge: dict) -> list[str]:
     return [
-        f"### Claim 3: merging {a} and {b}\n",
         md_table(
             ["merge", a, b, "mean", "general forgetting"],
             [
@@ -419,7 +442,6 @@ def _render_merge(a: str, b: str, merge: dict) -> list[str]:
 def _render_safety(a: str, s: dict) -> list[str]:
     rows = s["rows"]
     return [
-        "### Claim 4: safety\n",
         f"The aligned model is the base fine-tuned (FFT, lr {s['aligned_lr']:g}) on the lab's "
         f"refusal task; it is then fine-tuned on {a}.\n",
         md_table(
