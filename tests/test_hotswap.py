@@ -158,8 +158,10 @@ def test_using_restores_the_previous_set_even_on_error():
 
 
 def test_tied_weights_count_as_one_tensor():
-    model = gpt2()  # lm_head.weight is transformer.wte.weight
-    shape = tuple(model.lm_head.weight.shape)
+    model = tiny_llama(hidden=32, layers=2, heads=2)
+    first, second = (model.model.layers[i].mlp.up_proj for i in (0, 1))
+    second.weight = first.weight  # one tensor under two names
+    shape = tuple(first.weight.shape)
     fp = model_fingerprint(model)
     idx = torch.arange(0, 40, 2)
 
@@ -167,12 +169,35 @@ def test_tied_weights_count_as_one_tensor():
         t = lota.Ticket(shapes={name: shape}, indices={name: idx}, base_fingerprint=fp)
         return SparseDelta(t, {name: torch.ones(idx.numel())})
 
-    bank = DeltaBank(model).add("head", delta("lm_head.weight"))
-    bank.add("emb", delta("transformer.wte.weight"))
-    assert bank.overlap("head", "emb") == idx.numel()
-    bank.activate("head")
+    bank = DeltaBank(model).add("one", delta("model.layers.0.mlp.up_proj.weight"))
+    bank.add("two", delta("model.layers.1.mlp.up_proj.weight"))
+    assert bank.overlap("one", "two") == idx.numel()
+    bank.activate("one")
     with pytest.raises(lota.InputError, match="share"):
-        bank.activate("emb")
+        bank.activate("two")
+
+
+@pytest.mark.parametrize("name", ["lm_head.weight", "transformer.wte.weight"])
+def test_a_delta_on_a_tied_embedding_is_refused_until_the_model_is_untied(name):
+    """Written in place, a tied embedding's change would reach the head too, unlike lota apply
+    (which gives the head its own copy): refused in one line; once untied, it equals apply."""
+    model = gpt2()  # lm_head.weight is transformer.wte.weight
+    base = snapshot(model)
+    fp = model_fingerprint(model)
+    shape, idx = tuple(model.lm_head.weight.shape), torch.arange(0, 40, 2)
+    t = lota.Ticket(shapes={name: shape}, indices={name: idx}, base_fingerprint=fp)
+    d = SparseDelta(t, {name: torch.ones(idx.numel())})
+    with pytest.raises(lota.InputError) as e:
+        DeltaBank(model).add("d", d)
+    assert len(e.value.line().splitlines()) == 1 and "ties" in e.value.line()
+    assert bit_identical(model, base)
+    assert lota.untie_embeddings(model) == "lm_head.weight" and model_fingerprint(model) == fp
+    want = applied(model, d)
+    bank = DeltaBank(model).add("d", d)
+    bank.activate("d")
+    assert bit_identical(model, want)
+    other = "transformer.wte.weight" if name == "lm_head.weight" else "lm_head.weight"
+    assert torch.equal(named_weights(model)[other], base["lm_head.weight"])  # the other: as before
 
 
 def test_switching_holds_only_the_active_entries():

@@ -215,34 +215,6 @@ def test_embedding_tuning_ks_partial_tuning_and_transfer(workdir, tmp_path, caps
     assert torch.equal(w3[name][others], w0[name][others])
 
 
-def test_tied_embeddings_are_refused(tmp_path, capsys, workdir):
-    from lota.models import load_tokenizer, save_model
-    from lota.toy import tiny_llama
-
-    model = tiny_llama(hidden=32, layers=1, heads=2)
-    model.config.tie_word_embeddings = True
-    model.tie_weights()
-    save_model(model, load_tokenizer(str(workdir / "base")), tmp_path / "tied")
-    code, _, err = _lota(
-        capsys, "ks", tmp_path / "tied", tmp_path / "tied", "--out", tmp_path / "t"
-    )
-    assert code == 2 and "tied" in err and err.count("\n") == 1
-    code, _, err = _lota(
-        capsys,
-        "adapt",
-        tmp_path / "tied",
-        "--data",
-        workdir / "a.jsonl",
-        "--method",
-        "embeddings",
-        "--out",
-        tmp_path / "e",
-        *SMALL,
-    )
-    assert code == 2 and "tied" in err
-    assert not (tmp_path / "t").exists() and not (tmp_path / "e").exists()
-
-
 def test_an_empty_selection_is_refused(workdir, tmp_path, capsys):
     from lota import format as fmt
     from lota.ticket import Ticket

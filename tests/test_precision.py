@@ -50,7 +50,7 @@ def _gpt2(seed: int):
         pad_token_id=0,
         bos_token_id=1,
         eos_token_id=2,
-        tie_word_embeddings=False,  # --method embeddings refuses tied embeddings
+        tie_word_embeddings=False,  # a head of its own, as in the Llama (tied heads: test_tied_embeddings)
     )
     return GPT2LMHeadModel(cfg)
 

@@ -417,10 +417,35 @@ def test_delta_bank_switches_the_real_model_exactly(real_base, run_a, run_b, app
     assert_only_ticket_changed(WeightReader(str(real_base)), detached(model), NOTHING)
 
 
-def test_ks_refuses_tied_embeddings_in_one_line(real_base, run_a, work, capsys):
+@pytest.fixture(scope="module")
+def run_emb(real_base, work) -> Path:
+    """``--method embeddings`` on the tied base: one step, the model saved (its head untied)."""
+    out = work / "emb"
+    cli(
+        "adapt", real_base, "--data", work / "add.jsonl", "--out", out, "--method", "embeddings",
+        "--max-length", "64", "--batch-size", "2", "--steps", "1", "--lr", "1e-2", "--quiet",
+        "--save-model",
+    )  # fmt: skip
+    return out
+
+
+def test_embedding_tuning_and_ks_on_the_tied_embeddings(real_base, run_emb, work, capsys):
+    emb, head = "model.embed_tokens.weight", "lm_head.weight"
+    d = fmt.load(run_emb / "delta.safetensors")
+    assert summary(run_emb)["untied_head"] == head
+    assert d.names == [emb] and d.base_fingerprint == realbase.FINGERPRINT
+    base, tuned = WeightReader(str(real_base)), WeightReader(str(run_emb / "model"))
+    assert not json.loads((run_emb / "model" / "config.json").read_text())["tie_word_embeddings"]
+    assert set(tuned.shapes) == set(base.shapes) | {head}
+    assert torch.equal(entry_bits(tuned.get(head)), entry_bits(base.get(emb)))  # a frozen copy
+    assert not torch.equal(tuned.get(emb), base.get(emb))
+    assert_only_ticket_changed(base, tuned, d.ticket)  # every other weight bit-identical
     out = work / "ks"
-    assert_refused(*lota(capsys, "ks", real_base, run_a / "model", "--out", out), "tied", "untie")
-    assert not out.exists()
+    code, _, err = lota(capsys, "ks", real_base, run_emb / "model", "--top", "4", "--out", out)
+    assert code == 0, err
+    transfer = fmt.load(out / "transfer.safetensors")
+    assert transfer.names == [emb] and transfer.nnz == 4 * base.shapes[emb][1]
+    assert transfer.base_fingerprint == realbase.FINGERPRINT
 
 
 def test_official_mask_round_trip(real_base, run_a, work, capsys):

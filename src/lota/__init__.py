@@ -36,6 +36,7 @@ _LAZY = {
     "merge_method": ("merge_methods", "merge_method"),
     "evaluate": ("evaluate", "evaluate"),
     "resolve_targets": ("targets", "resolve_targets"),
+    "untie_embeddings": ("targets", "untie_embeddings"),
     "model_fingerprint": ("weights", "model_fingerprint"),
     "CalibrationCallback": ("callbacks", "CalibrationCallback"),
     "DeltaBank": ("hotswap", "DeltaBank"),

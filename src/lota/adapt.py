@@ -32,7 +32,7 @@ from .models import load_model
 from .phases import Run, counted
 from .plan import Inputs, Plan, load_inputs, make_plan
 from .run_folder import Hold, checkpointer, finished, write_outputs, write_summary
-from .targets import named_weights
+from .targets import named_weights, untie_embeddings, untied_record
 from .train import MetricsLog
 from .trainers import ticket_of, train_dense, train_sparse
 from .weights import WeightReader
@@ -164,6 +164,7 @@ def _info(plan: Plan, inputs: Inputs, run: Run) -> dict:
         "fsdp": plan.cfg.fsdp,
         "device": str(world.device),
         "weights_dtype": str(inputs.stored_dtype).removeprefix("torch."),
+        **untied_record(inputs.model),
     }
 
 
@@ -176,6 +177,7 @@ def _trained_model(run: Run, delta: SparseDelta) -> torch.nn.Module | None:
     if not (cfg.save_model and run.world.main):
         return None
     model = load_model(cfg.model, cfg.dtype)
+    untie_embeddings(model, delta.names)
     apply_delta_(named_weights(model), delta)
     return model
 

@@ -272,9 +272,19 @@ def _checked_deltas(deltas: list[str] | None, each: bool) -> list[str]:
 
 def _delta_bank(model, deltas: list[str], each: bool, allow_mismatch: bool, allow_overlap: bool):
     """The deltas switched into the loaded ``model`` in place: every file checked before anything
-    is scored; all of them active unless ``each`` activates them one at a time."""
+    is scored; all of them active unless ``each`` activates them one at a time. Deltas on an input
+    embedding tied to the output head untie it first (one more vocabulary x hidden matrix), so the
+    scores are those of the folder ``lota apply`` writes."""
+    from .format import Reader
     from .hotswap import DeltaBank
+    from .targets import untie_embeddings
 
+    names = set()
+    for d in deltas:
+        with Reader(d) as r:
+            names.update(n for n in r.names if r.nnz(n))
+    # as lota apply: a delta on a tied input embedding leaves the output head, given its own copy
+    untie_embeddings(model, names)
     bank = DeltaBank(model, allow_overlap=allow_overlap)
     for d in deltas:  # every file is checked before anything is scored
         bank.add(d, d, allow_mismatch=allow_mismatch)

@@ -87,6 +87,12 @@ class DeltaBank:
     ``scale`` that is not a finite float32 number, or a sum that overflows the weight's dtype
     (a float16 weight ends at 65504), is refused before anything is written.
 
+    Tied embeddings: a delta on an input embedding the model ties to its output head is refused,
+    since writing the one shared tensor would change the head too, unlike ``lota apply`` (which
+    gives the head its own copy). Untie the model first (``lota.untie_embeddings(model)``, one
+    more vocabulary x hidden matrix); it keeps its tied base's fingerprint, so the bank then
+    takes the deltas and equals the folder ``lota apply`` writes.
+
     The bank refuses to write a tensor that ``lota.prepare`` is training (unprepare first); a
     model prepared while deltas are active trains on top of them. Do not move or cast the model
     while a delta is active.
@@ -179,6 +185,7 @@ class DeltaBank:
                 label,
                 "use the model it was trained from, or allow_mismatch=True (--allow-mismatch)",
             )
+        self._refuse_tied(delta, label)
         parts = [
             self._part(label, n, delta.shapes[n], idx, delta.values[n])
             for n, idx in delta.indices.items()
@@ -186,6 +193,22 @@ class DeltaBank:
         parts = [p for p in parts if p.index.numel()]
         self._entries[name] = _Entry(name, label, parts, sum(p.index.numel() for p in parts))
         return self
+
+    def _refuse_tied(self, delta: SparseDelta, label: str) -> None:
+        """A delta on an input embedding the model ties to its output head: switched in place it
+        would change the head too, where ``lota apply`` gives the head its own copy first."""
+        from .targets import tied_to
+
+        tied = tied_to(self.model, [n for n, i in delta.indices.items() if i.numel()])
+        if tied:
+            raise InputError(
+                f"the delta changes '{tied[0]}', which this model ties to '{tied[1]}': switched "
+                "in place it would change both, while 'lota apply' gives the output head its own "
+                "copy",
+                label,
+                "untie the model first with lota.untie_embeddings(model), as 'lota eval --delta' "
+                "does",
+            )
 
     def _chain_fingerprint(self) -> str | None:
         """The fingerprint of the base with every registered delta applied in order: what a
@@ -195,10 +218,13 @@ class DeltaBank:
             return None
         key = tuple(self._entries)
         if self._chain[0] != key:
+            from .targets import writes_untied
             from .weights import model_fingerprint
 
+            names = [p.name for e in self._entries.values() for p in e.parts]
             with self.using(*key, allow_overlap=True):
-                self._chain = (key, model_fingerprint(self.model))
+                fp = model_fingerprint(self.model, writes_untied(self.model, names))
+                self._chain = (key, fp)
         return self._chain[1]
 
     def remove(self, name: str) -> None:

@@ -243,20 +243,12 @@ def select_tokens(
 
 # ---------------------------------------------------------------------------- model folders
 def input_embedding(reader) -> str:
-    """Name of the input embedding matrix of a model (a ``WeightReader``); refuses tied ones."""
+    """Name of the input embedding matrix of a model (a ``WeightReader``). Where the output head
+    is tied to it, a delta on its rows changes the input embedding alone: ``lota apply`` and the
+    runs that train it give the head its own copy first (``targets.untie_embeddings``)."""
     model = reader.skeleton
     emb = model.get_input_embeddings()
-    name = next(n for n, p in model.named_parameters() if p is emb.weight)
-    head = model.get_output_embeddings()
-    if head is not None and head.weight is emb.weight:
-        raise InputError(
-            "the input and output embeddings are tied: changing a token's row would also change "
-            "the output head",
-            str(reader.folder),
-            "untie them first (set tie_word_embeddings=False and give lm_head its own copy of the "
-            "weights), or adapt other weights with --method lota",
-        )
-    return name
+    return next(n for n, p in model.named_parameters() if p is emb.weight)
 
 
 def token_counts(data: str, tokenizer, vocab: int, max_length: int = 512) -> torch.Tensor:
@@ -316,6 +308,7 @@ def _run_ks(
     from .dist import resolve_device
     from .fileio import atomic_dir, write_json
     from .models import load_tokenizer
+    from .task_vectors import with_head_change
     from .weights import WeightReader
 
     where = resolve_device(device)
@@ -330,6 +323,7 @@ def _run_ks(
     rows = torch.tensor(sel.token_ids, dtype=torch.long)
     ticket = row_ticket(name, (vocab, dim), rows, rb.fingerprint())
     values = (after.to(torch.float32) - before.to(torch.float32))[rows].reshape(-1)
+    transfer = with_head_change(SparseDelta(ticket, {name: values}), rb, rt)  # tied: the head's
     selected = _listing(sel, tokenizer, counts)
     config = {
         "command": "ks",
@@ -352,7 +346,7 @@ def _run_ks(
     }
     with atomic_dir(out) as tmp:
         fmt.save(ticket, tmp / "ticket.safetensors", config=config)
-        fmt.save(SparseDelta(ticket, {name: values}), tmp / "transfer.safetensors", config=config)
+        fmt.save(transfer, tmp / "transfer.safetensors", config=config)
         write_json(tmp / "tokens.json", report)
         (tmp / "tokens.csv").write_text(_csv(selected, counts is not None), encoding="utf-8")
     return report

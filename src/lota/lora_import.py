@@ -7,6 +7,9 @@ with rsLoRA), ``r`` and ``lora_alpha`` resolved per layer through ``rank_pattern
 ``alpha_pattern`` as PEFT resolves them; on top of that come DoRA's magnitude rescaling, LoRA on
 embeddings, ``lora_bias``, trainable tokens and tensors PEFT loads whole (``modules_to_save``,
 saved embedding layers, trained biases). Whatever else an adapter asks for is refused by name.
+On a base whose output head is tied to the input embedding, PEFT's merge changes the one shared
+tensor; the delta holds that change under both names, since ``lota apply`` gives a tied head its
+own copy before adding a delta.
 
 Key invariant: nothing is computed before every tensor's shape and dtype (from the safetensors
 header) and every config field was checked against the base, and no non-finite value reaches the
@@ -358,6 +361,7 @@ def lora_deltas(adapter: str, reader) -> dict[str, torch.Tensor]:
 def import_lora(adapter: str, base: str, sparsity: str | None = None) -> SparseDelta:
     """The adapter's change as a delta for ``base`` (dense, or its top-k at ``sparsity``)."""
     from . import selection
+    from .targets import tied_embedding
     from .weights import WeightReader
 
     reader = WeightReader(base, "base model")
@@ -370,5 +374,10 @@ def import_lora(adapter: str, base: str, sparsity: str | None = None) -> SparseD
         ticket = selection.select("magnitude", shapes, k, delta_fn=lambda n: changes[n])
         indices = ticket.indices
     values = {n: changes[n].reshape(-1)[indices[n]].contiguous() for n in shapes}
+    pair = tied_embedding(reader.skeleton)
+    if pair is not None and pair[0] in shapes:  # PEFT's merge changes the head through the tie;
+        emb, head = pair  # lota apply unties it, so the head's change is an entry of its own
+        shapes[head], indices[head] = shapes[emb], indices[emb].clone()
+        values[head] = values[emb].clone()  # a file holds no tensor twice
     ticket = Ticket(shapes=shapes, indices=indices, base_fingerprint=reader.fingerprint())
     return SparseDelta(ticket, values)

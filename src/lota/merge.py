@@ -332,11 +332,13 @@ def _merge_into_model(
     show_progress: bool,
 ) -> dict:
     from .models import load_model, load_tokenizer, save_model
-    from .targets import named_weights
+    from .targets import named_weights, untie_embeddings, untied_record
 
     shapes, base_fp, tensors = merge_tensors(paths, settings, base, targets, show_progress)
     tokenizer = load_tokenizer(base)
     model = load_model(base)
+    # as lota apply: a merge on a tied input embedding leaves the output head, given its own copy
+    untied = untie_embeddings(model, shapes)
     weights = named_weights(model)
     entries = 0
     with torch.no_grad():
@@ -355,9 +357,13 @@ def _merge_into_model(
         model,
         tokenizer,
         out,
-        extra={"base_fingerprint": base_fp, "merged": [str(p) for p in paths]},
+        extra={
+            "base_fingerprint": base_fp,
+            "merged": [str(p) for p in paths],
+            **untied_record(untied),
+        },
     )
-    return {"out": out, "entries": entries, "base_fingerprint": base_fp}
+    return {"out": out, "entries": entries, "base_fingerprint": base_fp, **untied_record(untied)}
 
 
 # ---------------------------------------------------------------------------- overlap report

@@ -19,7 +19,7 @@ from .errors import InputError
 from .models import enable_gradient_checkpointing, load_model
 from .precision import Precision, hold_float32_
 from .sparse_model import sync_shards_
-from .targets import named_weights
+from .targets import named_weights, resolve_targets, untie_embeddings
 from .train import MetricsLog, TrainSettings, train
 from .weights import WeightReader
 
@@ -154,8 +154,12 @@ def counted(stream, box: list[int]):
 
 
 def load_run_model(cfg, world: dist.World) -> torch.nn.Module:
-    """The run's model on its device (read straight onto a GPU), checkpointing if asked."""
+    """The run's model on its device (read straight onto a GPU), checkpointing if asked. Targets
+    that hold an input embedding tied to the output head untie it: the head gets its own frozen
+    copy (one more vocabulary x hidden matrix), so training the embedding leaves the head."""
     model = load_model(cfg.model, cfg.dtype, world.device).to(world.device)
+    if cfg.targets is not None:
+        untie_embeddings(model, resolve_targets(model, cfg.targets))
     events.emit("model_loaded", model=model)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)

@@ -32,6 +32,7 @@ from .fileio import (
     write_text,
 )
 from .models import save_model
+from .targets import untied_record
 
 # What a run writes into --out. A folder holding only these (and lota's temporaries of them) and
 # marked by a run of the same settings is that run, interrupted, and the same command takes it up.
@@ -222,6 +223,7 @@ def write_outputs(
                 "base_fingerprint": base_fp,
                 "method": cfg.method,
                 "delta": "../delta.safetensors",
+                **untied_record(model),
             },
         )
 

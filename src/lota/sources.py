@@ -386,8 +386,9 @@ def lr_grids() -> dict[str, list[float]]:
 # ---------------------------------------------------------------------------- reading the table
 def resolve(cfg):
     """``cfg`` as it runs: a method of the input embedding becomes its ``embedding_as`` method
-    with ``--targets`` set to that embedding (and its source's settings rewritten). Tied input
-    and output embeddings are refused rather than letting the output head change too."""
+    with ``--targets`` set to that embedding (and its source's settings rewritten). Where the
+    output head is tied to it, the run gives the head its own frozen copy first
+    (``phases.load_run_model``), so that only the input embedding trains."""
     m = METHODS.get(cfg.method)
     if m is None or m.embedding_as is None:
         return cfg

@@ -7,6 +7,11 @@ at a ticket's entries, and ``apply`` adds deltas to a base.
 never hold a whole model in memory. ``apply`` checks each delta's base fingerprint against the
 base (or against the model as built so far, for a chain trained one after another) and refuses a
 mismatch unless told otherwise.
+
+Tied embeddings: a delta entry of a tied input embedding changes the input embedding alone.
+``apply`` first gives the output head its own copy (bit-identical to the base's embedding) and
+writes an untied folder (``tie_word_embeddings`` false, an ``lm_head.weight`` of its own); a change
+of the head itself is an entry of the head's name (``with_head_change``).
 """
 
 from __future__ import annotations
@@ -26,7 +31,13 @@ from .models import load_model, load_tokenizer, save_model
 from .output_checks import writing_folder
 from .selection import Sparsity, numel_of, require_trainable
 from .settings import check_factors
-from .targets import named_weights
+from .targets import (
+    named_weights,
+    tied_embedding,
+    untie_embeddings,
+    untied_record,
+    writes_untied,
+)
 from .ticket import Ticket, check_against
 from .ticketfiles import protected_ticket
 from .train import heap_growth_limited
@@ -152,9 +163,40 @@ def make_delta(
         b = rb.get(name).reshape(-1)[idx].to(torch.float32)
         t = rt.get(name).reshape(-1)[idx].to(torch.float32)
         values[name] = (t - b).to(values_dtype)
-    delta = SparseDelta(ticket=ticket, values=values)
+    delta = with_head_change(SparseDelta(ticket=ticket, values=values), rb, rt)
     delta.check_finite(tuned)
     return delta
+
+
+def with_head_change(delta: SparseDelta, rb: WeightReader, rt: WeightReader) -> SparseDelta:
+    """``delta`` (``tuned - base``) with, on a base whose output head is tied to the input
+    embedding, the head's change at the delta's entries of that embedding, where the tuned model's
+    head changed there: a tied tuned model's head is its embedding, an untied one's its own
+    weight. ``lota apply`` gives a tied base's head its own copy before adding a delta, so a change
+    of the embedding alone leaves the head; this entry carries the head's, and the tuned model
+    comes back. A head left as the base's embedding (``lota adapt`` keeps it frozen) adds none."""
+    pair = tied_embedding(rb.skeleton)
+    if pair is None or pair[0] not in delta.indices:
+        return delta
+    emb, head = pair
+    if head in rt.shapes:
+        tuned_head = rt.get(head)
+    elif tied_embedding(rt.skeleton) == pair:
+        tuned_head = rt.get(emb)
+    else:
+        return delta
+    idx = delta.indices[emb]
+    change = tuned_head.reshape(-1)[idx].to(torch.float32) - rb.get(emb).reshape(-1)[idx].float()
+    if not bool(change.any()):
+        return delta
+    t = delta.ticket
+    ticket = Ticket(
+        shapes={**t.shapes, head: t.shapes[emb]},
+        indices={**t.indices, head: idx.clone()},
+        base_fingerprint=t.base_fingerprint,
+    )
+    values = {**delta.values, head: change.to(delta.values[emb].dtype)}
+    return SparseDelta(ticket=ticket, values=values, meta=dict(delta.meta))
 
 
 def _label(p) -> str:
@@ -200,9 +242,12 @@ def _apply_deltas(
         deltas.append(obj)
     tokenizer = load_tokenizer(base)
     model = load_model(base)
+    # a delta on a tied embedding changes the input embedding alone: the head gets its own copy
+    changed = [[n for n, i in d.indices.items() if i.numel()] for d in deltas]
+    untied = untie_embeddings(model, {n for names in changed for n in names})
     weights = named_weights(model)
     base_fp = model_fingerprint(model)
-    current = base_fp
+    current, written = base_fp, False
     for i, (p, d) in enumerate(zip(delta_paths, deltas)):
         if d.base_fingerprint not in (base_fp, current) and not allow_mismatch:
             raise MismatchError(
@@ -215,17 +260,15 @@ def _apply_deltas(
             apply_delta_(weights, d, scale=1.0 if scales is None else scales[i])
         except InputError as e:
             raise InputError(e.what, _label(p), e.fix) from None
+        written = written or writes_untied(model, changed[i])
         if i + 1 < len(deltas):
-            current = model_fingerprint(model)
-    save_model(
-        model,
-        tokenizer,
-        out,
-        extra={"base_fingerprint": base_fp, "deltas": [_label(p) for p in delta_paths]},
-    )
+            current = model_fingerprint(model, written)
+    extra = {"base_fingerprint": base_fp, "deltas": [_label(p) for p in delta_paths]}
+    save_model(model, tokenizer, out, extra={**extra, **untied_record(untied)})
     return {
         "out": out,
         "deltas": len(deltas),
         "entries": sum(d.nnz for d in deltas),
         "base_fingerprint": base_fp,
+        **untied_record(untied),
     }

@@ -17,11 +17,17 @@ from torch import nn
 from .digests import fingerprint, weight_digest
 from .errors import InputError
 from .model_folder import checked_headers, resolve_model_path
-from .targets import named_weights, resolve_targets
+from .targets import named_weights, resolve_targets, untied_copy
 
 
-def model_fingerprint(model: nn.Module) -> str:
-    return fingerprint(named_weights(model).items())
+def model_fingerprint(model: nn.Module, untied_written: bool = False) -> str:
+    """The fingerprint of the model's weights. An output head lota untied from the input
+    embedding (``targets.untie_embeddings``) counts, while it still equals the embedding, as the
+    tie it replaced: the model keeps its tied base's fingerprint, so deltas made for the tied base
+    folder fit it. With ``untied_written`` (a delta on that embedding was added: the model is the
+    untied folder ``lota apply`` writes) the head counts, as it does in that folder."""
+    copy = untied_copy(model, untied_written)
+    return fingerprint((n, w) for n, w in named_weights(model).items() if n != copy)
 
 
 def differing_weight(model: nn.Module, reader: WeightReader) -> str | None:
