@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lota import evaluate, ks, names, selection, train
+from lota import choice, evaluate, ks, names, selection, train
 from lota import format as fmt
 from lota import merge_methods as merge_module
 from lota import settings as decl
@@ -45,11 +45,14 @@ def test_every_listed_values_dtype_is_one_lota_writes(tmp_path):
 
 def test_selector_and_metric_names_are_the_registered_ones():
     assert tuple(selection.SELECTORS) == names.SELECTORS
-    assert tuple(evaluate.METRICS) == names.METRICS
+    # the generation metrics, then the one that scores options by log-likelihood
+    assert (*evaluate.METRICS, choice.METRIC) == names.METRICS
     with pytest.raises(ValueError, match="'smallest' is not listed"):
         selection.selector("smallest")
     with pytest.raises(ValueError, match="'bleu' is not listed"):
         evaluate.metric("bleu")
+    with pytest.raises(ValueError, match="scores no generations"):
+        evaluate.metric("choice")
 
 
 def test_ks_corrections_and_modes_are_the_ones_ks_takes():

@@ -330,7 +330,10 @@ def _run_eval(s: C.EvalSettings, a: argparse.Namespace) -> None:
         return
     for one in r.get("results", [r]):
         with_ = f" with {' + '.join(one['deltas'])}" if one["deltas"] else ""
-        _summary(f"eval: {s.metric} = {one['score']:.4f} on {one['n']} examples of {s.data}{with_}")
+        value = f"{s.metric} = {one['score']:.4f}"
+        if "acc_norm" in one:
+            value = f"{s.metric} acc = {one['acc']:.4f}, acc_norm = {one['acc_norm']:.4f}"
+        _summary(f"eval: {value} on {one['n']} examples of {s.data}{with_}")
 
 
 def _run_inspect(s: C.InspectSettings, a: argparse.Namespace) -> None:

@@ -261,14 +261,18 @@ class BenchQualitySettings:
 
 
 # ---------------------------------------------------------------------------- using deltas
-@command("eval", help="generate greedily and score against the data's completions")
+@command(
+    "eval",
+    help="score greedy generations against the data's completions, or multiple choice by "
+    "log-likelihood",
+)
 @dataclass(kw_only=True)
 class EvalSettings:
     model: str = setting(positional=True)
     data: str = setting(required=True)
     metric: str = setting("answer", names=names.METRICS, help="{names} (default {default})")
     max_new_tokens: int = setting(64)
-    batch_size: int = setting(16)
+    batch_size: int = setting(16, help="prompts (with --metric choice: options) per forward pass")
     limit: int | None = setting(None, type=int, help="score only the first N examples")
     delta: list[str] = setting(
         factory=list,
@@ -285,7 +289,7 @@ class EvalSettings:
         False, help="switch in deltas that share entries (added in the order given)"
     )
     json: bool = opt.json_output("print the score and per-example results as JSON")
-    device: str = opt.device("generate")
+    device: str = opt.device("generate or score")
 
 
 @command("inspect", help="explain a ticket or delta file")

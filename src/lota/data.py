@@ -50,8 +50,25 @@ class Example:
 
 
 def read_jsonl(path: str | os.PathLike) -> list[Example]:
-    """The examples of a JSONL file, read line by line: no line longer than ``MAX_LINE_CHARS`` is
-    ever held whole, and a FIFO or device is refused before it is opened."""
+    """The examples of a JSONL file, read line by line (see ``json_lines``)."""
+    examples = []
+    for number, obj in json_lines(path):
+        example = _example(obj, f"{path}:{number}", number)
+        example.source = str(path)
+        examples.append(example)
+    if not examples:
+        raise InputError(
+            "data file has no examples",
+            str(path),
+            'add lines like {"prompt": "...", "completion": "..."}',
+        )
+    return examples
+
+
+def json_lines(path: str | os.PathLike) -> Iterator[tuple[int, object]]:
+    """``(line number, parsed JSON)`` of each non-blank line of a data file, read line by line: no
+    line longer than ``MAX_LINE_CHARS`` is ever held whole, and a FIFO or device is refused before
+    it is opened."""
     path = Path(path)
     if not path.exists():
         raise InputError("data file not found", str(path), "check the path given to --data")
@@ -64,21 +81,10 @@ def read_jsonl(path: str | os.PathLike) -> list[Example]:
         raise InputError(
             "cannot read the data file (permission denied)", str(path), "fix its permissions"
         ) from None
-    examples = []
     with f:
         for number, raw in _lines(f, path):
-            if not raw.strip():
-                continue
-            example = _example(_parse_line(raw, f"{path}:{number}"), f"{path}:{number}", number)
-            example.source = str(path)
-            examples.append(example)
-    if not examples:
-        raise InputError(
-            "data file has no examples",
-            str(path),
-            'add lines like {"prompt": "...", "completion": "..."}',
-        )
-    return examples
+            if raw.strip():
+                yield number, _parse_line(raw, f"{path}:{number}")
 
 
 _MAX_LINE_BYTES = 4 * MAX_LINE_CHARS  # UTF-8 spends at most 4 bytes on a character

@@ -1,4 +1,5 @@
-"""``lota eval``: greedy generation and scoring against the reference completions.
+"""``lota eval``: greedy generation and scoring against the reference completions (and, with
+metric ``choice``, multiple choice by log-likelihood: ``lota.choice``).
 
 Metrics are registered functions ``(prediction, reference) -> float in [0, 1]``. The default,
 ``answer``, compares final answers: the text after the last ``####`` if there is one, otherwise the
@@ -15,11 +16,12 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 
-from .data import Example, pad_id, prompt_ids, read_jsonl
+from . import choice
+from .data import Example, model_positions, pad_id, prompt_ids, read_jsonl
 from .dist import resolve_device
 from .errors import InputError
 from .input_files import first_repeat
-from .models import check_special_tokens, load_model, load_tokenizer
+from .models import check_special_tokens, device_of, load_model, load_tokenizer
 from .names import METRICS as METRIC_NAMES
 
 METRICS: dict[str, Callable[[str, str], float]] = {}
@@ -27,9 +29,11 @@ METRICS: dict[str, Callable[[str, str], float]] = {}
 
 def metric(name: str):
     """Register ``fn(generated, expected) -> score`` under ``name``, one of ``names.METRICS``
-    (the list ``--metric`` offers)."""
+    (the list ``--metric`` offers; its other name, ``choice``, scores no generations)."""
     if name not in METRIC_NAMES:
         raise ValueError(f"metric '{name}' is not listed in lota.names.METRICS")
+    if name == choice.METRIC:
+        raise ValueError(f"metric '{name}' is lota.choice's, which scores no generations")
 
     def wrap(fn):
         METRICS[name] = fn
@@ -73,16 +77,6 @@ def _contains(pred: str, ref: str) -> float:
     return float(_norm(ref) in _norm(pred))
 
 
-def _device_of(model) -> torch.device:
-    """Where the model's weights are (the CPU for a model without parameters)."""
-    device = getattr(model, "device", None)
-    if isinstance(device, torch.device):
-        return device
-    params = model.parameters() if hasattr(model, "parameters") else iter(())
-    first = next(iter(params), None)
-    return first.device if first is not None else torch.device("cpu")
-
-
 @torch.no_grad()
 def generate(
     model,
@@ -96,7 +90,7 @@ def generate(
     """Greedy completions, batched with left padding; stops at EOS. With ``ended``, appends for
     each completion whether it stopped at EOS (rather than at ``max_new_tokens``)."""
     model.eval()
-    device = _device_of(model)
+    device = device_of(model)
     pad, eos = pad_id(tokenizer), tokenizer.eos_token_id
     outs: list[str] = []
     bar = tqdm(
@@ -155,6 +149,12 @@ def evaluate_model(
     batch_size: int = 16,
     show_progress: bool = True,
 ) -> dict:
+    if metric_name == choice.METRIC:
+        raise InputError(
+            "metric 'choice' scores options by log-likelihood, not generations",
+            "evaluate_model",
+            "use lota.choice.evaluate_choices on lota.choice.read_choices data",
+        )
     if metric_name not in METRICS:
         raise InputError(
             f"unknown metric '{metric_name}'",
@@ -169,8 +169,6 @@ def _check_prompts(model, tokenizer, examples, max_new_tokens: int, where: str) 
     """Refuse a prompt of no tokens (generation needs one to start from), and a prompt that, with
     the tokens to generate, runs past the model's positions: past them a model with learned
     positions fails and a rotary one generates from positions it was never trained on."""
-    from .data import model_positions
-
     positions = model_positions(model.config)
     if positions is not None and max_new_tokens >= positions:
         raise InputError(
@@ -210,23 +208,34 @@ def evaluate(
     allow_overlap: bool = False,
     device: str = "auto",
 ) -> dict:
-    """Score ``model_path`` on ``data_path``, generating on ``device`` (``lota.dist.resolve_device``). With ``deltas``, the deltas are switched into the
-    loaded base in place (``DeltaBank``), no model folder is written: all of them together, or
-    with ``each`` one after another on the same loaded base, giving ``{"results": [...]}``."""
+    """Score ``model_path`` on ``data_path`` on ``device`` (``lota.dist.resolve_device``): by
+    greedy generation, or with metric ``choice`` by the log-likelihood of each option
+    (``lota.choice``). With ``deltas``, the deltas are switched into the loaded base in place
+    (``DeltaBank``), no model folder is written: all of them together, or with ``each`` one after
+    another on the same loaded base, giving ``{"results": [...]}``."""
     _check_numbers(metric_name, max_new_tokens, batch_size, limit)
     deltas = _checked_deltas(deltas, each)
     where = resolve_device(device)
-    examples = read_jsonl(data_path)[:limit]
+    by_choice = metric_name == choice.METRIC
+    examples = (choice.read_choices if by_choice else read_jsonl)(data_path)[:limit]
     tokenizer = load_tokenizer(model_path)
     model = load_model(model_path, device=where).to(where)
     check_special_tokens(tokenizer, model, model_path, need_eos=False)
-    _check_prompts(model, tokenizer, examples, max_new_tokens, data_path)
+    if by_choice:
+        encoded = choice.encode(examples, tokenizer, model_positions(model.config))
+    else:
+        _check_prompts(model, tokenizer, examples, max_new_tokens, data_path)
     bank = _delta_bank(model, deltas, each, allow_mismatch, allow_overlap) if deltas else None
 
     def run(active: list[str]) -> dict:
-        r = evaluate_model(
-            model, tokenizer, examples, metric_name, max_new_tokens, batch_size, show_progress
-        )
+        if by_choice:
+            r = choice.evaluate_choices(
+                model, tokenizer, examples, batch_size, show_progress, encoded
+            )
+        else:
+            r = evaluate_model(
+                model, tokenizer, examples, metric_name, max_new_tokens, batch_size, show_progress
+            )
         r["model"], r["data"], r["deltas"] = model_path, data_path, active
         return r
 
@@ -240,11 +249,11 @@ def evaluate(
 
 
 def _check_numbers(metric_name: str, max_new_tokens: int, batch_size: int, limit: int | None):
-    if metric_name not in METRICS:
+    if metric_name not in METRIC_NAMES:
         raise InputError(
             f"unknown metric '{metric_name}'",
             "--metric",
-            f"choose one of {', '.join(sorted(METRICS))}",
+            f"choose one of {', '.join(sorted(METRIC_NAMES))}",
         )
     if max_new_tokens < 1 or batch_size < 1 or (limit is not None and limit < 1):
         raise InputError(

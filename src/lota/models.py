@@ -57,6 +57,16 @@ def load_model(
     return model
 
 
+def device_of(model) -> torch.device:
+    """Where the model's weights are (the CPU for a model without parameters)."""
+    device = getattr(model, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    params = model.parameters() if hasattr(model, "parameters") else iter(())
+    first = next(iter(params), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
 def _check_finite(model: nn.Module, folder: Path, chunk: int = 1 << 24) -> None:
     """Refuse weights holding NaN or inf, naming the first such tensor: every output of such a
     model is NaN, which training would otherwise report as a diverged run. One pass, a tensor

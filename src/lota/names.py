@@ -26,8 +26,9 @@ MERGE_METHODS = (
 # ``lota mask --selector``: the selectors ``selection`` registers with ``@selector``
 SELECTORS = ("magnitude", "bottomk", "random")
 
-# ``lota eval --metric``: the metrics ``evaluate`` registers with ``@metric``
-METRICS = ("answer", "exact", "contains")
+# ``lota eval --metric``: the metrics ``evaluate`` registers with ``@metric``, then ``choice``
+# (multiple choice by log-likelihood, ``lota.choice``)
+METRICS = ("answer", "exact", "contains", "choice")
 
 # ``lota ks --correction`` and ``--mode``: multiple-testing corrections, p-value modes (as scipy)
 KS_CORRECTIONS = ("none", "bonferroni", "bh")
