@@ -211,6 +211,25 @@ def test_the_weight_reader_hashes_while_reading_to_the_same_fingerprint(tmp_path
     assert reader.fingerprint() != model_fingerprint(model)
 
 
+def test_a_fingerprint_of_a_reader_hashing_while_reading_hashes_each_weight_once(tmp_path):
+    """The fingerprint's own threads read the weights not yet hashed without handing them to the
+    background hasher as well: each weight is hashed once, and no thread changes the reader's
+    digests while another walks them (which failed as 'dictionary changed size during
+    iteration' on a 135M-parameter model)."""
+    from lota import events
+
+    small_llama().save_pretrained(tmp_path, safe_serialization=True)
+    reader = WeightReader(str(tmp_path))
+    reader.hash_while_reading()
+    reader.get(next(iter(reader.shapes)))
+    hashed = []
+    with events.subscribe(lambda e: hashed.append(e) if e.kind == "weight_hashed" else None):
+        first = reader.fingerprint()
+        assert len(hashed) == len(reader.shapes) - 1  # the one read before was hashed already
+        assert reader.fingerprint() == first
+    assert first == WeightReader(str(tmp_path)).fingerprint()
+
+
 def test_the_weight_reader_refuses_a_tensor_the_files_lack(tmp_path):
     small_llama().save_pretrained(tmp_path, safe_serialization=True)
     reader = WeightReader(str(tmp_path))

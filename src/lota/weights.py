@@ -79,6 +79,17 @@ class WeightReader:
         self._pool = None
 
     def get(self, name: str) -> torch.Tensor:
+        t = self._read(name)
+        if self._pool is not None and name not in self._digests:
+            self._bound_pending()
+            self._digests[name] = self._pool.submit(weight_digest, t)
+        return t
+
+    __getitem__ = get
+
+    def _read(self, name: str) -> torch.Tensor:
+        """One parameter from the files (``get`` without hashing it in the background: what
+        ``fingerprint``'s own threads read, so they never touch ``_digests``)."""
         from safetensors import safe_open
 
         if not self.keymap.sources(name):
@@ -97,13 +108,7 @@ class WeightReader:
                     handles[f] = stack.enter_context(safe_open(str(f), framework="pt"))
                 return handles[f].get_tensor(key)
 
-            t = self.keymap.read(name, read_key)
-        if self._pool is not None and name not in self._digests:
-            self._bound_pending()
-            self._digests[name] = self._pool.submit(weight_digest, t)
-        return t
-
-    __getitem__ = get
+            return self.keymap.read(name, read_key)
 
     def hash_while_reading(self) -> None:
         """Hash each tensor the first time it is read, in a background thread, so that
@@ -125,7 +130,7 @@ class WeightReader:
         for n in self.shapes:
             d = self._digests.get(n)
             if d is None:
-                items.append((n, lambda n=n: self.get(n)))
+                items.append((n, lambda n=n: self._read(n)))
             else:
                 items.append((n, d if isinstance(d, str) else d.result()))
         return fingerprint(items)
