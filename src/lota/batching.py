@@ -63,14 +63,14 @@ def batches(
     ``GROUP_WINDOW`` batches of the shuffled epoch is sorted by length, cut into batches, and
     those batches are shuffled, so a batch pads to a length near its own examples' (each epoch
     still visits every example once, and batches still come in a random order). An epoch's order
-    is an array of indices and its batches are cut as they are served: 8 bytes per example.
+    is an array of indices and its batches are cut as they are served: 4 bytes per example.
     """
     rng = random.Random(seed)
     lengths = None
     if group_by_length:
         lengths = getattr(data, "lengths", None) or [len(t.input_ids) for t in data]
     while True:
-        order = array("q", range(len(data)))
+        order = array("I" if len(data) < 2**32 else "q", range(len(data)))
         rng.shuffle(order)
         chunks = _chunks(order, batch_size)
         if lengths is not None:

@@ -93,7 +93,7 @@ class Examples(Sequence):
 
     def __init__(self, rows, fields: Fields, scoring: bool = False):
         self.rows, self.fields, self.scoring = rows, fields, scoring
-        self._keys, self._numbers = array("q"), array("q")
+        self._keys, self._numbers = Counting(0), Counting(1)
         for key, number, obj in rows:
             _example(obj, rows.where(number), number, fields, scoring)
             self._keys.append(key)
@@ -108,7 +108,7 @@ class Examples(Sequence):
     def __len__(self) -> int:
         return len(self._keys)
 
-    def __getitem__(self, i):
+    def __getitem__(self, i: int | slice):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
         number = self._numbers[i]
@@ -410,6 +410,32 @@ def tokenize(
     return [t for _, t in encoded(examples, tokenizer, max_length, where, positions)]
 
 
+class Counting:
+    """Increasing integers appended one by one, held in an array only from the first one that
+    is not its index + ``start``: a table's row numbers, the examples kept, cost nothing while
+    they simply count."""
+
+    def __init__(self, start: int):
+        self.start, self.n, self.values = start, 0, None
+
+    def append(self, value: int) -> None:
+        if self.values is None and value != self.n + self.start:
+            self.values = array("q", range(self.start, self.n + self.start))
+        if self.values is not None:
+            self.values.append(value)
+        self.n += 1
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        if not -self.n <= i < self.n:
+            raise IndexError(i)
+        if self.values is not None:
+            return self.values[i]
+        return (i % self.n) + self.start
+
+
 class TokenizedData(Sequence):
     """The examples ``encode`` keeps, each tokenized once in order to learn which are kept and
     their lengths (``lengths``), and again when it is asked for: only those numbers stay in
@@ -417,7 +443,7 @@ class TokenizedData(Sequence):
 
     def __init__(self, examples: Sequence[Example], tokenizer, max_length: int, **kw):
         self.examples, self.tokenizer, self.max_length = examples, tokenizer, max_length
-        self._kept, self.lengths = array("q"), array("q")
+        self._kept, self.lengths = Counting(0), array("I")
         for i, t in encoded(examples, tokenizer, max_length, **kw):
             self._kept.append(i)
             self.lengths.append(len(t.input_ids))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import itertools
 import json
 import os
 import re
@@ -111,10 +112,7 @@ class JsonlRows:
         return f"{self.path}:{number}"
 
     def __iter__(self) -> Iterator[tuple[int, int, object]]:
-        for n, (offset, number, obj) in enumerate(_json_lines(self.path), 1):
-            if self.limit is not None and n > self.limit:
-                return
-            yield offset, number, obj
+        return itertools.islice(_json_lines(self.path), self.limit)  # no line past the limit
 
     def at(self, offset: int, number: int) -> object:
         if _identity(self.path) != self._stat:
