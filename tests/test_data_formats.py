@@ -24,6 +24,7 @@ from lota import datafiles
 from lota.batching import IGNORE
 from lota.cli import main
 from lota.data import Fields, TokenizedData, read_data, tokenize
+from lota.errors import InputError
 from lota.models import load_tokenizer
 
 from .conftest import ADAPT, addition_rows, reverse_rows, write_jsonl
@@ -368,3 +369,14 @@ def test_tokenized_data_equals_the_tokenized_list(workdir, tmp_path):
         (t.input_ids, t.labels) for t in want
     ]
     assert list(got.lengths) == [len(t.input_ids) for t in want]
+
+
+def test_trl_example_keeps_text_rows_and_refuses_a_mix(workdir, tmp_path):
+    from .test_examples import _load
+
+    example = _load("trl_sft")
+    texts = [{"text": "a b c"}, {"text": "d e"}]
+    assert example.sft_rows(str(write_as("parquet", texts, tmp_path / "t"))) == texts
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", texts + addition_rows(2))
+    with pytest.raises(InputError, match="mixes text rows"):
+        example.sft_rows(str(mixed))
