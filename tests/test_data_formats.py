@@ -380,3 +380,33 @@ def test_trl_example_keeps_text_rows_and_refuses_a_mix(workdir, tmp_path):
     mixed = write_jsonl(tmp_path / "mixed.jsonl", texts + addition_rows(2))
     with pytest.raises(InputError, match="mixes text rows"):
         example.sft_rows(str(mixed))
+
+
+def test_hub_dataset_is_read_by_split_and_limit(workdir, capsys, tmp_path, monkeypatch, reference):
+    """The Hub's answers stood in for: the split (and slice) asked of ``load_dataset`` is
+    ``--split``'s, and a dataset that needs a loading script is refused in one line."""
+    import huggingface_hub
+
+    asked = []
+
+    def load_dataset(name, split):
+        asked.append((name, split))
+        if name == "lota-tests/scripted":
+            raise RuntimeError("Dataset scripts are no longer supported, but found scripted.py")
+        rows = addition_rows(24) if split == "train" else addition_rows(5, seed=9)
+        return datasets.Dataset.from_list(rows)
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", lambda self, name, timeout: None)
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    delta = adapt_delta(capsys, workdir / "base", "lota-tests/sums", tmp_path / "run")
+    assert same_tensors(delta, reference)
+    code, out, err = lota(
+        capsys, "eval", workdir / "base", "--data", "lota-tests/sums", "--limit", "2",
+        "--max-new-tokens", "1", "--json", "--quiet",
+    )  # fmt: skip
+    assert code == 0, err
+    assert asked == [("lota-tests/sums", "train"), ("lota-tests/sums", "test[:2]")]
+    assert_refused(
+        *lota(capsys, "eval", workdir / "base", "--data", "lota-tests/scripted"),
+        "lota-tests/scripted", "scripts are no longer supported",
+    )  # fmt: skip

@@ -245,7 +245,7 @@ def test_building_the_command_line_imports_nothing_heavy():
 # ---------------------------------------------------------------------------- lota adapt
 # {flag: (dest, type, nargs, metavar, choices, required, help)} of every option of `lota adapt`
 ADAPT_OPTIONS = {
-    "--data": ("data", None, None, None, None, True, "training data, rows of prompt/completion, messages or text: JSONL, JSON array, CSV/TSV, Parquet, a datasets save_to_disk folder or a Hub dataset name"),
+    "--data": ("data", None, None, None, None, True, "training data (prompt/completion, messages or text rows): JSONL, JSON array, CSV/TSV, Parquet, a datasets save_to_disk folder or a Hub dataset name"),
     "--out": ("out", None, None, None, None, True, "output folder"),
     "--split": ("split", None, None, None, None, False, "the split of a datasets folder or Hub dataset to read (default train)"),
     "--prompt-field": ("prompt_field", None, None, "NAME", None, False, "the field of the prompt (default prompt)"),

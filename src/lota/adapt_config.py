@@ -62,7 +62,7 @@ class AdaptConfig:
     model: str = setting(
         positional=True, help="model folder (config, safetensors weights, tokenizer)"
     )
-    data: str = opt.data("training data")
+    data: str = opt.data("training data (prompt/completion, messages or text rows)")
     out: str = setting(required=True, help="output folder")
     split: str | None = opt.split("train")
     prompt_field: str = opt.prompt_field()

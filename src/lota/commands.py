@@ -274,7 +274,9 @@ class BenchQualitySettings:
 @dataclass(kw_only=True)
 class EvalSettings:
     model: str = setting(positional=True)
-    data: str = opt.data("the examples to score")
+    data: str = opt.data(
+        "the examples to score (prompt/completion or messages rows; with --metric choice, choices)"
+    )
     split: str | None = opt.split("test")
     prompt_field: str = opt.prompt_field()
     completion_field: str = opt.completion_field()

@@ -103,7 +103,7 @@ DATA_FORMATS = (
 
 def data(what: str, required: bool = True):
     """``--data``: the examples, in any format ``lota.datafiles`` reads."""
-    help = f"{what}, rows of prompt/completion, messages or text: {DATA_FORMATS} name"
+    help = f"{what}: {DATA_FORMATS} name"
     return setting(help=help, required=True) if required else setting(None, help=help)
 
 
