@@ -377,7 +377,7 @@ def _load_file(path: Path, kind: str):
 
 def _csv_header(path: Path, sep: str) -> list[str]:
     with _open(path) as f:
-        line = f.readline(2**20).decode("utf-8", errors="replace")
+        line = f.readline(2**20).decode("utf-8-sig", errors="replace")
     names = next(csv.reader([line], delimiter=sep), [])
     if not names or not any(n.strip() for n in names):
         raise InputError(
