@@ -16,7 +16,7 @@ import argparse
 import os
 
 import lota
-from lota.data import collate, read_jsonl, tokenize
+from lota.data import collate, read_data, tokenize
 from lota.models import load_model, load_tokenizer
 from lota.weights import model_fingerprint
 
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> str:
         ticket = ticket.ticket
     lota.prepare(model, ticket)  # the one line that makes this LoTA
 
-    data = tokenize(read_jsonl(a.data), tokenizer, 512, where=a.data)
+    data = tokenize(read_data(a.data), tokenizer, 512, where=a.data)  # any format lota adapt reads
     args = TrainingArguments(
         output_dir=a.out,
         max_steps=a.steps,

@@ -4,12 +4,13 @@ to an ordinary supervised fine-tuning script.
     python examples/trl_sft.py --model BASE --data train.jsonl --ticket ticket.safetensors \
         --out runs/sft [--steps 100] [--grad-accum 4] [--lr 1e-4] [--save-steps 50] [--resume]
 
-The data is the JSONL that ``lota adapt`` reads: ``{"prompt": str, "completion": str}`` lines, or
-``{"messages": [...]}`` conversations whose last message is the assistant's answer. Both become
-TRL prompt/completion rows (a conversation's earlier messages are the prompt, its last message
-the completion), so the loss is on the completion only (``completion_only_loss=True``); a
-conversation goes through the tokenizer's chat template, which it must therefore have. One file
-holds one of the two formats, not both.
+The data is what ``lota adapt`` reads, in any of its formats (JSONL, JSON, CSV, Parquet, a
+``datasets`` folder): ``{"prompt": str, "completion": str}`` rows, or ``{"messages": [...]}``
+conversations whose last message is the assistant's answer. Both become TRL prompt/completion
+rows (a conversation's earlier messages are the prompt, its last message the completion), so the
+loss is on the completion only (``completion_only_loss=True``); a conversation goes through the
+tokenizer's chat template, which it must therefore have. ``{"text": str}`` rows stay TRL text
+rows, with the loss on every token. One file holds one of the formats, not several.
 
 The ticket comes from ``lota mask BASE TUNED`` or ``lota adapt``. Gradient accumulation, the
 learning-rate schedule, checkpointing and ``--resume`` are the Trainer's own; metrics go wherever
@@ -24,21 +25,30 @@ import argparse
 import os
 
 import lota
-from lota.data import read_jsonl
+from lota.data import read_data
 from lota.errors import InputError
 from lota.models import load_model, load_tokenizer
 from lota.weights import model_fingerprint
 
 
 def sft_rows(path: str) -> list[dict]:
-    """The JSONL as TRL prompt/completion rows (plain strings, or chat messages)."""
+    """The data (any format ``lota adapt`` reads) as TRL rows: prompt/completion (plain strings,
+    or chat messages), or plain text."""
     rows = []
-    for ex in read_jsonl(path):
-        if ex.messages is not None:
+    for ex in read_data(path):
+        if ex.text is not None:
+            rows.append({"text": ex.text})
+        elif ex.messages is not None:
             rows.append({"prompt": ex.messages[:-1], "completion": ex.messages[-1:]})
         else:
             rows.append({"prompt": ex.prompt, "completion": ex.completion})
-    kinds = {isinstance(r["prompt"], list) for r in rows}
+    if len({"text" in r for r in rows}) > 1:
+        raise InputError(
+            "the file mixes text rows with prompt/completion rows or conversations",
+            path,
+            "keep one format per file",
+        )
+    kinds = {isinstance(r.get("prompt"), list) for r in rows}
     if len(kinds) > 1:
         raise InputError(
             "the file mixes prompt/completion lines and conversations",

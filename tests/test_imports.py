@@ -150,11 +150,12 @@ LAYERS = (
     ("files, option declarations", ["lota.input_files", "lota.digests", "lota.fileio", "lota.output_checks", "lota.settings"]),
     ("tickets and deltas", ["lota.ticket", "lota.delta", "lota.codecs", "lota.selection"]),
     ("file format", ["lota.container", "lota.format", "lota.ticketfiles", "lota.lora_config"]),
-    ("models and training", ["lota.model_folder", "lota.targets", "lota.weights", "lota.models", "lota.sparse_model", "lota.dist", "lota.checkpoint", "lota.data", "lota.train", "lota.official"]),
+    ("models and training", ["lota.model_folder", "lota.targets", "lota.weights", "lota.models", "lota.sparse_model", "lota.dist", "lota.checkpoint", "lota.datafiles", "lota.batching", "lota.data", "lota.train", "lota.official"]),
     ("library commands", ["lota.task_vectors", "lota.merge_methods", "lota.merge", "lota.hotswap", "lota.choice", "lota.evaluate", "lota.ks", "lota.lora_import", "lota.peft_export", "lota.callbacks"]),
     ("adapt: the run and its phases", ["lota.phases"]),
     ("adapt: calibrations", ["lota.calibrations", "lota.calibrations.*"]),
     ("adapt: ticket sources and methods", ["lota.sources"]),
+    ("option declarations several commands share", ["lota.options"]),
     ("adapt: settings", ["lota.adapt_config"]),
     ("adapt: plan, trainers, frozen check, output folder", ["lota.plan", "lota.trainers", "lota.frozen", "lota.run_folder"]),
     ("adapt: the recipe", ["lota.adapt"]),
@@ -164,7 +165,7 @@ LAYERS = (
     ("lab: claims", ["lota.lab.claims.*"]),
     ("lab: the claim registry", ["lota.lab.claims"]),
     ("lab: the quality bench and the demo", ["lota.lab.quality", "lota.lab.demo"]),
-    ("command line and package", ["lota.options", "lota.commands", "lota.cli", "lota"]),
+    ("command line and package", ["lota.commands", "lota.cli", "lota"]),
 )  # fmt: skip
 
 

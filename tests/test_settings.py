@@ -245,8 +245,13 @@ def test_building_the_command_line_imports_nothing_heavy():
 # ---------------------------------------------------------------------------- lota adapt
 # {flag: (dest, type, nargs, metavar, choices, required, help)} of every option of `lota adapt`
 ADAPT_OPTIONS = {
-    "--data": ("data", None, None, None, None, True, "training data, JSONL of prompt/completion or messages"),
+    "--data": ("data", None, None, None, None, True, "training data (prompt/completion, messages or text rows): JSONL, JSON array, CSV/TSV, Parquet, a datasets save_to_disk folder or a Hub dataset name"),
     "--out": ("out", None, None, None, None, True, "output folder"),
+    "--split": ("split", None, None, None, None, False, "the split of a datasets folder or Hub dataset to read (default train)"),
+    "--prompt-field": ("prompt_field", None, None, "NAME", None, False, "the field of the prompt (default prompt)"),
+    "--completion-field": ("completion_field", None, None, "NAME", None, False, "the field of the completion (default completion)"),
+    "--messages-field": ("messages_field", None, None, "NAME", None, False, "the field of a conversation, whose last message is the assistant's answer (default messages)"),
+    "--text-field": ("text_field", None, None, "NAME", None, False, "the field of a plain text trained on every token (default text)"),
     "--method": ("method", None, None, None, None, False, "lota | fft | lora | random | bottomk | embeddings | ks-lottery (default lota)"),
     "--sparsity": ("sparsity", None, None, None, None, False, "fraction of target entries frozen, in [0, 1) (default 0.9)"),
     "--calibration-steps": ("calibration_steps", int, None, None, None, False, "dense steps before extraction (default 8)"),
@@ -292,6 +297,11 @@ ADAPT_OPTIONS = {
 }  # fmt: skip
 # the defaults of the options, as `lota adapt` has always had them
 ADAPT_DEFAULTS = {
+    "split": None,
+    "prompt_field": "prompt",
+    "completion_field": "completion",
+    "messages_field": "messages",
+    "text_field": "text",
     "method": "lota",
     "sparsity": "0.9",
     "calibration_steps": 8,

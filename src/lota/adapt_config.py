@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from . import calibrations, sources
+from . import options as opt
 from .calibrations import fisher
 from .calibrations import lora as lora_calibration
 from .errors import InputError
@@ -61,8 +62,13 @@ class AdaptConfig:
     model: str = setting(
         positional=True, help="model folder (config, safetensors weights, tokenizer)"
     )
-    data: str = setting(required=True, help="training data, JSONL of prompt/completion or messages")
+    data: str = opt.data("training data (prompt/completion, messages or text rows)")
     out: str = setting(required=True, help="output folder")
+    split: str | None = opt.split("train")
+    prompt_field: str = opt.prompt_field()
+    completion_field: str = opt.completion_field()
+    messages_field: str = opt.messages_field()
+    text_field: str = opt.text_field()
     # -- the method and its ticket: size, calibration (each calibration's own settings)
     method: str = setting(
         sources.DEFAULT_METHOD, help="{names} (default {default})", names=sources.method_names()

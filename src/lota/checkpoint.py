@@ -40,10 +40,23 @@ NEUTRAL = (
     "report_to",
     "dist_timeout",
 )
+# Settings added after runs were written, at the values that read data as before: they leave a
+# run's hash what it was, so a run interrupted under an earlier lota still resumes.
+ADDED = {
+    "split": None,
+    "prompt_field": "prompt",
+    "completion_field": "completion",
+    "messages_field": "messages",
+    "text_field": "text",
+}
 
 
 def config_hash(config: dict) -> str:
-    relevant = {k: v for k, v in sorted(config.items()) if k not in NEUTRAL}
+    relevant = {
+        k: v
+        for k, v in sorted(config.items())
+        if k not in NEUTRAL and not (k in ADDED and v == ADDED[k])
+    }
     return hashlib.blake2b(
         json.dumps(relevant, sort_keys=True, default=str).encode(), digest_size=12
     ).hexdigest()

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .data import Example, json_lines, model_positions, pad_id, prompt_ids
+from .data import Example, Fields, model_positions, pad_id, prompt_ids
+from .datafiles import open_rows
 from .errors import InputError
 from .models import device_of
 
@@ -40,10 +41,11 @@ class Choice:
     messages: list | None = None
     line: int = 0
     source: str = ""
+    location: str = ""  # where it is, when that is more than ``source:line`` (a table's row)
 
     @property
     def where(self) -> str:
-        return f"{self.source}:{self.line}"
+        return self.location or f"{self.source}:{self.line}"
 
     def context(self) -> Example:
         """The prompt as an ``Example``, whose ``prompt_ids`` are the tokens the options follow
@@ -53,18 +55,38 @@ class Choice:
         messages = None
         if self.messages is not None:
             messages = [*self.messages, {"role": "assistant", "content": right}]
-        return Example(self.prompt, right, messages, self.line, self.source)
+        return Example(self.prompt, right, messages, self.line, self.source, location=self.location)
 
 
-def read_choices(path: str) -> list[Choice]:
-    """The multiple-choice examples of a JSONL file, each line checked (see ``SCHEMA``)."""
-    out = [_choice(obj, f"{path}:{number}", number, str(path)) for number, obj in json_lines(path)]
+def read_choices(
+    path: str,
+    split: str | None = None,
+    fields: Fields | None = None,
+    default_split: str = "test",
+    limit: int | None = None,
+) -> list[Choice]:
+    """The multiple-choice examples of ``--data`` in any format ``lota.datafiles`` reads (the
+    first ``limit`` only), each row checked (see ``SCHEMA``; ``fields`` renames the prompt and
+    messages fields)."""
+    f = fields or Fields()
+    rows = open_rows(path, (f.prompt, f.messages, "choices", "answer"), split, default_split, limit)
+    if rows.columns is not None:
+        missing = [c for c in ("choices", "answer") if c not in rows.columns]
+        if f.prompt not in rows.columns and f.messages not in rows.columns:
+            missing.append(f"{f.prompt}' or '{f.messages}")
+        if missing:
+            raise InputError(
+                f"no '{missing[0]}' column (its columns: {', '.join(rows.columns)})",
+                rows.label,
+                f"multiple-choice rows are {SCHEMA}",
+            )
+    out = [_choice(obj, rows.where(n), n, rows.label, f) for _, n, obj in rows]
     if not out:
-        raise InputError("data file has no examples", str(path), f"add lines like {SCHEMA}")
+        raise InputError("data file has no examples", rows.label, f"add lines like {SCHEMA}")
     return out
 
 
-def _choice(obj, where: str, number: int, source: str) -> Choice:
+def _choice(obj, where: str, number: int, source: str, f: Fields) -> Choice:
     if not isinstance(obj, dict):
         raise InputError(f"expected a JSON object, got {type(obj).__name__}", where, _FIX)
     choices = obj.get("choices")
@@ -92,14 +114,16 @@ def _choice(obj, where: str, number: int, source: str) -> Choice:
             where,
             f"give the 0-based index of the right option, 0 to {len(choices) - 1}",
         )
-    if "messages" in obj:
-        return Choice("", choices, answer, _messages(obj["messages"], where), number, source)
-    if not isinstance(obj.get("prompt"), str):
-        raise InputError("missing 'prompt' string (or 'messages')", where, _FIX)
-    return Choice(obj["prompt"], choices, answer, None, number, source)
+    location = "" if where == f"{source}:{number}" else where
+    if f.messages in obj:
+        msgs = _messages(obj[f.messages], where, f.messages)
+        return Choice("", choices, answer, msgs, number, source, location)
+    if not isinstance(obj.get(f.prompt), str):
+        raise InputError(f"missing '{f.prompt}' string (or '{f.messages}')", where, _FIX)
+    return Choice(obj[f.prompt], choices, answer, None, number, source, location)
 
 
-def _messages(msgs, where: str) -> list:
+def _messages(msgs, where: str, name: str = "messages") -> list:
     if (
         not isinstance(msgs, list)
         or not msgs
@@ -110,12 +134,12 @@ def _messages(msgs, where: str) -> list:
             for m in msgs
         )
     ):
-        raise InputError("'messages' must be a list of {role, content} objects", where, _FIX)
+        raise InputError(f"'{name}' must be a list of {{role, content}} objects", where, _FIX)
     if msgs[-1]["role"] == "assistant":
         raise InputError(
             "the last message has role 'assistant', but the options are the assistant's answer",
             where,
-            "end 'messages' with the turn the options answer",
+            f"end '{name}' with the turn the options answer",
         )
     return msgs
 

@@ -164,6 +164,7 @@ def _run_merge(s: C.MergeCommand, a: argparse.Namespace) -> None:
 
 
 def _run_ks(s: C.KsSettings, a: argparse.Namespace) -> None:
+    from .datafiles import Fields
     from .ks import run_ks
 
     report = run_ks(
@@ -177,6 +178,8 @@ def _run_ks(s: C.KsSettings, a: argparse.Namespace) -> None:
         s.data,
         device=s.device,
         force=s.force,
+        split=s.split,
+        fields=Fields.of(s),
     )
     if s.json:
         print(json.dumps(report, indent=2))
@@ -309,6 +312,7 @@ def _run_bench_quality(s: C.BenchQualitySettings, a: argparse.Namespace) -> None
 
 
 def _run_eval(s: C.EvalSettings, a: argparse.Namespace) -> None:
+    from .datafiles import Fields
     from .evaluate import evaluate
 
     r = evaluate(
@@ -324,6 +328,8 @@ def _run_eval(s: C.EvalSettings, a: argparse.Namespace) -> None:
         allow_mismatch=s.allow_mismatch,
         allow_overlap=s.allow_overlap,
         device=s.device,
+        split=s.split,
+        fields=Fields.of(s),
     )
     if s.json:
         print(json.dumps(r, indent=2))

@@ -144,7 +144,12 @@ class KsSettings:
     )
     top: int | None = setting(None, type=int, help="the N rows of largest statistic instead")
     mode: str = setting("auto", names=names.KS_MODES, help="p-values: {names} (as scipy)")
-    data: str | None = setting(None, help="training data, to count each token's occurrences")
+    data: str | None = opt.data("training data, to count each token's occurrences", required=False)
+    split: str | None = opt.split("train")
+    prompt_field: str = opt.prompt_field()
+    completion_field: str = opt.completion_field()
+    messages_field: str = opt.messages_field()
+    text_field: str = opt.text_field()
     out: str = opt.out("folder for ticket, transfer delta and listing")
     force: bool = opt.force("--out folder")
     json: bool = opt.json_output("print the selection as JSON")
@@ -269,11 +274,20 @@ class BenchQualitySettings:
 @dataclass(kw_only=True)
 class EvalSettings:
     model: str = setting(positional=True)
-    data: str = setting(required=True)
+    data: str = opt.data(
+        "the examples to score (prompt/completion or messages rows; with --metric choice, choices)"
+    )
+    split: str | None = opt.split("test")
+    prompt_field: str = opt.prompt_field()
+    completion_field: str = opt.completion_field()
+    messages_field: str = opt.messages_field()
+    text_field: str = opt.text_field()
     metric: str = setting("answer", names=names.METRICS, help="{names} (default {default})")
     max_new_tokens: int = setting(64)
     batch_size: int = setting(16, help="prompts (with --metric choice: options) per forward pass")
-    limit: int | None = setting(None, type=int, help="score only the first N examples")
+    limit: int | None = setting(
+        None, type=int, help="score only the first N examples (only they are read)"
+    )
     delta: list[str] = setting(
         factory=list,
         action="append",

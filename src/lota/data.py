@@ -1,192 +1,183 @@
-"""Task data: JSONL in the formats TRL uses, tokenized with the loss on completion tokens only.
+"""Task data in the formats TRL uses, tokenized with the loss on completion tokens only.
 
-Each line is ``{"prompt": str, "completion": str}`` or ``{"messages": [{"role", "content"}, ...]}``
+Each row is ``{"prompt": str, "completion": str}``, ``{"messages": [{"role", "content"}, ...]}``
 whose last message is the assistant's answer (the rest goes through the tokenizer's chat
-template). Every problem is reported with the file and line number.
+template), or ``{"text": str}``, trained with the loss on every token (continued pretraining);
+``Fields`` renames the fields. The rows come from any format ``lota.datafiles`` reads (JSONL,
+JSON, CSV, Parquet, a ``datasets`` folder, the Hub); every problem is reported with the file and
+the line (or row).
 
-Data and chat templates are untrusted input: the file is read line by line, never whole; a line
-is refused when it is longer than ``MAX_LINE_CHARS``, nested deeper than ``MAX_DEPTH``, or holds a
-value Python's JSON parser accepts but lota cannot use (a lone surrogate escape, an integer past
-Python's digit limit); a chat template that fails, or that runs longer than ``TEMPLATE_SECONDS``
-on one conversation, is bad input, not a lota failure.
+Memory does not grow with the data: ``read_data`` checks every row once and keeps only where each
+one is; ``TokenizedData`` tokenizes each once and keeps only which are kept and their lengths; an
+example is read and tokenized again when a batch needs it.
+
+Chat templates are untrusted input: a template that fails, or that runs longer than
+``TEMPLATE_SECONDS`` on one conversation, is bad input, not a lota failure.
 Examples are cut to the model's positions as they are to ``--max-length``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import random
-import re
 import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from array import array
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
-import torch
-
+from .batching import IGNORE, Tokenized
+from .batching import batches as batches  # the data's batches, named here too
+from .batching import collate as collate
+from .batching import pad_id as pad_id
+from .batching import steps_for as steps_for
+from .datafiles import MAX_DEPTH as MAX_DEPTH  # the reader's limits, named here too
+from .datafiles import MAX_LINE_CHARS, Fields, open_rows
+from .datafiles import json_lines as json_lines
 from .errors import InputError
-from .format import json_nesting
-from .input_files import check_input_file
 
-IGNORE = -100
-MAX_LINE_CHARS = 16 * 2**20  # far beyond any example that fits a model's positions
-MAX_DEPTH = 64  # TRL's formats need 3 levels; tool calls and metadata a few more
 TEMPLATE_SECONDS = 5.0  # a chat template renders one conversation in milliseconds
 DEFAULT_MAX_LENGTH = 512
 
 
 @dataclass
 class Example:
+    """One example: a prompt and its completion, a conversation (``messages``, whose last
+    message is ``completion``), or a plain ``text`` trained on every token (prompt and completion
+    empty). ``line`` is its line (its row, for formats other than JSONL) in ``source``;
+    ``location`` says where it is when that is more than ``source:line``."""
+
     prompt: str
     completion: str
     messages: list | None = None
     line: int = 0
     source: str = ""  # the data file, for messages that name the line
+    text: str | None = None
+    location: str = ""
+
+    @property
+    def where(self) -> str:
+        if self.location:
+            return self.location
+        return f"{self.source}:{self.line}" if self.source else f"line {self.line}"
+
+
+def read_data(
+    path: str | os.PathLike,
+    split: str | None = None,
+    fields: Fields | None = None,
+    default_split: str = "train",
+    limit: int | None = None,
+    scoring: bool = False,
+) -> Examples:
+    """The examples of ``--data`` in any format ``lota.datafiles`` reads, every row checked (see
+    ``open_rows`` for ``split``, ``default_split`` and ``limit``). ``scoring``: the examples will
+    be scored against their completions, so a plain-text row is refused."""
+    fields = fields or Fields()
+    wanted = (fields.prompt, fields.completion, fields.messages, fields.text)
+    rows = open_rows(path, wanted, split, default_split, limit)
+    _check_columns(rows, fields, scoring)
+    return Examples(rows, fields, scoring)
 
 
 def read_jsonl(path: str | os.PathLike) -> list[Example]:
-    """The examples of a JSONL file, read line by line (see ``json_lines``)."""
-    examples = []
-    for number, obj in json_lines(path):
-        example = _example(obj, f"{path}:{number}", number)
-        example.source = str(path)
-        examples.append(example)
-    if not examples:
-        raise InputError(
-            "data file has no examples",
-            str(path),
-            'add lines like {"prompt": "...", "completion": "..."}',
-        )
-    return examples
+    """The examples of a data file as a list (``read_data`` reads them without one)."""
+    return list(read_data(path))
 
 
-def json_lines(path: str | os.PathLike) -> Iterator[tuple[int, object]]:
-    """``(line number, parsed JSON)`` of each non-blank line of a data file, read line by line: no
-    line longer than ``MAX_LINE_CHARS`` is ever held whole, and a FIFO or device is refused before
-    it is opened."""
-    path = Path(path)
-    if not path.exists():
-        raise InputError("data file not found", str(path), "check the path given to --data")
-    if path.is_dir():
-        raise InputError("data path is a folder", str(path), "pass a .jsonl file")
-    check_input_file(path, "data file")
-    try:
-        f = path.open("rb")
-    except PermissionError:
-        raise InputError(
-            "cannot read the data file (permission denied)", str(path), "fix its permissions"
-        ) from None
-    with f:
-        for number, raw in _lines(f, path):
-            if raw.strip():
-                yield number, _parse_line(raw, f"{path}:{number}")
+class Examples(Sequence):
+    """The examples of a table of rows, each row checked once in order; an example is read again
+    from its row when it is asked for, so only where each row is stays in memory."""
 
-
-_MAX_LINE_BYTES = 4 * MAX_LINE_CHARS  # UTF-8 spends at most 4 bytes on a character
-
-
-def _lines(f, path: Path) -> Iterator[tuple[int, str]]:
-    """``(number, text)`` of each line of a binary file, each read with a bound on its size."""
-    number = 0
-    while chunk := f.readline(_MAX_LINE_BYTES + 1):
-        number += 1
-        where = f"{path}:{number}"
-        if len(chunk) > _MAX_LINE_BYTES:
-            raise _too_long(f"more than {_MAX_LINE_BYTES:,} bytes", where)
-        try:
-            text = chunk.decode("utf-8")
-        except UnicodeDecodeError as e:
+    def __init__(self, rows, fields: Fields, scoring: bool = False):
+        self.rows, self.fields, self.scoring = rows, fields, scoring
+        self._keys, self._numbers = Counting(0), Counting(1)
+        for key, number, obj in rows:
+            _example(obj, rows.where(number), number, fields, scoring)
+            self._keys.append(key)
+            self._numbers.append(number)
+        if not self._keys:
             raise InputError(
-                f"the line is not UTF-8 text (byte {e.start + 1} of the line)",
-                where,
-                "save the data file as UTF-8 JSONL",
-            ) from None
-        text = text.removesuffix("\n").removesuffix("\r")
-        if len(text) > MAX_LINE_CHARS:
-            raise _too_long(f"{len(text):,} characters", where)
-        yield number, text
+                "data file has no examples",
+                rows.label,
+                'add lines like {"prompt": "...", "completion": "..."}',
+            )
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __getitem__(self, i: int | slice):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        number = self._numbers[i]
+        return self._example(self.rows.at(self._keys[i], number), number)
+
+    def __iter__(self) -> Iterator[Example]:
+        """The examples in order, read in one pass over the rows."""
+        for n, (_, number, obj) in enumerate(self.rows):
+            if n >= len(self):
+                return
+            yield self._example(obj, number)
+
+    def _example(self, obj, number: int) -> Example:
+        where = self.rows.where(number)
+        example = _example(obj, where, number, self.fields, self.scoring)
+        example.source = self.rows.label
+        if where != f"{self.rows.label}:{number}":
+            example.location = where
+        return example
 
 
-def _too_long(length: str, where: str) -> InputError:
-    return InputError(
-        f"the line is {length} long, more than the {MAX_LINE_CHARS:,} characters lota reads as "
-        "one example",
-        where,
-        "shorten or split the example",
-    )
-
-
-# A "\uD800"-"\uDFFF" escape: JSON allows one alone, but it is half of a pair, no character.
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def _parse_line(raw: str, where: str):
-    """One line's JSON, refused (naming the line) before it can reach a parser's or a
-    tokenizer's limits: nesting deeper than ``MAX_DEPTH``, a number beyond Python's integer
-    digits, a string holding half a surrogate pair (it has no UTF-8 form)."""
-    if json_nesting(raw) > MAX_DEPTH:  # before parsing: no recursion to exhaust
-        raise _too_deep(where)
-    try:
-        obj = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise InputError(
-            f"invalid JSON ({e.msg} at column {e.colno})",
-            where,
-            "each line must be one JSON object",
-        ) from None
-    except ValueError:  # an integer longer than int(str) converts
-        raise InputError(
-            f"the line holds a number of more than {sys.get_int_max_str_digits():,} digits",
-            where,
-            "write such a number as a string",
-        ) from None
-    if _SURROGATE_ESCAPE.search(raw) and _has_lone_surrogate(obj):
-        raise InputError(
-            "the line holds a lone surrogate escape (\\ud800 to \\udfff): half of a pair, "
-            "not a character, with no UTF-8 form",
-            where,
-            "write the character itself, or escape it as a full surrogate pair",
+def _check_columns(rows, fields: Fields, scoring: bool) -> None:
+    """A table (CSV, Parquet, a datasets folder) has the columns of at least one kind of example
+    (a JSONL file is checked line by line)."""
+    cols = rows.columns
+    if cols is None:
+        return
+    found = f"(its columns: {', '.join(cols) or 'none'})"
+    fix = "name the columns with --prompt-field and --completion-field, --messages-field"
+    if scoring:
+        if fields.messages in cols or (fields.prompt in cols and fields.completion in cols):
+            return
+        if fields.text in cols:
+            raise InputError(
+                f"the data has a '{fields.text}' column but no completions to score {found}",
+                rows.label,
+                "lota eval scores prompt/completion or messages data; text rows only train",
+            )
+    elif {fields.messages, fields.text} & set(cols) or {fields.prompt, fields.completion} <= set(
+        cols
+    ):
+        return
+    if fields.prompt in cols or fields.completion in cols:
+        have, lack = (
+            (fields.prompt, fields.completion)
+            if fields.prompt in cols
+            else (fields.completion, fields.prompt)
         )
-    return obj
-
-
-def _has_lone_surrogate(obj) -> bool:
-    """Whether any string (key or value) in parsed JSON holds an unpaired surrogate (the parser
-    joins a valid pair into one character, so any surrogate left is unpaired)."""
-    stack = [obj]
-    while stack:
-        x = stack.pop()
-        if isinstance(x, str):
-            if _SURROGATE.search(x):
-                return True
-        elif isinstance(x, dict):
-            stack.extend(x.keys())
-            stack.extend(x.values())
-        elif isinstance(x, list):
-            stack.extend(x)
-    return False
-
-
-def _too_deep(where: str) -> InputError:
-    return InputError(
-        f"the JSON is nested more than {MAX_DEPTH} levels deep",
-        where,
-        "each line must be one example: prompt/completion strings or a messages list",
+        raise InputError(f"no '{lack}' column beside '{have}' {found}", rows.label, fix)
+    kinds = f"'{fields.prompt}' and '{fields.completion}', or '{fields.messages}'"
+    if not scoring:
+        kinds += f", or '{fields.text}'"
+    raise InputError(
+        f"no {kinds} column {found}", rows.label, fix + ("" if scoring else " or --text-field")
     )
 
 
-def _example(obj, where: str, number: int) -> Example:
-    fix = 'use {"prompt": str, "completion": str} or {"messages": [{"role": ..., "content": ...}, ...]}'
+def _example(
+    obj, where: str, number: int, fields: Fields | None = None, scoring: bool = False
+) -> Example:
+    f = fields or Fields()
+    fix = (
+        f'use {{"{f.prompt}": str, "{f.completion}": str}}, '
+        f'{{"{f.messages}": [{{"role": ..., "content": ...}}, ...]}} or {{"{f.text}": str}}'
+    )
     if not isinstance(obj, dict):
         raise InputError(f"expected a JSON object, got {type(obj).__name__}", where, fix)
-    if "messages" in obj:
-        msgs = obj["messages"]
+    if f.messages in obj:
+        msgs = obj[f.messages]
         if (
             not isinstance(msgs, list)
             or len(msgs) < 2
@@ -198,7 +189,9 @@ def _example(obj, where: str, number: int) -> Example:
             )
         ):
             raise InputError(
-                "'messages' must be a list of at least two {role, content} objects", where, fix
+                f"'{f.messages}' must be a list of at least two {{role, content}} objects",
+                where,
+                fix,
             )
         if msgs[-1]["role"] != "assistant":
             raise InputError(
@@ -207,14 +200,34 @@ def _example(obj, where: str, number: int) -> Example:
                 "end each conversation with the assistant's answer",
             )
         return Example(prompt="", completion=msgs[-1]["content"], messages=msgs, line=number)
-    prompt, completion = obj.get("prompt"), obj.get("completion")
+    if f.text in obj and f.prompt not in obj and f.completion not in obj:
+        return _text_example(obj[f.text], where, number, f, scoring)
+    prompt, completion = obj.get(f.prompt), obj.get(f.completion)
     if not isinstance(prompt, str) or not isinstance(completion, str):
-        raise InputError("missing 'prompt' and 'completion' strings", where, fix)
+        raise InputError(f"missing '{f.prompt}' and '{f.completion}' strings", where, fix)
     if not completion:
         raise InputError(
-            "'completion' is empty", where, "every example needs a completion to learn"
+            f"'{f.completion}' is empty", where, "every example needs a completion to learn"
         )
     return Example(prompt=prompt, completion=completion, line=number)
+
+
+def _text_example(text, where: str, number: int, f: Fields, scoring: bool) -> Example:
+    """A plain-text row (TRL's language-modeling format): the loss is on every token."""
+    if scoring:
+        raise InputError(
+            f"a '{f.text}' row has no completion to score",
+            where,
+            "lota eval scores prompt/completion or messages rows; text rows only train",
+        )
+    if not isinstance(text, str) or not text:
+        got = "empty" if text == "" else f"a {type(text).__name__}"
+        raise InputError(
+            f"'{f.text}' must be a string with some text, got {got}",
+            where,
+            "give each text row some text",
+        )
+    return Example(prompt="", completion="", line=number, text=text)
 
 
 class _TemplateTimeout(Exception):
@@ -269,14 +282,10 @@ def _time_limit(seconds: float):
             signal.setitimer(signal.ITIMER_REAL, max(left, 1e-6), outer_interval)
 
 
-def _where(example: Example) -> str:
-    return f"{example.source}:{example.line}" if example.source else f"line {example.line}"
-
-
 def _render_chat(example: Example, tokenizer) -> str:
     """The prompt of a conversation through the tokenizer's chat template, which is untrusted:
     whatever goes wrong inside it is bad input, named by the data line and the template."""
-    where = _where(example)
+    where = example.where
     template = f"the chat template of {getattr(tokenizer, 'name_or_path', '') or 'the tokenizer'}"
     fix = "fix or replace the model's chat template, or use prompt/completion data"
     try:
@@ -313,7 +322,7 @@ def prompt_ids(example: Example, tokenizer) -> list[int]:
         if not getattr(tokenizer, "chat_template", None):
             raise InputError(
                 "conversation data needs a chat template, and the tokenizer has none",
-                _where(example),
+                example.where,
                 "use prompt/completion data or a tokenizer with a chat_template",
             )
         text = _render_chat(example, tokenizer)
@@ -345,119 +354,102 @@ def fit_max_length(max_length: int | None, positions: int | None) -> int:
     return max_length
 
 
-@dataclass
-class Tokenized:
-    input_ids: list[int]
-    labels: list[int]
+def encode(example: Example, tokenizer, max_length: int) -> Tokenized | None:
+    """Prompt + completion + EOS with labels -100 on the prompt; a text row is its tokens + EOS
+    with labels on every token. A long completion (or text) is truncated; an example whose prompt
+    alone fills ``max_length`` is dropped (None)."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if example.text is not None:
+        ids = (tokenizer(example.text)["input_ids"] + eos)[:max_length]
+        return Tokenized(input_ids=ids, labels=list(ids))
+    p = prompt_ids(example, tokenizer)
+    if len(p) >= max_length:
+        return None
+    c = tokenizer(example.completion, add_special_tokens=False)["input_ids"] + eos
+    c = c[: max_length - len(p)]
+    return Tokenized(input_ids=p + c, labels=[IGNORE] * len(p) + c)
+
+
+def encoded(
+    examples, tokenizer, max_length: int, where: str = "data", positions: int | None = None
+) -> Iterator[tuple[int, Tokenized]]:
+    """``(index, tokenized)`` of each example ``encode`` keeps, in order; all dropped is an
+    error. ``positions`` (the model's) only makes that error say that ``max_length`` cannot
+    grow."""
+    n = -1
+    kept = False
+    for n, ex in enumerate(examples):
+        t = encode(ex, tokenizer, max_length)
+        if t is not None:
+            kept = True
+            yield n, t
+    if kept:
+        return
+    if positions is not None and max_length >= positions:
+        raise InputError(
+            f"all {n + 1} examples have prompts of at least {max_length} tokens, "
+            f"and the model has only {positions} positions",
+            where,
+            "shorten the prompts",
+        )
+    raise InputError(
+        f"all {n + 1} examples have prompts of at least --max-length {max_length} tokens",
+        where,
+        "raise --max-length or shorten the prompts",
+    )
 
 
 def tokenize(
-    examples: list[Example],
+    examples: Sequence[Example],
     tokenizer,
     max_length: int,
     where: str = "data",
     positions: int | None = None,
 ) -> list[Tokenized]:
-    """Prompt + completion + EOS; labels are -100 on the prompt. Long completions are truncated,
-    examples whose prompt alone fills ``max_length`` are dropped; all dropped is an error.
-    ``positions`` (the model's) only makes that error say that ``max_length`` cannot grow."""
-    out = []
-    eos = tokenizer.eos_token_id
-    for ex in examples:
-        p = prompt_ids(ex, tokenizer)
-        c = tokenizer(ex.completion, add_special_tokens=False)["input_ids"] + (
-            [eos] if eos is not None else []
-        )
-        if len(p) >= max_length:
-            continue
-        c = c[: max_length - len(p)]
-        out.append(Tokenized(input_ids=p + c, labels=[IGNORE] * len(p) + c))
-    if not out:
-        if positions is not None and max_length >= positions:
-            raise InputError(
-                f"all {len(examples)} examples have prompts of at least {max_length} tokens, "
-                f"and the model has only {positions} positions",
-                where,
-                "shorten the prompts",
-            )
-        raise InputError(
-            f"all {len(examples)} examples have prompts of at least --max-length {max_length} tokens",
-            where,
-            "raise --max-length or shorten the prompts",
-        )
-    return out
+    """Every example ``encode`` keeps, as a list (``tokenized`` keeps none in memory)."""
+    return [t for _, t in encoded(examples, tokenizer, max_length, where, positions)]
 
 
-def pad_id(tokenizer) -> int:
-    """The id padded positions get: the pad token, else end-of-sequence, else 0. Padding is
-    masked out of attention and ignored by the loss, so any token of the vocabulary serves."""
-    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if token_id is not None:
-            return token_id
-    return 0
+class Counting:
+    """Increasing integers appended one by one, held in an array only from the first one that
+    is not its index + ``start``: a table's row numbers, the examples kept, cost nothing while
+    they simply count."""
+
+    def __init__(self, start: int):
+        self.start, self.n, self.values = start, 0, None
+
+    def append(self, value: int) -> None:
+        if self.values is None and value != self.n + self.start:
+            self.values = array("q", range(self.start, self.n + self.start))
+        if self.values is not None:
+            self.values.append(value)
+        self.n += 1
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        if not -self.n <= i < self.n:
+            raise IndexError(i)
+        if self.values is not None:
+            return self.values[i]
+        return (i % self.n) + self.start
 
 
-def collate(batch: list[Tokenized], pad_id: int) -> dict[str, torch.Tensor]:
-    width = max(len(t.input_ids) for t in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, t in enumerate(batch):
-        n = len(t.input_ids)
-        ids[i, :n] = torch.tensor(t.input_ids)
-        labels[i, :n] = torch.tensor(t.labels)
-        mask[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+class TokenizedData(Sequence):
+    """The examples ``encode`` keeps, each tokenized once in order to learn which are kept and
+    their lengths (``lengths``), and again when it is asked for: only those numbers stay in
+    memory. Equal, item for item, to ``tokenize``'s list."""
 
+    def __init__(self, examples: Sequence[Example], tokenizer, max_length: int, **kw):
+        self.examples, self.tokenizer, self.max_length = examples, tokenizer, max_length
+        self._kept, self.lengths = Counting(0), array("I")
+        for i, t in encoded(examples, tokenizer, max_length, **kw):
+            self._kept.append(i)
+            self.lengths.append(len(t.input_ids))
 
-GROUP_WINDOW = 64  # batches whose examples are sorted by length together, with --group-by-length
+    def __len__(self) -> int:
+        return len(self._kept)
 
-
-def batches(
-    data: list[Tokenized],
-    batch_size: int,
-    seed: int,
-    pad_id: int,
-    skip: int = 0,
-    group_by_length: bool = False,
-) -> Iterator[dict[str, torch.Tensor]]:
-    """Endless shuffled epochs of padded batches; the order depends only on ``seed``.
-
-    ``skip`` batches are passed over first (without building them), so a resumed run sees exactly
-    the batches an uninterrupted run would have seen next. ``group_by_length``: each window of
-    ``GROUP_WINDOW`` batches of the shuffled epoch is sorted by length, cut into batches, and
-    those batches are shuffled, so a batch pads to a length near its own examples' (each epoch
-    still visits every example once, and batches still come in a random order).
-    """
-    rng = random.Random(seed)
-    while True:
-        order = list(range(len(data)))
-        rng.shuffle(order)
-        chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-        if len(chunks[-1]) < batch_size and len(order) >= batch_size:
-            chunks[-1] = chunks[-1] + order[: batch_size - len(chunks[-1])]
-        if group_by_length:
-            chunks = _grouped(chunks, data, batch_size, rng)
-        for chunk in chunks:
-            if skip:
-                skip -= 1
-                continue
-            yield collate([data[j] for j in chunk], pad_id)
-
-
-def _grouped(chunks: list[list[int]], data, batch_size: int, rng: random.Random) -> list[list[int]]:
-    out = []
-    for w in range(0, len(chunks), GROUP_WINDOW):
-        window = [j for chunk in chunks[w : w + GROUP_WINDOW] for j in chunk]
-        window.sort(key=lambda j: -len(data[j].input_ids))  # stable: ties keep the shuffled order
-        group = [window[i : i + batch_size] for i in range(0, len(window), batch_size)]
-        rng.shuffle(group)
-        out += group
-    return out
-
-
-def steps_for(n_examples: int, batch_size: int, steps: int | None, epochs: float | None) -> int:
-    if steps is not None:
-        return steps
-    per_epoch = max(1, -(-n_examples // batch_size))
-    return max(1, round((epochs if epochs is not None else 1.0) * per_epoch))
+    def __getitem__(self, i) -> Tokenized:
+        return encode(self.examples[self._kept[i]], self.tokenizer, self.max_length)

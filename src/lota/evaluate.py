@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import choice
-from .data import Example, model_positions, pad_id, prompt_ids, read_jsonl
+from .data import Example, Fields, model_positions, pad_id, prompt_ids, read_data
 from .dist import resolve_device
 from .errors import InputError
 from .input_files import first_repeat
@@ -165,7 +165,7 @@ def evaluate_model(
     return score(preds, examples, metric_name)
 
 
-def _check_prompts(model, tokenizer, examples, max_new_tokens: int, where: str) -> None:
+def _check_prompts(model, tokenizer, examples, max_new_tokens: int) -> None:
     """Refuse a prompt of no tokens (generation needs one to start from), and a prompt that, with
     the tokens to generate, runs past the model's positions: past them a model with learned
     positions fails and a rotary one generates from positions it was never trained on."""
@@ -182,14 +182,14 @@ def _check_prompts(model, tokenizer, examples, max_new_tokens: int, where: str) 
         if n == 0:
             raise InputError(
                 "the prompt is empty (no tokens), and generation needs at least one to start from",
-                f"{where}:{e.line}",
+                e.where,
                 "give every example scored by 'lota eval' a prompt",
             )
         if positions is not None and n + max_new_tokens > positions:
             raise InputError(
                 f"the prompt of {n} tokens plus --max-new-tokens {max_new_tokens} is more than "
                 f"the model's {positions} positions",
-                f"{where}:{e.line}",
+                e.where,
                 f"shorten the prompt or use --max-new-tokens {max(1, positions - n)} or less",
             )
 
@@ -207,24 +207,32 @@ def evaluate(
     allow_mismatch: bool = False,
     allow_overlap: bool = False,
     device: str = "auto",
+    split: str | None = None,
+    fields: Fields | None = None,
 ) -> dict:
     """Score ``model_path`` on ``data_path`` on ``device`` (``lota.dist.resolve_device``): by
     greedy generation, or with metric ``choice`` by the log-likelihood of each option
     (``lota.choice``). With ``deltas``, the deltas are switched into the loaded base in place
     (``DeltaBank``), no model folder is written: all of them together, or with ``each`` one after
-    another on the same loaded base, giving ``{"results": [...]}``."""
+    another on the same loaded base, giving ``{"results": [...]}``. ``data_path`` is any format
+    ``lota.data.read_data`` reads (``split``: of a folder or Hub dataset with several, default
+    ``test``; ``fields``: the names of the fields); with ``limit``, only the first ``limit`` rows
+    are read."""
     _check_numbers(metric_name, max_new_tokens, batch_size, limit)
     deltas = _checked_deltas(deltas, each)
     where = resolve_device(device)
     by_choice = metric_name == choice.METRIC
-    examples = (choice.read_choices if by_choice else read_jsonl)(data_path)[:limit]
+    if by_choice:
+        examples = choice.read_choices(data_path, split, fields, limit=limit)
+    else:
+        examples = read_data(data_path, split, fields, "test", limit, scoring=True)
     tokenizer = load_tokenizer(model_path)
     model = load_model(model_path, device=where).to(where)
     check_special_tokens(tokenizer, model, model_path, need_eos=False)
     if by_choice:
         encoded = choice.encode(examples, tokenizer, model_positions(model.config))
     else:
-        _check_prompts(model, tokenizer, examples, max_new_tokens, data_path)
+        _check_prompts(model, tokenizer, examples, max_new_tokens)
     bank = _delta_bank(model, deltas, each, allow_mismatch, allow_overlap) if deltas else None
 
     def run(active: list[str]) -> dict:

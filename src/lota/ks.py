@@ -10,12 +10,14 @@ returns the selected rows.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from .datafiles import Fields
 from .errors import InputError
 from .names import KS_CORRECTIONS as CORRECTIONS
 from .names import KS_MODES
@@ -251,12 +253,21 @@ def input_embedding(reader) -> str:
     return next(n for n, p in model.named_parameters() if p is emb.weight)
 
 
-def token_counts(data: str, tokenizer, vocab: int, max_length: int = 512) -> torch.Tensor:
-    """How often each token id occurs in the tokenized training data (prompts and completions)."""
-    from .data import read_jsonl, tokenize
+def token_counts(
+    data: str,
+    tokenizer,
+    vocab: int,
+    max_length: int = 512,
+    split: str | None = None,
+    fields: Fields | None = None,
+) -> torch.Tensor:
+    """How often each token id occurs in the tokenized training data (prompts and completions),
+    read in one pass (``lota.data.read_data``: any format, ``split`` and ``fields``)."""
+    from .data import encoded, read_data
 
     counts = torch.zeros(vocab, dtype=torch.int64)
-    for ex in tokenize(read_jsonl(data), tokenizer, max_length, where=data):
+    examples = read_data(data, split, fields)
+    for _, ex in encoded(examples, tokenizer, max_length, where=data):
         ids = torch.tensor(ex.input_ids, dtype=torch.long)
         counts += torch.bincount(ids[ids < vocab], minlength=vocab)
     return counts
@@ -282,14 +293,17 @@ def run_ks(
     data: str | None = None,
     device: str = "auto",
     force: bool = False,
+    split: str | None = None,
+    fields: Fields | None = None,
 ) -> dict:
     """``lota ks``: select token rows, write the ticket, the listing and the transfer delta. The
     rows are sorted for their statistic on ``device`` (``lota.dist.resolve_device``). ``out`` is
-    locked from its check to its swap, and may not be an input or hold one."""
+    locked from its check to its swap, and may not be an input or hold one. ``data`` (any format
+    ``lota.data.read_data`` reads, its ``split`` and ``fields``) adds each token's count."""
     from .output_checks import writing_folder
 
     with writing_folder(out, force, inputs=[model, tuned, data]):
-        return _run_ks(model, tuned, out, alpha, correction, top, mode, data, device)
+        return _run_ks(model, tuned, out, alpha, correction, top, mode, data, device, split, fields)
 
 
 def _run_ks(
@@ -302,6 +316,8 @@ def _run_ks(
     mode: str,
     data: str | None,
     device: str,
+    split: str | None = None,
+    fields: Fields | None = None,
 ) -> dict:
     from . import format as fmt
     from .delta import SparseDelta
@@ -316,7 +332,8 @@ def _run_ks(
     name = _same_embedding(rb, rt, tuned)
     vocab, dim = rb.shapes[name]
     tokenizer = load_tokenizer(model)
-    counts = token_counts(data, tokenizer, vocab) if data else None  # bad data fails early
+    # bad data fails early
+    counts = token_counts(data, tokenizer, vocab, split=split, fields=fields) if data else None
     before, after = rb.get(name), rt.get(name)
     sel = select_tokens(before, after, alpha, correction, top, mode, device=where)
     _check_selected(sel, name, alpha, correction, tuned)
@@ -334,6 +351,8 @@ def _run_ks(
         "top": top,
         "mode": mode,
         "data": data,
+        **({"split": split} if split else {}),
+        **({"fields": dataclasses.asdict(fields)} if fields and fields != Fields() else {}),
     }
     report = {
         "tensor": name,

@@ -6,6 +6,7 @@ command passes only what differs (its default, what its output is). The checks r
 command's settings are built from the command line, before anything is read or written.
 
 Like ``settings``, this module imports nothing heavy: the command line is built without torch.
+``AdaptConfig`` takes its declarations from here too.
 """
 
 from __future__ import annotations
@@ -92,6 +93,48 @@ def allow_mismatch(help: str):
 
 def seed(help: str | None = None):
     return setting(0, help=help)
+
+
+# ---------------------------------------------------------------------------- data
+DATA_FORMATS = (
+    "JSONL, JSON array, CSV/TSV, Parquet, a datasets save_to_disk folder or a Hub dataset"
+)
+
+
+def data(what: str, required: bool = True):
+    """``--data``: the examples, in any format ``lota.datafiles`` reads."""
+    help = f"{what}: {DATA_FORMATS} name"
+    return setting(help=help, required=True) if required else setting(None, help=help)
+
+
+def split(default: str):
+    """``--split``: which split of data that holds several (a datasets folder, a Hub dataset)."""
+    return setting(
+        None,
+        fallback=default,
+        help="the split of a datasets folder or Hub dataset to read (default {default})",
+    )
+
+
+def field_name(default: str, what: str):
+    """``--prompt-field`` and the like: the field (column) an example's part is read from."""
+    return setting(default, metavar="NAME", help=f"the field of {what} (default {{default}})")
+
+
+def prompt_field():
+    return field_name("prompt", "the prompt")
+
+
+def completion_field():
+    return field_name("completion", "the completion")
+
+
+def messages_field():
+    return field_name("messages", "a conversation, whose last message is the assistant's answer")
+
+
+def text_field():
+    return field_name("text", "a plain text trained on every token")
 
 
 # ---------------------------------------------------------------------------- how it runs

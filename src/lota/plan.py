@@ -21,7 +21,7 @@ import torch
 from . import dist, phases, selection, sources
 from .adapt_config import AdaptConfig, Environment
 from .calibrations import CALIBRATIONS
-from .data import fit_max_length, model_positions, read_jsonl, steps_for, tokenize
+from .data import Fields, TokenizedData, fit_max_length, model_positions, read_data, steps_for
 from .errors import InputError
 from .models import check_special_tokens, load_tokenizer
 from .precision import HALF, weights_dtype
@@ -69,11 +69,11 @@ def environment(cfg: AdaptConfig, world: dist.World, launcher: str | None) -> En
 
 @dataclass
 class Inputs:
-    """What a run reads, checked: the tokenized data, the model on its device and its tokenizer,
+    """What a run reads, checked: the tokenized data (read again as batches need it), the model on its device and its tokenizer,
     the targets, the protected entries and the ``--ticket`` file's ticket, the ticket's source
     (None: the method trains every target entry) and size, and the training steps."""
 
-    data: list
+    data: TokenizedData
     tokenizer: Any
     model: torch.nn.Module
     stored_dtype: torch.dtype
@@ -90,7 +90,7 @@ class Inputs:
 def load_inputs(plan: Plan) -> Inputs:
     """Read everything the run needs, refusing what cannot run before anything is written."""
     cfg, world = plan.cfg, plan.world
-    examples = read_jsonl(cfg.data)
+    examples = read_data(cfg.data, cfg.split, Fields.of(cfg))
     tokenizer = load_tokenizer(cfg.model)
     model = phases.load_run_model(cfg, world)
     check_special_tokens(tokenizer, model, cfg.model, need_eos=True)
@@ -98,7 +98,7 @@ def load_inputs(plan: Plan) -> Inputs:
     check_precision(cfg, stored_dtype, world.device)
     positions = model_positions(model.config)
     max_length = fit_max_length(cfg.max_length, positions)
-    data = tokenize(examples, tokenizer, max_length, where=cfg.data, positions=positions)
+    data = TokenizedData(examples, tokenizer, max_length, where=cfg.data, positions=positions)
     targets = resolve_targets(model, cfg.targets)
     base_fp = model_fingerprint(model)
     world.check_same_weights(base_fp, cfg.model)  # every rank loaded the same weights
