@@ -189,10 +189,10 @@ def _delta_to_write(
     """The delta the run writes, and the values dtype ``format.save`` writes it in.
 
     ``--values-dtype auto`` on 16-bit weights: the change the saved model holds (``saved_change``;
-    of ``base + delta`` where the model is not at hand), which 16 bits hold but where a weight
-    crossed zero or moved by more than its size; ``format.save`` keeps float32 values there. So
-    ``lota apply`` of the file gives the saved model bit for bit, in about half the bytes of the
-    float32 master values. On float32 weights, ``auto`` writes the float32 values."""
+    of ``base + delta`` where the model is not at hand), stored by ``format.save`` in 16 bits
+    with float32 values where 16 bits do not hold it. ``lota apply`` of the file gives the saved
+    model bit for bit, in about half the bytes of the float32 master values. On float32 weights
+    ``auto`` writes the float32 values."""
     values_dtype = run.cfg.values_dtype
     if values_dtype != "auto":
         return delta, values_dtype

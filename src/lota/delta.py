@@ -207,16 +207,16 @@ def saved_change(
     saved: dict[str, torch.Tensor] | None = None,
 ) -> SparseDelta:
     """The change a model saved in ``dtype`` holds at the delta's entries: ``saved - base``,
-    computed in float32, where ``saved`` is the model's weights after training (None: ``base +
-    delta`` in ``dtype``, as ``apply`` and sparse training write it) and ``base`` the weights the
-    delta was trained from (``{name: tensor}`` or a ``WeightReader``), taken in ``dtype``.
+    computed in float32. ``base``: the weights the delta was trained from (``{name: tensor}`` or
+    a ``WeightReader``), taken in ``dtype``; ``saved``: the model's weights after training, or
+    None for ``base + delta`` in ``dtype`` as ``apply`` and sparse training write it.
 
     On 16-bit weights ``base + change`` (``added_entries``) is the saved weight bit for bit: the
-    difference of two 16-bit numbers is exact in float32 unless one is below a 2^-16th of the
-    other, and then either it is the larger (the float32 sum still rounds to it) or, for a weight
-    that shrank that far, no float32 value rebuilds it (only dense training rounds masters so;
-    the entries that ``base + delta`` leaves that small are on the base's float32 grid). Most
-    such changes are 16-bit numbers, which ``format.save(..., values_dtype="auto")`` stores in 16
+    difference of two 16-bit numbers is exact in float32 unless one is below 2^-16 of the other;
+    where the base is the smaller, the float32 sum still rounds to the saved weight, and a weight
+    that shrank that far is not rebuilt by any float32 value (``base + delta`` never makes one:
+    its small results lie on the base's float32 grid; dense training can, rounding its masters).
+    Most changes are 16-bit numbers, which ``format.save(..., values_dtype="auto")`` stores in 16
     bits."""
     values = {}
     for name, idx in delta.indices.items():

@@ -109,8 +109,8 @@ def shira_plan(
     ``r`` some layer needs (``ceil(nnz / (in + out))``), every layer that fits it and is smaller
     in SHiRA stays sparse and the rest are stored whole (where none is smaller, the one that
     costs least beyond its whole layer stays: an adapter needs one SHiRA layer); the smallest
-    total wins, and of equal ones the plan with fewer whole layers. A delta none of whose layers fits any such ``r`` is refused:
-    it is a model's change, for ``lota apply``."""
+    total wins, and of equal ones the plan with fewer whole layers. A delta none of whose layers
+    fits any ``r`` is refused: it is a model's change, for ``lota apply``."""
     shapes = delta.ticket.shapes
     need = {n: max(1, math.ceil(delta.ticket.indices[n].numel() / sum(shapes[n]))) for n in names}
     best = None
