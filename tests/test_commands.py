@@ -74,7 +74,7 @@ def test_shared_options_read_alike_in_every_command():
                 assert "auto (cuda when torch sees a GPU, else cpu), cpu, cuda, cuda:N" in (
                     action.help
                 )
-            if "--values-dtype" in action.option_strings and name != "adapt":
+            if "--values-dtype" in action.option_strings:
                 assert list(action.choices) == ["auto", "float32", "bfloat16", "float16"]
 
 

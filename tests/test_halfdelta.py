@@ -2,6 +2,8 @@
 
 The invariant: an auto file loads to the very float32 values of the float32 file, so ``apply``,
 ``merge`` and ``export-peft`` of the two give identical outputs, while the file is smaller.
+``lota adapt`` on 16-bit weights writes by default the change its saved model holds, so that
+``lota apply`` of its delta is the saved model bit for bit.
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ from safetensors.torch import load_file, save_file
 
 from lota import format as fmt
 from lota.cli import main
-from lota.delta import SparseDelta
+from lota.delta import SparseDelta, apply_delta_, saved_change
 from lota.errors import FormatError
 from lota.ticket import Ticket
 from lota.toy import byte_tokenizer, tiny_llama
+
+from .conftest import ADAPT
 
 TINY = {"hidden": 32, "layers": 2, "heads": 2}
 
@@ -335,3 +339,128 @@ def test_loosely_typed_fix_fields_of_a_split_file_are_refused_in_one_line(
     assert main(["inspect", str(path)]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and str(path) in err
+
+
+# ---------------------------------------------------------------------------- lota adapt
+@pytest.fixture(scope="module")
+def adapted(workdir, tmp_path_factory):
+    """``adapted(dtype, method, *options)``: ``lota adapt`` of the tiny base in ``dtype``, made
+    once; returns (base folder, run folder)."""
+    from lota.models import load_model, load_tokenizer, save_model
+
+    folder = tmp_path_factory.mktemp("adapted")
+    runs = {}
+
+    def run(dtype: str, method: str = "lota", *options: str):
+        base = folder / dtype
+        if not base.exists():
+            model = load_model(str(workdir / "base"), dtype)
+            save_model(model, load_tokenizer(str(workdir / "base")), base)
+        key = (dtype, method, *options)
+        if key not in runs:
+            out = folder / "_".join(key).replace("-", "")
+            argv = ["adapt", base, "--data", workdir / "a.jsonl", "--out", out, "--method", method]
+            assert main([str(a) for a in [*argv, *ADAPT, *options]]) == 0
+            runs[key] = out
+        return base, runs[key]
+
+    return run
+
+
+def model_weights(folder) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("method", ["lota", "fft"])
+def test_adapt_on_16_bit_weights_writes_the_saved_models_change(adapted, capsys, dtype, method):
+    base, run = adapted(dtype, method, "--save-model")
+    path = run / "delta.safetensors"
+    assert fmt.read_header(path)[1]["config"]["values_dtype"] == "auto"
+    delta = fmt.load(path)
+    w0, saved = model_weights(base), model_weights(run / "model")
+    for name, idx in delta.indices.items():  # saved - base, exactly
+        change = saved[name].reshape(-1)[idx].float() - w0[name].reshape(-1)[idx].float()
+        assert torch.equal(bits(delta.values[name].float()), bits(change)), name
+    lota(capsys, "apply", base, path, "--out", run / "applied", "--quiet")
+    applied = model_weights(run / "applied")
+    assert applied.keys() == saved.keys()
+    for key, t in saved.items():
+        assert torch.equal(bits(applied[key]), bits(t)), key
+
+
+def test_adapt_on_bf16_weights_stores_16_bits_in_a_smaller_file(adapted):
+    _, run = adapted("bfloat16", "lota", "--save-model")
+    _, f32 = adapted("bfloat16", "lota", "--save-model", "--values-dtype", "float32")
+    path = run / "delta.safetensors"
+    stored = {e["values_dtype"] for e in fmt.read_header(path)[1]["tensors"].values()}
+    assert stored & {"bfloat16", "float16"}, stored
+    assert path.stat().st_size < (f32 / "delta.safetensors").stat().st_size
+
+
+def test_adapt_values_dtype_float32_keeps_the_master_values(adapted):
+    """``--values-dtype float32``: the trained float32 values, some finer than a bfloat16 step;
+    the default file holds the change they make to the saved model."""
+    base, run = adapted("bfloat16", "lota", "--save-model", "--values-dtype", "float32")
+    _, default = adapted("bfloat16", "lota", "--save-model")
+    _, header = fmt.read_header(run / "delta.safetensors")
+    assert header["config"]["values_dtype"] == "float32"
+    assert {e["values_dtype"] for e in header["tensors"].values()} == {"float32"}
+    masters, change = fmt.load(run / "delta.safetensors"), fmt.load(default / "delta.safetensors")
+    w0 = model_weights(base)
+    finer = 0
+    for name, idx in masters.indices.items():
+        assert torch.equal(change.indices[name], idx), name
+        want = saved_change(masters, w0, torch.bfloat16).values[name]
+        assert torch.equal(bits(change.values[name].float()), bits(want)), name
+        finer += int((want != masters.values[name]).sum())
+    assert finer > 0
+    again = {n: t.clone() for n, t in w0.items()}
+    apply_delta_(again, masters)  # the master values too give the saved model (sparse training)
+    for key, t in model_weights(run / "model").items():
+        assert torch.equal(bits(again[key]), bits(t)), key
+
+
+def test_adapt_writes_the_same_delta_without_save_model(adapted):
+    _, with_model = adapted("bfloat16", "lota", "--save-model")
+    _, without = adapted("bfloat16", "lota")
+    a = load_file(str(with_model / "delta.safetensors"))
+    b = load_file(str(without / "delta.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(bits(a[k]), bits(b[k])) for k in a)
+
+
+def test_adapt_on_float32_weights_writes_the_float32_file(adapted):
+    _, default = adapted("float32", "lota")
+    _, f32 = adapted("float32", "lota", "--values-dtype", "float32")
+    (meta_a, head_a), (meta_f, head_f) = (
+        fmt.read_header(r / "delta.safetensors") for r in (default, f32)
+    )
+    assert head_a["config"]["values_dtype"] == "auto"
+    assert head_a["tensors"] == head_f["tensors"] and head_a["checksums"] == head_f["checksums"]
+    assert meta_a["format_version"] == meta_f["format_version"] == "1"
+    a = load_file(str(default / "delta.safetensors"))
+    f = load_file(str(f32 / "delta.safetensors"))
+    assert a.keys() == f.keys() and all(torch.equal(bits(a[k]), bits(f[k])) for k in f)
+
+
+def test_saved_change_of_base_plus_delta_is_the_change_apply_makes():
+    """Without the saved weights, ``saved_change`` takes ``base + delta`` as ``apply`` writes it
+    (a sharded run's model): the same values as from the applied weights."""
+    g = torch.Generator().manual_seed(3)
+    w0 = {"w": torch.randn(64, 8, generator=g).bfloat16(), "v": torch.randn(100, generator=g)}
+    w0["v"] = w0["v"].bfloat16()
+    ticket = Ticket(
+        shapes={"w": (64, 8), "v": (100,)},
+        indices={"w": torch.arange(0, 512, 3), "v": torch.arange(100)},
+    )
+    values = {n: torch.randn(i.numel(), generator=g) * 0.01 for n, i in ticket.indices.items()}
+    delta = SparseDelta(ticket, values)
+    applied = {n: t.clone() for n, t in w0.items()}
+    apply_delta_(applied, delta)
+    got = saved_change(delta, w0, torch.bfloat16)
+    want = saved_change(delta, w0, torch.bfloat16, saved=applied)
+    again = {n: t.clone() for n, t in w0.items()}
+    apply_delta_(again, got)
+    for name in ticket.names:
+        assert torch.equal(bits(got.values[name]), bits(want.values[name])), name
+        assert torch.equal(bits(again[name]), bits(applied[name])), name

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -12,7 +13,9 @@ from safetensors import safe_open
 from lota import format as fmt
 from lota.cli import main
 from lota.delta import SparseDelta
+from lota.errors import InputError
 from lota.models import load_model
+from lota.peft_export import shira_plan
 from lota.selection import select
 from lota.targets import named_weights
 from lota.ticket import Ticket
@@ -101,13 +104,19 @@ def test_trained_delta_exports_to_an_equivalent_adapter(workdir, trained, capsys
     d = fmt.load(delta)
     touched = {n for n, i in d.indices.items() if i.numel()}
     assert cfg["peft_type"] == "SHIRA" and cfg["task_type"] == "CAUSAL_LM"
-    assert sorted(cfg["target_modules"]) == sorted(n.removesuffix(".weight") for n in touched)
+    sparse, whole = set(cfg["target_modules"]), set(cfg["modules_to_save"] or [])
+    assert sparse and not sparse & whole
+    assert sparse | whole == {n.removesuffix(".weight") for n in touched}
+    applied_weights = named_weights(load_model(str(applied)))
     with safe_open(str(adapter / "adapter_model.safetensors"), framework="pt") as f:
         meta = f.metadata()
         keys = set(f.keys())
         r = cfg["r"]
         for name in touched:
             key = "base_model.model." + name.removesuffix(".weight")
+            if name.removesuffix(".weight") in whole:  # the layer as lota apply writes it
+                assert torch.equal(f.get_tensor(key + ".weight"), applied_weights[name]), name
+                continue
             idx = f.get_tensor(key + ".shira_indices").long()
             vals = f.get_tensor(key + ".shira_weight")
             out_f, in_f = d.shapes[name]
@@ -118,7 +127,7 @@ def test_trained_delta_exports_to_an_equivalent_adapter(workdir, trained, capsys
             assert torch.equal(flat[inside], d.indices[name])  # the whole ticket ...
             assert torch.equal(vals[inside], d.values[name])  # ... with its values
             assert not vals[~inside].any()  # padding is zero
-    assert len(keys) == 2 * len(touched)
+    assert len(keys) == 2 * len(sparse) + len(whole)
     assert meta["format"] == "lota" and meta["kind"] == "peft-export"
     assert meta["format_version"] == "1"
     assert meta["base_fingerprint"] == d.base_fingerprint
@@ -140,6 +149,68 @@ def test_output_head_and_a_full_square_layer(workdir, capsys, tmp_path):
     name = "model.layers.0.self_attn.v_proj.weight"
     dense = random_delta(base, [name], 32 * 32, tmp_path / "dense.safetensors")
     check_equivalent(base, *export_and_apply(capsys, base, dense, tmp_path, "dense"))
+
+
+def test_a_dense_layer_is_stored_whole_instead_of_setting_r_for_all(workdir, capsys, tmp_path):
+    """One fully changed square layer would need r = 16 for every layer (12 bytes an entry); it
+    is stored whole instead (4 bytes a weight) and the others keep r = 1: a smaller file, the
+    same merge."""
+    base = workdir / "base"
+    dense = "model.layers.0.self_attn.q_proj.weight"  # [32, 32]: all 1024 entries
+    names = [dense, "model.layers.1.mlp.up_proj.weight", "model.layers.1.self_attn.o_proj.weight"]
+    k = {dense: 32 * 32, names[1]: 40, names[2]: 20}
+    delta = random_delta(base, names, k, tmp_path / "d.safetensors")
+    adapter, applied = export_and_apply(capsys, base, delta, tmp_path, "whole")
+    check_equivalent(base, adapter, applied)
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    assert cfg["modules_to_save"] == [dense.removesuffix(".weight")] and cfg["r"] == 1
+    assert sorted(cfg["target_modules"]) == sorted(n.removesuffix(".weight") for n in names[1:])
+    one_rank = 12 * 16 * (64 + 96 + 64)  # every layer in SHiRA at the dense layer's r
+    assert (adapter / "adapter_model.safetensors").stat().st_size < one_rank
+
+
+def _plan_by_brute_force(shapes, nnz, itemsize):
+    """The smallest adapter over every choice of layers stored whole (at least one in SHiRA)."""
+    names, best = list(shapes), None
+    for mask in range(2 ** len(names) - 1):
+        whole = [n for i, n in enumerate(names) if mask >> i & 1]
+        sparse = [n for n in names if n not in whole]
+        r = max(max(1, math.ceil(nnz[n] / sum(shapes[n]))) for n in sparse)
+        if any(r * sum(shapes[n]) > math.prod(shapes[n]) for n in sparse):
+            continue
+        size = 12 * r * sum(sum(shapes[n]) for n in sparse)
+        size += itemsize * sum(math.prod(shapes[n]) for n in whole)
+        best = size if best is None else min(best, size)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_shira_plan_is_the_smallest_adapter(seed):
+    g = torch.Generator().manual_seed(seed)
+    sizes = [8, 16, 24, 48, 96]
+    shapes, nnz = {}, {}
+    for i in range(int(torch.randint(1, 6, (1,), generator=g))):
+        out_f, in_f = (sizes[int(torch.randint(0, 5, (1,), generator=g))] for _ in range(2))
+        shapes[f"l{i}.weight"] = (out_f, in_f)
+        nnz[f"l{i}.weight"] = int(torch.randint(1, out_f * in_f + 1, (1,), generator=g))
+    ticket = Ticket(
+        shapes=shapes,
+        indices={n: torch.randperm(math.prod(s), generator=g)[: nnz[n]].sort().values
+                 for n, s in shapes.items()},
+    )  # fmt: skip
+    delta = SparseDelta(ticket, {n: torch.ones(nnz[n]) for n in shapes})
+    for itemsize in (2, 4):
+        want = _plan_by_brute_force(shapes, nnz, itemsize)
+        if want is None:
+            with pytest.raises(InputError, match="too dense"):
+                shira_plan(delta, sorted(shapes), itemsize, "d")
+            continue
+        r, whole = shira_plan(delta, sorted(shapes), itemsize, "d")
+        sparse = [n for n in shapes if n not in whole]
+        assert sparse and all(r * sum(shapes[n]) <= math.prod(shapes[n]) for n in sparse)
+        assert all(r * sum(shapes[n]) >= nnz[n] for n in sparse)
+        size = 12 * r * sum(sum(shapes[n]) for n in sparse)
+        assert size + itemsize * sum(math.prod(shapes[n]) for n in whole) == want
 
 
 def test_half_precision_values(workdir, capsys, tmp_path):

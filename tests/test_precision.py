@@ -340,10 +340,14 @@ def test_deterministic_kernels_are_on_for_the_run_only(workdir, tmp_path, monkey
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_masters_give_the_exact_change_and_the_model_its_own_dtype(bases, tmp_path, arch):
-    """FFT on bfloat16 weights with float32 masters: the delta is the masters' change (finer
-    than bfloat16 steps), and the saved weights are ``w0 + delta`` rounded to bfloat16."""
+    """FFT on bfloat16 weights with float32 masters: ``--values-dtype float32`` writes the
+    masters' change (finer than bfloat16 steps), and the saved weights are ``w0 + delta``
+    rounded to bfloat16; by default, and without masters, the delta is the saved weights'
+    change."""
     out = tmp_path / "o"
-    run(bases, arch, "bfloat16", out, method="fft", lr=1e-4, save_model=True)
+    run(
+        bases, arch, "bfloat16", out, method="fft", lr=1e-4, save_model=True, values_dtype="float32"
+    )
     delta = fmt.load(out / "delta.safetensors")
     before, after = WeightReader(str(bases[arch, "bfloat16"])), WeightReader(str(out / "model"))
     finer = 0
@@ -356,15 +360,16 @@ def test_masters_give_the_exact_change_and_the_model_its_own_dtype(bases, tmp_pa
         assert torch.equal(bits(saved), bits((w0 + values).to(torch.bfloat16))), name
         finer += int(((w0 + values).to(torch.bfloat16).float() - w0 != values).sum())
     assert finer > 0  # some changes are below a bfloat16 step: masters hold them
-    # without masters, the delta is exactly the rounded weights' change
-    out = tmp_path / "pure"
-    run(bases, arch, "bfloat16", out, method="fft", lr=1e-4, save_model=True, master_weights="none")
-    delta = fmt.load(out / "delta.safetensors")
-    after = WeightReader(str(out / "model"))
-    for name in delta.names:
-        w0 = before.get(name).reshape(-1).float()
-        change = after.get(name).reshape(-1).float() - w0
-        assert torch.equal(change[delta.indices[name]], delta.values[name]), name
+    # by default, and without masters, the delta is exactly the rounded weights' change
+    for options in [{}, {"master_weights": "none"}]:
+        out = tmp_path / f"pure{len(options)}"
+        run(bases, arch, "bfloat16", out, method="fft", lr=1e-4, save_model=True, **options)
+        delta = fmt.load(out / "delta.safetensors")
+        after = WeightReader(str(out / "model"))
+        for name in delta.names:
+            w0 = before.get(name).reshape(-1).float()
+            change = after.get(name).reshape(-1).float() - w0
+            assert torch.equal(change[delta.indices[name]], delta.values[name].float()), name
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

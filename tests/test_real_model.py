@@ -339,11 +339,19 @@ def auto_deltas(real_base, run_a, split_then_rice, work) -> dict[str, tuple[Path
     return out
 
 
-def test_auto_values_delta_of_a_bf16_model_is_written(auto_deltas):
+def test_auto_values_delta_of_a_bf16_model_is_written(run_a, auto_deltas):
+    from safetensors.torch import load_file
+
     _, header = fmt.read_header(auto_deltas["split_then_rice"][1])
     split, rice = header["tensors"][SPLIT], header["tensors"][RICE]
     assert split["nnz"] == 1000 and split["fix"]["nnz"] == 10
     assert rice["encoding"] == "rice" and "fix" not in rice
+    # lota adapt wrote by default the change its saved model holds: lota delta's auto file
+    adapted = run_a / "delta.safetensors"
+    assert fmt.read_header(adapted)[1]["config"]["values_dtype"] == "auto"
+    a, b = load_file(str(adapted)), load_file(str(auto_deltas["a"][1]))
+    assert a.keys() == b.keys() and any(k.endswith("::values") and a[k].itemsize == 2 for k in a)
+    assert all(torch.equal(entry_bits(a[k]), entry_bits(b[k])) for k in a)
 
 
 def test_auto_values_delta_of_a_bf16_model_reads_back(real_base, auto_deltas, work, capsys):

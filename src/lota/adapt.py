@@ -23,7 +23,7 @@ from . import dist, sources
 from .adapt_config import AdaptConfig as AdaptConfig  # the settings, beside their options
 from .checkpoint import DIRNAME, Checkpointer
 from .data import batches, pad_id
-from .delta import SparseDelta, apply_delta_
+from .delta import SparseDelta, apply_delta_, saved_change
 from .errors import InputError
 from .fileio import fault
 from .frozen import verify
@@ -91,7 +91,8 @@ def _adapt(plan: Plan, hold: Hold) -> dict:
     if not world.main:
         world.barrier()
         return _finish(info, run.log, t_start)
-    write_outputs(cfg, out, delta, run.adapter, model, inputs.tokenizer, info)
+    delta, values_dtype = _delta_to_write(run, delta, model)
+    write_outputs(cfg, out, delta, values_dtype, run.adapter, model, inputs.tokenizer, info)
     _finish(info, run.log, t_start)
     run.log.close()
     write_summary(out, info)
@@ -180,6 +181,25 @@ def _trained_model(run: Run, delta: SparseDelta) -> torch.nn.Module | None:
     untie_embeddings(model, delta.names)
     apply_delta_(named_weights(model), delta)
     return model
+
+
+def _delta_to_write(
+    run: Run, delta: SparseDelta, model: torch.nn.Module | None
+) -> tuple[SparseDelta, str]:
+    """The delta the run writes, and the values dtype ``format.save`` writes it in.
+
+    ``--values-dtype auto`` on 16-bit weights: the change the saved model holds (``saved_change``;
+    of ``base + delta`` where the model is not at hand), stored by ``format.save`` in 16 bits
+    with float32 values where 16 bits do not hold it. ``lota apply`` of the file gives the saved
+    model bit for bit, in about half the bytes of the float32 master values. On float32 weights
+    ``auto`` writes the float32 values."""
+    values_dtype = run.cfg.values_dtype
+    if values_dtype != "auto":
+        return delta, values_dtype
+    if run.stored_dtype not in (torch.bfloat16, torch.float16):
+        return delta, "float32"
+    saved = None if model is None else named_weights(model)
+    return saved_change(delta, run.w0, run.stored_dtype, saved), "auto"
 
 
 def _record_trained(info: dict, delta: SparseDelta, run: Run) -> None:

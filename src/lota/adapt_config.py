@@ -194,7 +194,12 @@ class AdaptConfig:
     )
     # -- outputs, checkpoints and resume
     values_dtype: str = setting(
-        "float32", choices=VALUE_DTYPES, help="precision of the delta's values on disk"
+        "auto",
+        choices=("auto", *VALUE_DTYPES),
+        help="precision of the delta's values on disk: auto (default) writes on bf16/fp16 "
+        "weights the saved model's exact change (16 bits, float32 where they do not hold it), "
+        "on float32 weights float32; float32 keeps the float32 master values; bfloat16 / "
+        "float16 round them",
     )
     save_model: bool = setting(False, help="also write a loadable model folder to OUT/model")
     checkpoint_every: int = setting(

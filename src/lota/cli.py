@@ -240,9 +240,12 @@ def _run_export_peft(s: C.ExportPeftSettings, a: argparse.Namespace) -> None:
         if info["exact"]
         else f"{info['inexact_entries']:,} entries off by up to {info['max_error']:.3g}"
     )
+    whole = info["whole_layers"]
+    whole = f", {whole} layer(s) stored whole ({info['whole_entries']:,} weights)" if whole else ""
     _summary(
         f"export-peft: SHiRA adapter, {info['entries']:,} entries in {info['layers']} linear "
-        f"layer(s) (r={info['r']}, {info['stored']:,} stored with zero padding; {exact}) -> {s.out}"
+        f"layer(s) (r={info['r']}, {info['stored']:,} stored with zero padding{whole}; {exact}) "
+        f"-> {s.out}"
     )
 
 

@@ -199,6 +199,44 @@ def apply_delta_(params: dict[str, torch.Tensor], delta: SparseDelta, scale: flo
         raise
 
 
+@torch.no_grad()
+def saved_change(
+    delta: SparseDelta,
+    base,
+    dtype: torch.dtype,
+    saved: dict[str, torch.Tensor] | None = None,
+) -> SparseDelta:
+    """The change a model saved in ``dtype`` holds at the delta's entries: ``saved - base``,
+    computed in float32. ``base``: the weights the delta was trained from (``{name: tensor}`` or
+    a ``WeightReader``), taken in ``dtype``; ``saved``: the model's weights after training, or
+    None for ``base + delta`` in ``dtype`` as ``apply`` and sparse training write it.
+
+    On 16-bit weights ``base + change`` (``added_entries``) is the saved weight bit for bit: the
+    difference of two 16-bit numbers is exact in float32 unless one is below 2^-16 of the other;
+    where the base is the smaller, the float32 sum still rounds to the saved weight, and a weight
+    that shrank that far is not rebuilt by any float32 value (``base + delta`` never makes one:
+    its small results lie on the base's float32 grid; dense training can, rounding its masters).
+    Most changes are 16-bit numbers, which ``format.save(..., values_dtype="auto")`` stores in 16
+    bits."""
+    values = {}
+    for name, idx in delta.indices.items():
+        b = _entries(base[name], idx).to(dtype)
+        if saved is None:
+            t = added_entries(b, delta.values[name].to("cpu"), dtype)
+        else:
+            t = _entries(saved[name], idx).to(dtype)
+        values[name] = t.float() - b.float()
+    return SparseDelta(ticket=delta.ticket, values=values, meta=dict(delta.meta))
+
+
+def _entries(weight: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """A weight's entries at ``idx`` on the CPU (all of it, with no gather, for a whole tensor)."""
+    flat = weight.detach().reshape(-1)
+    if idx.numel() != flat.numel():
+        flat = flat[idx.to(flat.device)]
+    return flat.cpu()
+
+
 def delta_from_weights(
     ticket: Ticket,
     base: dict[str, torch.Tensor],

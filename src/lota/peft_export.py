@@ -5,9 +5,13 @@ SHiRA (sparse high-rank adapters, ``peft.ShiraConfig``) keeps, per adapted linea
 in ``adapter_model.safetensors``; loading takes the indices from the file (the random mask PEFT
 builds while creating the layers is replaced), and forward and merge add the entries to the base
 weight (``scaling`` 1.0). So any ticket on the weights of linear layers fits, with one constraint:
-every adapted layer holds exactly ``r * (in + out)`` entries, with one ``r`` for the whole adapter,
-and at most ``in * out``. The export takes the smallest ``r`` that holds every layer's entries and
-fills each layer up with zero-valued entries at positions outside its ticket (``w + 0.0 == w``).
+every adapted layer holds exactly ``r * (in + out)`` entries, with one ``r`` for the whole adapter
+(``ShiraConfig`` has no per-layer rank), and at most ``in * out``. Each layer is filled up with
+zero-valued entries at positions outside its ticket (``w + 0.0 == w``). Where one dense layer
+would set ``r`` for all, it is cheaper to store that layer whole, as PEFT's ``modules_to_save``
+(its weight with the delta added, in the base's dtype, which the merge puts in place of the
+layer): the export chooses ``r`` and the layers stored whole that make the smallest file
+(``shira_plan``).
 
 The values are chosen so that PEFT's arithmetic (``w + value`` in float32, rounded to the base's
 dtype) writes what ``lota apply`` writes: the delta's values themselves when they are float32
@@ -91,25 +95,55 @@ def adapter_layers(delta: SparseDelta, skeleton: torch.nn.Module, where: str) ->
     return out
 
 
-def shira_rank(delta: SparseDelta, names: list[str], where: str) -> int:
-    """The smallest ``r`` with ``r * (in + out) >= nnz`` for every layer (SHiRA has one ``r``)."""
-    r = 1
-    for name in names:
-        out_f, in_f = delta.ticket.shapes[name]
-        r = max(r, math.ceil(delta.ticket.indices[name].numel() / (in_f + out_f)))
-    worst = max(names, key=lambda n: delta.ticket.indices[n].numel() / sum(delta.ticket.shapes[n]))
-    for name in names:
-        out_f, in_f = delta.ticket.shapes[name]
-        if r * (in_f + out_f) > in_f * out_f:
-            by = "" if worst == name else f" (which '{worst}' needs)"
-            raise InputError(
-                "too dense for SHiRA, which gives every adapted layer r * (in + out) entries with "
-                f"one r for the whole adapter: at r = {r}{by}, '{name}' [{out_f}, {in_f}] would "
-                f"hold {r * (in_f + out_f):,} entries, more than its {in_f * out_f:,}",
-                where,
-                _APPLY,
-            )
-    return r
+# What SHiRA stores per entry: two int32 positions and a float32 value.
+SHIRA_ENTRY_BYTES = 12
+
+
+def shira_plan(
+    delta: SparseDelta, names: list[str], itemsize: int, where: str
+) -> tuple[int, list[str]]:
+    """The adapter's ``r`` and the layers it stores whole, for the smallest file.
+
+    SHiRA gives every adapted layer ``r * (in + out)`` entries of ``SHIRA_ENTRY_BYTES``, at most
+    ``in * out``; a layer stored whole costs ``in * out`` weights of ``itemsize`` bytes. For each
+    ``r`` some layer needs (``ceil(nnz / (in + out))``), every layer that fits it and is smaller
+    in SHiRA stays sparse and the rest are stored whole (where none is smaller, the one that
+    costs least beyond its whole layer stays: an adapter needs one SHiRA layer); the smallest
+    total wins, and of equal ones the plan with fewer whole layers. A delta none of whose layers
+    fits any ``r`` is refused: it is a model's change, for ``lota apply``."""
+    shapes = delta.ticket.shapes
+    need = {n: max(1, math.ceil(delta.ticket.indices[n].numel() / sum(shapes[n]))) for n in names}
+    best = None
+    for r in sorted(set(need.values())):
+        fits = [n for n in names if need[n] <= r and r * sum(shapes[n]) <= math.prod(shapes[n])]
+        sparse = [n for n in fits if _excess(shapes[n], r, itemsize) < 0]
+        if not sparse and fits:  # none is smaller in SHiRA, but an adapter needs one
+            sparse = [min(fits, key=lambda n: _excess(shapes[n], need[n], itemsize))]
+        if not sparse:
+            continue
+        used = max(need[n] for n in sparse)
+        whole = [n for n in names if n not in sparse]
+        size = SHIRA_ENTRY_BYTES * used * sum(sum(shapes[n]) for n in sparse)
+        size += itemsize * sum(math.prod(shapes[n]) for n in whole)
+        if best is None or (size, len(whole)) < best[:2]:
+            best = (size, len(whole), used, whole)
+    if best is None:
+        name = max(names, key=lambda n: need[n] / sum(shapes[n]))
+        out_f, in_f = shapes[name]
+        raise InputError(
+            "too dense for SHiRA, which gives every adapted layer r * (in + out) entries, at "
+            f"most in * out: no layer the delta changes fits (e.g. '{name}' [{out_f}, {in_f}] "
+            f"would need r = {need[name]}, {need[name] * (in_f + out_f):,} entries, more than "
+            f"its {in_f * out_f:,}), and an adapter needs one",
+            where,
+            _APPLY,
+        )
+    return best[2], best[3]
+
+
+def _excess(shape: tuple[int, ...], r: int, itemsize: int) -> int:
+    """What a layer's ``r * (in + out)`` SHiRA entries cost beyond the whole layer, in bytes."""
+    return SHIRA_ENTRY_BYTES * r * sum(shape) - itemsize * math.prod(shape)
 
 
 def layer_entries(
@@ -153,7 +187,7 @@ def peft_applied(w: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     return (w.to(wide) + a.to(wide)).to(w.dtype)
 
 
-def _shira_config(r: int, modules: list[str], base: str) -> dict:
+def _shira_config(r: int, modules: list[str], whole: list[str], base: str) -> dict:
     try:
         from peft import ShiraConfig
     except ImportError:
@@ -167,6 +201,7 @@ def _shira_config(r: int, modules: list[str], base: str) -> dict:
         target_modules=modules,
         mask_type="random",  # the mask PEFT draws at load time is replaced by the saved indices
         random_seed=0,
+        modules_to_save=whole or None,  # layers stored whole: their weights, delta added
         inference_mode=True,
         task_type="CAUSAL_LM",
         base_model_name_or_path=str(base),
@@ -196,8 +231,10 @@ def _export_peft(delta_path: str, base: str, out: str, allow_mismatch: bool) -> 
     _check_shapes(delta, reader, where)
     layers = adapter_layers(delta, reader.skeleton, where)
     names = sorted(layers)
-    r = shira_rank(delta, names, where)
-    config = _shira_config(r, [layers[n] for n in names], base)
+    itemsize = reader.get(names[0]).element_size()  # what a layer stored whole costs per entry
+    r, whole = shira_plan(delta, names, itemsize, where)
+    sparse = [layers[n] for n in names if n not in whole]
+    config = _shira_config(r, sparse, [layers[n] for n in whole], base)
 
     base_fp = reader.fingerprint()
     if delta.base_fingerprint != base_fp and not allow_mismatch:
@@ -209,7 +246,10 @@ def _export_peft(delta_path: str, base: str, out: str, allow_mismatch: bool) -> 
         )
 
     entries = sum(int(delta.ticket.indices[n].numel()) for n in names)
-    tensors, stored, inexact, max_error = _adapter_tensors(delta, reader, layers, r, where)
+    delta_shapes = dict(delta.ticket.shapes)
+    tensors, stored, inexact, max_error = _adapter_tensors(
+        delta, reader, layers, r, set(whole), where
+    )
     metadata = {
         "format": fmt.FORMAT_NAME,
         "kind": KIND,
@@ -231,6 +271,8 @@ def _export_peft(delta_path: str, base: str, out: str, allow_mismatch: bool) -> 
         "entries": entries,
         "stored": stored,
         "r": r,
+        "whole_layers": len(whole),
+        "whole_entries": sum(math.prod(delta_shapes[n]) for n in whole),
         "base_fingerprint": base_fp,
         "exact": inexact == 0,
         "inexact_entries": inexact,
@@ -271,25 +313,34 @@ def _check_shapes(delta: SparseDelta, reader, where: str) -> None:
 
 
 def _adapter_tensors(
-    delta: SparseDelta, reader, layers: dict[str, str], r: int, where: str
+    delta: SparseDelta, reader, layers: dict[str, str], r: int, whole: set[str], where: str
 ) -> tuple[dict[str, torch.Tensor], int, int, float]:
-    """The SHiRA indices and weights of every layer (in name order), how many entries they
-    store, and how many entries PEFT's merge would not reproduce exactly, with the largest
-    error. Each layer is taken out of ``delta`` as it is converted."""
+    """The SHiRA indices and weights of every sparse layer and the weights of every layer stored
+    whole (in name order), how many SHiRA entries they store, and how many entries PEFT's merge
+    would not reproduce exactly, with the largest error. Each layer is taken out of ``delta`` as
+    it is converted."""
     tensors: dict[str, torch.Tensor] = {}
     stored, inexact, max_error = 0, 0, 0.0
     for name in sorted(layers):
         out_f, in_f = delta.ticket.shapes[name]
         # taken out of the delta as converted, so that it and the adapter are not both held whole
         idx, v = delta.ticket.indices.pop(name), delta.values.pop(name)
-        w = reader.get(name).reshape(-1)[idx]
+        key = PEFT_PREFIX + layers[name]
+        weight = reader.get(name)
+        if name in whole:  # the layer as lota apply writes it, which PEFT's merge puts in place
+            flat = weight.reshape(-1).clone()
+            flat[idx] = finite_sum(flat[idx], v, flat.dtype, name, where)
+            tensors[key + ".weight"] = flat.view(weight.shape)
+            if f"{layers[name]}.bias" in reader.shapes:
+                tensors[key + ".bias"] = reader.get(f"{layers[name]}.bias").contiguous()
+            continue
+        w = weight.reshape(-1)[idx]
         a, applied = adapter_values(w, v, name, where)
         got = peft_applied(w, a)
         if not torch.equal(got, applied):
             inexact += int((got != applied).sum())
             max_error = max(max_error, float((got.double() - applied.double()).abs().max()))
         flat, vals = layer_entries(idx, a, r * (in_f + out_f), out_f * in_f)
-        key = PEFT_PREFIX + layers[name]
         tensors[key + ".shira_indices"] = torch.stack([flat // in_f, flat % in_f]).to(torch.int32)
         tensors[key + ".shira_weight"] = vals.to(torch.float32).contiguous()
         stored += flat.numel()

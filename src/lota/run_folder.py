@@ -197,15 +197,16 @@ def save_adapter(adapter: dict, folder: Path, base_fp: str) -> int:
 
 
 def write_outputs(
-    cfg: AdaptConfig, out: Path, delta, adapter, model, tokenizer, info: dict
+    cfg: AdaptConfig, out: Path, delta, values_dtype: str, adapter, model, tokenizer, info: dict
 ) -> None:
-    """Write the run's delta (its file records the resolved settings), the LoRA adapter if one was
-    trained, ``config.yaml`` and, with ``--save-model``, the trained model folder; their sizes go
-    into ``info``. The summary is written last, by ``write_summary``."""
+    """Write the run's delta, its values in ``values_dtype`` (its file records the resolved
+    settings), the LoRA adapter if one was trained, ``config.yaml`` and, with ``--save-model``,
+    the trained model folder; their sizes go into ``info``. The summary is written last, by
+    ``write_summary``."""
     resolved = asdict(cfg)
     base_fp = info["base_fingerprint"]
     info["delta_bytes"] = fmt.save(
-        delta, out / "delta.safetensors", config=resolved, values_dtype=cfg.values_dtype
+        delta, out / "delta.safetensors", config=resolved, values_dtype=values_dtype
     )
     fault("after-delta")
     if adapter is not None:

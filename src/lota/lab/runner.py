@@ -216,6 +216,9 @@ class Lab:
             max_length=_max_length(model, s.get("max_length", 256)),
             dtype=s.get("dtype", "auto"),
             save_model=True,
+            # the float32 master values, as every run of the ledger holds (the lab's scales
+            # train in float32, where adapt's default writes the same file)
+            values_dtype="float32",
             checkpoint_every=10**9,
             progress=False,
             device=self.device,
