@@ -583,4 +583,4 @@ def test_group_by_length_trains_on_the_same_examples(bases, tmp_path):
     assert info["frozen_verified"] is True
     rows = metrics(tmp_path / "g", "train")
     assert all(r["tokens_per_s"] > 0 for r in rows)
-    assert sys.modules["lota.data"].GROUP_WINDOW >= 1
+    assert sys.modules["lota.batching"].GROUP_WINDOW >= 1
