@@ -417,6 +417,11 @@ def _render_sequential(a: str, b: str, seq: dict, figs: dict[str, str]) -> list[
     for n in SEQUENTIAL[1:]:
         lines.append(compare(f"{a} lost under {n}", seq[n]["a_lost"], "FFT", fft["a_lost"]))
         lines.append(compare(f"{b} under {n}", seq[n]["b"], "FFT", fft["b"]))
+    # the variants against the paper's LoTTO
+    lotto = seq["LoTA -> LoTTO"]
+    for n in SEQUENTIAL[2:]:
+        lines.append(compare(f"{a} lost under {n}", seq[n]["a_lost"], "LoTTO", lotto["a_lost"]))
+        lines.append(compare(f"{b} under {n}", seq[n]["b"], "LoTTO", lotto["b"]))
     out.append(md_bullets(lines))
     if "real_sequential" in figs:
         out.append(f"![claim 2, real]({figs['real_sequential']})\n")
