@@ -121,14 +121,8 @@ def test_a_calibration_ends_in_a_checkpoint_of_its_ticket_alone(workdir, referen
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2 + 4
 
 
-def test_lotto_resumes_too(workdir):
-    ref = workdir / "lotto_ref_a"
-    assert (
-        lota(
-            "adapt", workdir / "base", "--data", workdir / "a.jsonl", "--out", ref, *ARGS
-        ).returncode
-        == 0
-    )
+def test_lotto_resumes_too(workdir, reference):
+    ref = workdir / "resume_ref"  # the reference run of task A: LoTTO's B starts from its model
     args = [
         "adapt",
         ref / "model",
