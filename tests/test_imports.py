@@ -282,22 +282,30 @@ def test_modules_import_only_downward_and_never_in_a_circle():
     assert not errors, "\n".join(errors)
 
 
+def _package(root: Path, files: dict[str, str]) -> Path:
+    """A package ``lota`` under ``root`` holding ``files`` ({relative path: source})."""
+    pkg = root / "lota"
+    for name, text in files.items():
+        (pkg / name).parent.mkdir(parents=True, exist_ok=True)
+        (pkg / name).write_text(text)
+    return pkg
+
+
 def test_the_layer_check_names_upward_imports_and_cycles(tmp_path):
     """The check itself: an upward import inside a function, a relative import cycle and a
     module in no layer are each reported with the importing file and line."""
-    pkg = tmp_path / "lota"
-    (pkg / "sub").mkdir(parents=True)
-    files = {
-        "__init__.py": "",
-        "low.py": "def f():\n    from .high import x\n",
-        "high.py": "from . import low\n",
-        "sub/__init__.py": "",
-        "sub/a.py": "from .b import y\n",
-        "sub/b.py": "import lota.sub.a\n",
-        "stray.py": "",
-    }
-    for name, text in files.items():
-        (pkg / name).write_text(text)
+    pkg = _package(
+        tmp_path,
+        {
+            "__init__.py": "",
+            "low.py": "def f():\n    from .high import x\n",
+            "high.py": "from . import low\n",
+            "sub/__init__.py": "",
+            "sub/a.py": "from .b import y\n",
+            "sub/b.py": "import lota.sub.a\n",
+            "stray.py": "",
+        },
+    )
     layers = (
         ("low", ["lota.low", "lota.sub", "lota.sub.*"]),
         ("high", ["lota.high", "lota"]),
@@ -357,16 +365,15 @@ def test_no_module_uses_another_modules_private_names():
 
 
 def test_the_private_name_check_finds_both_forms(tmp_path):
-    pkg = tmp_path / "lota"
-    pkg.mkdir()
-    files = {
-        "__init__.py": "",
-        "a.py": "def _hidden():\n    pass\n",
-        "b.py": "from .a import _hidden\n",
-        "c.py": "from . import a\n\ndef f():\n    return a._hidden()\n",
-        "d.py": "from .a import __doc__\nfrom . import a\nx = a.__name__\n",
-    }
-    for name, text in files.items():
-        (pkg / name).write_text(text)
+    pkg = _package(
+        tmp_path,
+        {
+            "__init__.py": "",
+            "a.py": "def _hidden():\n    pass\n",
+            "b.py": "from .a import _hidden\n",
+            "c.py": "from . import a\n\ndef f():\n    return a._hidden()\n",
+            "d.py": "from .a import __doc__\nfrom . import a\nx = a.__name__\n",
+        },
+    )
     found = private_crossings(_sources(pkg))
     assert [f.split(" ", 1)[1] for f in found] == ["imports _hidden", "uses a._hidden"]
