@@ -223,11 +223,9 @@ def render(results: dict, figs: dict[str, str], claims) -> str:
             "marked *pending* waits for runs that are not done yet.\n"
         )
     for claim in claims:
-        waits = _pending(results, claim)
-        if waits:
-            out.append(
-                f"## {claim.NAME}\n\n*Pending*: waits for `{waits}` and the runs after it.\n"
-            )
+        if _pending(results, claim):
+            out.append(f"## {claim.NAME}\n")
+            out.extend(pending_line(results[claim.NAME]))
         else:
             out.extend(claim.render(results, figs))
     return "\n".join(out)
