@@ -37,6 +37,8 @@ SMALL = {
 VARIANTS = {
     "adamw": {"calibration": "adamw"},
     "sgd": {"calibration": "sgd"},
+    "rmsprop": {"calibration": "rmsprop"},
+    "adafactor": {"calibration": "adafactor"},
     "fisher": {"calibration": "fisher"},
     "fisher-bf16": {"calibration": "fisher", "fisher_dtype": "bfloat16"},
     "lora-change": {"calibration": "lora"},
@@ -188,17 +190,29 @@ def hand_scores(variant, base, data, targets):
         p.requires_grad_(False)
     w = named_weights(model)
     params = {n: w[n] for n in targets}
-    if variant in ("adamw", "sgd", "fisher", "fisher-bf16"):
+    if variant in ("adamw", "sgd", "rmsprop", "adafactor", "fisher", "fisher-bf16"):
         for p in params.values():
             p.requires_grad_(True)
         dtype = torch.bfloat16 if variant == "fisher-bf16" else torch.float32
         score = {n: torch.zeros(p.shape, dtype=dtype) for n, p in params.items()}
         w0 = {n: p.detach().clone() for n, p in params.items()}
         adamw = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=0.0)
+        rmsprop = torch.optim.RMSprop(list(params.values()), lr=lr, foreach=False)
+        rows = {n: torch.zeros(p.shape[:-1].numel()) for n, p in params.items()}
+        cols = {n: torch.zeros(p.shape[-1]) for n, p in params.items()}
         for batch in hand_batches(base, data, steps):
             g = hand_gradients(model, params, batch)
-            if variant == "adamw":
-                adamw.step()
+            if variant in ("adamw", "rmsprop"):
+                (adamw if variant == "adamw" else rmsprop).step()
+                continue
+            if variant == "adafactor":  # v = outer(row means, col means) / mean(row means)
+                with torch.no_grad():
+                    for n, p in params.items():
+                        sq = (g[n] * g[n]).reshape(rows[n].numel(), -1)
+                        rows[n] = 0.99 * rows[n] + 0.01 * sq.mean(1)
+                        cols[n] = 0.99 * cols[n] + 0.01 * sq.mean(0)
+                        v = torch.outer(rows[n], cols[n]) / rows[n].mean()
+                        p.sub_(lr * g[n] / (v.sqrt().reshape(p.shape) + 1e-8))
                 continue
             with torch.no_grad():
                 for n, p in params.items():
@@ -206,7 +220,7 @@ def hand_scores(variant, base, data, targets):
                         p.sub_(lr * g[n])  # w - lr * g
                     else:
                         score[n] += g[n] * g[n]
-        if variant in ("adamw", "sgd"):
+        if variant in ("adamw", "sgd", "rmsprop", "adafactor"):
             return {n: params[n].detach() - w0[n] for n in targets}
         return score
     # LoRA: seeded as the run seeds it, trained by AdamW on the calibration batches
@@ -269,7 +283,7 @@ def test_calibration_ticket_is_the_exact_top_k_of_its_score_and_frozen_stays(
         if variant == "fisher-bf16":  # the buffer held bfloat16 values
             assert torch.equal(got, got.bfloat16().float()), n
         # a task vector is a difference of rounded weights: a few float32 ulps of a weight apart
-        atol = 2e-8 if variant in ("adamw", "sgd") else 1e-9
+        atol = 2e-8 if variant in ("adamw", "sgd", "rmsprop", "adafactor") else 1e-9
         torch.testing.assert_close(got.float(), hand[n].float(), rtol=1e-5, atol=atol)
     # fisher and LoRA never change a base weight: at selection they are the base's bits
     base_weights = load_file(str(base / "model.safetensors"))
@@ -319,6 +333,7 @@ def assert_same_delta(a, b):
     "variant,point",
     [
         ("sgd", "calibration:1"),
+        ("adafactor", "calibration:1"),
         ("fisher", "calibration:1"),
         ("fisher-bf16", "extraction"),
         ("lora-change", "calibration:1"),
@@ -403,6 +418,76 @@ def test_squares_taken_in_the_backward_pass_equal_the_steps_and_free_each_gradie
     assert all(bool(s.abs().sum() > 0) for s in sums[1])
 
 
+def train_normalized(factored, in_backward, max_norm=None, reference=False):
+    """Two steps of ``NormalizedSteps`` (or of ``torch.optim.RMSprop``) on a tiny Llama's
+    projections; returns the weights, the optimizer and the most gradients alive at a hook."""
+    from lota.calibrations.inbackward import NormalizedSteps
+    from lota.toy import tiny_llama
+
+    model = tiny_llama(hidden=32, layers=2, heads=2, seed=0)
+    params = [p for n, p in model.named_parameters() if n.endswith("proj.weight")]
+    for p in model.parameters():
+        p.requires_grad_(any(p is q for q in params))
+    if reference:
+        opt = torch.optim.RMSprop(params, lr=1e-2, foreach=False)
+    else:
+        opt = NormalizedSteps(
+            params, 1e-2, max_norm=max_norm, factored=factored, in_backward=in_backward
+        )
+    alive = []
+    for p in params:  # registered after the optimizer's own: sees the gradients left alive
+        p.register_post_accumulate_grad_hook(
+            lambda _, params=params: alive.append(sum(q.grad is not None for q in params))
+        )
+    g = torch.Generator().manual_seed(1)
+    for _ in range(2):
+        ids = torch.randint(3, 250, (2, 12), generator=g)
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    if not reference:
+        opt.close()
+    return [p.detach().clone() for p in params], opt, max(alive)
+
+
+@pytest.mark.parametrize("factored", [False, True])
+def test_normalized_steps_in_the_backward_pass_equal_the_steps_and_free_each_gradient(factored):
+    """``rmsprop`` and ``adafactor``: the same weights, bit for bit, whether each gradient is used
+    inside the backward pass or by the step, with no more than one dense gradient alive then."""
+    stepped, _, _ = train_normalized(factored, in_backward=False)
+    taken, opt, alive = train_normalized(factored, in_backward=True)
+    assert alive <= 1
+    assert all(torch.equal(bits(a), bits(b)) for a, b in zip(stepped, taken))
+    start, _, _ = train_normalized(factored, in_backward=False, max_norm=1e9)  # clip: a no-op
+    assert all(torch.equal(bits(a), bits(b)) for a, b in zip(stepped, start))
+    held = sum(t.numel() for s in opt.state.values() for t in s.values() if t.dim())
+    weights = sum(w.numel() for w in taken)
+    if factored:  # one value per row and per column of each matrix
+        assert held == sum(w.shape[0] + w.shape[1] for w in taken) < weights / 8
+    else:  # RMSprop's update: torch's own, bit for bit, when nothing is clipped
+        reference, _, _ = train_normalized(False, in_backward=False, reference=True)
+        assert all(torch.equal(bits(a), bits(b)) for a, b in zip(reference, taken))
+        assert held == weights
+
+
+def test_normalized_steps_clip_each_tensor_on_its_own():
+    """Each tensor's gradient is scaled to ``max_norm`` when its own norm is larger."""
+    from lota.calibrations.inbackward import NormalizedSteps
+
+    big = torch.nn.Parameter(torch.zeros(2, 3))
+    small = torch.nn.Parameter(torch.zeros(4))
+    opt = NormalizedSteps([big, small], lr=1.0, alpha=0.0, eps=1e-30, max_norm=1.0)
+    gb, gs = torch.full((2, 3), 10.0), torch.tensor([0.1, -0.2, 0.0, 0.3])
+    big.grad, small.grad = gb.clone(), gs.clone()
+    opt.step()
+    # alpha 0: the mean square is this step's, so each entry moves by -sign(g) whatever the clip
+    assert torch.equal(big.detach(), -torch.ones(2, 3))
+    assert torch.equal(small.detach(), -torch.sign(gs))
+    clipped = gb * (1.0 / (torch.linalg.vector_norm(gb) + 1e-6))
+    torch.testing.assert_close(opt.state[big]["square_avg"], clipped * clipped)
+    assert torch.equal(opt.state[small]["square_avg"], gs * gs)  # norm below 1: unclipped
+
+
 def test_the_squared_gradient_buffer_changes_no_weight_and_keeps_its_precision():
     w = torch.nn.Parameter(torch.randn(3, 4, dtype=torch.bfloat16))
     before = w.detach().clone()
@@ -431,7 +516,7 @@ def test_the_squared_gradient_buffer_changes_no_weight_and_keeps_its_precision()
         (["--ticket", "t.safetensors", "--calibration", "lora"], "--calibration lora needs"),
         (["--calibrated", "tuned", "--calibration", "sgd"], "--calibration sgd needs a run"),
         (["--protect", "p", "--protect-mode", "flip", "--calibration", "fisher"], "needs a run"),
-        (["--calibration", "magic"], "--calibration 'magic' is not one of adamw, sgd, fisher"),
+        (["--calibration", "magic"], "--calibration 'magic' is not one of adamw, sgd, rmsprop"),
         (["--fisher-dtype", "float16"], "--fisher-dtype 'float16' is not one of float32"),
         (["--lora-calibration-score", "x"], "--lora-calibration-score 'x' is not one of"),
         (["--calibration", "lora", "--targets", "norm"], "LoRA needs targets that are weights"),
@@ -452,7 +537,7 @@ def test_calibrations_that_do_not_shard_refuse_fsdp(monkeypatch):
     from lota.errors import InputError
 
     monkeypatch.setattr(dist, "_WORLD", dist.World(rank=0, size=2))
-    for name in ("sgd", "fisher", "lora"):
+    for name in ("sgd", "rmsprop", "adafactor", "fisher", "lora"):
         cfg = AdaptConfig(model="m", data="d", out="o", calibration=name, fsdp=True)
         with pytest.raises(InputError) as e:
             cfg.validate()
@@ -462,7 +547,7 @@ def test_calibrations_that_do_not_shard_refuse_fsdp(monkeypatch):
 
 
 def test_calibration_names_are_the_tables():
-    assert calibrations.names() == ("adamw", "sgd", "fisher", "lora")
+    assert calibrations.names() == ("adamw", "sgd", "rmsprop", "adafactor", "fisher", "lora")
     assert set(VARIANTS[v]["calibration"] for v in VARIANTS) == set(calibrations.CALIBRATIONS)
     for c in calibrations.CALIBRATIONS.values():
         assert c.help and c.memory and c.select is not None

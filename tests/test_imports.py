@@ -151,7 +151,7 @@ LAYERS = (
     ("tickets and deltas", ["lota.ticket", "lota.delta", "lota.codecs", "lota.selection"]),
     ("file format", ["lota.container", "lota.format", "lota.ticketfiles", "lota.lora_config"]),
     ("models and training", ["lota.model_folder", "lota.targets", "lota.weights", "lota.models", "lota.sparse_model", "lota.dist", "lota.checkpoint", "lota.datafiles", "lota.batching", "lota.data", "lota.train", "lota.official"]),
-    ("library commands", ["lota.task_vectors", "lota.merge_methods", "lota.merge", "lota.hotswap", "lota.choice", "lota.evaluate", "lota.ks", "lota.lora_import", "lota.peft_export", "lota.callbacks"]),
+    ("library commands", ["lota.task_vectors", "lota.merge_methods", "lota.merge", "lota.compare", "lota.hotswap", "lota.choice", "lota.evaluate", "lota.ks", "lota.lora_import", "lota.peft_export", "lota.callbacks"]),
     ("adapt: the run and its phases", ["lota.phases"]),
     ("adapt: calibrations", ["lota.calibrations", "lota.calibrations.*"]),
     ("adapt: ticket sources and methods", ["lota.sources"]),

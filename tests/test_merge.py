@@ -307,6 +307,49 @@ def test_inspect_reports_overlap_and_sign_conflicts(files, capsys):
     assert f"{shared:,} shared entries" in capsys.readouterr().out
 
 
+def test_inspect_gives_recall_and_density_by_layer_and_kind(tmp_path, capsys):
+    """Two tickets on Llama-like names: each one's share held by the other, and the density of
+    each by layer and by tensor kind, from the entries themselves."""
+    from lota.compare import layer_and_kind
+
+    shapes = {
+        "model.embed_tokens.weight": (8, 4),
+        "model.layers.0.self_attn.q_proj.weight": (6, 5),
+        "model.layers.0.mlp.up_proj.weight": (7, 5),
+        "model.layers.1.self_attn.q_proj.weight": (6, 5),
+        "model.layers.1.mlp.experts.3.up_proj.weight": (7, 5),
+    }
+    paths = []
+    for seed, density in ((0, 0.3), (1, 0.6)):
+        p = tmp_path / f"t{seed}.safetensors"
+        fmt.save(make_delta(seed, density, shapes=shapes), p)
+        paths.append(str(p))
+    assert main(["inspect", *paths, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    a, b = (fmt.load(p).ticket for p in paths)
+    shared = sum(int(torch.isin(a.indices[n], b.indices[n]).sum()) for n in shapes)
+    pair = info["overlap"][0]
+    assert pair["a_held_by_b"] == shared / a.nnz and pair["b_held_by_a"] == shared / b.nnz
+    assert 0 < shared < min(a.nnz, b.nnz)
+    for ticket, desc in zip((a, b), info["files"]):
+        for table, part in (("by_layer", 0), ("by_kind", 1)):
+            expected = {}
+            for n, shape in shapes.items():
+                row = expected.setdefault(layer_and_kind(n)[part], [0, 0])
+                row[0] += ticket.indices[n].numel()
+                row[1] += shape[0] * shape[1]
+            assert {k: (r["nnz"], r["numel"]) for k, r in desc[table].items()} == {
+                k: tuple(v) for k, v in expected.items()
+            }
+            assert all(r["density"] == r["nnz"] / r["numel"] for r in desc[table].values())
+        assert list(desc["by_layer"]) == ["0", "1", "-"]
+        assert set(desc["by_kind"]) == {"embed_tokens", "q_proj", "up_proj"}
+    assert main(["inspect", *paths]) == 0
+    text = capsys.readouterr().out
+    assert "recall" in text and "density by layer:" in text and "density by tensor kind:" in text
+    assert layer_and_kind("transformer.h.2.attn.c_attn.bias") == ("2", "c_attn.bias")
+
+
 def refused(capsys, *argv) -> str:
     code = main(["merge", *map(str, argv)])
     err = capsys.readouterr().err

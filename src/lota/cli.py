@@ -346,42 +346,20 @@ def _run_eval(s: C.EvalSettings, a: argparse.Namespace) -> None:
 
 
 def _run_inspect(s: C.InspectSettings, a: argparse.Namespace) -> None:
+    from .compare import inspect_report
     from .format import describe
 
     infos = [describe(f) for f in s.files]
-    shared = None
+    pairs = None
     if len(s.files) > 1:
         from .merge import overlap
 
-        shared = overlap([str(f) for f in s.files])["pairs"]
+        pairs = overlap([str(f) for f in s.files])["pairs"]
+    lines, out = inspect_report(infos, pairs)
     if s.json:
-        out = infos[0] if len(infos) == 1 else {"files": infos, "overlap": shared}
         print(json.dumps(out, indent=2))
         return
-    for info in infos:
-        print(f"{info['path']}: lota {info['kind']}, format v{info['format_version']}")
-        print(f"  entries   {info['nnz']:,} of {info['numel']:,} ({100 * info['density']:.4g} %)")
-        print(f"  base      {info['base_fingerprint'] or '(none)'}")
-        bpe = info["bits_per_entry"]
-        print(
-            f"  file      {info['file_bytes']:,} bytes"
-            + (f" ({bpe:.3f} bits per eligible entry)" if bpe else "")
-        )
-        if info["kind"] == "delta":
-            print(
-                f"  values    {', '.join(info['values_dtype']) or '-'}, L2 norm {info['l2_norm']:.6g}"
-            )
-        width = max((len(n) for n in info["tensors"]), default=0)
-        for name, t in info["tensors"].items():
-            dtype = f"  {t['values_dtype']}" if "values_dtype" in t else ""
-            print(f"  {name:<{width}}  {t['nnz']:>10,} / {t['numel']:<10,} {t['encoding']}{dtype}")
-    for pair in shared or []:
-        conflicts = pair["sign_conflicts"]
-        print(
-            f"overlap {pair['a']} | {pair['b']}: {pair['shared']:,} shared entries "
-            f"({100 * pair['shared_of_smaller']:.3g} % of the smaller)"
-            + ("" if conflicts is None else f", {conflicts:,} with opposite signs")
-        )
+    print("\n".join(lines))
 
 
 def _run_demo(s: C.DemoSettings, a: argparse.Namespace) -> None:

@@ -13,7 +13,14 @@ import importlib
 
 from .base import CALIBRATIONS, DEFAULT, Calibration, names, register
 
-MODULES = ("adamw", "sgd", "fisher", "lora")  # each registers itself when imported
+MODULES = (
+    "adamw",
+    "sgd",
+    "rmsprop",
+    "adafactor",
+    "fisher",
+    "lora",
+)  # each registers itself when imported
 for _module in MODULES:
     importlib.import_module(f".{_module}", __name__)
 

@@ -1,8 +1,13 @@
-"""The calibrations that train the targets (``adamw``, ``sgd``): dense steps, the ticket from the
-change, and a reset of the targets to the starting weights."""
+"""The calibrations that train the targets (``adamw``, ``sgd``, ``rmsprop``, ``adafactor``): dense
+steps, the ticket from the change, and a reset of the targets to the starting weights.
+
+The starting weights are read back from disk (``Run.w0``) for the change and the reset, so a
+calibration holds no copy of them; ``rmsprop`` and ``adafactor`` also take each gradient inside the
+backward pass (``lota.calibrations.inbackward``), so no more than one dense gradient is alive."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 
@@ -14,14 +19,23 @@ from ..phases import Run, masters, shard, train_only
 from ..precision import restore_dtype_
 from ..targets import named_weights
 from ..ticket import Ticket
+from ..train import heap_growth_limited
+from .inbackward import NormalizedSteps, one_backward_per_step
 
 
 def dense_calibration(
-    run: Run, k: int, protected: Ticket | None, selector: str, optimizer: str | None = None
+    run: Run,
+    k: int,
+    protected: Ticket | None,
+    selector: str,
+    optimizer: str | None = None,
+    factored: bool | None = None,
 ) -> Ticket:
     """Train the targets densely for the calibration steps (with ``optimizer`` without momentum
-    or weight decay, else the run's ``--optimizer``), select the ticket of ``k`` entries from the
-    change with ``selector``, and reset the targets to the starting weights."""
+    or weight decay, else the run's ``--optimizer``; with ``factored`` not None, RMSprop taking
+    each gradient in the backward pass, its second moment factored or not), select the ticket of
+    ``k`` entries from the change with ``selector``, and reset the targets to the starting
+    weights."""
     cfg, targets, w0 = run.cfg, run.targets, run.w0
     train_only(run.model, targets)
     if cfg.fsdp:
@@ -35,15 +49,34 @@ def dense_calibration(
         settings = dataclasses.replace(
             settings, optimizer=optimizer, momentum=0.0, weight_decay=0.0
         )
-    run.phase(
-        "calibration",
-        params,
-        lr,
-        cfg.calibration_steps,
-        settings=settings,
-        masters=bool(stored),
-        selects=True,
-    )
+    stepper = None
+    if factored is not None:
+        settings = dataclasses.replace(settings, optimizer="rmsprop", max_grad_norm=None)
+        stepper = NormalizedSteps(
+            list(params.values()),
+            lr,
+            max_norm=cfg.max_grad_norm,
+            factored=factored,
+            in_backward=one_backward_per_step(run),
+        )
+    # a gradient freed in the backward pass goes back to the system, as in the sparse phase
+    limited = heap_growth_limited(run.world.device) if stepper else contextlib.nullcontext()
+    try:
+        with limited:
+            run.phase(
+                "calibration",
+                params,
+                lr,
+                cfg.calibration_steps,
+                settings=settings,
+                optimizer=stepper,
+                masters=bool(stored),
+                selects=True,
+            )
+    finally:
+        if stepper is not None:
+            stepper.close()
+            stepper.state.clear()
     with torch.no_grad():
         if run.sharded:
             ticket = _select_sharded(run, selector, weights, k, protected)

@@ -14,9 +14,10 @@ import torch
 from .. import selection
 from ..phases import Run
 from ..ticket import Ticket
+from .inbackward import InBackward, one_backward_per_step
 
 
-class SquaredGradients(torch.optim.Optimizer):
+class SquaredGradients(InBackward):
     """An optimizer that changes no parameter: each step adds every parameter's squared gradient
     into its score buffer of ``dtype``, so the training loop's batches, gradient averaging and
     checkpoints carry the score, and ``zero_grad`` frees the gradients after each step.
@@ -29,36 +30,14 @@ class SquaredGradients(torch.optim.Optimizer):
     def __init__(
         self, params: list[torch.nn.Parameter], dtype: torch.dtype, in_backward: bool = False
     ):
-        super().__init__(params, {})
         self.dtype = dtype
-        self.hooks = []
-        if in_backward:
-            for group in self.param_groups:
-                for p in group["params"]:
-                    self.hooks.append(p.register_post_accumulate_grad_hook(self._take))
+        super().__init__(params, {}, in_backward=in_backward)
 
-    @torch.no_grad()
-    def _take(self, p: torch.nn.Parameter) -> None:
-        self._add(p)
-        p.grad = None
-
-    def _add(self, p: torch.nn.Parameter) -> None:
+    def _use(self, p: torch.nn.Parameter, group: dict) -> None:
         state = self.state[p]
         if "score" not in state:
             state["score"] = torch.zeros(p.shape, dtype=self.dtype, device=p.device)
         state["score"].addcmul_(p.grad, p.grad)
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    self._add(p)
-
-    def close(self) -> None:
-        for h in self.hooks:
-            h.remove()
-        self.hooks = []
 
     def load_state_dict(self, state_dict: dict) -> None:
         """The saved buffers as they were (``Optimizer``'s own would cast them to the weights'
@@ -99,13 +78,7 @@ def squared_gradients(run: Run, name: str, params: dict, steps: int, model=None,
     cfg = run.cfg
     dtype = getattr(torch, cfg.fisher_dtype) if name == "calibration" else torch.float32
     # one backward pass per step and no loss scale: square each gradient as it comes, free it
-    in_backward = (
-        run.world.size == 1
-        and cfg.grad_accum == 1
-        and cfg.mixed_precision != "fp16"
-        and run.stored_dtype != torch.float16
-    )
-    acc = SquaredGradients(list(params.values()), dtype, in_backward=in_backward)
+    acc = SquaredGradients(list(params.values()), dtype, in_backward=one_backward_per_step(run))
     settings = dataclasses.replace(cfg.settings(0.0, steps), max_grad_norm=None)
     try:
         run.phase(
