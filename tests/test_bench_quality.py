@@ -327,7 +327,9 @@ def test_calibration_claim_compares_every_calibration_on_tickets_of_one_size(
     assert r["meta"]["claims"] == ["calibration"] and "single" not in r
     cal = r["calibration"]
     assert cal["tasks"] == ["math", "sql"]
-    variants = ("adamw", "sgd", "fisher", "lora-change", "lora-gradient", "random")
+    variants = (
+        "adamw", "sgd", "rmsprop", "adafactor", "fisher", "lora-change", "lora-gradient", "random"
+    )  # fmt: skip
     assert set(cal["variants"]) == {f"{t}/{v}" for t in cal["tasks"] for v in variants}
     lab = Lab(out, tiny_base, "smoke")
     for t in cal["tasks"]:
@@ -360,6 +362,8 @@ def test_calibration_claim_compares_every_calibration_on_tickets_of_one_size(
     assert seen == {
         ("adamw", None),
         ("sgd", None),
+        ("rmsprop", None),
+        ("adafactor", None),
         ("fisher", None),
         ("lora", "change"),
         ("lora", "gradient"),

@@ -26,6 +26,14 @@ PIPELINE_METHODS = {
     ),
     "lota-adamw": ("calibration: dense AdamW (the default)", []),
     "lota-sgd": ("calibration: SGD, no momentum", ["--calibration", "sgd"]),
+    "lota-rmsprop": (
+        "calibration: RMSprop in the backward pass (the official update)",
+        ["--calibration", "rmsprop"],
+    ),
+    "lota-adafactor": (
+        "calibration: RMSprop in the backward pass, factored second moment",
+        ["--calibration", "adafactor"],
+    ),
     "lota-fisher-fp32": (
         "calibration: squared gradients, fp32 sums",
         ["--calibration", "fisher", "--fisher-dtype", "float32"],
@@ -39,10 +47,17 @@ PIPELINE_METHODS = {
         ["--calibration", "lora", "--lora-r", "16", "--lora-alpha", "32"],
     ),
 }
-LIGHT = ("lota-sgd", "lota-fisher-fp32", "lota-fisher-bf16", "lota-lora")
-# the methods with a dense phase (fft; the adamw and sgd calibrations): on 16-bit weights they hold
+LIGHT = (
+    "lota-sgd",
+    "lota-rmsprop",
+    "lota-adafactor",
+    "lota-fisher-fp32",
+    "lota-fisher-bf16",
+    "lota-lora",
+)
+# the methods with a dense phase (fft; the calibrations that train the targets): on 16-bit weights they hold
 # float32 master copies of the targets unless --master-weights none
-DENSE = ("fft", "lota-adamw", "lota-sgd")
+DENSE = ("fft", "lota-adamw", "lota-sgd", "lota-rmsprop", "lota-adafactor")
 NO_MASTERS = ":masters-none"  # the row of a DENSE method run with --master-weights none
 
 

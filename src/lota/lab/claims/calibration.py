@@ -1,5 +1,6 @@
-"""The calibration claim: do memory-light calibrations (plain SGD, squared gradients, a LoRA
-warm-up) give tickets as good as LoTA's dense AdamW calibration?
+"""The calibration claim: do memory-light calibrations (plain SGD, RMSprop and its factored form
+taken in the backward pass, squared gradients, a LoRA warm-up) give tickets as good as LoTA's
+dense AdamW calibration?
 
 On the first two tasks, LoTA is trained with each calibration and the same sparse phase, and a
 random ticket of the same size is the floor. Each variant gets its own learning-rate search over
@@ -28,6 +29,8 @@ NAME = "calibration"
 VARIANTS = {
     "adamw": ("lota", {"calibration": "adamw"}),
     "sgd": ("lota", {"calibration": "sgd"}),
+    "rmsprop": ("lota", {"calibration": "rmsprop"}),
+    "adafactor": ("lota", {"calibration": "adafactor"}),
     "fisher": ("lota", {"calibration": "fisher", "fisher_dtype": "float32"}),
     "lora-change": ("lota", {"calibration": "lora", "lora_calibration_score": "change"}),
     "lora-gradient": ("lota", {"calibration": "lora", "lora_calibration_score": "gradient"}),
@@ -36,6 +39,8 @@ VARIANTS = {
 LABELS = {
     "adamw": "AdamW (LoTA's own)",
     "sgd": "SGD",
+    "rmsprop": "RMSprop in the backward pass (the official update)",
+    "adafactor": "RMSprop, factored second moment",
     "fisher": "Fisher (squared gradients, fp32)",
     "lora-change": "LoRA warm-up, merged change",
     "lora-gradient": "LoRA warm-up, squared gradients",
@@ -173,7 +178,7 @@ def render(results: dict, figs: dict[str, str]) -> list[str]:
         "learning-rate search over the LoTA grid on validation. *Within noise* means a Welch "
         f"t-test on the per-seed test scores does not reject equal means at alpha {cal['alpha']}; "
         f"the interval is the {100 * (1 - cal['alpha']):.0f} % Welch interval of the difference "
-        "of means, with no correction for the five comparisons per task. Few seeds make the test "
+        "of means, with no correction for the comparisons per task. Few seeds make the test "
         "weak: within noise is not the same as equal.\n"
     )
     head = ["calibration", *tasks, *(f"lr {t}" for t in tasks)]
