@@ -341,6 +341,7 @@ def test_calibration_claim_compares_every_calibration_on_tickets_of_one_size(
         assert rows["adamw"]["spec_keys"] == rows["random"]["spec_keys"] == {}
         assert lab.done({"task": t, "method": "lota", "lr": rows["adamw"]["lr"], "seed": 0})
         assert rows["sgd"]["spec_keys"] == {"calibration_method": "sgd"}
+        assert rows["rmsprop"]["spec_keys"]["calibration_lr_scale"] == 0.1
         assert rows["lora-gradient"]["spec_keys"]["lora_calibration_score"] == "gradient"
         for v in variants:
             assert rows[v]["score"]["n"] == 1
@@ -352,7 +353,10 @@ def test_calibration_claim_compares_every_calibration_on_tickets_of_one_size(
     for f in (out / "cache" / "runs").glob("*/result.json"):
         res = json.loads(f.read_text())
         spec, info = res["spec"], res["info"]
-        if spec["method"] == "lota" and set(spec) <= plain | set(CALIBRATOR_KEYS):
+        if spec["method"] == "lota" and set(spec) <= plain | {
+            *CALIBRATOR_KEYS,
+            "calibration_lr_scale",
+        }:
             assert info["frozen_verified"] is True
             assert info["calibration"] == spec.get("calibration_method", "adamw")
             lora = info["calibration"] == "lora"

@@ -205,7 +205,7 @@ class Lab:
             method=spec["method"],
             sparsity=str(spec.get("sparsity", "0.9")),
             calibration_steps=spec.get("calibration", s["calibration"]),
-            calibration_lr=s["calibration_lr"],
+            calibration_lr=s["calibration_lr"] * spec.get("calibration_lr_scale", 1),
             steps=spec.get("steps", s["steps"]),
             lr=spec["lr"],
             batch_size=s["batch"],
