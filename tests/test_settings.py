@@ -256,7 +256,7 @@ ADAPT_OPTIONS = {
     "--sparsity": ("sparsity", None, None, None, None, False, "fraction of target entries frozen, in [0, 1) (default 0.9)"),
     "--calibration-steps": ("calibration_steps", int, None, None, None, False, "dense steps before extraction (default 8)"),
     "--calibration-lr": ("calibration_lr", float, None, None, None, False, "learning rate of calibration (default --lr)"),
-    "--calibration": ("calibration", None, None, None, None, False, "how --method lota and bottomk calibrate: adamw | sgd | fisher | lora (default adamw)"),
+    "--calibration": ("calibration", None, None, None, None, False, "how --method lota and bottomk calibrate: adamw | sgd | rmsprop | adafactor | fisher | lora (default adamw)"),
     "--fisher-dtype": ("fisher_dtype", None, None, None, None, False, "--calibration fisher: precision of the score buffer, float32 | bfloat16 (default float32)"),
     "--lora-calibration-score": ("lora_calibration_score", None, None, None, None, False, "--calibration lora: the ticket from the adapter's merged change or the full weights' squared gradients, change | gradient (default change)"),
     "--calibrated": ("calibrated", None, None, "TUNED", None, False, "a model already fine-tuned from MODEL (e.g. a Trainer checkpoint): its task vector gives the ticket, no calibration run"),
