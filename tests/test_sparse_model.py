@@ -256,6 +256,31 @@ def test_gradient_equals_dense_gradient_at_ticket():
     assert checked == len(delta.names)
 
 
+def test_the_backward_pass_holds_one_dense_weight_gradient_at_a_time(monkeypatch):
+    """Each target's dense gradient is gathered into its ticket entries as autograd produces it and
+    is gone before the next one arrives, so the sparse phase never holds the model's gradient."""
+    import weakref
+
+    from lota import sparse_model
+
+    model = _model()
+    targets = _targets(model)
+    prepare(model, _random_delta(_ticket(model), seed=1))
+    alive, seen = [], []
+    backward = sparse_model._SparseTie.backward
+
+    def watched(ctx, grad):
+        alive.append(sum(r() is not None for r in seen))
+        seen.append(weakref.ref(grad))
+        return backward(ctx, grad)
+
+    monkeypatch.setattr(sparse_model._SparseTie, "backward", staticmethod(watched))
+    ids = _batch(3, batch=2, length=12)
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert len(seen) == len(targets) and max(alive) == 0
+    assert all(r() is None for r in seen)
+
+
 def test_bf16_base_with_fp32_delta():
     model = _model(torch.bfloat16)
     ticket = _ticket(model, seed=4)
