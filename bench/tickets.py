@@ -50,6 +50,13 @@ def parse(argv=None):
     )
     ap.add_argument("--steps", type=int, default=20, help="calibration steps")
     ap.add_argument("--examples", type=int, default=2000)
+    ap.add_argument(
+        "--base",
+        default="lab",
+        help="lab (the lab's base and tasks), or real: SmolLM2-135M-Instruct (lota lab "
+        "real-base) on sql-real, with the real scale's batch 8, 192 tokens and float32",
+    )
+    ap.add_argument("--batch-size", type=int, default=None, help="default: 16 (lab), 8 (real)")
     ap.add_argument("--out", default=None)
     return ap.parse_args(argv)
 
@@ -58,28 +65,41 @@ def run_one(work: Path, task: str, calibration: str, lr: float, seed: int, args)
     """The delta of one run (made once, then read back from ``work``)."""
     from lota.adapt import AdaptConfig, adapt
     from lota.lab.base import default_base
-    from lota.lab.tasks import generate
+    from lota.lab.tasks import generate, real_sql
 
     out = work / f"{task}-{calibration}-{lr:g}-{seed}"
     if (out / "delta.safetensors").exists():
         return out / "delta.safetensors"
     data = work / f"{task}-{seed}.jsonl"
     if not data.exists():
-        rows = generate(task, seed, args.examples, 0, 0)["train"]
+        if task == "sql-real":
+            rows = real_sql("train", limit=args.examples)
+            if rows is None:
+                raise SystemExit("sql-real needs ../shared/data (or LOTA_DATA)")
+        else:
+            rows = generate(task, seed, args.examples, 0, 0)["train"]
         data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    real = args.base == "real"
+    if real:
+        from lota.lab.realbase import obtain
+
+        model = obtain(progress=False)["folder"]
+    else:
+        model = default_base()
     method = {"method": "random"} if calibration == "random" else {"calibration": calibration}
     if calibration == "adamw-reorder":
         method, seed = {"calibration": "adamw"}, seed + REORDER
     cfg = AdaptConfig(
-        model=default_base(),
+        model=str(model),
         data=str(data),
         out=str(out),
         steps=1,
         calibration_steps=args.steps,
         calibration_lr=lr,
         lr=1e-3,
-        batch_size=16,
+        batch_size=args.batch_size or (8 if real else 16),
         seed=seed,
+        **({"max_length": 192, "dtype": "float32"} if real else {}),
         progress=False,
         force=True,
         **method,
