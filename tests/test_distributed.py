@@ -164,10 +164,11 @@ def test_adapt_under_torchrun_equals_one_process(workdir, single, tmp_path, mode
     assert not list(out.glob("*.tmp*")) and not (out / ".lota-checkpoint").exists()
 
 
-@pytest.mark.parametrize("calibration", ["sgd", "fisher"])
+@pytest.mark.parametrize("calibration", ["sgd", "adafactor", "fisher"])
 def test_light_calibrations_under_torchrun_equal_one_process(workdir, tmp_path, calibration):
     """Two DDP processes select the ticket one process selects from the same micro-batches, and
-    train the same delta."""
+    train the same delta. (``adafactor`` takes the averaged gradients in its step there, as
+    ``rmsprop``, which shares its code, does.)"""
     one, two = tmp_path / "one", tmp_path / "two"
     _adapt(None, workdir, one, "--grad-accum", "2", "--calibration", calibration)
     _adapt(TORCHRUN, workdir, two, "--calibration", calibration)
