@@ -384,58 +384,22 @@ def test_sigkill_in_fisher_calibration_resumes_to_the_same_bits(bases, protect, 
     assert_same_delta(reference, tmp_path / "killed")
 
 
-def test_squares_taken_in_the_backward_pass_equal_the_steps_and_free_each_gradient():
-    """``in_backward`` sums the same squares, bit for bit, with at most one gradient alive."""
-    from lota.toy import tiny_llama
-
-    sums = []
-    for in_backward in (False, True):
-        model = tiny_llama(hidden=32, layers=2, heads=2, seed=0)
-        params = [p for n, p in model.named_parameters() if n.endswith("proj.weight")]
-        for p in model.parameters():
-            p.requires_grad_(any(p is q for q in params))
-        acc = cal_module.SquaredGradients(params, torch.float32, in_backward=in_backward)
-        alive = []
-        if in_backward:  # count the gradients alive whenever one is taken
-            for p in params:
-                p.register_post_accumulate_grad_hook(
-                    lambda _, alive=alive, params=params: alive.append(
-                        sum(q.grad is not None for q in params)
-                    )
-                )
-        g = torch.Generator().manual_seed(1)
-        for _ in range(2):
-            ids = torch.randint(3, 250, (2, 12), generator=g)
-            model(input_ids=ids, labels=ids).loss.backward()
-            acc.step()
-            acc.zero_grad(set_to_none=True)
-        acc.close()
-        sums.append(acc.scores())
-        if in_backward:
-            assert alive and max(alive) <= 1
-            assert all(p.grad is None for p in params)
-    assert all(torch.equal(bits(a), bits(b)) for a, b in zip(*sums))
-    assert all(bool(s.abs().sum() > 0) for s in sums[1])
-
-
-def train_normalized(factored, in_backward, max_norm=None, reference=False):
-    """Two steps of ``NormalizedSteps`` (or of ``torch.optim.RMSprop``) on a tiny Llama's
-    projections; returns the weights, the optimizer and the most gradients alive at a hook."""
-    from lota.calibrations.inbackward import NormalizedSteps
+def tiny_projections():
+    """A tiny Llama whose projection weights are its only trainable parameters, and those."""
     from lota.toy import tiny_llama
 
     model = tiny_llama(hidden=32, layers=2, heads=2, seed=0)
     params = [p for n, p in model.named_parameters() if n.endswith("proj.weight")]
     for p in model.parameters():
         p.requires_grad_(any(p is q for q in params))
-    if reference:
-        opt = torch.optim.RMSprop(params, lr=1e-2, foreach=False)
-    else:
-        opt = NormalizedSteps(
-            params, 1e-2, max_norm=max_norm, factored=factored, in_backward=in_backward
-        )
+    return model, params
+
+
+def two_steps(model, params, opt) -> int:
+    """Two steps of ``opt`` on seeded batches; the most gradients alive whenever the backward
+    pass finished one (the counting hook runs after the optimizer's own)."""
     alive = []
-    for p in params:  # registered after the optimizer's own: sees the gradients left alive
+    for p in params:
         p.register_post_accumulate_grad_hook(
             lambda _, params=params: alive.append(sum(q.grad is not None for q in params))
         )
@@ -445,9 +409,41 @@ def train_normalized(factored, in_backward, max_norm=None, reference=False):
         model(input_ids=ids, labels=ids).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+    return max(alive)
+
+
+def test_squares_taken_in_the_backward_pass_equal_the_steps_and_free_each_gradient():
+    """``in_backward`` sums the same squares, bit for bit, with at most one gradient alive."""
+    sums = []
+    for in_backward in (False, True):
+        model, params = tiny_projections()
+        acc = cal_module.SquaredGradients(params, torch.float32, in_backward=in_backward)
+        alive = two_steps(model, params, acc)
+        acc.close()
+        sums.append(acc.scores())
+        if in_backward:
+            assert alive <= 1
+            assert all(p.grad is None for p in params)
+    assert all(torch.equal(bits(a), bits(b)) for a, b in zip(*sums))
+    assert all(bool(s.abs().sum() > 0) for s in sums[1])
+
+
+def train_normalized(factored, in_backward, max_norm=None, reference=False):
+    """Two steps of ``NormalizedSteps`` (or of ``torch.optim.RMSprop``) on a tiny Llama's
+    projections; returns the weights, the optimizer and the most gradients alive at a hook."""
+    from lota.calibrations.inbackward import NormalizedSteps
+
+    model, params = tiny_projections()
+    if reference:
+        opt = torch.optim.RMSprop(params, lr=1e-2, foreach=False)
+    else:
+        opt = NormalizedSteps(
+            params, 1e-2, max_norm=max_norm, factored=factored, in_backward=in_backward
+        )
+    alive = two_steps(model, params, opt)
     if not reference:
         opt.close()
-    return [p.detach().clone() for p in params], opt, max(alive)
+    return [p.detach().clone() for p in params], opt, alive
 
 
 @pytest.mark.parametrize("factored", [False, True])
