@@ -208,7 +208,7 @@ def test_adapt_on_every_default_target(real_base, run_a, applied_a, capsys):
     assert json.loads((applied_a / "config.json").read_text())["tie_word_embeddings"]
 
 
-@pytest.mark.parametrize("calibration", ["adamw", "fisher", "lora"])
+@pytest.mark.parametrize("calibration", ["adamw", "adafactor", "fisher", "lora"])
 def test_each_calibration_trains_a_ticket_of_k_entries(real_base, calibrated, calibration):
     run = calibrated(calibration)
     info, d = summary(run), fmt.load(run / "delta.safetensors")
