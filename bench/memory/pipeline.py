@@ -55,8 +55,8 @@ LIGHT = (
     "lota-fisher-bf16",
     "lota-lora",
 )
-# the methods with a dense phase (fft; the calibrations that train the targets): on 16-bit weights they hold
-# float32 master copies of the targets unless --master-weights none
+# the methods with a dense phase (fft; the calibrations that train the targets): on 16-bit weights
+# they hold float32 master copies of the targets unless --master-weights none
 DENSE = ("fft", "lota-adamw", "lota-sgd", "lota-rmsprop", "lota-adafactor")
 NO_MASTERS = ":masters-none"  # the row of a DENSE method run with --master-weights none
 

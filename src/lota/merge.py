@@ -368,14 +368,13 @@ def _merge_into_model(
 
 # ---------------------------------------------------------------------------- overlap report
 def overlap(paths: list[str]) -> dict:
-    """Pairwise shared entries (and, for deltas, sign conflicts) of lota files, tensor by tensor:
-    in all, per tensor, and as the share of each file's entries the other holds (its recall)."""
+    """Pairwise shared entries (and, for deltas, sign conflicts) of lota files, tensor by tensor,
+    and the share of each file's entries the other holds (its recall)."""
     readers = [fmt.Reader(p) for p in paths]
     pairs = {}
     for a in range(len(paths)):
         for b in range(a + 1, len(paths)):
             shared = conflicts = 0
-            by_tensor = {}
             for name in readers[a].names:
                 if name not in readers[b].shapes:
                     continue
@@ -385,7 +384,6 @@ def overlap(paths: list[str]) -> dict:
                     ia.numpy(), ib.numpy(), assume_unique=True, return_indices=True
                 )
                 shared += int(common.size)
-                by_tensor[name] = int(common.size)
                 if va is not None and vb is not None and common.size:
                     sa = torch.sign(va[torch.from_numpy(pa)].float())
                     sb = torch.sign(vb[torch.from_numpy(pb)].float())
@@ -403,6 +401,5 @@ def overlap(paths: list[str]) -> dict:
                 "a_held_by_b": shared / na if na else None,
                 "b_held_by_a": shared / nb if nb else None,
                 "sign_conflicts": conflicts if both_deltas else None,
-                "shared_by_tensor": by_tensor,
             }
     return {"files": paths, "pairs": list(pairs.values())}

@@ -60,7 +60,9 @@ def dense_calibration(
             in_backward=one_backward_per_step(run),
         )
     # a gradient freed in the backward pass goes back to the system, as in the sparse phase
-    limited = heap_growth_limited(run.world.device) if stepper else contextlib.nullcontext()
+    limited = (
+        heap_growth_limited(run.world.device) if stepper is not None else contextlib.nullcontext()
+    )
     try:
         with limited:
             run.phase(

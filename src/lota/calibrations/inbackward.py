@@ -105,7 +105,9 @@ class NormalizedSteps(InBackward):
         state["step"] += 1
         alpha, eps = group["alpha"], group["eps"]
         if "row" in state:
-            square = (grad.float() * grad.float()).reshape(state["row"].numel(), -1)
+            g = grad.float()
+            square = (g * g).reshape(state["row"].numel(), -1)
+            del g
             state["row"].mul_(alpha).add_(square.mean(dim=1), alpha=1 - alpha)
             state["col"].mul_(alpha).add_(square.mean(dim=0), alpha=1 - alpha)
             del square

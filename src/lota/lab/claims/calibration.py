@@ -4,8 +4,9 @@ dense AdamW calibration?
 
 On the first two tasks, LoTA is trained with each calibration and the same sparse phase, and a
 random ticket of the same size is the floor. Every calibration runs the same steps at the scale's
-calibration rate, the RMSprop ones at a tenth of it (``LR_SCALE``). Each variant gets its own learning-rate search over
-the LoTA grid on validation (first seed), then every seed is scored on test.
+calibration rate, the RMSprop ones at a tenth of it (``LR_SCALE``). Each variant gets its own
+learning-rate search over the LoTA grid on validation (first seed), then every seed is scored on
+test.
 
 "Within noise of AdamW's" is a Welch t-test on the per-seed test scores at ``ALPHA``: a variant
 is within noise when the test does not reject equal means. With 3 seeds the test has little
@@ -183,8 +184,9 @@ def render(results: dict, figs: dict[str, str]) -> list[str]:
     out.append(
         "LoTA with each calibration (same calibration steps and learning rate, except the "
         "RMSprop ones at a tenth of the rate, whose first steps move each entry by about ten "
-        "times it; same sparse phase, sparsity 0.9), and a random ticket of the same size. Each variant has its own "
-        "learning-rate search over the LoTA grid on validation. *Within noise* means a Welch "
+        "times it; same sparse phase, sparsity 0.9), and a random ticket of the same size. "
+        "Each variant has its own learning-rate search over the LoTA grid on validation. "
+        "*Within noise* means a Welch "
         f"t-test on the per-seed test scores does not reject equal means at alpha {cal['alpha']}; "
         f"the interval is the {100 * (1 - cal['alpha']):.0f} % Welch interval of the difference "
         "of means, with no correction for the comparisons per task. Few seeds make the test "
