@@ -18,7 +18,8 @@ demo: $(STAMP)
 	$(BIN)/lota demo --out runs/demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest tests
+	# one worker per core; tests that share a costly fixture or a port run in one (xdist_group)
+	$(BIN)/python -m pytest -n auto --dist loadgroup tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench examples

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import random
 import subprocess
 import sys
@@ -16,6 +17,12 @@ from lota.model_folder import quiet_transformers
 from lota.toy import save_toy_model
 
 quiet_transformers()
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs one worker per core: each keeps to one thread, and so do the commands
+    # its tests start, so that the workers do not take each other's cores.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 TINY = {"hidden": 32, "layers": 2, "heads": 2}
 ADAPT = ["--steps", "2", "--calibration-steps", "1", "--lr", "1e-2", "--batch-size", "4", "--quiet"]

@@ -19,6 +19,9 @@ from lota.lab.runner import CALIBRATOR_KEYS, Lab
 from lota.lab.scales import lr_grid
 from lota.merge import overlap
 
+# `make test` runs these in one worker, which builds the session's smoke bench once
+pytestmark = pytest.mark.xdist_group("lab")
+
 
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> str:

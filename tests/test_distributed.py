@@ -17,6 +17,10 @@ from safetensors.torch import load_file
 import lota
 from lota import selection
 
+# `make test` runs these in one worker: torchrun and accelerate launch, one at a time
+# (accelerate takes a fixed port)
+pytestmark = pytest.mark.xdist_group("distributed")
+
 pytest.importorskip("accelerate")
 if not torch.distributed.is_available():
     pytest.skip("torch.distributed is not available", allow_module_level=True)

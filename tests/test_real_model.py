@@ -39,6 +39,9 @@ from .conftest import (
 )
 from .test_cli import assert_refused, lota
 
+# `make test` runs these in one worker: the real model is obtained and loaded by one worker
+pytestmark = pytest.mark.xdist_group("real")
+
 LAST = r"model\.layers\.29\.(self_attn|mlp)\."  # the last block: targets of the restricted runs
 FAST = [
     "--max-length", "64", "--batch-size", "2", "--steps", "1", "--calibration-steps", "1",
