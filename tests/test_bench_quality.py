@@ -421,7 +421,7 @@ def test_a_ledger_continues_a_bench_on_a_fresh_cache(tiny_base, tmp_path):
 
 
 def test_the_real_protocol_runs_every_claim_and_resumes_from_its_ledger(tiny_base, tmp_path):
-    from lota.lab.claims.real import MERGES, METHODS, SEQUENTIAL
+    from lota.lab.claims.real import LIGHT, MERGES, METHODS, SEQUENTIAL
     from lota.lab.quality import run_quality
 
     def bench(out):
@@ -453,8 +453,20 @@ def test_the_real_protocol_runs_every_claim_and_resumes_from_its_ledger(tiny_bas
     ]
     fisher = [x for x in runs if x["spec"].get("calibration_method") == "fisher"]
     assert len(fisher) == 1 and fisher[0]["spec"]["steps"] == 1
+    # the memory-light calibrations on A: LoTA's rate, a tenth of the calibration rate, and
+    # AdamW's row is claim 1's LoTA on A (its ticket shares all of itself)
+    cal = r["calibration"]
+    assert cal["task"] == "math" and set(cal["rows"]) == {"adamw", *LIGHT}
+    assert cal["rows"]["adamw"]["score"] == r["single"]["math/lota"]["score"]
+    assert cal["rows"]["adamw"]["shared_with_adamw"]["mean"] == 1.0
+    for c in LIGHT:
+        [light] = [x["spec"] for x in runs if x["spec"].get("calibration_method") == c]
+        assert light["lr"] == r["single"]["math/lota"]["lr"] and light["task"] == "math"
+        assert light["calibration_lr_scale"] == 0.1
+        assert 0 <= cal["rows"][c]["shared_with_adamw"]["mean"] < 1
     report = (tmp_path / "one" / "report.md").read_text()
     assert "On a real pretrained model" in report and "Claim 4: safety" in report
+    assert "Memory-light calibrations on math" in report
     # another machine with the ledger only: the same results, nothing trained or merged
     again = bench(tmp_path / "two")["real"]
     assert again == r

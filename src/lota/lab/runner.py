@@ -233,12 +233,21 @@ class Lab:
     # ------------------------------------------------------------------------ scores
     def score(self, model: str, task: str, split: str = "test", template: str = "default") -> dict:
         """Scores of the model folder on a task split (cached beside the model)."""
-        cached = self._cached_scores(model)
-        key = f"{task}/{split}/{template}"
-        if key not in cached:
+
+        def evaluate():
             if not Path(model).exists():
                 self._rebuild(model)
-            cached[key] = self._evaluate(model, task, split, template)
+            return self._evaluate(model, task, split, template)
+
+        return self.measured(model, f"{task}/{split}/{template}", evaluate)
+
+    def measured(self, model: str, key: str, compute):
+        """``compute()``, a measurement of the model folder (a score, or its ticket's overlap with
+        another run's), cached beside the model under ``key`` and recorded in the ledger with its
+        scores, so a report from the ledger alone needs neither the weights nor the deltas."""
+        cached = self._cached_scores(model)
+        if key not in cached:
+            cached[key] = compute()
             write_json(self._scores_path(model), cached)
             name = self._ledger_name(model)
             if name is not None:

@@ -105,18 +105,24 @@ def measure(q: Quality):
                 "score": stats([q.test(r, t)["score"] for r in runs]),
                 "trained_entries": runs[0].info["k"],
                 "seconds": stats([r.info["seconds"] for r in runs]),
-                "shared_with_adamw": stats([_shared(r, a) for r, a in zip(runs, adamw)]),
+                "shared_with_adamw": stats([shared_with(q, r, a) for r, a in zip(runs, adamw)]),
                 "general_forgetting": stats([q.lab.forgetting(r.model) for r in runs]),
             }
     q.results[NAME] = {"tasks": tasks, "alpha": ALPHA, "variants": table, **verdicts(table, tasks)}
 
 
-def _shared(run, other) -> float:
-    """The fraction of ``other``'s ticket that ``run``'s ticket also holds."""
-    from ...merge import overlap
+def shared_with(q: Quality, run, other) -> float:
+    """The fraction of ``other``'s ticket that ``run``'s ticket also holds (measured once, then
+    read from the cache or the ledger)."""
 
-    pair = overlap([other.delta, run.delta])["pairs"][0]
-    return pair["shared"] / max(1, pair["nnz_a"])
+    def measure() -> float:
+        from ...merge import overlap
+
+        deltas = [q.lab.materialize(r.spec).delta for r in (other, run)]
+        pair = overlap(deltas)["pairs"][0]
+        return pair["shared"] / max(1, pair["nnz_a"])
+
+    return q.lab.measured(run.model, f"ticket/shared-with/{other.id}", measure)
 
 
 def verdicts(table: dict, tasks: list[str]) -> dict:

@@ -11,7 +11,9 @@ mean validation score of two seeds:
 3. merging A and B: LoTA deltas added against FFT deltas added, scaled by 0.5, and sparsified to
    LoTA's density;
 4. safety: a refusal behaviour trained first (FFT), then A with FFT and with LoTTO around the
-   alignment ticket (the top 10 % of the alignment vector).
+   alignment ticket (the top 10 % of the alignment vector);
+5. calibration: LoTA on A with the memory-light calibrations (``LIGHT``) against its AdamW one,
+   at LoTA's chosen rate and the calibration claim's calibration rates (no search of their own).
 General forgetting (held-out real text, the loss after minus before) is measured for every model.
 """
 
@@ -34,6 +36,8 @@ from ..report import (
     save_figure,
 )
 from ..scales import GENERAL
+from .calibration import LABELS as CALIBRATION_LABELS
+from .calibration import LR_SCALE, shared_with
 from .sequential import learned
 
 NAME = "real"
@@ -55,6 +59,7 @@ SEQUENTIAL = (
     "LoTA -> LoTTO + A's Fisher ticket",
 )
 MERGES = ("LoTA add", "FFT add", "FFT task arithmetic 0.5", "FFT sparsified to 0.9, add")
+LIGHT = ("rmsprop", "adafactor")  # claim 5: the calibrations compared with LoTA's AdamW one on A
 
 
 def grid(q: Quality, method: str) -> tuple[float, ...]:
@@ -70,6 +75,7 @@ def measure(q: Quality):
     # ---- claims 2 and 4 train from claim 1's runs of A
     seq = _sequential_specs(q, a, b, main)
     aligned, safety = _safety_specs(q, a)
+    light = _light_specs(q, a)
     # each model is scored on what the claims read of it, no more (a resumed bench would
     # otherwise retrain a model for a score nobody reads)
     with_safety = [
@@ -82,6 +88,7 @@ def measure(q: Quality):
         + [(s2, tests) for _, s2 in seq.values()]
         + [(aligned, with_safety)]
         + [(s, with_safety) for s in safety.values()]
+        + [(s, [(a, "test", "default"), (GENERAL, "test", "default")]) for s in light.values()]
     )
     base = {t: q.test(q.lab.base, t)["score"] for t in (a, b, "safety")}
     results = {
@@ -91,6 +98,7 @@ def measure(q: Quality):
         "sequential": partial(_sequential, q, a, b, seq),
         "merge": partial(_merge, q, a, b, main),
         "safety": partial(_safety, q, a, aligned, safety),
+        "calibration": partial(_calibration, q, a, main, light),
         "lr_grid": {m: list(grid(q, m)) for m in METHODS},
     }
     q.results[NAME] = results
@@ -153,6 +161,19 @@ def _safety_specs(q: Quality, a: str) -> tuple[dict, dict]:
         for seed in q.seeds
     }
     return aligned, safety
+
+
+def _light_specs(q: Quality, a: str) -> dict:
+    """``{(calibration, seed): spec}``: LoTA on A calibrated by each of ``LIGHT``, at LoTA's chosen
+    rate on A, the calibration at the calibration claim's scaled rate."""
+    lr = q.chosen[(a, "lota")]
+    return {
+        (c, seed): spec(
+            a, "lota", lr, seed, calibration_method=c, calibration_lr_scale=LR_SCALE.get(c, 1)
+        )
+        for c in LIGHT
+        for seed in q.seeds
+    }
 
 
 def _forgetting(q: Quality, models: list[str]) -> dict:
@@ -273,6 +294,20 @@ def _safety(q, a, aligned, safety) -> dict:
     return {"benign_task": a, "aligned_lr": aligned["lr"], "rows": rows}
 
 
+def _calibration(q, a, main, light) -> dict:
+    adamw = [q.lab.run(main[(a, "lota", seed)]) for seed in q.seeds]
+    rows = {}
+    for c in ("adamw", *LIGHT):
+        runs = adamw if c == "adamw" else [q.lab.run(light[(c, seed)]) for seed in q.seeds]
+        rows[c] = {
+            "score": stats([q.test(r, a)["score"] for r in runs]),
+            "shared_with_adamw": stats([shared_with(q, r, x) for r, x in zip(runs, adamw)]),
+            "forgetting": _forgetting(q, [r.model for r in runs]),
+            "seconds": stats([r.info["seconds"] for r in runs]),
+        }
+    return {"task": a, "lr": q.chosen[(a, "lota")], "rows": rows}
+
+
 # ---------------------------------------------------------------------------- figures
 def plot(results: dict, out: Path) -> dict[str, str]:
     r = results.get(NAME)
@@ -345,8 +380,11 @@ def render(results: dict, figs: dict[str, str]) -> list[str]:
         ("sequential", f"Claim 2: {a} then {b}", lambda x: _render_sequential(a, b, x, figs)),
         ("merge", f"Claim 3: merging {a} and {b}", lambda x: _render_merge(a, b, x)),
         ("safety", "Claim 4: safety", lambda x: _render_safety(a, x)),
+        ("calibration", f"Memory-light calibrations on {a}", _render_calibration),
     )
     for key, title, draw in parts:
+        if key not in r:  # a report of a ledger from before the part existed
+            continue
         out.append(f"### {title}\n")
         out.extend(pending_line(r[key]) if "pending" in r[key] else draw(r[key]))
     return out
@@ -471,5 +509,30 @@ def _render_safety(a: str, s: dict) -> list[str]:
                     rows["aligned -> FFT"]["refusal_rate"],
                 )
             ]
+        ),
+    ]
+
+
+def _render_calibration(cal: dict) -> list[str]:
+    rows, adamw = cal["rows"], cal["rows"]["adamw"]
+    return [
+        f"LoTA on {cal['task']} at its chosen rate ({cal['lr']:g}) with each calibration; the "
+        "RMSprop ones calibrate at a tenth of AdamW's rate, as in the lab's calibration claim "
+        "(no learning-rate search of their own here).\n",
+        md_table(
+            ["calibration", cal["task"], "shared with AdamW's ticket", "general forgetting"],
+            [
+                [
+                    CALIBRATION_LABELS[c],
+                    fmt(x["score"]),
+                    fmt(x["shared_with_adamw"], 2),
+                    fmt(x["forgetting"], 4),
+                ]
+                for c, x in rows.items()
+            ],
+        ),
+        md_bullets(
+            compare(CALIBRATION_LABELS[c], rows[c]["score"], "AdamW's ticket", adamw["score"])
+            for c in LIGHT
         ),
     ]
