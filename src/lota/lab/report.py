@@ -18,7 +18,18 @@ from pathlib import Path
 GENERAL_TEXT = "held-out text of the base's pretraining distribution"
 ALPHA = 0.05  # the significance level of every comparison in the reports
 
-COLORS = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3"]
+COLORS = [
+    "#4c72b0",
+    "#dd8452",
+    "#55a868",
+    "#c44e52",
+    "#8172b3",
+    "#937860",
+    "#da8bc3",
+    "#8c8c8c",
+    "#ccb974",
+    "#64b5cd",
+]  # ten, so that no two series of a chart share one
 
 
 VERSIONED = ("torch", "transformers", "peft", "tokenizers", "numpy", "safetensors", "accelerate")
