@@ -181,7 +181,9 @@ def test_fuzzed_data_lines_are_read_or_refused_naming_the_line(tmp_path):
         try:
             examples = lota_data.read_jsonl(path)
         except InputError as e:
-            assert e.where in (f"{path}:2", str(path)), e.line()
+            # a fuzzed line may hold line breaks of its own: it is then lines 2, 3, ... of the file
+            lines = {f"{path}:{n}" for n in range(2, 3 + line.count("\n"))}
+            assert e.where in lines | {str(path)}, e.line()
             return
         lota_data.tokenize(examples, tok, 64)
 
