@@ -119,8 +119,7 @@ def shared_with(q: Quality, run, other) -> float:
         from ...merge import overlap
 
         deltas = [q.lab.materialize(r.spec).delta for r in (other, run)]
-        pair = overlap(deltas)["pairs"][0]
-        return pair["shared"] / max(1, pair["nnz_a"])
+        return overlap(deltas)["pairs"][0]["a_held_by_b"] or 0.0  # None: ``other`` is empty
 
     return q.lab.measured(run.model, f"ticket/shared-with/{other.id}", measure)
 
